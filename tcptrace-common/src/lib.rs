@@ -1,0 +1,190 @@
+//! Types and constants shared by tcptrace's eBPF programs and its daemon.
+//!
+//! Everything here crosses the kernel/userspace boundary byte for byte, so every
+//! struct is `#[repr(C)]`, has explicit padding and a compile-time size check.
+#![no_std]
+
+/// Name of the ring buffer map the eBPF programs write [`Event`]s to.
+pub const EVENTS_MAP: &str = "EVENTS";
+/// Name of the per-CPU array (one `u64` slot) counting failed ring buffer reservations.
+pub const LOST_MAP: &str = "LOST";
+/// Default ring buffer size in bytes (a power of two, a multiple of the page size).
+pub const DEFAULT_RING_BYTES: u32 = 1 << 20;
+
+/// `AF_INET`, as the kernel reports it in `family`.
+pub const AF_INET: u16 = 2;
+/// `AF_INET6`, as the kernel reports it in `family`.
+pub const AF_INET6: u16 = 10;
+/// `IPPROTO_TCP`, as `sock:inet_sock_set_state` reports it in `protocol`.
+pub const IPPROTO_TCP: u16 = 6;
+
+/// What an [`Event`] records: which tracepoint produced it.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventKind {
+    /// `sock:inet_sock_set_state`: `old_state` -> `new_state`.
+    StateChange = 1,
+    /// `tcp:tcp_receive_reset`: a RST arrived for the socket (states are unset).
+    ResetReceived = 2,
+}
+
+impl EventKind {
+    /// Decodes the raw `kind` byte of an [`Event`]; `None` for a kind this build does not know.
+    pub const fn from_raw(raw: u8) -> Option<Self> {
+        match raw {
+            1 => Some(Self::StateChange),
+            2 => Some(Self::ResetReceived),
+            _ => None,
+        }
+    }
+}
+
+/// TCP states as numbered by the kernel (`include/net/tcp_states.h`).
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum TcpState {
+    Established = 1,
+    SynSent = 2,
+    SynRecv = 3,
+    FinWait1 = 4,
+    FinWait2 = 5,
+    TimeWait = 6,
+    Close = 7,
+    CloseWait = 8,
+    LastAck = 9,
+    Listen = 10,
+    Closing = 11,
+    NewSynRecv = 12,
+    BoundInactive = 13,
+}
+
+impl TcpState {
+    /// Every state, in kernel order.
+    pub const ALL: [Self; 13] = [
+        Self::Established,
+        Self::SynSent,
+        Self::SynRecv,
+        Self::FinWait1,
+        Self::FinWait2,
+        Self::TimeWait,
+        Self::Close,
+        Self::CloseWait,
+        Self::LastAck,
+        Self::Listen,
+        Self::Closing,
+        Self::NewSynRecv,
+        Self::BoundInactive,
+    ];
+
+    /// Decodes a kernel state number; `None` for a state this build does not know.
+    pub const fn from_raw(raw: u8) -> Option<Self> {
+        if raw >= 1 && raw <= 13 {
+            Some(Self::ALL[raw as usize - 1])
+        } else {
+            None
+        }
+    }
+
+    /// The kernel's name in lower case, as used in metric labels (`syn_sent`, `time_wait`).
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Established => "established",
+            Self::SynSent => "syn_sent",
+            Self::SynRecv => "syn_recv",
+            Self::FinWait1 => "fin_wait1",
+            Self::FinWait2 => "fin_wait2",
+            Self::TimeWait => "time_wait",
+            Self::Close => "close",
+            Self::CloseWait => "close_wait",
+            Self::LastAck => "last_ack",
+            Self::Listen => "listen",
+            Self::Closing => "closing",
+            Self::NewSynRecv => "new_syn_recv",
+            Self::BoundInactive => "bound_inactive",
+        }
+    }
+}
+
+/// One record in the ring buffer. Fixed size, so the kernel side is a single
+/// reserve/submit with no variable-length copies.
+///
+/// Addresses are in network byte order as the kernel stores them; ports are in host
+/// byte order (the tracepoints convert them). For IPv4 sockets the address is in the
+/// first four bytes of `saddr`/`daddr`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Event {
+    /// `bpf_ktime_get_ns()`: CLOCK_MONOTONIC nanoseconds.
+    pub ts_ns: u64,
+    /// Kernel address of the `struct sock`: the socket's identity while it lives.
+    pub skaddr: u64,
+    /// Thread id of the task current at the event (only meaningful in process context).
+    pub pid: u32,
+    /// Process id (thread group id) of the current task.
+    pub tgid: u32,
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    pub sport: u16,
+    pub dport: u16,
+    /// [`AF_INET`] or [`AF_INET6`].
+    pub family: u16,
+    /// An [`EventKind`] as `u8`.
+    pub kind: u8,
+    /// A [`TcpState`] as `u8` (0 when the kind carries no state).
+    pub old_state: u8,
+    pub new_state: u8,
+    pub _pad: [u8; 7],
+    /// `comm` of the current task, NUL-padded.
+    pub comm: [u8; 16],
+}
+
+impl Event {
+    /// An all-zero event, the starting point for both the kernel and tests.
+    pub const fn zeroed() -> Self {
+        Self {
+            ts_ns: 0,
+            skaddr: 0,
+            pid: 0,
+            tgid: 0,
+            saddr: [0; 16],
+            daddr: [0; 16],
+            sport: 0,
+            dport: 0,
+            family: 0,
+            kind: 0,
+            old_state: 0,
+            new_state: 0,
+            _pad: [0; 7],
+            comm: [0; 16],
+        }
+    }
+}
+
+const _: () = assert!(core::mem::size_of::<Event>() == 88);
+const _: () = assert!(core::mem::align_of::<Event>() == 8);
+
+// SAFETY: `Event` is `repr(C)`, made only of integers and byte arrays, with every
+// padding byte spelled out as a field, so any byte pattern is a valid value.
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for Event {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_round_trip() {
+        for s in TcpState::ALL {
+            assert_eq!(TcpState::from_raw(s as u8), Some(s));
+        }
+        assert_eq!(TcpState::from_raw(0), None);
+        assert_eq!(TcpState::from_raw(14), None);
+    }
+
+    #[test]
+    fn event_has_no_hidden_padding() {
+        let e = Event::zeroed();
+        let fields = 8 + 8 + 4 + 4 + 16 + 16 + 2 + 2 + 2 + 1 + 1 + 1 + 7 + 16;
+        assert_eq!(core::mem::size_of_val(&e), fields);
+    }
+}

@@ -160,6 +160,37 @@ impl Event {
     }
 }
 
+impl Event {
+    /// The event's [`EventKind`], if this build knows it.
+    pub const fn event_kind(&self) -> Option<EventKind> {
+        EventKind::from_raw(self.kind)
+    }
+
+    /// Local address (IPv4 sockets use the first four bytes).
+    pub fn local_ip(&self) -> core::net::IpAddr {
+        ip(self.family, &self.saddr)
+    }
+
+    /// Remote address (IPv4 sockets use the first four bytes).
+    pub fn remote_ip(&self) -> core::net::IpAddr {
+        ip(self.family, &self.daddr)
+    }
+
+    /// `comm` up to its first NUL, or `None` when it is not UTF-8.
+    pub fn comm_str(&self) -> Option<&str> {
+        let len = self.comm.iter().position(|&b| b == 0).unwrap_or(self.comm.len());
+        core::str::from_utf8(&self.comm[..len]).ok()
+    }
+}
+
+fn ip(family: u16, raw: &[u8; 16]) -> core::net::IpAddr {
+    if family == AF_INET6 {
+        core::net::IpAddr::V6(core::net::Ipv6Addr::from(*raw))
+    } else {
+        core::net::IpAddr::V4(core::net::Ipv4Addr::new(raw[0], raw[1], raw[2], raw[3]))
+    }
+}
+
 const _: () = assert!(core::mem::size_of::<Event>() == 88);
 const _: () = assert!(core::mem::align_of::<Event>() == 8);
 

@@ -1,0 +1,370 @@
+//! Synthetic event sequences, as the kernel produces them (see ENVIRONMENT.md).
+
+use tcptrace_common::{AF_INET, AF_INET6};
+
+use super::*;
+
+#[derive(Default, Debug)]
+struct Seen {
+    transitions: Vec<(u8, u8)>,
+    handshakes: Vec<(Direction, Family, u64)>,
+    failures: Vec<(Direction, Family)>,
+    time_wait_entered: Vec<Family>,
+    evicted: u64,
+}
+
+impl Sink for Seen {
+    fn transition(&mut self, old: u8, new: u8) {
+        self.transitions.push((old, new));
+    }
+    fn handshake(&mut self, direction: Direction, family: Family, duration_ns: u64) {
+        self.handshakes.push((direction, family, duration_ns));
+    }
+    fn handshake_failed(&mut self, direction: Direction, family: Family) {
+        self.failures.push((direction, family));
+    }
+    fn time_wait_entered(&mut self, family: Family) {
+        self.time_wait_entered.push(family);
+    }
+    fn evicted(&mut self, count: u64) {
+        self.evicted += count;
+    }
+}
+
+const MS: u64 = 1_000_000;
+const S: u64 = 1_000 * MS;
+
+/// One socket's view: its address and 4-tuple.
+#[derive(Clone, Copy)]
+struct Sock {
+    skaddr: u64,
+    family: u16,
+    local: ([u8; 16], u16),
+    remote: ([u8; 16], u16),
+}
+
+fn v4(a: [u8; 4]) -> [u8; 16] {
+    let mut out = [0; 16];
+    out[..4].copy_from_slice(&a);
+    out
+}
+
+fn client(skaddr: u64, sport: u16) -> Sock {
+    Sock { skaddr, family: AF_INET, local: (v4([10, 0, 0, 1]), sport), remote: (v4([10, 0, 0, 2]), 80) }
+}
+
+fn server_child(skaddr: u64, peer_port: u16) -> Sock {
+    Sock { skaddr, family: AF_INET, local: (v4([10, 0, 0, 2]), 80), remote: (v4([10, 0, 0, 1]), peer_port) }
+}
+
+fn ev(sock: Sock, ts_ns: u64, old: TcpState, new: TcpState) -> Event {
+    let mut e = Event::zeroed();
+    e.kind = EventKind::StateChange as u8;
+    e.ts_ns = ts_ns;
+    e.skaddr = sock.skaddr;
+    e.family = sock.family;
+    (e.saddr, e.sport) = sock.local;
+    (e.daddr, e.dport) = sock.remote;
+    e.old_state = old as u8;
+    e.new_state = new as u8;
+    e
+}
+
+fn reset(sock: Sock, ts_ns: u64) -> Event {
+    let mut e = ev(sock, ts_ns, TcpState::Close, TcpState::Close);
+    e.kind = EventKind::ResetReceived as u8;
+    e.old_state = 0;
+    e.new_state = 0;
+    e
+}
+
+use TcpState::*;
+
+/// An active open as the kernel reports it: no source port in CLOSE->SYN_SENT.
+fn active_open(t: &mut Tracker, seen: &mut Seen, sock: Sock, start: u64, rtt: u64) {
+    let mut unbound = sock;
+    unbound.local.1 = 0;
+    t.handle(&ev(unbound, start, Close, SynSent), seen);
+    t.handle(&ev(sock, start + rtt, SynSent, Established), seen);
+}
+
+/// The side that closes first: ends in TIME_WAIT unless reset.
+fn active_close(t: &mut Tracker, seen: &mut Seen, sock: Sock, at: u64) {
+    t.handle(&ev(sock, at, Established, FinWait1), seen);
+    t.handle(&ev(sock, at + MS, FinWait1, FinWait2), seen);
+    t.handle(&ev(sock, at + 2 * MS, FinWait2, Close), seen);
+}
+
+fn tracker() -> (Tracker, Seen) {
+    (Tracker::new(Limits::default()), Seen::default())
+}
+
+#[test]
+fn active_handshake_is_timed_from_syn_sent() {
+    let (mut t, mut seen) = tracker();
+    active_open(&mut t, &mut seen, client(1, 40000), 5 * S, 42_000);
+    assert_eq!(seen.handshakes, vec![(Direction::Active, Family::Ipv4, 42_000)]);
+    assert_eq!(seen.transitions, vec![(Close as u8, SynSent as u8), (SynSent as u8, Established as u8)]);
+    assert_eq!(t.tracked_sockets(), 0);
+    assert!(seen.failures.is_empty());
+}
+
+#[test]
+fn ipv6_handshakes_carry_their_family() {
+    let (mut t, mut seen) = tracker();
+    let mut sock = client(7, 40000);
+    sock.family = AF_INET6;
+    active_open(&mut t, &mut seen, sock, S, 10);
+    assert_eq!(seen.handshakes, vec![(Direction::Active, Family::Ipv6, 10)]);
+}
+
+#[test]
+fn refused_connect_is_an_active_failure() {
+    let (mut t, mut seen) = tracker();
+    let sock = client(1, 40000);
+    t.handle(&ev(sock, S, Close, SynSent), &mut seen);
+    t.handle(&reset(sock, S + 10), &mut seen);
+    t.handle(&ev(sock, S + 20, SynSent, Close), &mut seen);
+    assert_eq!(seen.failures, vec![(Direction::Active, Family::Ipv4)]);
+    assert!(seen.handshakes.is_empty());
+    assert_eq!(t.tracked_sockets(), 0);
+    assert!(t.reset.is_empty(), "the reset is forgotten once the socket closed");
+}
+
+#[test]
+fn passive_open_counts_transitions_but_no_latency() {
+    let (mut t, mut seen) = tracker();
+    let child = server_child(2, 40000);
+    t.handle(&ev(child, S, Listen, SynRecv), &mut seen);
+    t.handle(&ev(child, S + 3_000, SynRecv, Established), &mut seen);
+    assert!(seen.handshakes.is_empty(), "SYN_RECV->ESTABLISHED of the child is not handshake time");
+    assert_eq!(seen.transitions.len(), 2);
+    assert_eq!(t.tracked_sockets(), 0);
+}
+
+#[test]
+fn passive_failure() {
+    let (mut t, mut seen) = tracker();
+    let child = server_child(2, 40000);
+    t.handle(&ev(child, S, Listen, SynRecv), &mut seen);
+    t.handle(&ev(child, 2 * S, SynRecv, Close), &mut seen);
+    assert_eq!(seen.failures, vec![(Direction::Passive, Family::Ipv4)]);
+}
+
+#[test]
+fn unseen_start_counts_transition_and_failure_but_no_latency() {
+    let (mut t, mut seen) = tracker();
+    t.handle(&ev(client(9, 40000), S, SynSent, Established), &mut seen);
+    t.handle(&ev(client(10, 40001), S, SynSent, Close), &mut seen);
+    assert!(seen.handshakes.is_empty());
+    assert_eq!(seen.transitions.len(), 2);
+    assert_eq!(seen.failures, vec![(Direction::Active, Family::Ipv4)]);
+}
+
+#[test]
+fn unknown_states_are_counted_and_otherwise_ignored() {
+    let (mut t, mut seen) = tracker();
+    let mut e = ev(client(1, 1), S, Close, SynSent);
+    e.new_state = 99;
+    t.handle(&e, &mut seen);
+    assert_eq!(seen.transitions, vec![(Close as u8, 99)]);
+    assert_eq!(t.tracked_sockets(), 0);
+    let mut e = ev(client(1, 1), S, Close, SynSent);
+    e.kind = 200;
+    t.handle(&e, &mut seen);
+    assert_eq!(seen.transitions.len(), 1, "unknown event kinds are not transitions");
+}
+
+#[test]
+fn socket_address_reuse_after_close_is_a_new_socket() {
+    let (mut t, mut seen) = tracker();
+    let sock = client(1, 40000);
+    t.handle(&ev(sock, S, Close, SynSent), &mut seen);
+    t.handle(&ev(sock, S + 5, SynSent, Close), &mut seen);
+    active_open(&mut t, &mut seen, client(1, 40001), 2 * S, 77);
+    assert_eq!(seen.handshakes, vec![(Direction::Active, Family::Ipv4, 77)]);
+    assert_eq!(seen.evicted, 0);
+}
+
+#[test]
+fn socket_address_reuse_with_missed_end_replaces_and_counts() {
+    let (mut t, mut seen) = tracker();
+    t.handle(&ev(client(1, 0), S, Close, SynSent), &mut seen);
+    // Its SYN_SENT->* was lost; the address comes back for a new connect.
+    active_open(&mut t, &mut seen, client(1, 40001), 3 * S, 50);
+    assert_eq!(seen.handshakes, vec![(Direction::Active, Family::Ipv4, 50)]);
+    assert_eq!(seen.evicted, 1);
+    assert_eq!(t.tracked_sockets(), 0);
+}
+
+#[test]
+fn time_wait_enters_on_fin_wait2_close_and_expires_after_60s() {
+    let (mut t, mut seen) = tracker();
+    let sock = client(1, 40000);
+    active_open(&mut t, &mut seen, sock, S, 10);
+    active_close(&mut t, &mut seen, sock, 2 * S);
+    assert_eq!(seen.time_wait_entered, vec![Family::Ipv4]);
+    assert_eq!(t.time_wait_sockets(Family::Ipv4), 1);
+    assert_eq!(t.time_wait_sockets(Family::Ipv6), 0);
+    let entered = 2 * S + 2 * MS;
+    t.advance(entered + TIME_WAIT_NS - 1, &mut seen);
+    assert_eq!(t.time_wait_sockets(Family::Ipv4), 1);
+    t.advance(entered + TIME_WAIT_NS, &mut seen);
+    assert_eq!(t.time_wait_sockets(Family::Ipv4), 0);
+    assert_eq!(seen.evicted, 0, "expiry of TIME_WAIT is its natural end");
+}
+
+#[test]
+fn closing_to_close_enters_time_wait_too() {
+    let (mut t, mut seen) = tracker();
+    let sock = client(1, 40000);
+    t.handle(&ev(sock, S, FinWait1, Closing), &mut seen);
+    t.handle(&ev(sock, S + 1, Closing, Close), &mut seen);
+    assert_eq!(t.time_wait_sockets(Family::Ipv4), 1);
+}
+
+#[test]
+fn reset_in_fin_wait2_creates_no_time_wait() {
+    let (mut t, mut seen) = tracker();
+    let sock = client(1, 40000);
+    t.handle(&ev(sock, S, Established, FinWait1), &mut seen);
+    t.handle(&ev(sock, S + 1, FinWait1, FinWait2), &mut seen);
+    t.handle(&reset(sock, S + 2), &mut seen);
+    t.handle(&ev(sock, S + 3, FinWait2, Close), &mut seen);
+    assert_eq!(t.time_wait_sockets(Family::Ipv4), 0);
+    assert!(seen.time_wait_entered.is_empty());
+    // The next socket at that address is not affected by the old reset.
+    active_close(&mut t, &mut seen, client(1, 40001), 2 * S);
+    assert_eq!(t.time_wait_sockets(Family::Ipv4), 1);
+}
+
+#[test]
+fn passive_close_side_never_enters_time_wait() {
+    let (mut t, mut seen) = tracker();
+    let child = server_child(2, 40000);
+    t.handle(&ev(child, S, Established, CloseWait), &mut seen);
+    t.handle(&ev(child, S + 1, CloseWait, LastAck), &mut seen);
+    t.handle(&ev(child, S + 2, LastAck, Close), &mut seen);
+    assert_eq!(t.time_wait_sockets(Family::Ipv4), 0);
+}
+
+#[test]
+fn four_tuple_reuse_by_a_new_connect_ends_time_wait() {
+    let (mut t, mut seen) = tracker();
+    active_open(&mut t, &mut seen, client(1, 40000), S, 10);
+    active_close(&mut t, &mut seen, client(1, 40000), 2 * S);
+    assert_eq!(t.time_wait_sockets(Family::Ipv4), 1);
+    // Another port: no effect.
+    active_open(&mut t, &mut seen, client(3, 40001), 3 * S, 10);
+    assert_eq!(t.time_wait_sockets(Family::Ipv4), 1);
+    // Same 4-tuple, new socket: the kernel killed the time-wait socket.
+    active_open(&mut t, &mut seen, client(4, 40000), 4 * S, 10);
+    assert_eq!(t.time_wait_sockets(Family::Ipv4), 0);
+    // Its expiry record is stale now and must not underflow anything.
+    t.advance(200 * S, &mut seen);
+    assert_eq!(t.time_wait_sockets(Family::Ipv4), 0);
+}
+
+#[test]
+fn four_tuple_reuse_on_the_server_side_ends_time_wait() {
+    let (mut t, mut seen) = tracker();
+    let child = server_child(2, 40000);
+    active_close(&mut t, &mut seen, child, S);
+    assert_eq!(t.time_wait_sockets(Family::Ipv4), 1);
+    t.handle(&ev(server_child(5, 40000), 2 * S, Listen, SynRecv), &mut seen);
+    assert_eq!(t.time_wait_sockets(Family::Ipv4), 0);
+}
+
+#[test]
+fn reentering_time_wait_restarts_its_timer() {
+    let (mut t, mut seen) = tracker();
+    active_close(&mut t, &mut seen, client(1, 40000), S);
+    active_open(&mut t, &mut seen, client(2, 40000), 30 * S, 10);
+    active_close(&mut t, &mut seen, client(2, 40000), 31 * S);
+    assert_eq!(t.time_wait_sockets(Family::Ipv4), 1);
+    t.advance(S + 2 * MS + TIME_WAIT_NS, &mut seen);
+    assert_eq!(t.time_wait_sockets(Family::Ipv4), 1, "the first timer is stale");
+    t.advance(31 * S + 2 * MS + TIME_WAIT_NS, &mut seen);
+    assert_eq!(t.time_wait_sockets(Family::Ipv4), 0);
+}
+
+#[test]
+fn seeded_time_wait_sockets_expire_on_their_own_timer() {
+    let (mut t, mut seen) = tracker();
+    let a = Tuple::of(&ev(client(1, 1000), 0, Close, Close));
+    let b = Tuple::of(&ev(client(1, 1001), 0, Close, Close));
+    t.seed_time_wait(vec![(a, 50 * S), (b, 10 * S)], &mut seen);
+    assert_eq!(t.time_wait_sockets(Family::Ipv4), 2);
+    t.advance(10 * S, &mut seen);
+    assert_eq!(t.time_wait_sockets(Family::Ipv4), 1);
+    t.advance(50 * S, &mut seen);
+    assert_eq!(t.time_wait_sockets(Family::Ipv4), 0);
+    assert!(seen.time_wait_entered.is_empty(), "seeds were not entries seen by the daemon");
+}
+
+#[test]
+fn syn_sent_expires_after_the_retry_sequence() {
+    let limits = Limits { handshake_timeout_ns: 130 * S, ..Limits::default() };
+    let mut t = Tracker::new(limits);
+    let mut seen = Seen::default();
+    t.handle(&ev(client(1, 0), S, Close, SynSent), &mut seen);
+    t.advance(130 * S, &mut seen);
+    assert_eq!(t.tracked_sockets(), 1);
+    t.advance(131 * S, &mut seen);
+    assert_eq!(t.tracked_sockets(), 0);
+    assert_eq!(seen.evicted, 1);
+    // Its late outcome produces no latency.
+    t.handle(&ev(client(1, 40000), 132 * S, SynSent, Established), &mut seen);
+    assert!(seen.handshakes.is_empty());
+}
+
+#[test]
+fn syn_sent_lifetime_follows_syn_retries() {
+    assert_eq!(syn_sent_lifetime_ns(6), 128 * S); // 1+2+4+8+16+32+64, +1
+    assert_eq!(syn_sent_lifetime_ns(0), 2 * S);
+    assert_eq!(syn_sent_lifetime_ns(8), (127 + 120 + 120 + 1) * S); // RTO capped at 120 s
+    // The sysctl stops at 127 retries: about 4 hours, the longest a SYN_SENT can live.
+    assert_eq!(syn_sent_lifetime_ns(u32::MAX), (127 + 120 * 120 + 1) * S);
+}
+
+#[test]
+fn pending_is_capped_oldest_first() {
+    let limits = Limits { max_pending: 3, ..Limits::default() };
+    let mut t = Tracker::new(limits);
+    let mut seen = Seen::default();
+    for i in 0..5u64 {
+        t.handle(&ev(client(100 + i, 0), S + i, Close, SynSent), &mut seen);
+    }
+    assert_eq!(t.tracked_sockets(), 3);
+    assert_eq!(seen.evicted, 2);
+    // The two oldest are gone: their completion has no latency; the newest has.
+    t.handle(&ev(client(100, 1), 2 * S, SynSent, Established), &mut seen);
+    t.handle(&ev(client(104, 1), 2 * S, SynSent, Established), &mut seen);
+    assert_eq!(seen.handshakes, vec![(Direction::Active, Family::Ipv4, 2 * S - S - 4)]);
+}
+
+#[test]
+fn time_wait_is_capped_oldest_first() {
+    let limits = Limits { max_time_wait: 2, ..Limits::default() };
+    let mut t = Tracker::new(limits);
+    let mut seen = Seen::default();
+    for port in 0..4u16 {
+        active_close(&mut t, &mut seen, client(u64::from(port), 40000 + port), S * u64::from(port + 1));
+    }
+    assert_eq!(t.time_wait_sockets(Family::Ipv4), 2);
+    assert_eq!(seen.evicted, 2);
+    assert_eq!(seen.time_wait_entered.len(), 4, "entries are counted even when the model is full");
+}
+
+#[test]
+fn order_queues_stay_bounded_under_churn() {
+    let (mut t, mut seen) = tracker();
+    for i in 0..100_000u64 {
+        let sock = client(i % 7, 1 + (i % 50_000) as u16);
+        active_open(&mut t, &mut seen, sock, S + i * 1_000, 10);
+        active_close(&mut t, &mut seen, sock, S + i * 1_000 + 500);
+    }
+    assert!(t.pending_order.len() <= 2 * t.pending.len() + 1025);
+    assert!(t.time_wait_order.len() <= 2 * t.time_wait.len() + 1025);
+    assert_eq!(t.time_wait_sockets(Family::Ipv4), 50_000);
+}

@@ -2,8 +2,17 @@
 //! metrics.
 //!
 //! Data flows one way: kernel -> [`probe`] (ring buffer) -> [`events`] (decode) ->
-//! [`tracker`] (pair transitions) -> [`metrics`] -> [`server`] (HTTP).
+//! [`tracker`] (pair transitions) -> [`metrics`] -> [`server`] (HTTP). [`pipeline`]
+//! is the I/O-free middle; [`daemon`] wires it all together.
 
+pub mod cli;
+pub mod daemon;
+pub mod error;
 pub mod events;
 pub mod metrics;
+pub mod pipeline;
+pub mod probe;
+pub mod procnet;
+pub mod server;
+pub mod shutdown;
 pub mod tracker;

@@ -1,2 +1,38 @@
-static OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tcptrace"));
-fn main() { println!("{}", OBJ.len()); }
+use std::process::ExitCode;
+
+use clap::Parser as _;
+use tcptrace_user::{
+    cli::{Cli, Command},
+    daemon,
+};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(err) => return fail(&err),
+    };
+    let result = match cli.command {
+        Command::Daemon(args) => runtime.block_on(daemon::run(args)),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => fail(&err),
+    }
+}
+
+/// Prints the error and the causes it does not already quote, without a backtrace.
+fn fail(err: &dyn std::error::Error) -> ExitCode {
+    let mut msg = format!("error: {err}");
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !msg.contains(&text) {
+            msg.push_str(&format!("\n  caused by: {text}"));
+        }
+        source = cause.source();
+    }
+    eprintln!("{msg}");
+    ExitCode::FAILURE
+}

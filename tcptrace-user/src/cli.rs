@@ -1,0 +1,179 @@
+//! Command-line interface.
+
+use std::{net::SocketAddr, time::Duration};
+
+use clap::{Args, Parser, Subcommand};
+use tcptrace_common::DEFAULT_RING_BYTES;
+
+/// Default `--listen`: all IPv4 interfaces, so Prometheus can scrape the host.
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:9931";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "tcptrace",
+    version,
+    about = "Watch every TCP state change with eBPF: handshake latency, failures and TIME_WAIT as Prometheus metrics",
+    long_about = "Watch every TCP state change in the kernel with eBPF (the sock:inet_sock_set_state \
+tracepoint) and serve handshake latencies, handshake failures, state transitions and TIME_WAIT \
+counts as Prometheus metrics.\n\nNeeds root, or CAP_BPF + CAP_PERFMON (or CAP_SYS_ADMIN). Logging \
+goes to stderr; set RUST_LOG=debug for more."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Load the eBPF programs and serve metrics at http://LISTEN/metrics until SIGINT or SIGTERM.
+    Daemon(DaemonArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct DaemonArgs {
+    /// Address to serve /metrics on, as IP:PORT (use [::]:9931 for IPv6, port 0 for any free port).
+    #[arg(long, default_value = DEFAULT_LISTEN, value_name = "ADDR", value_parser = parse_listen)]
+    pub listen: SocketAddr,
+
+    /// Kernel ring buffer size between the eBPF programs and the daemon: a power of two
+    /// of at least 4KiB, e.g. 256KiB, 1MiB, 16MiB. Each event takes 96 bytes; a full
+    /// buffer drops events and counts them in tcptrace_events_lost_total.
+    #[arg(long, default_value_t = ByteSize(DEFAULT_RING_BYTES), value_name = "SIZE", value_parser = parse_ring_size)]
+    pub ring_buffer_size: ByteSize,
+
+    /// Most sockets with a handshake in progress to hold state for; beyond it the
+    /// oldest is dropped and counted in tcptrace_tracked_sockets_evicted_total.
+    #[arg(long, default_value_t = 65_536, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_tracked_sockets: u32,
+
+    /// Most TIME_WAIT sockets to model for tcptrace_time_wait_sockets (about 100 bytes
+    /// each); beyond it the oldest is dropped and counted as evicted.
+    #[arg(long, default_value_t = 262_144, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_time_wait_sockets: u32,
+
+    /// Forget a SYN_SENT socket whose outcome was not seen after this long (e.g. 130s, 5m).
+    /// Default: the kernel's whole SYN retry sequence for net.ipv4.tcp_syn_retries, plus 1s.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub handshake_timeout: Option<Duration>,
+
+    /// Do not export process_* metrics (CPU, memory, open file descriptors).
+    #[arg(long)]
+    pub no_process_metrics: bool,
+}
+
+/// A size in bytes that prints the way it was meant (`1MiB`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ByteSize(pub u32);
+
+impl std::fmt::Display for ByteSize {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            n if n >= 1 << 20 && n % (1 << 20) == 0 => write!(f, "{}MiB", n >> 20),
+            n if n >= 1 << 10 && n % (1 << 10) == 0 => write!(f, "{}KiB", n >> 10),
+            n => write!(f, "{n}"),
+        }
+    }
+}
+
+fn parse_listen(s: &str) -> Result<SocketAddr, String> {
+    s.parse().map_err(|_| {
+        format!("'{s}' is not IP:PORT (examples: 0.0.0.0:9931, 127.0.0.1:9931, [::]:9931)")
+    })
+}
+
+fn parse_ring_size(s: &str) -> Result<ByteSize, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        _ => return Err(format!("'{s}' is not a size (examples: 262144, 256KiB, 1MiB)")),
+    };
+    let bytes = num
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .ok_or_else(|| format!("'{s}' is not a size (examples: 262144, 256KiB, 1MiB)"))?;
+    if !(4096..=1 << 30).contains(&bytes) || !bytes.is_power_of_two() {
+        return Err(format!(
+            "{bytes} bytes is not a power of two between 4KiB and 1GiB, which the kernel requires of a ring buffer"
+        ));
+    }
+    Ok(ByteSize(bytes as u32))
+}
+
+/// Parses `500ms`, `130s`, `5m`, `1h`, or plain seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let scale = match unit {
+        "ms" => 1e-3,
+        "" | "s" => 1.0,
+        "m" => 60.0,
+        "h" => 3600.0,
+        _ => return Err(format!("'{s}' is not a duration (examples: 500ms, 130s, 5m)")),
+    };
+    match num.parse::<f64>() {
+        Ok(n) if n.is_finite() && n > 0.0 && n * scale < 1e9 => Ok(Duration::from_secs_f64(n * scale)),
+        _ => Err(format!("'{s}' is not a positive duration (examples: 500ms, 130s, 5m)")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn daemon(args: &[&str]) -> Result<DaemonArgs, clap::Error> {
+        let argv = ["tcptrace", "daemon"].iter().chain(args);
+        Cli::try_parse_from(argv).map(|cli| match cli.command {
+            Command::Daemon(d) => d,
+        })
+    }
+
+    #[test]
+    fn defaults() {
+        let d = daemon(&[]).unwrap();
+        assert_eq!(d.listen, DEFAULT_LISTEN.parse().unwrap());
+        assert_eq!(d.ring_buffer_size, ByteSize(1 << 20));
+        assert_eq!(d.max_tracked_sockets, 65_536);
+        assert_eq!(d.handshake_timeout, None);
+        assert!(!d.no_process_metrics);
+    }
+
+    #[test]
+    fn sizes_and_durations() {
+        let d = daemon(&["--ring-buffer-size", "256KiB", "--handshake-timeout", "5m"]).unwrap();
+        assert_eq!(d.ring_buffer_size, ByteSize(256 << 10));
+        assert_eq!(d.handshake_timeout, Some(Duration::from_secs(300)));
+        assert_eq!(daemon(&["--ring-buffer-size", "16M"]).unwrap().ring_buffer_size, ByteSize(16 << 20));
+        assert_eq!(daemon(&["--ring-buffer-size", "8192"]).unwrap().ring_buffer_size, ByteSize(8192));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(ByteSize(1 << 20).to_string(), "1MiB");
+        assert_eq!(ByteSize(12288).to_string(), "12KiB");
+    }
+
+    #[test]
+    fn bad_values_are_errors_that_say_why() {
+        for (flag, value, says) in [
+            ("--listen", "localhost", "IP:PORT"),
+            ("--listen", "1.2.3.4", "IP:PORT"),
+            ("--ring-buffer-size", "3MiB", "power of two"),
+            ("--ring-buffer-size", "1024", "power of two"),
+            ("--ring-buffer-size", "99999999999999999999", "not a size"),
+            ("--ring-buffer-size", "1 parsec", "not a size"),
+            ("--handshake-timeout", "-3s", "duration"),
+            ("--handshake-timeout", "0", "positive"),
+            ("--handshake-timeout", "1e400", "duration"),
+            ("--max-tracked-sockets", "0", "0"),
+        ] {
+            let err = daemon(&[flag, value]).unwrap_err().to_string();
+            assert!(err.contains(says), "{flag} {value}: {err}");
+        }
+        assert!(daemon(&["--no-such-flag"]).is_err());
+        assert!(Cli::try_parse_from(["tcptrace"]).is_err(), "a subcommand is required");
+    }
+}

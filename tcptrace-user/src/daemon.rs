@@ -1,0 +1,170 @@
+//! `tcptrace daemon`: wires probe -> pipeline -> server and runs until a signal.
+
+use std::{
+    fs,
+    sync::{Arc, Mutex, MutexGuard, PoisonError},
+    time::Duration,
+};
+
+use aya::maps::{MapData, RingBuf};
+use log::{info, warn};
+use tokio::{
+    io::{unix::AsyncFd, Interest},
+    net::TcpListener,
+    sync::watch,
+};
+
+use crate::{
+    cli::DaemonArgs,
+    error::{Error, Result},
+    metrics::{self, Metrics},
+    pipeline::{monotonic_ns, Pipeline},
+    probe::{KernelLogger, LostCounter, Probe},
+    procnet, server, shutdown,
+    tracker::{syn_sent_lifetime_ns, Limits, Tracker},
+};
+
+/// Records handled per lock of the pipeline, so a scrape never waits long behind a
+/// full ring buffer.
+const BATCH: usize = 4096;
+/// How often expiry runs when nobody scrapes, which keeps memory bounded.
+const TICK: Duration = Duration::from_secs(1);
+
+type Shared = Arc<Mutex<Pipeline>>;
+
+fn lock(p: &Mutex<Pipeline>) -> MutexGuard<'_, Pipeline> {
+    // A panic while holding the lock cannot leave the counters half-written in a
+    // way worse than losing the daemon, so keep serving.
+    p.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+pub async fn run(args: DaemonArgs) -> Result<()> {
+    // Bind first so a taken port fails fast, but accept only once events flow.
+    let listener = TcpListener::bind(args.listen)
+        .await
+        .map_err(|source| Error::Listen { addr: args.listen, source })?;
+    let addr = listener.local_addr()?;
+
+    let mut probe = Probe::load(args.ring_buffer_size.0)?;
+    let ring = watch_readable(probe.take_events()?)?;
+    let lost = Arc::new(probe.take_lost()?);
+
+    let limits = Limits {
+        max_pending: args.max_tracked_sockets as usize,
+        max_time_wait: args.max_time_wait_sockets as usize,
+        handshake_timeout_ns: match args.handshake_timeout {
+            Some(d) => d.as_nanos().min(u128::from(u64::MAX)) as u64,
+            None => syn_sent_lifetime_ns(syn_retries()),
+        },
+    };
+    let mut pipeline = Pipeline::new(Tracker::new(limits), Metrics::new(!args.no_process_metrics)?);
+    match procnet::time_wait_sockets(monotonic_ns()) {
+        Ok(seeds) => {
+            info!("{} TIME_WAIT sockets already in this network namespace", seeds.len());
+            let (tracker, metrics) = pipeline.parts();
+            tracker.seed_time_wait(seeds, metrics);
+        }
+        Err(err) => warn!("cannot read existing TIME_WAIT sockets ({err}); the gauge starts from zero"),
+    }
+    let registry = pipeline.metrics().registry().clone();
+    let shared: Shared = Arc::new(Mutex::new(pipeline));
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut reader = tokio::spawn(read_events(ring, shared.clone(), lost.clone(), stop_rx.clone()));
+    if let Some(logger) = probe.logger.take() {
+        tokio::spawn(forward_kernel_logs(logger, stop_rx.clone()));
+    }
+    let render: server::Render = Arc::new(move || {
+        lock(&shared).refresh(monotonic_ns(), lost.total());
+        metrics::render(&registry)
+    });
+    let mut server = tokio::spawn(server::serve(listener, render, stop_rx));
+    info!("serving metrics at http://{addr}/metrics");
+
+    let outcome = tokio::select! {
+        sig = shutdown::signal_received() => sig.map(|s| info!("{s} received: detaching and exiting")).map_err(Error::from),
+        r = &mut reader => Err(Error::Io(std::io::Error::other(format!("the event reader stopped: {}", join_msg(r))))),
+        r = &mut server => Err(Error::Io(std::io::Error::other(format!("the metrics server stopped: {}", join_msg(r))))),
+    };
+    let _ = stop_tx.send(true);
+    let _ = tokio::time::timeout(Duration::from_millis(1500), async {
+        let _ = (&mut reader).await;
+        let _ = (&mut server).await;
+    })
+    .await;
+    drop(probe); // Detaches every program.
+    outcome
+}
+
+/// Registers a map's file descriptor with the runtime for read readiness.
+fn watch_readable<T: std::os::fd::AsRawFd>(inner: T) -> std::io::Result<AsyncFd<T>> {
+    // SAFETY: the ring buffer and the logger own their file descriptors and never
+    // close or swap them while the AsyncFd holds them.
+    unsafe { AsyncFd::register_with_interest(inner, Interest::READABLE) }.map_err(Into::into)
+}
+
+fn join_msg<T: std::fmt::Debug>(r: std::result::Result<T, tokio::task::JoinError>) -> String {
+    match r {
+        Ok(v) => format!("{v:?}"),
+        Err(e) => e.to_string(),
+    }
+}
+
+/// net.ipv4.tcp_syn_retries of the daemon's namespace (the kernel default, 6, if unreadable).
+fn syn_retries() -> u32 {
+    fs::read_to_string("/proc/sys/net/ipv4/tcp_syn_retries")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(6)
+}
+
+/// Drains the ring buffer whenever the kernel signals data, and runs expiry every
+/// [`TICK`]. Never polls: it sleeps in epoll until one of the two is due.
+async fn read_events(
+    mut ring: AsyncFd<RingBuf<MapData>>,
+    shared: Shared,
+    lost: Arc<LostCounter>,
+    mut stop: watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            guard = ring.readable_mut() => {
+                let mut guard = guard?;
+                let ring = guard.get_inner_mut();
+                loop {
+                    let mut p = lock(&shared);
+                    let mut n = 0;
+                    while n < BATCH {
+                        let Some(item) = ring.next() else { break };
+                        p.record(&item);
+                        n += 1;
+                    }
+                    if n < BATCH {
+                        break;
+                    }
+                }
+                guard.clear_ready();
+            }
+            _ = tick.tick() => lock(&shared).refresh(monotonic_ns(), lost.total()),
+            _ = shutdown::stopped(&mut stop) => return Ok(()),
+        }
+    }
+}
+
+async fn forward_kernel_logs(logger: KernelLogger, mut stop: watch::Receiver<bool>) {
+    let Ok(mut fd) = watch_readable(logger) else { return };
+    loop {
+        tokio::select! {
+            guard = fd.readable_mut() => match guard {
+                Ok(mut guard) => {
+                    guard.get_inner_mut().flush();
+                    guard.clear_ready();
+                }
+                Err(_) => return,
+            },
+            _ = shutdown::stopped(&mut stop) => return,
+        }
+    }
+}

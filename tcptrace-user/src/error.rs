@@ -1,0 +1,63 @@
+//! Errors the daemon reports to the operator: each names the cause and the fix.
+
+use std::{io, net::SocketAddr, path::PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(
+        "tcptrace lacks the privileges to load eBPF programs (it has neither CAP_SYS_ADMIN nor both \
+CAP_BPF and CAP_PERFMON); run it as root, or grant them with `setcap cap_bpf,cap_perfmon+ep` \
+(plus cap_sys_admin to mount tracefs)"
+    )]
+    NotPermitted,
+
+    #[error(
+        "tracefs is not mounted and mounting it at {path} failed: {source}; run as root, or mount it \
+with `mount -t tracefs nodev /sys/kernel/tracing` (in a container, bind-mount the host's \
+/sys/kernel/tracing)"
+    )]
+    Tracefs { path: PathBuf, source: io::Error },
+
+    #[error(
+        "the kernel has no tracepoint {0} (looked in {1}); tcptrace needs Linux 4.16 or newer built \
+with CONFIG_TRACEPOINTS and CONFIG_BPF_EVENTS"
+    )]
+    MissingTracepoint(&'static str, PathBuf),
+
+    #[error(
+        "this tcptrace binary carries no eBPF object (it was built with AYA_BUILD_SKIP=1); rebuild it \
+with `cargo xtask setup && cargo build --release`"
+    )]
+    EmptyObject,
+
+    #[error(
+        "the kernel rejected tcptrace's eBPF programs: {0}; tcptrace needs CONFIG_BPF_SYSCALL and BPF \
+ring buffers (Linux 5.8 or newer), and root or CAP_BPF + CAP_PERFMON"
+    )]
+    Load(#[source] aya::EbpfError),
+
+    #[error("attaching to tracepoint {0} failed: {1}; check that the kernel allows BPF tracepoint programs (CONFIG_BPF_EVENTS)")]
+    Attach(&'static str, #[source] aya::programs::ProgramError),
+
+    #[error("the eBPF object lacks {0}: the binary was built from mismatched sources; rebuild it")]
+    Object(String),
+
+    #[error("cannot listen on {addr}: {source}; choose another address with --listen (e.g. --listen 0.0.0.0:9932){hint}", hint = listen_hint(source))]
+    Listen { addr: SocketAddr, source: io::Error },
+
+    #[error("setting up metrics failed: {0}")]
+    Metrics(#[from] prometheus::Error),
+
+    #[error("{0}")]
+    Io(#[from] io::Error),
+}
+
+fn listen_hint(err: &io::Error) -> &'static str {
+    match err.kind() {
+        io::ErrorKind::AddrInUse => ", or stop what holds the port (`ss -ltnp`)",
+        io::ErrorKind::AddrNotAvailable => ", or one this host has (`ip addr`)",
+        _ => "",
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

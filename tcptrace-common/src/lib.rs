@@ -178,7 +178,11 @@ impl Event {
 
     /// `comm` up to its first NUL, or `None` when it is not UTF-8.
     pub fn comm_str(&self) -> Option<&str> {
-        let len = self.comm.iter().position(|&b| b == 0).unwrap_or(self.comm.len());
+        let len = self
+            .comm
+            .iter()
+            .position(|&b| b == 0)
+            .unwrap_or(self.comm.len());
         core::str::from_utf8(&self.comm[..len]).ok()
     }
 }

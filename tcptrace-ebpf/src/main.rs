@@ -65,7 +65,10 @@ pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
     match try_inet_sock_set_state(&ctx) {
         Ok(()) => 0,
         Err(err) => {
-            warn!(&ctx, "inet_sock_set_state: reading the record failed: {}", err);
+            warn!(
+                &ctx,
+                "inet_sock_set_state: reading the record failed: {}", err
+            );
             0
         }
     }
@@ -90,7 +93,10 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i32> {
 pub fn tcp_receive_reset(ctx: TracePointContext) -> u32 {
     match read_common(&ctx, &TCP_RECEIVE_RESET, EventKind::ResetReceived) {
         Ok(ev) => emit(&ev),
-        Err(err) => warn!(&ctx, "tcp_receive_reset: reading the record failed: {}", err),
+        Err(err) => warn!(
+            &ctx,
+            "tcp_receive_reset: reading the record failed: {}", err
+        ),
     }
     0
 }

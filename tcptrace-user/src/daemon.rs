@@ -42,7 +42,10 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
     // Bind first so a taken port fails fast, but accept only once events flow.
     let listener = TcpListener::bind(args.listen)
         .await
-        .map_err(|source| Error::Listen { addr: args.listen, source })?;
+        .map_err(|source| Error::Listen {
+            addr: args.listen,
+            source,
+        })?;
     let addr = listener.local_addr()?;
 
     let mut probe = Probe::load(args.ring_buffer_size.0)?;
@@ -57,20 +60,33 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
             None => syn_sent_lifetime_ns(syn_retries()),
         },
     };
-    let mut pipeline = Pipeline::new(Tracker::new(limits), Metrics::new(!args.no_process_metrics)?);
+    let mut pipeline = Pipeline::new(
+        Tracker::new(limits),
+        Metrics::new(!args.no_process_metrics)?,
+    );
     match procnet::time_wait_sockets(monotonic_ns()) {
         Ok(seeds) => {
-            info!("{} TIME_WAIT sockets already in this network namespace", seeds.len());
+            info!(
+                "{} TIME_WAIT sockets already in this network namespace",
+                seeds.len()
+            );
             let (tracker, metrics) = pipeline.parts();
             tracker.seed_time_wait(seeds, metrics);
         }
-        Err(err) => warn!("cannot read existing TIME_WAIT sockets ({err}); the gauge starts from zero"),
+        Err(err) => {
+            warn!("cannot read existing TIME_WAIT sockets ({err}); the gauge starts from zero")
+        }
     }
     let registry = pipeline.metrics().registry().clone();
     let shared: Shared = Arc::new(Mutex::new(pipeline));
 
     let (stop_tx, stop_rx) = watch::channel(false);
-    let mut reader = tokio::spawn(read_events(ring, shared.clone(), lost.clone(), stop_rx.clone()));
+    let mut reader = tokio::spawn(read_events(
+        ring,
+        shared.clone(),
+        lost.clone(),
+        stop_rx.clone(),
+    ));
     if let Some(logger) = probe.logger.take() {
         tokio::spawn(forward_kernel_logs(logger, stop_rx.clone()));
     }
@@ -154,7 +170,9 @@ async fn read_events(
 }
 
 async fn forward_kernel_logs(logger: KernelLogger, mut stop: watch::Receiver<bool>) {
-    let Ok(mut fd) = watch_readable(logger) else { return };
+    let Ok(mut fd) = watch_readable(logger) else {
+        return;
+    };
     loop {
         tokio::select! {
             guard = fd.readable_mut() => match guard {

@@ -77,7 +77,10 @@ mod tests {
         assert!(decode(&long).is_err());
         assert_eq!(
             DecodeError(10).to_string(),
-            format!("ring buffer record of 10 bytes, expected {}", size_of::<Event>())
+            format!(
+                "ring buffer record of 10 bytes, expected {}",
+                size_of::<Event>()
+            )
         );
     }
 }

@@ -19,8 +19,8 @@ use crate::{
 /// handshake with k retransmissions takes 2^k - 1 s plus the round trip; the pairs
 /// (1, 2], (3, 4], (7, 8], (15, 16], (31, 32] separate 1 to 5 retransmissions.
 pub const HANDSHAKE_BUCKETS: [f64; 27] = [
-    0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05,
-    0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 4.0, 7.0, 8.0, 15.0, 16.0, 31.0, 32.0, 64.0, 128.0,
+    0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025,
+    0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 4.0, 7.0, 8.0, 15.0, 16.0, 31.0, 32.0, 64.0, 128.0,
 ];
 
 /// Label value for a state number this build does not know.
@@ -88,12 +88,14 @@ impl Metrics {
             &["direction", "family"],
         )?;
         reg(Box::new(failures_vec.clone()))?;
-        let failures = [Direction::Active, Direction::Passive].map(|d| {
-            Family::ALL.map(|f| failures_vec.with_label_values(&[d.label(), f.label()]))
-        });
+        let failures = [Direction::Active, Direction::Passive]
+            .map(|d| Family::ALL.map(|f| failures_vec.with_label_values(&[d.label(), f.label()])));
 
         let transitions_vec = IntCounterVec::new(
-            Opts::new("tcptrace_state_transitions_total", "TCP state changes seen by sock:inet_sock_set_state."),
+            Opts::new(
+                "tcptrace_state_transitions_total",
+                "TCP state changes seen by sock:inet_sock_set_state.",
+            ),
             &["old_state", "new_state"],
         )?;
         reg(Box::new(transitions_vec.clone()))?;
@@ -120,7 +122,10 @@ impl Metrics {
             registry.register(Box::new(c.clone()))?;
             Ok(c)
         };
-        let events = counter("tcptrace_events_total", "Events read from the kernel ring buffer.")?;
+        let events = counter(
+            "tcptrace_events_total",
+            "Events read from the kernel ring buffer.",
+        )?;
         let events_lost = counter(
             "tcptrace_events_lost_total",
             "Events the kernel dropped because the ring buffer was full (raise --ring-buffer-size).",
@@ -140,14 +145,21 @@ impl Metrics {
         reg(Box::new(tracked_sockets.clone()))?;
 
         let build_info = IntGaugeVec::new(
-            Opts::new("tcptrace_build_info", "Always 1; the labels describe this tcptrace build."),
+            Opts::new(
+                "tcptrace_build_info",
+                "Always 1; the labels describe this tcptrace build.",
+            ),
             &["version"],
         )?;
         reg(Box::new(build_info.clone()))?;
-        build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
 
         if process {
-            reg(Box::new(prometheus::process_collector::ProcessCollector::for_self()))?;
+            reg(Box::new(
+                prometheus::process_collector::ProcessCollector::for_self(),
+            ))?;
         }
 
         Ok(Self {
@@ -213,13 +225,19 @@ impl Sink for Metrics {
     fn transition(&mut self, old: u8, new: u8) {
         let (o, n) = (state_slot(old), state_slot(new));
         self.transitions[o * STATE_SLOTS + n]
-            .get_or_insert_with(|| self.transitions_vec.with_label_values(&[state_label(o), state_label(n)]))
+            .get_or_insert_with(|| {
+                self.transitions_vec
+                    .with_label_values(&[state_label(o), state_label(n)])
+            })
             .inc();
     }
 
     fn handshake(&mut self, direction: Direction, family: Family, duration_ns: u64) {
         self.handshake[direction as usize][family as usize]
-            .get_or_insert_with(|| self.handshake_vec.with_label_values(&[direction.label(), family.label()]))
+            .get_or_insert_with(|| {
+                self.handshake_vec
+                    .with_label_values(&[direction.label(), family.label()])
+            })
             .observe(duration_ns as f64 * 1e-9);
     }
 
@@ -242,7 +260,10 @@ mod tests {
 
     fn sample(text: &str, series: &str) -> Option<f64> {
         text.lines()
-            .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
+            .find_map(|l| {
+                l.strip_prefix(series)
+                    .and_then(|rest| rest.strip_prefix(' '))
+            })
             .map(|v| v.parse().unwrap())
     }
 
@@ -263,22 +284,55 @@ mod tests {
         m.events_read(9);
         let text = render(m.registry());
         let t = |s: &str| sample(&text, s);
-        assert_eq!(t(r#"tcptrace_state_transitions_total{new_state="established",old_state="syn_sent"}"#), Some(2.0));
-        assert_eq!(t(r#"tcptrace_state_transitions_total{new_state="unknown",old_state="unknown"}"#), Some(1.0));
-        let h = r#"tcptrace_handshake_duration_seconds_bucket{direction="active",family="ipv4",le="#;
-        assert_eq!(t(&format!(r#"{h}"0.00005"}}"#)), Some(1.0), "30 us lands at or below 50 us");
+        assert_eq!(
+            t(r#"tcptrace_state_transitions_total{new_state="established",old_state="syn_sent"}"#),
+            Some(2.0)
+        );
+        assert_eq!(
+            t(r#"tcptrace_state_transitions_total{new_state="unknown",old_state="unknown"}"#),
+            Some(1.0)
+        );
+        let h =
+            r#"tcptrace_handshake_duration_seconds_bucket{direction="active",family="ipv4",le="#;
+        assert_eq!(
+            t(&format!(r#"{h}"0.00005"}}"#)),
+            Some(1.0),
+            "30 us lands at or below 50 us"
+        );
         assert_eq!(t(&format!(r#"{h}"0.000025"}}"#)), Some(0.0));
-        assert_eq!(t(&format!(r#"{h}"1"}}"#)), Some(1.0), "one SYN retransmission is above 1 s");
+        assert_eq!(
+            t(&format!(r#"{h}"1"}}"#)),
+            Some(1.0),
+            "one SYN retransmission is above 1 s"
+        );
         assert_eq!(t(&format!(r#"{h}"2"}}"#)), Some(2.0));
-        assert_eq!(t(r#"tcptrace_handshake_duration_seconds_count{direction="active",family="ipv4"}"#), Some(2.0));
+        assert_eq!(
+            t(r#"tcptrace_handshake_duration_seconds_count{direction="active",family="ipv4"}"#),
+            Some(2.0)
+        );
         assert!(!text.contains(r#"tcptrace_handshake_duration_seconds_count{direction="passive""#));
-        assert_eq!(t(r#"tcptrace_handshake_failures_total{direction="passive",family="ipv6"}"#), Some(1.0));
-        assert_eq!(t(r#"tcptrace_handshake_failures_total{direction="active",family="ipv4"}"#), Some(0.0));
-        assert_eq!(t(r#"tcptrace_time_wait_entries_total{family="ipv6"}"#), Some(1.0));
+        assert_eq!(
+            t(r#"tcptrace_handshake_failures_total{direction="passive",family="ipv6"}"#),
+            Some(1.0)
+        );
+        assert_eq!(
+            t(r#"tcptrace_handshake_failures_total{direction="active",family="ipv4"}"#),
+            Some(0.0)
+        );
+        assert_eq!(
+            t(r#"tcptrace_time_wait_entries_total{family="ipv6"}"#),
+            Some(1.0)
+        );
         assert_eq!(t("tcptrace_tracked_sockets_evicted_total"), Some(3.0));
         assert_eq!(t("tcptrace_events_lost_total"), Some(7.0));
         assert_eq!(t("tcptrace_events_total"), Some(9.0));
-        assert_eq!(t(&format!(r#"tcptrace_build_info{{version="{}"}}"#, env!("CARGO_PKG_VERSION"))), Some(1.0));
+        assert_eq!(
+            t(&format!(
+                r#"tcptrace_build_info{{version="{}"}}"#,
+                env!("CARGO_PKG_VERSION")
+            )),
+            Some(1.0)
+        );
     }
 
     #[test]
@@ -286,10 +340,19 @@ mod tests {
         let bucket = |secs: f64| HANDSHAKE_BUCKETS.iter().position(|&b| secs <= b).unwrap();
         let rtts = [0.000_05, 0.2];
         for rtt in rtts {
-            let b: Vec<_> = [0.0, 1.0, 3.0, 7.0].iter().map(|base| bucket(base + rtt)).collect();
-            assert!(b.windows(2).all(|w| w[0] < w[1]), "rtt {rtt}: buckets {b:?}");
+            let b: Vec<_> = [0.0, 1.0, 3.0, 7.0]
+                .iter()
+                .map(|base| bucket(base + rtt))
+                .collect();
+            assert!(
+                b.windows(2).all(|w| w[0] < w[1]),
+                "rtt {rtt}: buckets {b:?}"
+            );
         }
-        assert!(bucket(0.000_03) < bucket(0.000_08), "loopback handshakes are resolved");
+        assert!(
+            bucket(0.000_03) < bucket(0.000_08),
+            "loopback handshakes are resolved"
+        );
     }
 
     #[test]
@@ -298,7 +361,10 @@ mod tests {
         let t = Tracker::new(Default::default());
         m.update_gauges(&t);
         let text = render(m.registry());
-        assert_eq!(sample(&text, r#"tcptrace_time_wait_sockets{family="ipv4"}"#), Some(0.0));
+        assert_eq!(
+            sample(&text, r#"tcptrace_time_wait_sockets{family="ipv4"}"#),
+            Some(0.0)
+        );
         assert_eq!(sample(&text, "tcptrace_tracked_sockets"), Some(0.0));
     }
 }

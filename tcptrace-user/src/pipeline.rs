@@ -15,7 +15,11 @@ pub struct Pipeline {
 
 impl Pipeline {
     pub fn new(tracker: Tracker, metrics: Metrics) -> Self {
-        Self { tracker, metrics, warned_malformed: false }
+        Self {
+            tracker,
+            metrics,
+            warned_malformed: false,
+        }
     }
 
     /// Handles one raw ring buffer record.
@@ -65,7 +69,10 @@ impl Pipeline {
 /// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns`, so event times
 /// and "now" compare directly.
 pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: clock_gettime writes the timespec we own; CLOCK_MONOTONIC always exists.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
@@ -80,7 +87,10 @@ mod tests {
 
     #[test]
     fn records_flow_to_the_exposition() {
-        let mut p = Pipeline::new(Tracker::new(Limits::default()), Metrics::new(false).unwrap());
+        let mut p = Pipeline::new(
+            Tracker::new(Limits::default()),
+            Metrics::new(false).unwrap(),
+        );
         let mut ev = Event::zeroed();
         ev.kind = EventKind::StateChange as u8;
         ev.family = AF_INET;

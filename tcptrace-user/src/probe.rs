@@ -31,9 +31,19 @@ struct Attachment {
 }
 
 const ATTACHMENTS: [Attachment; 2] = [
-    Attachment { program: "inet_sock_set_state", category: "sock", name: "inet_sock_set_state", required: true },
+    Attachment {
+        program: "inet_sock_set_state",
+        category: "sock",
+        name: "inet_sock_set_state",
+        required: true,
+    },
     // Lets the tracker tell a reset FIN_WAIT2->CLOSE (no TIME_WAIT) from a normal one.
-    Attachment { program: "tcp_receive_reset", category: "tcp", name: "tcp_receive_reset", required: false },
+    Attachment {
+        program: "tcp_receive_reset",
+        category: "tcp",
+        name: "tcp_receive_reset",
+        required: false,
+    },
 ];
 
 /// The loaded programs. Dropping it detaches them, so the daemon keeps it alive.
@@ -82,17 +92,16 @@ impl Probe {
             }
         }
 
-        let mut ebpf = EbpfLoader::new()
-            .map_max_entries(EVENTS_MAP, ring_bytes)
-            .load(OBJECT)
-            .map_err(|err| match &err {
-                aya::EbpfError::MapError(aya::maps::MapError::CreateError { io_error, .. })
-                    if io_error.kind() == io::ErrorKind::PermissionDenied =>
-                {
-                    Error::NotPermitted
-                }
-                _ => Error::Load(err),
-            })?;
+        let mut ebpf =
+            EbpfLoader::new()
+                .map_max_entries(EVENTS_MAP, ring_bytes)
+                .load(OBJECT)
+                .map_err(|err| match &err {
+                    aya::EbpfError::MapError(aya::maps::MapError::CreateError {
+                        io_error, ..
+                    }) if io_error.kind() == io::ErrorKind::PermissionDenied => Error::NotPermitted,
+                    _ => Error::Load(err),
+                })?;
 
         // Taken before the programs load: their instructions refer to its map.
         let logger = aya_log::EbpfLogger::init(&mut ebpf)
@@ -115,18 +124,28 @@ impl Probe {
             }
         }
         info!("attached to {}", attached.join(", "));
-        Ok(Self { ebpf, logger, attached })
+        Ok(Self {
+            ebpf,
+            logger,
+            attached,
+        })
     }
 
     /// The ring buffer the programs write events to (can be taken once).
     pub fn take_events(&mut self) -> Result<RingBuf<MapData>> {
-        let map = self.ebpf.take_map(EVENTS_MAP).ok_or_else(|| Error::Object(format!("map {EVENTS_MAP}")))?;
+        let map = self
+            .ebpf
+            .take_map(EVENTS_MAP)
+            .ok_or_else(|| Error::Object(format!("map {EVENTS_MAP}")))?;
         RingBuf::try_from(map).map_err(|e| Error::Object(format!("ring buffer {EVENTS_MAP}: {e}")))
     }
 
     /// The lost-events counter (can be taken once).
     pub fn take_lost(&mut self) -> Result<LostCounter> {
-        let map = self.ebpf.take_map(LOST_MAP).ok_or_else(|| Error::Object(format!("map {LOST_MAP}")))?;
+        let map = self
+            .ebpf
+            .take_map(LOST_MAP)
+            .ok_or_else(|| Error::Object(format!("map {LOST_MAP}")))?;
         PerCpuArray::try_from(map)
             .map(LostCounter)
             .map_err(|e| Error::Object(format!("per-CPU array {LOST_MAP}: {e}")))
@@ -164,7 +183,10 @@ fn ensure_tracefs() -> Result<PathBuf> {
         }
     }
     let path = PathBuf::from(TRACEFS);
-    mount_tracefs(&path).map_err(|source| Error::Tracefs { path: path.clone(), source })?;
+    mount_tracefs(&path).map_err(|source| Error::Tracefs {
+        path: path.clone(),
+        source,
+    })?;
     info!("mounted tracefs at {TRACEFS}");
     Ok(path)
 }
@@ -173,7 +195,13 @@ fn mount_tracefs(path: &Path) -> io::Result<()> {
     let target = CString::new(path.as_os_str().as_encoded_bytes()).map_err(io::Error::other)?;
     // SAFETY: every pointer is a valid NUL-terminated string that outlives the call.
     let rc = unsafe {
-        libc::mount(c"nodev".as_ptr(), target.as_ptr(), c"tracefs".as_ptr(), 0, std::ptr::null())
+        libc::mount(
+            c"nodev".as_ptr(),
+            target.as_ptr(),
+            c"tracefs".as_ptr(),
+            0,
+            std::ptr::null(),
+        )
     };
     if rc != 0 {
         return Err(io::Error::last_os_error());
@@ -181,16 +209,24 @@ fn mount_tracefs(path: &Path) -> io::Result<()> {
     if path.join("events").is_dir() {
         Ok(())
     } else {
-        Err(io::Error::other("mounted, but it shows no events directory"))
+        Err(io::Error::other(
+            "mounted, but it shows no events directory",
+        ))
     }
 }
 
 /// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; newer ones use the cgroup.
 /// Raising it needs CAP_SYS_RESOURCE, so failure is only worth a debug line.
 fn raise_memlock_rlimit() {
-    let unlimited = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
     // SAFETY: setrlimit reads the struct we pass and nothing else.
     if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
-        debug!("raising RLIMIT_MEMLOCK failed ({}); fine on Linux 5.11+", io::Error::last_os_error());
+        debug!(
+            "raising RLIMIT_MEMLOCK failed ({}); fine on Linux 5.11+",
+            io::Error::last_os_error()
+        );
     }
 }

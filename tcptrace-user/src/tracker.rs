@@ -13,8 +13,11 @@ use tcptrace_common::{Event, EventKind, TcpState};
 
 use crate::events::Family;
 
-/// The kernel's TCP_TIMEWAIT_LEN: how long a time-wait socket lives.
-pub const TIME_WAIT_NS: u64 = 60 * NS_PER_SEC;
+/// How long a time-wait socket lives: the kernel's TCP_TIMEWAIT_LEN (60 s), plus 1 s
+/// because the kernel's timer wheel fires a 60 s timer late, by up to 2 s at HZ=250
+/// (4 s at HZ=1000). Expiring in the middle of that window keeps the gauge's error
+/// around expiry small and unbiased.
+pub const TIME_WAIT_NS: u64 = 61 * NS_PER_SEC;
 const NS_PER_SEC: u64 = 1_000_000_000;
 /// How long a reset waits for the socket's CLOSE transition that follows it at once.
 const RESET_MEMORY_NS: u64 = NS_PER_SEC;
@@ -76,7 +79,9 @@ impl Default for Limits {
 /// 1 s timeout doubled after every retry, capped at TCP_RTO_MAX (120 s), plus 1 s of
 /// slack for delivery.
 pub fn syn_sent_lifetime_ns(syn_retries: u32) -> u64 {
-    let secs: u64 = (0..=syn_retries.min(127)).map(|i| (1u64 << i.min(7)).min(120)).sum();
+    let secs: u64 = (0..=syn_retries.min(127))
+        .map(|i| (1u64 << i.min(7)).min(120))
+        .sum();
     (secs + 1) * NS_PER_SEC
 }
 
@@ -189,15 +194,20 @@ impl Tracker {
 
     fn state_change(&mut self, ev: &Event, sink: &mut impl Sink) {
         sink.transition(ev.old_state, ev.new_state);
-        let (Some(old), Some(new)) = (TcpState::from_raw(ev.old_state), TcpState::from_raw(ev.new_state)) else {
+        let (Some(old), Some(new)) = (
+            TcpState::from_raw(ev.old_state),
+            TcpState::from_raw(ev.new_state),
+        ) else {
             return;
         };
         let family = Family::from_raw(ev.family);
 
         // A new connection on a 4-tuple in TIME_WAIT means the kernel reused (killed)
         // that time-wait socket. Only connection-opening transitions can do that.
-        if matches!(old, TcpState::SynSent | TcpState::Listen | TcpState::SynRecv)
-            && !self.time_wait.is_empty()
+        if matches!(
+            old,
+            TcpState::SynSent | TcpState::Listen | TcpState::SynRecv
+        ) && !self.time_wait.is_empty()
         {
             let tuple = Tuple::of(ev);
             if tuple.is_complete() {
@@ -216,10 +226,16 @@ impl Tracker {
                 match (new, family) {
                     (TcpState::Established, _) => {
                         if let Some(p) = started {
-                            sink.handshake(Direction::Active, p.family, ev.ts_ns.saturating_sub(p.since_ns));
+                            sink.handshake(
+                                Direction::Active,
+                                p.family,
+                                ev.ts_ns.saturating_sub(p.since_ns),
+                            );
                         }
                     }
-                    (TcpState::Close, Some(family)) => sink.handshake_failed(Direction::Active, family),
+                    (TcpState::Close, Some(family)) => {
+                        sink.handshake_failed(Direction::Active, family)
+                    }
                     _ => {}
                 }
             }
@@ -251,7 +267,11 @@ impl Tracker {
                 break;
             }
             self.time_wait_order.pop_front();
-            if self.time_wait.get(&tuple).is_some_and(|tw| tw.expires_ns == expires) {
+            if self
+                .time_wait
+                .get(&tuple)
+                .is_some_and(|tw| tw.expires_ns == expires)
+            {
                 self.remove_time_wait(&tuple);
             }
         }
@@ -262,7 +282,11 @@ impl Tracker {
                 break;
             }
             self.pending_order.pop_front();
-            if self.pending.get(&skaddr).is_some_and(|p| p.since_ns == since) {
+            if self
+                .pending
+                .get(&skaddr)
+                .is_some_and(|p| p.since_ns == since)
+            {
                 self.pending.remove(&skaddr);
                 expired += 1;
             }
@@ -275,7 +299,13 @@ impl Tracker {
 
     fn insert_pending(&mut self, skaddr: u64, ts_ns: u64, family: Family, sink: &mut impl Sink) {
         // The same address again means the earlier socket's end was never seen.
-        let replaced = self.pending.insert(skaddr, Pending { since_ns: ts_ns, family });
+        let replaced = self.pending.insert(
+            skaddr,
+            Pending {
+                since_ns: ts_ns,
+                family,
+            },
+        );
         if replaced.is_some() {
             sink.evicted(1);
         } else if self.pending.len() > self.limits.max_pending {
@@ -287,7 +317,11 @@ impl Tracker {
 
     fn evict_oldest_pending(&mut self, sink: &mut impl Sink) {
         while let Some((since, skaddr)) = self.pending_order.pop_front() {
-            if self.pending.get(&skaddr).is_some_and(|p| p.since_ns == since) {
+            if self
+                .pending
+                .get(&skaddr)
+                .is_some_and(|p| p.since_ns == since)
+            {
                 self.pending.remove(&skaddr);
                 sink.evicted(1);
                 return;
@@ -295,13 +329,23 @@ impl Tracker {
         }
     }
 
-    fn insert_time_wait(&mut self, tuple: Tuple, family: Family, expires_ns: u64, sink: &mut impl Sink) {
+    fn insert_time_wait(
+        &mut self,
+        tuple: Tuple,
+        family: Family,
+        expires_ns: u64,
+        sink: &mut impl Sink,
+    ) {
         let entry = TimeWait { expires_ns, family };
         match self.time_wait.insert(tuple, entry) {
             Some(old) => self.time_wait_count[old.family as usize] -= 1,
             None if self.time_wait.len() > self.limits.max_time_wait => {
                 while let Some((expires, oldest)) = self.time_wait_order.pop_front() {
-                    if self.time_wait.get(&oldest).is_some_and(|tw| tw.expires_ns == expires) {
+                    if self
+                        .time_wait
+                        .get(&oldest)
+                        .is_some_and(|tw| tw.expires_ns == expires)
+                    {
                         self.remove_time_wait(&oldest);
                         sink.evicted(1);
                         break;
@@ -323,7 +367,8 @@ impl Tracker {
 
     fn forget_resets(&mut self, now_ns: u64) {
         if !self.reset.is_empty() {
-            self.reset.retain(|_, &mut at| at + RESET_MEMORY_NS > now_ns);
+            self.reset
+                .retain(|_, &mut at| at + RESET_MEMORY_NS > now_ns);
         }
     }
 
@@ -333,13 +378,15 @@ impl Tracker {
     fn compact(&mut self) {
         if self.pending_order.len() > 2 * self.pending.len() + 1024 {
             let pending = &self.pending;
-            self.pending_order
-                .retain(|&(since, skaddr)| pending.get(&skaddr).is_some_and(|p| p.since_ns == since));
+            self.pending_order.retain(|&(since, skaddr)| {
+                pending.get(&skaddr).is_some_and(|p| p.since_ns == since)
+            });
         }
         if self.time_wait_order.len() > 2 * self.time_wait.len() + 1024 {
             let tw = &self.time_wait;
-            self.time_wait_order
-                .retain(|&(expires, tuple)| tw.get(&tuple).is_some_and(|t| t.expires_ns == expires));
+            self.time_wait_order.retain(|&(expires, tuple)| {
+                tw.get(&tuple).is_some_and(|t| t.expires_ns == expires)
+            });
         }
     }
 }

@@ -1,1 +1,313 @@
-fn main(){}
+//! Build orchestration for tcptrace: what `build.rs` cannot do.
+//!
+//! Every command first makes sure the machine has what it needs (nightly's rust-src,
+//! bpf-linker built against rustc's own LLVM, the Debian tools the tests use), doing
+//! nothing for what is already there, and saying what it does.
+
+use std::{
+    env,
+    ffi::OsString,
+    fs,
+    os::unix::fs::symlink,
+    path::{Path, PathBuf},
+    process::{Command, ExitCode},
+};
+
+use anyhow::{bail, Context as _, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "Set up, build, run and test tcptrace")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what is missing: rust-src for nightly, bpf-linker, and with
+    /// --test-tools the Debian packages the tests use (nftables, iproute2, promtool).
+    Setup {
+        #[arg(long)]
+        test_tools: bool,
+    },
+    /// Set up, build the release binary (eBPF object embedded) and run it as root.
+    /// Arguments after `--` go to tcptrace (default: `daemon`).
+    Run {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
+    /// Set up, then run every test: unit tests, then the root tests against the real kernel.
+    Test,
+    /// rustfmt and clippy (-D warnings) over userspace and the eBPF crate.
+    Lint,
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse().command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("xtask: error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cmd: Cmd) -> Result<()> {
+    let root = workspace_root();
+    env::set_current_dir(&root)?;
+    match cmd {
+        Cmd::Setup { test_tools } => {
+            setup_toolchain()?;
+            if test_tools {
+                setup_test_tools()?;
+            }
+        }
+        Cmd::Run { args } => {
+            setup_toolchain()?;
+            cargo(&["build", "--release", "--package", "tcptrace-user"])?;
+            let args = if args.is_empty() {
+                vec![OsString::from("daemon")]
+            } else {
+                args
+            };
+            let bin = root.join("target/release/tcptrace");
+            step(&format!("running {} {}", bin.display(), lossy(&args)));
+            as_root(&bin, &args)?;
+        }
+        Cmd::Test => {
+            setup_toolchain()?;
+            setup_test_tools()?;
+            step("unit tests (no root needed)");
+            cargo(&["test", "--workspace"])?;
+            step("root tests against the real kernel (one at a time)");
+            let bins = test_binaries(&["--package", "tcptrace-user", "--test", "kernel"])?;
+            for bin in bins {
+                as_root(&bin, &["--ignored".into(), "--test-threads=1".into()])?;
+            }
+        }
+        Cmd::Lint => {
+            setup_toolchain()?;
+            cargo(&["fmt", "--all", "--check"])?;
+            cargo(&[
+                "clippy",
+                "--workspace",
+                "--all-targets",
+                "--",
+                "-D",
+                "warnings",
+            ])?;
+            // The eBPF crate only builds for the BPF target, with nightly.
+            run_cmd(Command::new("cargo").args([
+                "+nightly",
+                "clippy",
+                "--package",
+                "tcptrace-ebpf",
+                "--target",
+                "bpfel-unknown-none",
+                "-Z",
+                "build-std=core",
+                "--",
+                "-D",
+                "warnings",
+            ]))?;
+        }
+    }
+    Ok(())
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+fn step(what: &str) {
+    eprintln!("xtask: {what}");
+}
+
+fn lossy(args: &[OsString]) -> String {
+    args.iter()
+        .map(|a| a.to_string_lossy())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn run_cmd(cmd: &mut Command) -> Result<()> {
+    let status = cmd.status().with_context(|| format!("starting {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed ({status})");
+    }
+    Ok(())
+}
+
+fn output(cmd: &mut Command) -> Result<String> {
+    let out = cmd.output().with_context(|| format!("starting {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn cargo(args: &[&str]) -> Result<()> {
+    run_cmd(Command::new(env::var_os("CARGO").unwrap_or_else(|| "cargo".into())).args(args))
+}
+
+fn is_root() -> bool {
+    // Without libc: the effective uid is the second field of /proc/self/status's Uid line.
+    fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .map(str::to_owned)
+        })
+        .and_then(|l| l.split_whitespace().nth(1).map(|u| u == "0"))
+        .unwrap_or(false)
+}
+
+/// Runs a built binary as root: directly when we are root, else through sudo (only
+/// this one binary, never cargo itself).
+fn as_root(bin: &Path, args: &[OsString]) -> Result<()> {
+    if is_root() {
+        run_cmd(Command::new(bin).args(args))
+    } else {
+        step("not root: running it through sudo");
+        run_cmd(
+            Command::new("sudo")
+                .arg("--preserve-env")
+                .arg(bin)
+                .args(args),
+        )
+    }
+}
+
+/// Builds test targets without running them and returns their executables.
+fn test_binaries(select: &[&str]) -> Result<Vec<PathBuf>> {
+    let mut args = vec!["test", "--no-run", "--message-format=json"];
+    args.extend_from_slice(select);
+    let json =
+        output(Command::new(env::var_os("CARGO").unwrap_or_else(|| "cargo".into())).args(&args))?;
+    // Each line is one JSON message; artifacts with an "executable" are the test binaries.
+    let bins: Vec<PathBuf> = json
+        .lines()
+        .filter(|l| l.contains(r#""reason":"compiler-artifact""#))
+        .filter_map(|l| l.split(r#""executable":""#).nth(1))
+        .filter_map(|rest| rest.split('"').next())
+        .map(PathBuf::from)
+        .collect();
+    if bins.is_empty() {
+        bail!("cargo test --no-run {select:?} produced no test binary");
+    }
+    Ok(bins)
+}
+
+fn has(program: &str) -> bool {
+    env::var_os("PATH")
+        .map(|paths| env::split_paths(&paths).any(|dir| dir.join(program).is_file()))
+        .unwrap_or(false)
+}
+
+/// nightly's rust-src and a bpf-linker built against nightly's own LLVM.
+fn setup_toolchain() -> Result<()> {
+    let sysroot = PathBuf::from(
+        output(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))?.trim(),
+    );
+    if sysroot.join("lib/rustlib/src/rust/library/core").is_dir() {
+        step("rust-src for nightly: present");
+    } else {
+        step("rust-src for nightly: installing");
+        run_cmd(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))?;
+    }
+
+    if has("bpf-linker") {
+        step("bpf-linker: present");
+        return Ok(());
+    }
+    // bpf-linker must link the very LLVM rustc uses (bitcode compatibility): point
+    // LLVM_PREFIX at a directory whose lib/libLLVM.so is nightly's own libLLVM.
+    let verbose = output(Command::new("rustc").args(["+nightly", "-vV"]))?;
+    let llvm = verbose
+        .lines()
+        .find_map(|l| l.strip_prefix("LLVM version: "))
+        .context("rustc +nightly -vV shows no LLVM version")?;
+    let major = llvm.split('.').next().unwrap_or_default();
+    let libdir = sysroot.join("lib");
+    let lib = fs::read_dir(&libdir)?
+        .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+        .find(|n| n.starts_with("libLLVM.so.") || (n.starts_with("libLLVM-") && n.ends_with(".so")))
+        .with_context(|| format!("no libLLVM in {}", libdir.display()))?;
+    let prefix = workspace_root().join("target/llvm-prefix");
+    fs::create_dir_all(prefix.join("lib"))?;
+    let link = prefix.join("lib/libLLVM.so");
+    let _ = fs::remove_file(&link);
+    symlink(libdir.join(&lib), &link)?;
+    step(&format!(
+        "bpf-linker: building against nightly's LLVM {llvm} ({lib}); takes about a minute"
+    ));
+    run_cmd(
+        Command::new("cargo")
+            .args([
+                "install",
+                "bpf-linker",
+                "--locked",
+                "--no-default-features",
+                "--features",
+            ])
+            .arg(format!("llvm-{major}"))
+            .env("LLVM_PREFIX", &prefix),
+    )?;
+    if !has("bpf-linker") {
+        bail!("bpf-linker was installed but is not on PATH; add ~/.cargo/bin to PATH");
+    }
+    Ok(())
+}
+
+/// Debian packages the root tests use.
+fn setup_test_tools() -> Result<()> {
+    let wanted = [
+        ("nft", "nftables"),
+        ("ip", "iproute2"),
+        ("promtool", "prometheus"),
+        ("ss", "iproute2"),
+    ];
+    let mut missing: Vec<&str> = wanted
+        .iter()
+        .filter(|(bin, _)| !has(bin))
+        .map(|&(_, pkg)| pkg)
+        .collect();
+    missing.dedup();
+    if missing.is_empty() {
+        step("test tools (nft, ip, ss, promtool): present");
+        return Ok(());
+    }
+    if !is_root() {
+        bail!(
+            "missing Debian packages {missing:?}; install them with `sudo apt-get install -y {}`",
+            missing.join(" ")
+        );
+    }
+    step(&format!("installing Debian packages {missing:?}"));
+    run_cmd(
+        Command::new("apt-get")
+            .args(["update", "-q"])
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )?;
+    run_cmd(
+        Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+}

@@ -50,11 +50,21 @@ fn v4(a: [u8; 4]) -> [u8; 16] {
 }
 
 fn client(skaddr: u64, sport: u16) -> Sock {
-    Sock { skaddr, family: AF_INET, local: (v4([10, 0, 0, 1]), sport), remote: (v4([10, 0, 0, 2]), 80) }
+    Sock {
+        skaddr,
+        family: AF_INET,
+        local: (v4([10, 0, 0, 1]), sport),
+        remote: (v4([10, 0, 0, 2]), 80),
+    }
 }
 
 fn server_child(skaddr: u64, peer_port: u16) -> Sock {
-    Sock { skaddr, family: AF_INET, local: (v4([10, 0, 0, 2]), 80), remote: (v4([10, 0, 0, 1]), peer_port) }
+    Sock {
+        skaddr,
+        family: AF_INET,
+        local: (v4([10, 0, 0, 2]), 80),
+        remote: (v4([10, 0, 0, 1]), peer_port),
+    }
 }
 
 fn ev(sock: Sock, ts_ns: u64, old: TcpState, new: TcpState) -> Event {
@@ -103,8 +113,17 @@ fn tracker() -> (Tracker, Seen) {
 fn active_handshake_is_timed_from_syn_sent() {
     let (mut t, mut seen) = tracker();
     active_open(&mut t, &mut seen, client(1, 40000), 5 * S, 42_000);
-    assert_eq!(seen.handshakes, vec![(Direction::Active, Family::Ipv4, 42_000)]);
-    assert_eq!(seen.transitions, vec![(Close as u8, SynSent as u8), (SynSent as u8, Established as u8)]);
+    assert_eq!(
+        seen.handshakes,
+        vec![(Direction::Active, Family::Ipv4, 42_000)]
+    );
+    assert_eq!(
+        seen.transitions,
+        vec![
+            (Close as u8, SynSent as u8),
+            (SynSent as u8, Established as u8)
+        ]
+    );
     assert_eq!(t.tracked_sockets(), 0);
     assert!(seen.failures.is_empty());
 }
@@ -128,7 +147,10 @@ fn refused_connect_is_an_active_failure() {
     assert_eq!(seen.failures, vec![(Direction::Active, Family::Ipv4)]);
     assert!(seen.handshakes.is_empty());
     assert_eq!(t.tracked_sockets(), 0);
-    assert!(t.reset.is_empty(), "the reset is forgotten once the socket closed");
+    assert!(
+        t.reset.is_empty(),
+        "the reset is forgotten once the socket closed"
+    );
 }
 
 #[test]
@@ -137,7 +159,10 @@ fn passive_open_counts_transitions_but_no_latency() {
     let child = server_child(2, 40000);
     t.handle(&ev(child, S, Listen, SynRecv), &mut seen);
     t.handle(&ev(child, S + 3_000, SynRecv, Established), &mut seen);
-    assert!(seen.handshakes.is_empty(), "SYN_RECV->ESTABLISHED of the child is not handshake time");
+    assert!(
+        seen.handshakes.is_empty(),
+        "SYN_RECV->ESTABLISHED of the child is not handshake time"
+    );
     assert_eq!(seen.transitions.len(), 2);
     assert_eq!(t.tracked_sockets(), 0);
 }
@@ -172,7 +197,11 @@ fn unknown_states_are_counted_and_otherwise_ignored() {
     let mut e = ev(client(1, 1), S, Close, SynSent);
     e.kind = 200;
     t.handle(&e, &mut seen);
-    assert_eq!(seen.transitions.len(), 1, "unknown event kinds are not transitions");
+    assert_eq!(
+        seen.transitions.len(),
+        1,
+        "unknown event kinds are not transitions"
+    );
 }
 
 #[test]
@@ -271,7 +300,10 @@ fn four_tuple_reuse_on_the_server_side_ends_time_wait() {
     let child = server_child(2, 40000);
     active_close(&mut t, &mut seen, child, S);
     assert_eq!(t.time_wait_sockets(Family::Ipv4), 1);
-    t.handle(&ev(server_child(5, 40000), 2 * S, Listen, SynRecv), &mut seen);
+    t.handle(
+        &ev(server_child(5, 40000), 2 * S, Listen, SynRecv),
+        &mut seen,
+    );
     assert_eq!(t.time_wait_sockets(Family::Ipv4), 0);
 }
 
@@ -283,7 +315,11 @@ fn reentering_time_wait_restarts_its_timer() {
     active_close(&mut t, &mut seen, client(2, 40000), 31 * S);
     assert_eq!(t.time_wait_sockets(Family::Ipv4), 1);
     t.advance(S + 2 * MS + TIME_WAIT_NS, &mut seen);
-    assert_eq!(t.time_wait_sockets(Family::Ipv4), 1, "the first timer is stale");
+    assert_eq!(
+        t.time_wait_sockets(Family::Ipv4),
+        1,
+        "the first timer is stale"
+    );
     t.advance(31 * S + 2 * MS + TIME_WAIT_NS, &mut seen);
     assert_eq!(t.time_wait_sockets(Family::Ipv4), 0);
 }
@@ -299,12 +335,18 @@ fn seeded_time_wait_sockets_expire_on_their_own_timer() {
     assert_eq!(t.time_wait_sockets(Family::Ipv4), 1);
     t.advance(50 * S, &mut seen);
     assert_eq!(t.time_wait_sockets(Family::Ipv4), 0);
-    assert!(seen.time_wait_entered.is_empty(), "seeds were not entries seen by the daemon");
+    assert!(
+        seen.time_wait_entered.is_empty(),
+        "seeds were not entries seen by the daemon"
+    );
 }
 
 #[test]
 fn syn_sent_expires_after_the_retry_sequence() {
-    let limits = Limits { handshake_timeout_ns: 130 * S, ..Limits::default() };
+    let limits = Limits {
+        handshake_timeout_ns: 130 * S,
+        ..Limits::default()
+    };
     let mut t = Tracker::new(limits);
     let mut seen = Seen::default();
     t.handle(&ev(client(1, 0), S, Close, SynSent), &mut seen);
@@ -314,7 +356,10 @@ fn syn_sent_expires_after_the_retry_sequence() {
     assert_eq!(t.tracked_sockets(), 0);
     assert_eq!(seen.evicted, 1);
     // Its late outcome produces no latency.
-    t.handle(&ev(client(1, 40000), 132 * S, SynSent, Established), &mut seen);
+    t.handle(
+        &ev(client(1, 40000), 132 * S, SynSent, Established),
+        &mut seen,
+    );
     assert!(seen.handshakes.is_empty());
 }
 
@@ -323,13 +368,16 @@ fn syn_sent_lifetime_follows_syn_retries() {
     assert_eq!(syn_sent_lifetime_ns(6), 128 * S); // 1+2+4+8+16+32+64, +1
     assert_eq!(syn_sent_lifetime_ns(0), 2 * S);
     assert_eq!(syn_sent_lifetime_ns(8), (127 + 120 + 120 + 1) * S); // RTO capped at 120 s
-    // The sysctl stops at 127 retries: about 4 hours, the longest a SYN_SENT can live.
+                                                                    // The sysctl stops at 127 retries: about 4 hours, the longest a SYN_SENT can live.
     assert_eq!(syn_sent_lifetime_ns(u32::MAX), (127 + 121 * 120 + 1) * S);
 }
 
 #[test]
 fn pending_is_capped_oldest_first() {
-    let limits = Limits { max_pending: 3, ..Limits::default() };
+    let limits = Limits {
+        max_pending: 3,
+        ..Limits::default()
+    };
     let mut t = Tracker::new(limits);
     let mut seen = Seen::default();
     for i in 0..5u64 {
@@ -340,20 +388,35 @@ fn pending_is_capped_oldest_first() {
     // The two oldest are gone: their completion has no latency; the newest has.
     t.handle(&ev(client(100, 1), 2 * S, SynSent, Established), &mut seen);
     t.handle(&ev(client(104, 1), 2 * S, SynSent, Established), &mut seen);
-    assert_eq!(seen.handshakes, vec![(Direction::Active, Family::Ipv4, 2 * S - S - 4)]);
+    assert_eq!(
+        seen.handshakes,
+        vec![(Direction::Active, Family::Ipv4, 2 * S - S - 4)]
+    );
 }
 
 #[test]
 fn time_wait_is_capped_oldest_first() {
-    let limits = Limits { max_time_wait: 2, ..Limits::default() };
+    let limits = Limits {
+        max_time_wait: 2,
+        ..Limits::default()
+    };
     let mut t = Tracker::new(limits);
     let mut seen = Seen::default();
     for port in 0..4u16 {
-        active_close(&mut t, &mut seen, client(u64::from(port), 40000 + port), S * u64::from(port + 1));
+        active_close(
+            &mut t,
+            &mut seen,
+            client(u64::from(port), 40000 + port),
+            S * u64::from(port + 1),
+        );
     }
     assert_eq!(t.time_wait_sockets(Family::Ipv4), 2);
     assert_eq!(seen.evicted, 2);
-    assert_eq!(seen.time_wait_entered.len(), 4, "entries are counted even when the model is full");
+    assert_eq!(
+        seen.time_wait_entered.len(),
+        4,
+        "entries are counted even when the model is full"
+    );
 }
 
 #[test]

@@ -1,0 +1,281 @@
+//! Helpers for the root tests: a daemon under test, scraping, waiting on conditions.
+#![allow(dead_code)]
+
+use std::{
+    cell::RefCell,
+    collections::BTreeMap,
+    io::{BufRead, BufReader, Read, Write},
+    net::{SocketAddr, TcpStream},
+    process::{Child, Command, ExitStatus, Stdio},
+    sync::{Arc, Mutex},
+    thread,
+    time::{Duration, Instant},
+};
+
+/// Panics unless we are root: these tests must run, never skip (CI runs them as root).
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(
+        euid, 0,
+        "the kernel tests load eBPF programs and need root: run `cargo xtask test`"
+    );
+}
+
+/// Polls `cond` until it holds or `deadline` passes; returns whether it held.
+pub fn wait_for(deadline: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + deadline;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= end {
+            return false;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A `tcptrace daemon` child process, stopped (SIGTERM, then SIGKILL) on drop.
+pub struct Daemon {
+    child: Option<Child>,
+    pub addr: SocketAddr,
+    log: Arc<Mutex<String>>,
+    /// One keep-alive connection for every scrape, so that scraping adds no TCP
+    /// handshakes or TIME_WAIT entries of its own to the counts under test.
+    conn: RefCell<Option<BufReader<TcpStream>>>,
+}
+
+impl Daemon {
+    /// Starts the daemon on a free loopback port and waits until it serves.
+    pub fn start(extra: &[&str]) -> Self {
+        Self::start_with(Command::new(env!("CARGO_BIN_EXE_tcptrace")), extra)
+    }
+
+    /// Like [`Daemon::start`] with a prepared command (e.g. a wrapper like `unshare`).
+    pub fn start_with(mut cmd: Command, extra: &[&str]) -> Self {
+        cmd.args(["daemon", "--listen", "127.0.0.1:0"]).args(extra);
+        let mut child = cmd
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("spawn tcptrace");
+        let stderr = child.stderr.take().expect("stderr");
+        let log = Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let sink = log.clone();
+        thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(addr) = line.split("serving metrics at http://").nth(1) {
+                    let _ = tx.send(addr.trim_end_matches("/metrics").to_string());
+                }
+                let mut log = sink.lock().unwrap();
+                log.push_str(&line);
+                log.push('\n');
+            }
+        });
+        let mut daemon = Self {
+            child: Some(child),
+            addr: "0.0.0.0:0".parse().unwrap(),
+            log,
+            conn: RefCell::new(None),
+        };
+        match rx.recv_timeout(Duration::from_secs(20)) {
+            Ok(addr) => daemon.addr = addr.parse().expect("listen address"),
+            Err(_) => panic!(
+                "daemon did not start serving within 20 s; its log:\n{}",
+                daemon.log()
+            ),
+        }
+        daemon
+    }
+
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// GET /metrics over the daemon's keep-alive connection (opened on first use).
+    pub fn scrape(&self) -> Scrape {
+        let mut conn = self.conn.borrow_mut();
+        let stream = conn.get_or_insert_with(|| {
+            let s = TcpStream::connect_timeout(&self.addr, Duration::from_secs(5))
+                .expect("connect to daemon");
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            BufReader::new(s)
+        });
+        write!(
+            stream.get_mut(),
+            "GET /metrics HTTP/1.1\r\nHost: tcptrace\r\n\r\n"
+        )
+        .expect("send scrape");
+        let mut status = String::new();
+        stream.read_line(&mut status).expect("read status");
+        assert!(
+            status.starts_with("HTTP/1.1 200"),
+            "scrape failed: {status}"
+        );
+        let mut length = None;
+        loop {
+            let mut header = String::new();
+            stream.read_line(&mut header).expect("read header");
+            let header = header.trim_end();
+            if header.is_empty() {
+                break;
+            }
+            if let Some((name, value)) = header.split_once(':') {
+                if name.eq_ignore_ascii_case("content-length") {
+                    length = value.trim().parse::<usize>().ok();
+                }
+            }
+        }
+        let mut body = vec![0; length.expect("the daemon sends Content-Length")];
+        stream.read_exact(&mut body).expect("read body");
+        Scrape::parse(&String::from_utf8(body).expect("UTF-8 exposition"))
+    }
+
+    /// Sends SIGTERM and waits up to `deadline` for the exit; kills it past that.
+    pub fn terminate(&mut self, deadline: Duration) -> Option<ExitStatus> {
+        let mut child = self.child.take()?;
+        // SAFETY: kill with a pid we own.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let end = Instant::now() + deadline;
+        while Instant::now() < end {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Some(status);
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        None
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.terminate(Duration::from_secs(3));
+    }
+}
+
+/// One parsed scrape: `name{labels} value` lines.
+pub struct Scrape {
+    pub text: String,
+    samples: Vec<(String, BTreeMap<String, String>, f64)>,
+}
+
+impl Scrape {
+    pub fn parse(text: &str) -> Self {
+        let samples = text
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+            .map(|l| {
+                let (series, value) = l.rsplit_once(' ').expect("sample line");
+                let (name, labels) = match series.split_once('{') {
+                    Some((n, rest)) => (n, rest.trim_end_matches('}')),
+                    None => (series, ""),
+                };
+                let labels = labels
+                    .split(',')
+                    .filter(|kv| !kv.is_empty())
+                    .map(|kv| {
+                        let (k, v) = kv.split_once('=').expect("label");
+                        (k.to_string(), v.trim_matches('"').to_string())
+                    })
+                    .collect();
+                (name.to_string(), labels, value.parse().expect("value"))
+            })
+            .collect();
+        Self {
+            text: text.to_string(),
+            samples,
+        }
+    }
+
+    /// The sample with exactly these labels (0 when the series does not exist yet).
+    pub fn get(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        self.samples
+            .iter()
+            .find(|(n, l, _)| {
+                n == name
+                    && l.len() == labels.len()
+                    && labels
+                        .iter()
+                        .all(|(k, v)| l.get(*k).is_some_and(|x| x == v))
+            })
+            .map_or(0.0, |(_, _, v)| *v)
+    }
+
+    pub fn transitions(&self, old: &str, new: &str) -> f64 {
+        self.get(
+            "tcptrace_state_transitions_total",
+            &[("old_state", old), ("new_state", new)],
+        )
+    }
+
+    pub fn handshakes(&self, family: &str) -> f64 {
+        self.get(
+            "tcptrace_handshake_duration_seconds_count",
+            &[("direction", "active"), ("family", family)],
+        )
+    }
+
+    pub fn handshake_seconds(&self, family: &str) -> f64 {
+        self.get(
+            "tcptrace_handshake_duration_seconds_sum",
+            &[("direction", "active"), ("family", family)],
+        )
+    }
+
+    pub fn failures(&self, direction: &str, family: &str) -> f64 {
+        self.get(
+            "tcptrace_handshake_failures_total",
+            &[("direction", direction), ("family", family)],
+        )
+    }
+
+    pub fn time_wait(&self) -> f64 {
+        ["ipv4", "ipv6"]
+            .iter()
+            .map(|f| self.get("tcptrace_time_wait_sockets", &[("family", f)]))
+            .sum()
+    }
+}
+
+/// TIME_WAIT sockets in this network namespace, per the kernel (`ss`).
+pub fn kernel_time_wait() -> usize {
+    let out = Command::new("ss")
+        .args(["-Htan", "state", "time-wait"])
+        .output()
+        .expect("run ss");
+    assert!(
+        out.status.success(),
+        "ss failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .count()
+}
+
+/// The kernel's socket summary, for failure messages: `/proc/net/sockstat` and
+/// `ss` counts per state.
+pub fn kernel_socket_summary() -> String {
+    let sockstat = std::fs::read_to_string("/proc/net/sockstat").unwrap_or_default();
+    let out = Command::new("ss")
+        .args(["-Htan"])
+        .output()
+        .map(|o| o.stdout)
+        .unwrap_or_default();
+    let mut states = BTreeMap::<String, usize>::new();
+    for line in String::from_utf8_lossy(&out).lines() {
+        if let Some(state) = line.split_whitespace().next() {
+            *states.entry(state.to_string()).or_default() += 1;
+        }
+    }
+    format!("{sockstat}ss states: {states:?}")
+}

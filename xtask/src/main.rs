@@ -193,10 +193,10 @@ fn test_binaries(select: &[&str]) -> Result<Vec<PathBuf>> {
     args.extend_from_slice(select);
     let json =
         output(Command::new(env::var_os("CARGO").unwrap_or_else(|| "cargo".into())).args(&args))?;
-    // Each line is one JSON message; artifacts with an "executable" are the test binaries.
+    // Each line is one JSON message; integration-test artifacts carry their executable.
     let bins: Vec<PathBuf> = json
         .lines()
-        .filter(|l| l.contains(r#""reason":"compiler-artifact""#))
+        .filter(|l| l.contains(r#""reason":"compiler-artifact""#) && l.contains(r#""kind":["test"]"#))
         .filter_map(|l| l.split(r#""executable":""#).nth(1))
         .filter_map(|rest| rest.split('"').next())
         .map(PathBuf::from)

@@ -22,12 +22,19 @@ const DEADLINE: Duration = Duration::from_secs(10);
 
 /// `n` connections to a fresh listener on `ip`; the client closes first, so each
 /// client socket ends in TIME_WAIT. Returns once the server saw every EOF.
+///
+/// Lockstep: the client closes only once the server has accepted. When the server
+/// lags behind a burst of early closes, the kernel on loopback sometimes answers a
+/// late duplicate ACK with a reset that kills the client's time-wait socket, an event
+/// no tracepoint shows (see README, "How exact").
 fn connect_and_close(ip: std::net::IpAddr, n: usize) {
     let listener = TcpListener::bind((ip, 0)).expect("bind loopback listener");
     let addr = listener.local_addr().unwrap();
+    let (accepted_tx, accepted) = std::sync::mpsc::channel();
     let server = thread::spawn(move || {
         for _ in 0..n {
             let (mut s, _) = listener.accept().expect("accept");
+            accepted_tx.send(()).unwrap();
             s.set_read_timeout(Some(DEADLINE)).unwrap();
             let mut buf = [0u8; 16];
             // Wait for the client's FIN, then close: the server side goes CLOSE_WAIT -> LAST_ACK.
@@ -36,6 +43,7 @@ fn connect_and_close(ip: std::net::IpAddr, n: usize) {
     });
     for _ in 0..n {
         let s = TcpStream::connect_timeout(&addr, DEADLINE).expect("connect over loopback");
+        accepted.recv_timeout(DEADLINE).expect("the server accepts");
         drop(s);
     }
     server.join().expect("server thread");

@@ -196,7 +196,9 @@ fn test_binaries(select: &[&str]) -> Result<Vec<PathBuf>> {
     // Each line is one JSON message; integration-test artifacts carry their executable.
     let bins: Vec<PathBuf> = json
         .lines()
-        .filter(|l| l.contains(r#""reason":"compiler-artifact""#) && l.contains(r#""kind":["test"]"#))
+        .filter(|l| {
+            l.contains(r#""reason":"compiler-artifact""#) && l.contains(r#""kind":["test"]"#)
+        })
         .filter_map(|l| l.split(r#""executable":""#).nth(1))
         .filter_map(|rest| rest.split('"').next())
         .map(PathBuf::from)

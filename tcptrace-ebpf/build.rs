@@ -2,8 +2,6 @@
 fn main() {
     println!("cargo:rerun-if-env-changed=PATH");
     if which::which("bpf-linker").is_err() {
-        panic!(
-            "bpf-linker is not on PATH; run `cargo xtask setup` (or `cargo xtask run`) to build it"
-        );
+        panic!("bpf-linker is not on PATH; run `cargo xtask setup` (or `cargo xtask run`) to build it");
     }
 }

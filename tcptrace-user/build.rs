@@ -6,9 +6,7 @@ use anyhow::Context as _;
 
 fn main() -> anyhow::Result<()> {
     let manifest = PathBuf::from(env::var("CARGO_MANIFEST_DIR")?);
-    let root = manifest
-        .parent()
-        .context("tcptrace-user has no parent directory")?;
+    let root = manifest.parent().context("tcptrace-user has no parent directory")?;
     let ebpf_dir = root.join("tcptrace-ebpf");
     let common_dir = root.join("tcptrace-common");
     println!("cargo:rerun-if-changed={}", common_dir.display());
@@ -20,15 +18,9 @@ fn main() -> anyhow::Result<()> {
         let out = PathBuf::from(env::var("OUT_DIR")?).join("tcptrace");
         fs::write(&out, []).with_context(|| format!("writing {}", out.display()))?;
     }
-    let ebpf_dir = ebpf_dir
-        .to_str()
-        .context("non-UTF-8 path to tcptrace-ebpf")?;
+    let ebpf_dir = ebpf_dir.to_str().context("non-UTF-8 path to tcptrace-ebpf")?;
     aya_build::build_ebpf(
-        [aya_build::Package {
-            name: "tcptrace-ebpf",
-            root_dir: ebpf_dir,
-            ..Default::default()
-        }],
+        [aya_build::Package { name: "tcptrace-ebpf", root_dir: ebpf_dir, ..Default::default() }],
         aya_build::Toolchain::default(),
     )
     .context("building the eBPF object failed; run `cargo xtask setup` to install rust-src and bpf-linker")

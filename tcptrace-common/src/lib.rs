@@ -10,6 +10,13 @@ pub const EVENTS_MAP: &str = "EVENTS";
 pub const LOST_MAP: &str = "LOST";
 /// Default ring buffer size in bytes (a power of two, a multiple of the page size).
 pub const DEFAULT_RING_BYTES: u32 = 1 << 20;
+/// Global (set at load time): byte offset of `srtt_us` in `struct tcp_sock`, from the
+/// running kernel's BTF; 0 when unknown, and then nothing is read.
+pub const SRTT_US_OFFSET_GLOBAL: &str = "SRTT_US_OFFSET";
+/// Global (set at load time): byte offset of `sk_err` in `struct sock`; 0 when unknown.
+pub const SK_ERR_OFFSET_GLOBAL: &str = "SK_ERR_OFFSET";
+/// [`Event::sk_err`] when the kernel's error was not read (no BTF offset).
+pub const SK_ERR_UNKNOWN: i32 = -1;
 
 /// `AF_INET`, as the kernel reports it in `family`.
 pub const AF_INET: u16 = 2;
@@ -26,6 +33,11 @@ pub enum EventKind {
     StateChange = 1,
     /// `tcp:tcp_receive_reset`: a RST arrived for the socket (states are unset).
     ResetReceived = 2,
+    /// `tcp:tcp_retransmit_skb` on a socket in SYN_SENT: a SYN was retransmitted.
+    SynRetransmit = 3,
+    /// `tcp:tcp_retransmit_synack`: a SYN-ACK was retransmitted. `skaddr` is the
+    /// listener; the 4-tuple is the future child's (local = listening address).
+    SynAckRetransmit = 4,
 }
 
 impl EventKind {
@@ -34,6 +46,8 @@ impl EventKind {
         match raw {
             1 => Some(Self::StateChange),
             2 => Some(Self::ResetReceived),
+            3 => Some(Self::SynRetransmit),
+            4 => Some(Self::SynAckRetransmit),
             _ => None,
         }
     }
@@ -118,6 +132,8 @@ pub struct Event {
     pub ts_ns: u64,
     /// Kernel address of the `struct sock`: the socket's identity while it lives.
     pub skaddr: u64,
+    /// cgroup v2 id of the current task (only meaningful in process context).
+    pub cgroup_id: u64,
     /// Thread id of the task current at the event (only meaningful in process context).
     pub pid: u32,
     /// Process id (thread group id) of the current task.
@@ -133,7 +149,14 @@ pub struct Event {
     /// A [`TcpState`] as `u8` (0 when the kind carries no state).
     pub old_state: u8,
     pub new_state: u8,
-    pub _pad: [u8; 7],
+    pub _pad: [u8; 3],
+    /// `tcp_sock.srtt_us` (smoothed RTT in us, times 8) when a socket became
+    /// ESTABLISHED; for a passive child it holds the SYN-ACK round trip. 0 if unread.
+    pub srtt_us: u32,
+    /// `sock.sk_err` when a socket went to CLOSE (ECONNREFUSED, ETIMEDOUT...), or
+    /// [`SK_ERR_UNKNOWN`].
+    pub sk_err: i32,
+    pub _pad2: [u8; 4],
     /// `comm` of the current task, NUL-padded.
     pub comm: [u8; 16],
 }
@@ -144,6 +167,7 @@ impl Event {
         Self {
             ts_ns: 0,
             skaddr: 0,
+            cgroup_id: 0,
             pid: 0,
             tgid: 0,
             saddr: [0; 16],
@@ -154,7 +178,10 @@ impl Event {
             kind: 0,
             old_state: 0,
             new_state: 0,
-            _pad: [0; 7],
+            _pad: [0; 3],
+            srtt_us: 0,
+            sk_err: SK_ERR_UNKNOWN,
+            _pad2: [0; 4],
             comm: [0; 16],
         }
     }
@@ -178,11 +205,7 @@ impl Event {
 
     /// `comm` up to its first NUL, or `None` when it is not UTF-8.
     pub fn comm_str(&self) -> Option<&str> {
-        let len = self
-            .comm
-            .iter()
-            .position(|&b| b == 0)
-            .unwrap_or(self.comm.len());
+        let len = self.comm.iter().position(|&b| b == 0).unwrap_or(self.comm.len());
         core::str::from_utf8(&self.comm[..len]).ok()
     }
 }
@@ -195,7 +218,7 @@ fn ip(family: u16, raw: &[u8; 16]) -> core::net::IpAddr {
     }
 }
 
-const _: () = assert!(core::mem::size_of::<Event>() == 88);
+const _: () = assert!(core::mem::size_of::<Event>() == 104);
 const _: () = assert!(core::mem::align_of::<Event>() == 8);
 
 // SAFETY: `Event` is `repr(C)`, made only of integers and byte arrays, with every
@@ -219,7 +242,7 @@ mod tests {
     #[test]
     fn event_has_no_hidden_padding() {
         let e = Event::zeroed();
-        let fields = 8 + 8 + 4 + 4 + 16 + 16 + 2 + 2 + 2 + 1 + 1 + 1 + 7 + 16;
+        let fields = 8 + 8 + 8 + 4 + 4 + 16 + 16 + 2 + 2 + 2 + 1 + 1 + 1 + 3 + 4 + 4 + 4 + 16;
         assert_eq!(core::mem::size_of_val(&e), fields);
     }
 }

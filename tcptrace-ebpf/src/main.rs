@@ -6,13 +6,25 @@
 #![no_main]
 
 use aya_ebpf::{
-    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns},
+    helpers::{
+        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns,
+        bpf_probe_read_kernel,
+    },
     macros::{map, tracepoint},
     maps::{PerCpuArray, RingBuf},
     programs::TracePointContext,
+    Global,
 };
 use aya_log_ebpf::warn;
-use tcptrace_common::{Event, EventKind, AF_INET, AF_INET6, DEFAULT_RING_BYTES, IPPROTO_TCP};
+use tcptrace_common::{Event, EventKind, TcpState, AF_INET, AF_INET6, DEFAULT_RING_BYTES, IPPROTO_TCP, SK_ERR_UNKNOWN};
+
+/// Offset of `tcp_sock.srtt_us`, from the kernel's BTF (set by the loader; 0 = unknown).
+#[unsafe(no_mangle)]
+static SRTT_US_OFFSET: Global<u32> = Global::new(0);
+
+/// Offset of `sock.sk_err`, from the kernel's BTF (set by the loader; 0 = unknown).
+#[unsafe(no_mangle)]
+static SK_ERR_OFFSET: Global<u32> = Global::new(0);
 
 /// Userspace resizes this at load time (`--ring-buffer-size`).
 #[map]
@@ -35,40 +47,29 @@ struct Layout {
     daddr_v6: usize,
 }
 
-const INET_SOCK_SET_STATE: Layout = Layout {
-    skaddr: 8,
-    sport: 24,
-    dport: 26,
-    family: 28,
-    saddr: 32,
-    daddr: 36,
-    saddr_v6: 40,
-    daddr_v6: 56,
-};
+const INET_SOCK_SET_STATE: Layout =
+    Layout { skaddr: 8, sport: 24, dport: 26, family: 28, saddr: 32, daddr: 36, saddr_v6: 40, daddr_v6: 56 };
 const SET_STATE_OLDSTATE: usize = 16;
 const SET_STATE_NEWSTATE: usize = 20;
 const SET_STATE_PROTOCOL: usize = 30;
 
-const TCP_RECEIVE_RESET: Layout = Layout {
-    skaddr: 8,
-    sport: 16,
-    dport: 18,
-    family: 20,
-    saddr: 22,
-    daddr: 26,
-    saddr_v6: 30,
-    daddr_v6: 46,
-};
+const TCP_RETRANSMIT_SKB: Layout =
+    Layout { skaddr: 16, sport: 28, dport: 30, family: 32, saddr: 34, daddr: 38, saddr_v6: 42, daddr_v6: 58 };
+const RETRANSMIT_SKB_STATE: usize = 24;
+
+/// `skaddr` is the listener; the record's 4-tuple is the request's.
+const TCP_RETRANSMIT_SYNACK: Layout =
+    Layout { skaddr: 8, sport: 24, dport: 26, family: 28, saddr: 30, daddr: 34, saddr_v6: 38, daddr_v6: 54 };
+
+const TCP_RECEIVE_RESET: Layout =
+    Layout { skaddr: 8, sport: 16, dport: 18, family: 20, saddr: 22, daddr: 26, saddr_v6: 30, daddr_v6: 46 };
 
 #[tracepoint(category = "sock", name = "inet_sock_set_state")]
 pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
     match try_inet_sock_set_state(&ctx) {
         Ok(()) => 0,
         Err(err) => {
-            warn!(
-                &ctx,
-                "inet_sock_set_state: reading the record failed: {}", err
-            );
+            warn!(&ctx, "inet_sock_set_state: reading the record failed: {}", err);
             0
         }
     }
@@ -85,18 +86,59 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i32> {
     let new: i32 = unsafe { ctx.read_at(SET_STATE_NEWSTATE) }?;
     ev.old_state = old as u8;
     ev.new_state = new as u8;
+    // Kernel socket state that only userspace-computed offsets make reachable: the
+    // handshake RTT as the socket becomes ESTABLISHED, the error as it closes.
+    if new == TcpState::Established as i32 {
+        ev.srtt_us = read_sock_field::<u32>(ev.skaddr, SRTT_US_OFFSET.load()).unwrap_or(0);
+    } else if new == TcpState::Close as i32 {
+        ev.sk_err = read_sock_field::<i32>(ev.skaddr, SK_ERR_OFFSET.load()).unwrap_or(SK_ERR_UNKNOWN);
+    }
     emit(&ev);
     Ok(())
+}
+
+/// Reads a field at `offset` bytes into the socket at `skaddr`; `None` when the
+/// offset is unknown (0) or the read fails.
+fn read_sock_field<T>(skaddr: u64, offset: u32) -> Option<T> {
+    if offset == 0 {
+        return None;
+    }
+    // SAFETY: bpf_probe_read_kernel checks the address; a bad one yields Err.
+    unsafe { bpf_probe_read_kernel((skaddr + u64::from(offset)) as *const T) }.ok()
+}
+
+#[tracepoint(category = "tcp", name = "tcp_retransmit_skb")]
+pub fn tcp_retransmit_skb(ctx: TracePointContext) -> u32 {
+    // Only handshake retransmissions feed a metric; data retransmits stay in the kernel.
+    let state: Result<i32, i32> = unsafe { ctx.read_at(RETRANSMIT_SKB_STATE) };
+    if state != Ok(TcpState::SynSent as i32) {
+        return 0;
+    }
+    match read_common(&ctx, &TCP_RETRANSMIT_SKB, EventKind::SynRetransmit) {
+        Ok(mut ev) => {
+            ev.old_state = TcpState::SynSent as u8;
+            ev.new_state = TcpState::SynSent as u8;
+            emit(&ev)
+        }
+        Err(err) => warn!(&ctx, "tcp_retransmit_skb: reading the record failed: {}", err),
+    }
+    0
+}
+
+#[tracepoint(category = "tcp", name = "tcp_retransmit_synack")]
+pub fn tcp_retransmit_synack(ctx: TracePointContext) -> u32 {
+    match read_common(&ctx, &TCP_RETRANSMIT_SYNACK, EventKind::SynAckRetransmit) {
+        Ok(ev) => emit(&ev),
+        Err(err) => warn!(&ctx, "tcp_retransmit_synack: reading the record failed: {}", err),
+    }
+    0
 }
 
 #[tracepoint(category = "tcp", name = "tcp_receive_reset")]
 pub fn tcp_receive_reset(ctx: TracePointContext) -> u32 {
     match read_common(&ctx, &TCP_RECEIVE_RESET, EventKind::ResetReceived) {
         Ok(ev) => emit(&ev),
-        Err(err) => warn!(
-            &ctx,
-            "tcp_receive_reset: reading the record failed: {}", err
-        ),
+        Err(err) => warn!(&ctx, "tcp_receive_reset: reading the record failed: {}", err),
     }
     0
 }
@@ -124,6 +166,8 @@ fn read_common(ctx: &TracePointContext, at: &Layout, kind: EventKind) -> Result<
     ev.pid = pid_tgid as u32;
     ev.tgid = (pid_tgid >> 32) as u32;
     ev.comm = bpf_get_current_comm().unwrap_or_default();
+    // SAFETY: a helper without arguments.
+    ev.cgroup_id = unsafe { bpf_get_current_cgroup_id() };
     Ok(ev)
 }
 

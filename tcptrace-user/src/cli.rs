@@ -2,8 +2,11 @@
 
 use std::{net::SocketAddr, time::Duration};
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use ipnet::IpNet;
 use tcptrace_common::DEFAULT_RING_BYTES;
+
+use crate::metrics::PortLabels;
 
 /// Default `--listen`: all IPv4 interfaces, so Prometheus can scrape the host.
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:9931";
@@ -27,6 +30,61 @@ pub struct Cli {
 pub enum Command {
     /// Load the eBPF programs and serve metrics at http://LISTEN/metrics until SIGINT or SIGTERM.
     Daemon(DaemonArgs),
+    /// Print what the kernel's TCP does right now, without Prometheus: every state
+    /// change (like tcpstates), or with --handshakes one line per completed or failed
+    /// handshake. Stops on Ctrl-C or when stdout closes (`tcptrace watch | head`).
+    Watch(WatchArgs),
+}
+
+/// How records (slow log, `watch`) are written.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// `key=value` pairs, one record per line.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `--family` filter values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum FamilyArg {
+    Ipv4,
+    Ipv6,
+}
+
+#[derive(Debug, Args)]
+pub struct WatchArgs {
+    /// One line per completed or failed handshake (with its duration) instead of
+    /// one per state change.
+    #[arg(long)]
+    pub handshakes: bool,
+
+    /// JSON lines instead of text.
+    #[arg(long)]
+    pub json: bool,
+
+    /// Only sockets with this local or remote port (repeatable).
+    #[arg(long, value_name = "PORT")]
+    pub port: Vec<u16>,
+
+    /// Only sockets with a local or remote address in this CIDR (e.g. 10.0.0.0/8,
+    /// ::1/128); repeatable.
+    #[arg(long, value_name = "CIDR", value_parser = parse_cidr)]
+    pub addr: Vec<IpNet>,
+
+    /// Only events of this process id (meaningful where the kernel runs in the
+    /// process's context: connect() for active opens, close()).
+    #[arg(long, value_name = "PID")]
+    pub pid: Option<u32>,
+
+    /// Only this address family.
+    #[arg(long, value_enum, value_name = "FAMILY")]
+    pub family: Option<FamilyArg>,
+
+    /// Kernel ring buffer size (see `tcptrace daemon --help`).
+    #[arg(long, default_value_t = ByteSize(DEFAULT_RING_BYTES), value_name = "SIZE", value_parser = parse_ring_size)]
+    pub ring_buffer_size: ByteSize,
 }
 
 #[derive(Debug, Args)]
@@ -59,6 +117,25 @@ pub struct DaemonArgs {
     /// Do not export process_* metrics (CPU, memory, open file descriptors).
     #[arg(long)]
     pub no_process_metrics: bool,
+
+    /// Add a `port` label to the handshake histograms and failure counter: the remote
+    /// port for active opens, the local (listening) port for passive ones. `off`, a
+    /// list (`80,443,5432`), or `top:N`, the N busiest ports (each once it has 5
+    /// handshakes; labels are never reassigned). Other ports are `port="other"`.
+    /// Worst case with P labelled ports: 4*(P+1) series per histogram and
+    /// 24*(P+1) failure series; P is at most 100.
+    #[arg(long, default_value = "off", value_name = "off|PORTS|top:N")]
+    pub port_labels: PortLabels,
+
+    /// Write one record to stdout for every handshake slower than this (e.g. 200ms,
+    /// 1s) and for every failed handshake: time, direction, 4-tuple, pid and comm of
+    /// the connect() caller, duration, retransmissions, failure reason.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub slow_handshake: Option<Duration>,
+
+    /// Format of the --slow-handshake records.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, value_name = "FORMAT")]
+    pub log_format: LogFormat,
 }
 
 /// A size in bytes that prints the way it was meant (`1MiB`).
@@ -75,10 +152,14 @@ impl std::fmt::Display for ByteSize {
     }
 }
 
+fn parse_cidr(s: &str) -> Result<IpNet, String> {
+    s.parse::<IpNet>()
+        .or_else(|_| s.parse::<std::net::IpAddr>().map(IpNet::from))
+        .map_err(|_| format!("'{s}' is not an address or CIDR (examples: 10.0.0.0/8, 127.0.0.1, ::1/128)"))
+}
+
 fn parse_listen(s: &str) -> Result<SocketAddr, String> {
-    s.parse().map_err(|_| {
-        format!("'{s}' is not IP:PORT (examples: 0.0.0.0:9931, 127.0.0.1:9931, [::]:9931)")
-    })
+    s.parse().map_err(|_| format!("'{s}' is not IP:PORT (examples: 0.0.0.0:9931, 127.0.0.1:9931, [::]:9931)"))
 }
 
 fn parse_ring_size(s: &str) -> Result<ByteSize, String> {
@@ -90,11 +171,7 @@ fn parse_ring_size(s: &str) -> Result<ByteSize, String> {
         "k" | "kb" | "kib" => 1 << 10,
         "m" | "mb" | "mib" => 1 << 20,
         "g" | "gb" | "gib" => 1 << 30,
-        _ => {
-            return Err(format!(
-                "'{s}' is not a size (examples: 262144, 256KiB, 1MiB)"
-            ))
-        }
+        _ => return Err(format!("'{s}' is not a size (examples: 262144, 256KiB, 1MiB)")),
     };
     let bytes = num
         .parse::<u64>()
@@ -112,28 +189,18 @@ fn parse_ring_size(s: &str) -> Result<ByteSize, String> {
 /// Parses `500ms`, `130s`, `5m`, `1h`, or plain seconds.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let t = s.trim();
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
     let scale = match unit {
         "ms" => 1e-3,
         "" | "s" => 1.0,
         "m" => 60.0,
         "h" => 3600.0,
-        _ => {
-            return Err(format!(
-                "'{s}' is not a duration (examples: 500ms, 130s, 5m)"
-            ))
-        }
+        _ => return Err(format!("'{s}' is not a duration (examples: 500ms, 130s, 5m)")),
     };
     match num.parse::<f64>() {
-        Ok(n) if n.is_finite() && n > 0.0 && n * scale < 1e9 => {
-            Ok(Duration::from_secs_f64(n * scale))
-        }
-        _ => Err(format!(
-            "'{s}' is not a positive duration (examples: 500ms, 130s, 5m)"
-        )),
+        Ok(n) if n.is_finite() && n > 0.0 && n * scale < 1e9 => Ok(Duration::from_secs_f64(n * scale)),
+        _ => Err(format!("'{s}' is not a positive duration (examples: 500ms, 130s, 5m)")),
     }
 }
 
@@ -145,7 +212,41 @@ mod tests {
         let argv = ["tcptrace", "daemon"].iter().chain(args);
         Cli::try_parse_from(argv).map(|cli| match cli.command {
             Command::Daemon(d) => d,
+            Command::Watch(_) => unreachable!("parsed daemon"),
         })
+    }
+
+    fn watch(args: &[&str]) -> Result<WatchArgs, clap::Error> {
+        let argv = ["tcptrace", "watch"].iter().chain(args);
+        Cli::try_parse_from(argv).map(|cli| match cli.command {
+            Command::Watch(w) => w,
+            Command::Daemon(_) => unreachable!("parsed watch"),
+        })
+    }
+
+    #[test]
+    fn watch_filters() {
+        let w = watch(&["--handshakes", "--json", "--port", "80", "--port", "443", "--addr", "10.0.0.0/8"]).unwrap();
+        assert!(w.handshakes && w.json);
+        assert_eq!(w.port, [80, 443]);
+        assert_eq!(w.addr, ["10.0.0.0/8".parse::<IpNet>().unwrap()]);
+        let w = watch(&["--addr", "::1", "--family", "ipv6", "--pid", "42"]).unwrap();
+        assert_eq!(w.addr, ["::1/128".parse::<IpNet>().unwrap()]);
+        assert_eq!((w.family, w.pid), (Some(FamilyArg::Ipv6), Some(42)));
+        for (flag, value) in [("--addr", "10.0.0.0/33"), ("--port", "http"), ("--family", "ipx")] {
+            assert!(watch(&[flag, value]).is_err(), "{flag} {value}");
+        }
+    }
+
+    #[test]
+    fn forensics_flags() {
+        let d = daemon(&["--slow-handshake", "200ms", "--log-format", "json", "--port-labels", "top:5"]).unwrap();
+        assert_eq!(d.slow_handshake, Some(Duration::from_millis(200)));
+        assert_eq!(d.log_format, LogFormat::Json);
+        assert_eq!(d.port_labels, PortLabels::Top(5));
+        assert_eq!(daemon(&[]).unwrap().port_labels, PortLabels::Off);
+        let err = daemon(&["--port-labels", "top:0"]).unwrap_err().to_string();
+        assert!(err.contains("top:N"), "{err}");
     }
 
     #[test]
@@ -163,18 +264,8 @@ mod tests {
         let d = daemon(&["--ring-buffer-size", "256KiB", "--handshake-timeout", "5m"]).unwrap();
         assert_eq!(d.ring_buffer_size, ByteSize(256 << 10));
         assert_eq!(d.handshake_timeout, Some(Duration::from_secs(300)));
-        assert_eq!(
-            daemon(&["--ring-buffer-size", "16M"])
-                .unwrap()
-                .ring_buffer_size,
-            ByteSize(16 << 20)
-        );
-        assert_eq!(
-            daemon(&["--ring-buffer-size", "8192"])
-                .unwrap()
-                .ring_buffer_size,
-            ByteSize(8192)
-        );
+        assert_eq!(daemon(&["--ring-buffer-size", "16M"]).unwrap().ring_buffer_size, ByteSize(16 << 20));
+        assert_eq!(daemon(&["--ring-buffer-size", "8192"]).unwrap().ring_buffer_size, ByteSize(8192));
         assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
         assert_eq!(ByteSize(1 << 20).to_string(), "1MiB");
         assert_eq!(ByteSize(12288).to_string(), "12KiB");
@@ -198,9 +289,6 @@ mod tests {
             assert!(err.contains(says), "{flag} {value}: {err}");
         }
         assert!(daemon(&["--no-such-flag"]).is_err());
-        assert!(
-            Cli::try_parse_from(["tcptrace"]).is_err(),
-            "a subcommand is required"
-        );
+        assert!(Cli::try_parse_from(["tcptrace"]).is_err(), "a subcommand is required");
     }
 }

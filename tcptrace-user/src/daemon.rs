@@ -17,10 +17,12 @@ use tokio::{
 use crate::{
     cli::DaemonArgs,
     error::{Error, Result},
-    metrics::{self, Metrics},
+    metrics::{self, Metrics, MetricsConfig},
     pipeline::{monotonic_ns, Pipeline},
-    probe::{KernelLogger, LostCounter, Probe},
-    procnet, server, shutdown,
+    probe::{KernelLogger, LostCounter, Probe, SocketOffsets},
+    procnet,
+    report::SlowLog,
+    server, shutdown,
     tracker::{syn_sent_lifetime_ns, Limits, Tracker},
 };
 
@@ -40,15 +42,11 @@ fn lock(p: &Mutex<Pipeline>) -> MutexGuard<'_, Pipeline> {
 
 pub async fn run(args: DaemonArgs) -> Result<()> {
     // Bind first so a taken port fails fast, but accept only once events flow.
-    let listener = TcpListener::bind(args.listen)
-        .await
-        .map_err(|source| Error::Listen {
-            addr: args.listen,
-            source,
-        })?;
+    let listener =
+        TcpListener::bind(args.listen).await.map_err(|source| Error::Listen { addr: args.listen, source })?;
     let addr = listener.local_addr()?;
 
-    let mut probe = Probe::load(args.ring_buffer_size.0)?;
+    let mut probe = Probe::load(args.ring_buffer_size.0, SocketOffsets::from_kernel())?;
     let ring = watch_readable(probe.take_events()?)?;
     let lost = Arc::new(probe.take_lost()?);
 
@@ -62,14 +60,11 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
     };
     let mut pipeline = Pipeline::new(
         Tracker::new(limits),
-        Metrics::new(!args.no_process_metrics)?,
+        Metrics::new(MetricsConfig { process: !args.no_process_metrics, ports: args.port_labels.clone() })?,
     );
     match procnet::time_wait_sockets(monotonic_ns()) {
         Ok(seeds) => {
-            info!(
-                "{} TIME_WAIT sockets already in this network namespace",
-                seeds.len()
-            );
+            info!("{} TIME_WAIT sockets already in this network namespace", seeds.len());
             let (tracker, metrics) = pipeline.parts();
             tracker.seed_time_wait(seeds, metrics);
         }
@@ -77,16 +72,15 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
             warn!("cannot read existing TIME_WAIT sockets ({err}); the gauge starts from zero")
         }
     }
+    if let Some(threshold) = args.slow_handshake {
+        let out = std::io::LineWriter::new(std::io::stdout());
+        pipeline = pipeline.with_slow_log(SlowLog::new(threshold, args.log_format, out));
+    }
     let registry = pipeline.metrics().registry().clone();
     let shared: Shared = Arc::new(Mutex::new(pipeline));
 
     let (stop_tx, stop_rx) = watch::channel(false);
-    let mut reader = tokio::spawn(read_events(
-        ring,
-        shared.clone(),
-        lost.clone(),
-        stop_rx.clone(),
-    ));
+    let mut reader = tokio::spawn(read_events(ring, shared.clone(), lost.clone(), stop_rx.clone()));
     if let Some(logger) = probe.logger.take() {
         tokio::spawn(forward_kernel_logs(logger, stop_rx.clone()));
     }
@@ -113,7 +107,7 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
 }
 
 /// Registers a map's file descriptor with the runtime for read readiness.
-fn watch_readable<T: std::os::fd::AsRawFd>(inner: T) -> std::io::Result<AsyncFd<T>> {
+pub(crate) fn watch_readable<T: std::os::fd::AsRawFd>(inner: T) -> std::io::Result<AsyncFd<T>> {
     // SAFETY: the ring buffer and the logger own their file descriptors and never
     // close or swap them while the AsyncFd holds them.
     unsafe { AsyncFd::register_with_interest(inner, Interest::READABLE) }.map_err(Into::into)
@@ -128,10 +122,7 @@ fn join_msg<T: std::fmt::Debug>(r: std::result::Result<T, tokio::task::JoinError
 
 /// net.ipv4.tcp_syn_retries of the daemon's namespace (the kernel default, 6, if unreadable).
 fn syn_retries() -> u32 {
-    fs::read_to_string("/proc/sys/net/ipv4/tcp_syn_retries")
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(6)
+    fs::read_to_string("/proc/sys/net/ipv4/tcp_syn_retries").ok().and_then(|s| s.trim().parse().ok()).unwrap_or(6)
 }
 
 /// Drains the ring buffer whenever the kernel signals data, and runs expiry every

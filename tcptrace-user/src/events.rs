@@ -51,8 +51,7 @@ mod tests {
 
     fn bytes_of(ev: &Event) -> Vec<u8> {
         // SAFETY: `Event` has no padding, so all its bytes are initialised.
-        unsafe { std::slice::from_raw_parts((ev as *const Event).cast::<u8>(), size_of::<Event>()) }
-            .to_vec()
+        unsafe { std::slice::from_raw_parts((ev as *const Event).cast::<u8>(), size_of::<Event>()) }.to_vec()
     }
 
     #[test]
@@ -77,10 +76,7 @@ mod tests {
         assert!(decode(&long).is_err());
         assert_eq!(
             DecodeError(10).to_string(),
-            format!(
-                "ring buffer record of 10 bytes, expected {}",
-                size_of::<Event>()
-            )
+            format!("ring buffer record of 10 bytes, expected {}", size_of::<Event>())
         );
     }
 }

@@ -5,6 +5,7 @@
 //! [`tracker`] (pair transitions) -> [`metrics`] -> [`server`] (HTTP). [`pipeline`]
 //! is the I/O-free middle; [`daemon`] wires it all together.
 
+pub mod btf;
 pub mod cli;
 pub mod daemon;
 pub mod error;
@@ -13,6 +14,8 @@ pub mod metrics;
 pub mod pipeline;
 pub mod probe;
 pub mod procnet;
+pub mod report;
 pub mod server;
 pub mod shutdown;
 pub mod tracker;
+pub mod watch;

@@ -3,21 +3,19 @@ use std::process::ExitCode;
 use clap::Parser as _;
 use tcptrace_user::{
     cli::{Cli, Command},
-    daemon,
+    daemon, watch,
 };
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(err) => return fail(&err),
     };
     let result = match cli.command {
         Command::Daemon(args) => runtime.block_on(daemon::run(args)),
+        Command::Watch(args) => runtime.block_on(watch::run(args)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,17 +1,21 @@
 //! The Prometheus registry and the handles the tracker's conclusions land in.
 //!
 //! Metric names and labels are a contract (dashboards depend on them). Label
-//! handles are resolved once, not hashed per event.
+//! handles are resolved once, on first use, not hashed per event.
+
+mod ports;
 
 use prometheus::{
-    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    core::Collector, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry, TextEncoder,
 };
 use tcptrace_common::TcpState;
 
+use self::ports::PortLabeler;
+pub use self::ports::PortLabels;
 use crate::{
     events::Family,
-    tracker::{Direction, Sink, Tracker},
+    tracker::{Direction, Failure, FailureReason, Handshake, Sink, Tracker},
 };
 
 /// Handshake duration buckets in seconds. The low end resolves loopback handshakes
@@ -19,8 +23,8 @@ use crate::{
 /// handshake with k retransmissions takes 2^k - 1 s plus the round trip; the pairs
 /// (1, 2], (3, 4], (7, 8], (15, 16], (31, 32] separate 1 to 5 retransmissions.
 pub const HANDSHAKE_BUCKETS: [f64; 27] = [
-    0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025,
-    0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 4.0, 7.0, 8.0, 15.0, 16.0, 31.0, 32.0, 64.0, 128.0,
+    0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+    0.5, 1.0, 2.0, 3.0, 4.0, 7.0, 8.0, 15.0, 16.0, 31.0, 32.0, 64.0, 128.0,
 ];
 
 /// Label value for a state number this build does not know.
@@ -29,29 +33,54 @@ const UNKNOWN_STATE: &str = "unknown";
 const STATE_SLOTS: usize = 14;
 
 fn state_slot(raw: u8) -> usize {
-    match TcpState::from_raw(raw) {
-        Some(s) => s as usize,
-        None => 0,
-    }
+    TcpState::from_raw(raw).map_or(0, |s| s as usize)
 }
 
 fn state_label(slot: usize) -> &'static str {
-    match TcpState::from_raw(slot as u8) {
-        Some(s) => s.name(),
-        None => UNKNOWN_STATE,
+    TcpState::from_raw(slot as u8).map_or(UNKNOWN_STATE, TcpState::name)
+}
+
+/// What the operator chose to export.
+#[derive(Clone, Debug, Default)]
+pub struct MetricsConfig {
+    /// process_* metrics (CPU, RSS, open fds).
+    pub process: bool,
+    /// Per-port labels on the handshake metrics.
+    pub ports: PortLabels,
+}
+
+/// Lazily created label handles, indexed densely.
+struct Handles<T> {
+    slots: Vec<Option<T>>,
+}
+
+impl<T: Clone> Handles<T> {
+    fn new(len: usize) -> Self {
+        Self { slots: vec![None; len] }
+    }
+
+    fn get(&mut self, index: usize, make: impl FnOnce() -> T) -> &T {
+        self.slots[index].get_or_insert_with(make)
     }
 }
 
 /// Every tcptrace metric, registered in its own registry (never the global one).
 pub struct Metrics {
     registry: Registry,
+    ports: PortLabeler,
     handshake_vec: HistogramVec,
-    /// `[direction][family]`, created on first observation so a direction that has
-    /// produced nothing yet exports no empty histogram.
-    handshake: [[Option<Histogram>; 2]; 2],
-    failures: [[IntCounter; 2]; 2],
+    retransmitted_vec: HistogramVec,
+    failures_vec: IntCounterVec,
     transitions_vec: IntCounterVec,
-    transitions: Vec<Option<IntCounter>>,
+    /// `[direction][family][port slot]`, created on first observation so that what
+    /// has produced nothing yet exports no empty series.
+    handshake: Handles<Histogram>,
+    retransmitted: Handles<Histogram>,
+    /// `[direction][family][reason][port slot]`.
+    failures: Handles<IntCounter>,
+    transitions: Handles<IntCounter>,
+    syn_retransmits: [IntCounter; 2],
+    synack_retransmits: [IntCounter; 2],
     time_wait_entries: [IntCounter; 2],
     time_wait_sockets: [IntGauge; 2],
     events: IntCounter,
@@ -64,54 +93,68 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    /// Builds and registers everything. `process` adds the process collector (CPU,
-    /// RSS, open fds) where the platform supports it.
-    pub fn new(process: bool) -> prometheus::Result<Self> {
+    pub fn new(config: MetricsConfig) -> prometheus::Result<Self> {
         let registry = Registry::new();
-        let reg = |c: Box<dyn prometheus::core::Collector>| registry.register(c);
+        let reg = |c: Box<dyn Collector>| registry.register(c);
+        let ports = PortLabeler::new(config.ports);
+        let port_label: &[&str] = if ports.enabled() { &["port"] } else { &[] };
+        let labels = |base: &[&'static str]| -> Vec<&str> { base.iter().chain(port_label).copied().collect() };
 
-        let handshake_vec = HistogramVec::new(
-            HistogramOpts::new(
-                "tcptrace_handshake_duration_seconds",
-                "TCP handshake duration: active opens from connect() (CLOSE->SYN_SENT) to ESTABLISHED.",
-            )
-            .buckets(HANDSHAKE_BUCKETS.to_vec()),
-            &["direction", "family"],
+        let histogram = |name: &str, help: &str| -> prometheus::Result<HistogramVec> {
+            let h = HistogramVec::new(
+                HistogramOpts::new(name, help).buckets(HANDSHAKE_BUCKETS.to_vec()),
+                &labels(&["direction", "family"]),
+            )?;
+            registry.register(Box::new(h.clone()))?;
+            Ok(h)
+        };
+        let handshake_vec = histogram(
+            "tcptrace_handshake_duration_seconds",
+            "TCP handshake duration. active: connect() (CLOSE->SYN_SENT) to ESTABLISHED; passive: \
+             the SYN-ACK round trip of an accepted connection, plus any SYN-ACK retransmission delay.",
         )?;
-        reg(Box::new(handshake_vec.clone()))?;
+        let retransmitted_vec = histogram(
+            "tcptrace_handshake_retransmitted_duration_seconds",
+            "The handshakes of tcptrace_handshake_duration_seconds that needed at least one SYN \
+             (active) or SYN-ACK (passive) retransmission; subtract to get the clean ones.",
+        )?;
 
         let failures_vec = IntCounterVec::new(
             Opts::new(
                 "tcptrace_handshake_failures_total",
-                "Handshakes that ended in CLOSE: SYN_SENT->CLOSE (active) or SYN_RECV->CLOSE (passive).",
+                "Handshakes that ended in CLOSE (active: SYN_SENT->CLOSE, passive: SYN_RECV->CLOSE), by reason.",
             ),
-            &["direction", "family"],
+            &labels(&["direction", "family", "reason"]),
         )?;
         reg(Box::new(failures_vec.clone()))?;
-        let failures = [Direction::Active, Direction::Passive]
-            .map(|d| Family::ALL.map(|f| failures_vec.with_label_values(&[d.label(), f.label()])));
 
         let transitions_vec = IntCounterVec::new(
-            Opts::new(
-                "tcptrace_state_transitions_total",
-                "TCP state changes seen by sock:inet_sock_set_state.",
-            ),
+            Opts::new("tcptrace_state_transitions_total", "TCP state changes seen by sock:inet_sock_set_state."),
             &["old_state", "new_state"],
         )?;
         reg(Box::new(transitions_vec.clone()))?;
 
-        let tw_entries_vec = IntCounterVec::new(
-            Opts::new(
-                "tcptrace_time_wait_entries_total",
-                "Sockets that entered TIME_WAIT (FIN_WAIT2->CLOSE or CLOSING->CLOSE without a reset).",
-            ),
-            &["family"],
+        let per_family = |name: &str, help: &str| -> prometheus::Result<[IntCounter; 2]> {
+            let v = IntCounterVec::new(Opts::new(name, help), &["family"])?;
+            registry.register(Box::new(v.clone()))?;
+            Ok(Family::ALL.map(|f| v.with_label_values(&[f.label()])))
+        };
+        let syn_retransmits = per_family(
+            "tcptrace_syn_retransmits_total",
+            "SYNs retransmitted by connecting sockets (tcp:tcp_retransmit_skb in SYN_SENT).",
         )?;
-        reg(Box::new(tw_entries_vec.clone()))?;
+        let synack_retransmits = per_family(
+            "tcptrace_synack_retransmits_total",
+            "SYN-ACKs retransmitted by listeners (tcp:tcp_retransmit_synack).",
+        )?;
+        let time_wait_entries = per_family(
+            "tcptrace_time_wait_entries_total",
+            "Sockets that entered TIME_WAIT (FIN_WAIT2->CLOSE or CLOSING->CLOSE without a reset).",
+        )?;
         let tw_sockets_vec = IntGaugeVec::new(
             Opts::new(
                 "tcptrace_time_wait_sockets",
-                "Sockets in TIME_WAIT now, modelled from entries, the 60 s timer and 4-tuple reuse.",
+                "Sockets in TIME_WAIT now, modelled from entries, the kernel's timer and 4-tuple reuse.",
             ),
             &["family"],
         )?;
@@ -122,10 +165,7 @@ impl Metrics {
             registry.register(Box::new(c.clone()))?;
             Ok(c)
         };
-        let events = counter(
-            "tcptrace_events_total",
-            "Events read from the kernel ring buffer.",
-        )?;
+        let events = counter("tcptrace_events_total", "Events read from the kernel ring buffer.")?;
         let events_lost = counter(
             "tcptrace_events_lost_total",
             "Events the kernel dropped because the ring buffer was full (raise --ring-buffer-size).",
@@ -145,30 +185,30 @@ impl Metrics {
         reg(Box::new(tracked_sockets.clone()))?;
 
         let build_info = IntGaugeVec::new(
-            Opts::new(
-                "tcptrace_build_info",
-                "Always 1; the labels describe this tcptrace build.",
-            ),
+            Opts::new("tcptrace_build_info", "Always 1; the labels describe this tcptrace build."),
             &["version"],
         )?;
         reg(Box::new(build_info.clone()))?;
-        build_info
-            .with_label_values(&[env!("CARGO_PKG_VERSION")])
-            .set(1);
+        build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
 
-        if process {
-            reg(Box::new(
-                prometheus::process_collector::ProcessCollector::for_self(),
-            ))?;
+        if config.process {
+            reg(Box::new(prometheus::process_collector::ProcessCollector::for_self()))?;
         }
 
+        let port_slots = ports.slots();
         Ok(Self {
+            handshake: Handles::new(4 * port_slots),
+            retransmitted: Handles::new(4 * port_slots),
+            failures: Handles::new(4 * FailureReason::ALL.len() * port_slots),
+            transitions: Handles::new(STATE_SLOTS * STATE_SLOTS),
+            ports,
             handshake_vec,
-            handshake: Default::default(),
-            failures,
+            retransmitted_vec,
+            failures_vec,
             transitions_vec,
-            transitions: vec![None; STATE_SLOTS * STATE_SLOTS],
-            time_wait_entries: Family::ALL.map(|f| tw_entries_vec.with_label_values(&[f.label()])),
+            syn_retransmits,
+            synack_retransmits,
+            time_wait_entries,
             time_wait_sockets: Family::ALL.map(|f| tw_sockets_vec.with_label_values(&[f.label()])),
             events,
             events_lost,
@@ -201,12 +241,23 @@ impl Metrics {
         }
     }
 
-    /// Copies the tracker's gauges.
-    pub fn update_gauges(&self, tracker: &Tracker) {
+    /// Copies the tracker's gauges and gives busy ports their labels (top-N mode).
+    pub fn refresh(&mut self, tracker: &Tracker) {
         for f in Family::ALL {
             self.time_wait_sockets[f as usize].set(tracker.time_wait_sockets(f) as i64);
         }
         self.tracked_sockets.set(tracker.tracked_sockets() as i64);
+        self.ports.promote();
+    }
+
+    /// The port a handshake is labelled by: the service's port, i.e. the remote one
+    /// for active opens and the local (listening) one for passive.
+    fn port_slot(&mut self, direction: Direction, tuple: &crate::tracker::Tuple) -> usize {
+        let port = match direction {
+            Direction::Active => tuple.dport,
+            Direction::Passive => tuple.sport,
+        };
+        self.ports.slot(port)
     }
 }
 
@@ -224,25 +275,46 @@ pub fn render(registry: &Registry) -> String {
 impl Sink for Metrics {
     fn transition(&mut self, old: u8, new: u8) {
         let (o, n) = (state_slot(old), state_slot(new));
-        self.transitions[o * STATE_SLOTS + n]
-            .get_or_insert_with(|| {
-                self.transitions_vec
-                    .with_label_values(&[state_label(o), state_label(n)])
+        let vec = &self.transitions_vec;
+        self.transitions.get(o * STATE_SLOTS + n, || vec.with_label_values(&[state_label(o), state_label(n)])).inc();
+    }
+
+    fn handshake(&mut self, h: &Handshake) {
+        let slot = self.port_slot(h.direction, &h.tuple);
+        let index = (h.direction as usize * 2 + h.family as usize) * self.ports.slots() + slot;
+        let (ports, secs) = (&self.ports, h.duration_ns as f64 * 1e-9);
+        let make = |vec: &HistogramVec| {
+            let port = ports.label(slot);
+            let values = [h.direction.label(), h.family.label(), &port];
+            vec.with_label_values(&values[..2 + usize::from(ports.enabled())])
+        };
+        self.handshake.get(index, || make(&self.handshake_vec)).observe(secs);
+        if h.retransmits > 0 {
+            self.retransmitted.get(index, || make(&self.retransmitted_vec)).observe(secs);
+        }
+    }
+
+    fn handshake_failed(&mut self, f: &Failure) {
+        let slot = self.port_slot(f.direction, &f.tuple);
+        let reasons = FailureReason::ALL.len();
+        let combo = (f.direction as usize * 2 + f.family as usize) * reasons + f.reason as usize;
+        let ports = &self.ports;
+        let vec = &self.failures_vec;
+        self.failures
+            .get(combo * ports.slots() + slot, || {
+                let port = ports.label(slot);
+                let values = [f.direction.label(), f.family.label(), f.reason.label(), &port];
+                vec.with_label_values(&values[..3 + usize::from(ports.enabled())])
             })
             .inc();
     }
 
-    fn handshake(&mut self, direction: Direction, family: Family, duration_ns: u64) {
-        self.handshake[direction as usize][family as usize]
-            .get_or_insert_with(|| {
-                self.handshake_vec
-                    .with_label_values(&[direction.label(), family.label()])
-            })
-            .observe(duration_ns as f64 * 1e-9);
+    fn syn_retransmit(&mut self, family: Family) {
+        self.syn_retransmits[family as usize].inc();
     }
 
-    fn handshake_failed(&mut self, direction: Direction, family: Family) {
-        self.failures[direction as usize][family as usize].inc();
+    fn synack_retransmit(&mut self, family: Family) {
+        self.synack_retransmits[family as usize].inc();
     }
 
     fn time_wait_entered(&mut self, family: Family) {
@@ -255,116 +327,4 @@ impl Sink for Metrics {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn sample(text: &str, series: &str) -> Option<f64> {
-        text.lines()
-            .find_map(|l| {
-                l.strip_prefix(series)
-                    .and_then(|rest| rest.strip_prefix(' '))
-            })
-            .map(|v| v.parse().unwrap())
-    }
-
-    #[test]
-    fn sink_calls_land_in_the_exposition() {
-        let mut m = Metrics::new(false).unwrap();
-        m.transition(TcpState::SynSent as u8, TcpState::Established as u8);
-        m.transition(TcpState::SynSent as u8, TcpState::Established as u8);
-        m.transition(0, 42);
-        m.handshake(Direction::Active, Family::Ipv4, 30_000);
-        m.handshake(Direction::Active, Family::Ipv4, 1_000_300_000);
-        m.handshake_failed(Direction::Passive, Family::Ipv6);
-        m.time_wait_entered(Family::Ipv6);
-        m.evicted(3);
-        m.set_events_lost(5);
-        m.set_events_lost(5);
-        m.set_events_lost(7);
-        m.events_read(9);
-        let text = render(m.registry());
-        let t = |s: &str| sample(&text, s);
-        assert_eq!(
-            t(r#"tcptrace_state_transitions_total{new_state="established",old_state="syn_sent"}"#),
-            Some(2.0)
-        );
-        assert_eq!(
-            t(r#"tcptrace_state_transitions_total{new_state="unknown",old_state="unknown"}"#),
-            Some(1.0)
-        );
-        let h =
-            r#"tcptrace_handshake_duration_seconds_bucket{direction="active",family="ipv4",le="#;
-        assert_eq!(
-            t(&format!(r#"{h}"0.00005"}}"#)),
-            Some(1.0),
-            "30 us lands at or below 50 us"
-        );
-        assert_eq!(t(&format!(r#"{h}"0.000025"}}"#)), Some(0.0));
-        assert_eq!(
-            t(&format!(r#"{h}"1"}}"#)),
-            Some(1.0),
-            "one SYN retransmission is above 1 s"
-        );
-        assert_eq!(t(&format!(r#"{h}"2"}}"#)), Some(2.0));
-        assert_eq!(
-            t(r#"tcptrace_handshake_duration_seconds_count{direction="active",family="ipv4"}"#),
-            Some(2.0)
-        );
-        assert!(!text.contains(r#"tcptrace_handshake_duration_seconds_count{direction="passive""#));
-        assert_eq!(
-            t(r#"tcptrace_handshake_failures_total{direction="passive",family="ipv6"}"#),
-            Some(1.0)
-        );
-        assert_eq!(
-            t(r#"tcptrace_handshake_failures_total{direction="active",family="ipv4"}"#),
-            Some(0.0)
-        );
-        assert_eq!(
-            t(r#"tcptrace_time_wait_entries_total{family="ipv6"}"#),
-            Some(1.0)
-        );
-        assert_eq!(t("tcptrace_tracked_sockets_evicted_total"), Some(3.0));
-        assert_eq!(t("tcptrace_events_lost_total"), Some(7.0));
-        assert_eq!(t("tcptrace_events_total"), Some(9.0));
-        assert_eq!(
-            t(&format!(
-                r#"tcptrace_build_info{{version="{}"}}"#,
-                env!("CARGO_PKG_VERSION")
-            )),
-            Some(1.0)
-        );
-    }
-
-    #[test]
-    fn retransmission_counts_fall_in_distinct_buckets() {
-        let bucket = |secs: f64| HANDSHAKE_BUCKETS.iter().position(|&b| secs <= b).unwrap();
-        let rtts = [0.000_05, 0.2];
-        for rtt in rtts {
-            let b: Vec<_> = [0.0, 1.0, 3.0, 7.0]
-                .iter()
-                .map(|base| bucket(base + rtt))
-                .collect();
-            assert!(
-                b.windows(2).all(|w| w[0] < w[1]),
-                "rtt {rtt}: buckets {b:?}"
-            );
-        }
-        assert!(
-            bucket(0.000_03) < bucket(0.000_08),
-            "loopback handshakes are resolved"
-        );
-    }
-
-    #[test]
-    fn gauges_follow_the_tracker() {
-        let m = Metrics::new(false).unwrap();
-        let t = Tracker::new(Default::default());
-        m.update_gauges(&t);
-        let text = render(m.registry());
-        assert_eq!(
-            sample(&text, r#"tcptrace_time_wait_sockets{family="ipv4"}"#),
-            Some(0.0)
-        );
-        assert_eq!(sample(&text, "tcptrace_tracked_sockets"), Some(0.0));
-    }
-}
+mod tests;

@@ -5,21 +5,24 @@
 use log::warn;
 use tcptrace_common::Event;
 
-use crate::{events, metrics::Metrics, tracker::Tracker};
+use crate::{events, metrics::Metrics, report::StdoutSlowLog, tracker::Tracker};
 
 pub struct Pipeline {
     tracker: Tracker,
     metrics: Metrics,
+    slow_log: Option<StdoutSlowLog>,
     warned_malformed: bool,
 }
 
 impl Pipeline {
     pub fn new(tracker: Tracker, metrics: Metrics) -> Self {
-        Self {
-            tracker,
-            metrics,
-            warned_malformed: false,
-        }
+        Self { tracker, metrics, slow_log: None, warned_malformed: false }
+    }
+
+    /// Also write slow and failed handshakes as records.
+    pub fn with_slow_log(mut self, log: StdoutSlowLog) -> Self {
+        self.slow_log = Some(log);
+        self
     }
 
     /// Handles one raw ring buffer record.
@@ -39,14 +42,14 @@ impl Pipeline {
     /// Handles one decoded event.
     pub fn event(&mut self, ev: &Event) {
         self.metrics.events_read(1);
-        self.tracker.handle(ev, &mut self.metrics);
+        self.tracker.handle(ev, &mut (&mut self.metrics, &mut self.slow_log));
     }
 
     /// Brings time-dependent state and gauges up to `now_ns` (CLOCK_MONOTONIC) and
     /// the lost counter up to the kernel's total, before a scrape.
     pub fn refresh(&mut self, now_ns: u64, kernel_lost_total: Option<u64>) {
         self.tracker.advance(now_ns, &mut self.metrics);
-        self.metrics.update_gauges(&self.tracker);
+        self.metrics.refresh(&self.tracker);
         if let Some(total) = kernel_lost_total {
             self.metrics.set_events_lost(total);
         }
@@ -69,10 +72,7 @@ impl Pipeline {
 /// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns`, so event times
 /// and "now" compare directly.
 pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: clock_gettime writes the timespec we own; CLOCK_MONOTONIC always exists.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
@@ -87,10 +87,7 @@ mod tests {
 
     #[test]
     fn records_flow_to_the_exposition() {
-        let mut p = Pipeline::new(
-            Tracker::new(Limits::default()),
-            Metrics::new(false).unwrap(),
-        );
+        let mut p = Pipeline::new(Tracker::new(Limits::default()), Metrics::new(Default::default()).unwrap());
         let mut ev = Event::zeroed();
         ev.kind = EventKind::StateChange as u8;
         ev.family = AF_INET;

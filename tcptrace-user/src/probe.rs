@@ -12,9 +12,12 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use log::{debug, info, warn};
-use tcptrace_common::{EVENTS_MAP, LOST_MAP};
+use tcptrace_common::{EVENTS_MAP, LOST_MAP, SK_ERR_OFFSET_GLOBAL, SRTT_US_OFFSET_GLOBAL};
 
-use crate::error::{Error, Result};
+use crate::{
+    btf::Btf,
+    error::{Error, Result},
+};
 
 /// The eBPF object built by `build.rs`, embedded so the binary is self-contained.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tcptrace"));
@@ -22,29 +25,61 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tc
 const TRACEFS: &str = "/sys/kernel/tracing";
 const DEBUGFS_TRACING: &str = "/sys/kernel/debug/tracing";
 
-/// A tracepoint tcptrace attaches to: program name, category, name, required?
+/// A tracepoint tcptrace attaches to; without a `required` one it refuses to start.
 struct Attachment {
-    program: &'static str,
     category: &'static str,
     name: &'static str,
     required: bool,
 }
 
-const ATTACHMENTS: [Attachment; 2] = [
-    Attachment {
-        program: "inet_sock_set_state",
-        category: "sock",
-        name: "inet_sock_set_state",
-        required: true,
-    },
-    // Lets the tracker tell a reset FIN_WAIT2->CLOSE (no TIME_WAIT) from a normal one.
-    Attachment {
-        program: "tcp_receive_reset",
-        category: "tcp",
-        name: "tcp_receive_reset",
-        required: false,
-    },
+/// Each eBPF program is named after the tracepoint it attaches to.
+const fn tp(name: &'static str, category: &'static str, required: bool) -> Attachment {
+    Attachment { category, name, required }
+}
+
+const ATTACHMENTS: [Attachment; 4] = [
+    tp("inet_sock_set_state", "sock", true),
+    // Tells refused connects and reset FIN_WAIT2->CLOSE (no TIME_WAIT) apart.
+    tp("tcp_receive_reset", "tcp", false),
+    tp("tcp_retransmit_skb", "tcp", false),
+    tp("tcp_retransmit_synack", "tcp", false),
 ];
+
+const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
+
+/// Where the kernel keeps the socket fields the programs read, from its BTF.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SocketOffsets {
+    /// `tcp_sock.srtt_us`: passive handshake durations need it.
+    pub srtt_us: Option<u32>,
+    /// `sock.sk_err`: why a handshake failed (timeout, unreachable...).
+    pub sk_err: Option<u32>,
+}
+
+impl SocketOffsets {
+    /// Reads them from the running kernel's BTF; what is missing is logged once and
+    /// left out (the daemon carries on without what depends on it).
+    pub fn from_kernel() -> Self {
+        let btf = match Btf::from_file(Path::new(VMLINUX_BTF)) {
+            Ok(btf) => btf,
+            Err(err) => {
+                warn!("no kernel BTF ({err}): no passive handshake durations, failure reasons from resets only");
+                return Self::default();
+            }
+        };
+        let lookup = |name: &str, member: &str, without: &str| match btf.member_offset(name, member) {
+            Ok(off) => Some(off),
+            Err(err) => {
+                warn!("{err}: {without}");
+                None
+            }
+        };
+        Self {
+            srtt_us: lookup("tcp_sock", "srtt_us", "no passive handshake durations"),
+            sk_err: lookup("sock", "sk_err", "failure reasons come from resets only"),
+        }
+    }
+}
 
 /// The loaded programs. Dropping it detaches them, so the daemon keeps it alive.
 pub struct Probe {
@@ -77,7 +112,7 @@ impl LostCounter {
 impl Probe {
     /// Checks privileges, mounts tracefs if needed, loads the object with a ring
     /// buffer of `ring_bytes` and attaches every tracepoint.
-    pub fn load(ring_bytes: u32) -> Result<Self> {
+    pub fn load(ring_bytes: u32, offsets: SocketOffsets) -> Result<Self> {
         if OBJECT.is_empty() {
             return Err(Error::EmptyObject);
         }
@@ -92,28 +127,31 @@ impl Probe {
             }
         }
 
-        let mut ebpf =
-            EbpfLoader::new()
-                .map_max_entries(EVENTS_MAP, ring_bytes)
-                .load(OBJECT)
-                .map_err(|err| match &err {
-                    aya::EbpfError::MapError(aya::maps::MapError::CreateError {
-                        io_error, ..
-                    }) if io_error.kind() == io::ErrorKind::PermissionDenied => Error::NotPermitted,
-                    _ => Error::Load(err),
-                })?;
+        let (srtt, sk_err) = (offsets.srtt_us.unwrap_or(0), offsets.sk_err.unwrap_or(0));
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries(EVENTS_MAP, ring_bytes)
+            .override_global(SRTT_US_OFFSET_GLOBAL, &srtt, true)
+            .override_global(SK_ERR_OFFSET_GLOBAL, &sk_err, true)
+            .load(OBJECT)
+            .map_err(|err| match &err {
+                aya::EbpfError::MapError(aya::maps::MapError::CreateError { io_error, .. })
+                    if io_error.kind() == io::ErrorKind::PermissionDenied =>
+                {
+                    Error::NotPermitted
+                }
+                _ => Error::Load(err),
+            })?;
 
         // Taken before the programs load: their instructions refer to its map.
-        let logger = aya_log::EbpfLogger::init(&mut ebpf)
-            .inspect_err(|err| debug!("eBPF logging unavailable: {err}"))
-            .ok();
+        let logger =
+            aya_log::EbpfLogger::init(&mut ebpf).inspect_err(|err| debug!("eBPF logging unavailable: {err}")).ok();
 
         let mut attached = Vec::new();
         for a in &ATTACHMENTS {
             let full = format!("{}:{}", a.category, a.name);
             let program: &mut TracePoint = ebpf
-                .program_mut(a.program)
-                .ok_or_else(|| Error::Object(format!("program {}", a.program)))?
+                .program_mut(a.name)
+                .ok_or_else(|| Error::Object(format!("program {}", a.name)))?
                 .try_into()
                 .map_err(|e| Error::Attach(a.name, e))?;
             program.load().map_err(|e| Error::Attach(a.name, e))?;
@@ -124,31 +162,19 @@ impl Probe {
             }
         }
         info!("attached to {}", attached.join(", "));
-        Ok(Self {
-            ebpf,
-            logger,
-            attached,
-        })
+        Ok(Self { ebpf, logger, attached })
     }
 
     /// The ring buffer the programs write events to (can be taken once).
     pub fn take_events(&mut self) -> Result<RingBuf<MapData>> {
-        let map = self
-            .ebpf
-            .take_map(EVENTS_MAP)
-            .ok_or_else(|| Error::Object(format!("map {EVENTS_MAP}")))?;
+        let map = self.ebpf.take_map(EVENTS_MAP).ok_or_else(|| Error::Object(format!("map {EVENTS_MAP}")))?;
         RingBuf::try_from(map).map_err(|e| Error::Object(format!("ring buffer {EVENTS_MAP}: {e}")))
     }
 
     /// The lost-events counter (can be taken once).
     pub fn take_lost(&mut self) -> Result<LostCounter> {
-        let map = self
-            .ebpf
-            .take_map(LOST_MAP)
-            .ok_or_else(|| Error::Object(format!("map {LOST_MAP}")))?;
-        PerCpuArray::try_from(map)
-            .map(LostCounter)
-            .map_err(|e| Error::Object(format!("per-CPU array {LOST_MAP}: {e}")))
+        let map = self.ebpf.take_map(LOST_MAP).ok_or_else(|| Error::Object(format!("map {LOST_MAP}")))?;
+        PerCpuArray::try_from(map).map(LostCounter).map_err(|e| Error::Object(format!("per-CPU array {LOST_MAP}: {e}")))
     }
 }
 
@@ -183,10 +209,7 @@ fn ensure_tracefs() -> Result<PathBuf> {
         }
     }
     let path = PathBuf::from(TRACEFS);
-    mount_tracefs(&path).map_err(|source| Error::Tracefs {
-        path: path.clone(),
-        source,
-    })?;
+    mount_tracefs(&path).map_err(|source| Error::Tracefs { path: path.clone(), source })?;
     info!("mounted tracefs at {TRACEFS}");
     Ok(path)
 }
@@ -194,39 +217,23 @@ fn ensure_tracefs() -> Result<PathBuf> {
 fn mount_tracefs(path: &Path) -> io::Result<()> {
     let target = CString::new(path.as_os_str().as_encoded_bytes()).map_err(io::Error::other)?;
     // SAFETY: every pointer is a valid NUL-terminated string that outlives the call.
-    let rc = unsafe {
-        libc::mount(
-            c"nodev".as_ptr(),
-            target.as_ptr(),
-            c"tracefs".as_ptr(),
-            0,
-            std::ptr::null(),
-        )
-    };
+    let rc = unsafe { libc::mount(c"nodev".as_ptr(), target.as_ptr(), c"tracefs".as_ptr(), 0, std::ptr::null()) };
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
     if path.join("events").is_dir() {
         Ok(())
     } else {
-        Err(io::Error::other(
-            "mounted, but it shows no events directory",
-        ))
+        Err(io::Error::other("mounted, but it shows no events directory"))
     }
 }
 
 /// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; newer ones use the cgroup.
 /// Raising it needs CAP_SYS_RESOURCE, so failure is only worth a debug line.
 fn raise_memlock_rlimit() {
-    let unlimited = libc::rlimit {
-        rlim_cur: libc::RLIM_INFINITY,
-        rlim_max: libc::RLIM_INFINITY,
-    };
+    let unlimited = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
     // SAFETY: setrlimit reads the struct we pass and nothing else.
     if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
-        debug!(
-            "raising RLIMIT_MEMLOCK failed ({}); fine on Linux 5.11+",
-            io::Error::last_os_error()
-        );
+        debug!("raising RLIMIT_MEMLOCK failed ({}); fine on Linux 5.11+", io::Error::last_os_error());
     }
 }

@@ -35,22 +35,11 @@ pub fn time_wait_sockets(now_ns: u64) -> io::Result<Vec<(Tuple, u64)>> {
 }
 
 /// Parses the TIME_WAIT lines of one /proc/net/tcp{,6} table; other lines are skipped.
-fn parse(
-    text: &str,
-    family: u16,
-    now_ns: u64,
-    ns_per_tick: u64,
-) -> impl Iterator<Item = (Tuple, u64)> + '_ {
+fn parse(text: &str, family: u16, now_ns: u64, ns_per_tick: u64) -> impl Iterator<Item = (Tuple, u64)> + '_ {
     text.lines().skip(1).filter_map(move |line| {
         let mut f = line.split_whitespace();
-        let (_sl, local, remote, state, _queues, timer) = (
-            f.next()?,
-            f.next()?,
-            f.next()?,
-            f.next()?,
-            f.next()?,
-            f.next()?,
-        );
+        let (_sl, local, remote, state, _queues, timer) =
+            (f.next()?, f.next()?, f.next()?, f.next()?, f.next()?, f.next()?);
         if state != TCP_TIME_WAIT_HEX {
             return None;
         }
@@ -58,13 +47,7 @@ fn parse(
         let (daddr, dport) = endpoint(remote)?;
         let (_kind, when) = timer.split_once(':')?;
         let left = u64::from_str_radix(when, 16).ok()?;
-        let tuple = Tuple {
-            family,
-            sport,
-            dport,
-            saddr,
-            daddr,
-        };
+        let tuple = Tuple { family, sport, dport, saddr, daddr };
         Some((tuple, now_ns + left * ns_per_tick))
     })
 }
@@ -121,9 +104,6 @@ mod tests {
 
     #[test]
     fn garbage_is_skipped() {
-        assert_eq!(
-            parse("header\n0: zz:1 0:0 06 0 03:1\n1: short\n", AF_INET, 0, 1).count(),
-            0
-        );
+        assert_eq!(parse("header\n0: zz:1 0:0 06 0 03:1\n1: short\n", AF_INET, 0, 1).count(), 0);
     }
 }

@@ -46,8 +46,7 @@ pub async fn serve(listener: TcpListener, render: Render, mut shutdown: watch::R
             let render = render.clone();
             async move { Ok::<_, Infallible>(respond(&req, &render)) }
         });
-        let conn =
-            graceful.watch(http1::Builder::new().serve_connection(TokioIo::new(stream), service));
+        let conn = graceful.watch(http1::Builder::new().serve_connection(TokioIo::new(stream), service));
         tokio::spawn(async move {
             if let Err(err) = conn.await {
                 debug!("scrape connection: {err}");
@@ -55,10 +54,7 @@ pub async fn serve(listener: TcpListener, render: Render, mut shutdown: watch::R
         });
     }
     drop(listener);
-    if tokio::time::timeout(DRAIN, graceful.shutdown())
-        .await
-        .is_err()
-    {
+    if tokio::time::timeout(DRAIN, graceful.shutdown()).await.is_err() {
         debug!("scrape connections still open after {DRAIN:?}; dropping them");
     }
 }
@@ -66,44 +62,24 @@ pub async fn serve(listener: TcpListener, render: Render, mut shutdown: watch::R
 fn respond(req: &Request<Incoming>, render: &Render) -> Response<Full<Bytes>> {
     let head = req.method() == Method::HEAD;
     if req.method() != Method::GET && !head {
-        return text(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "only GET and HEAD\n".into(),
-            "text/plain",
-        )
-        .map(|mut r| {
-            r.headers_mut()
-                .insert(ALLOW, "GET, HEAD".parse().expect("static header"));
-            r
-        })
-        .unwrap_or_else(|_| Response::new(Full::default()));
+        return text(StatusCode::METHOD_NOT_ALLOWED, "only GET and HEAD\n".into(), "text/plain")
+            .map(|mut r| {
+                r.headers_mut().insert(ALLOW, "GET, HEAD".parse().expect("static header"));
+                r
+            })
+            .unwrap_or_else(|_| Response::new(Full::default()));
     }
     let (status, body, kind) = match req.uri().path() {
         "/metrics" => (StatusCode::OK, render(), EXPOSITION),
-        "/" => (
-            StatusCode::OK,
-            "tcptrace: metrics are at /metrics\n".into(),
-            "text/plain",
-        ),
-        _ => (
-            StatusCode::NOT_FOUND,
-            "not found; metrics are at /metrics\n".into(),
-            "text/plain",
-        ),
+        "/" => (StatusCode::OK, "tcptrace: metrics are at /metrics\n".into(), "text/plain"),
+        _ => (StatusCode::NOT_FOUND, "not found; metrics are at /metrics\n".into(), "text/plain"),
     };
     let body = if head { String::new() } else { body };
     text(status, body, kind).unwrap_or_else(|_| Response::new(Full::default()))
 }
 
-fn text(
-    status: StatusCode,
-    body: String,
-    kind: &'static str,
-) -> hyper::http::Result<Response<Full<Bytes>>> {
-    Response::builder()
-        .status(status)
-        .header(CONTENT_TYPE, kind)
-        .body(Full::new(Bytes::from(body)))
+fn text(status: StatusCode, body: String, kind: &'static str) -> hyper::http::Result<Response<Full<Bytes>>> {
+    Response::builder().status(status).header(CONTENT_TYPE, kind).body(Full::new(Bytes::from(body)))
 }
 
 #[cfg(test)]
@@ -145,18 +121,10 @@ mod tests {
         assert!(replies[0].ends_with("tcptrace_events_total 7\n"));
         assert!(replies[1].starts_with("HTTP/1.1 404"));
         assert!(replies[2].starts_with("HTTP/1.1 405") && replies[2].contains("allow: GET, HEAD"));
-        assert!(
-            replies[3].starts_with("HTTP/1.1 200") && !replies[3].contains("tcptrace_events_total")
-        );
+        assert!(replies[3].starts_with("HTTP/1.1 200") && !replies[3].contains("tcptrace_events_total"));
 
         tx.send(true).unwrap();
-        tokio::time::timeout(Duration::from_secs(3), server)
-            .await
-            .unwrap()
-            .unwrap();
-        assert!(
-            std::net::TcpStream::connect(addr).is_err(),
-            "the listener is closed"
-        );
+        tokio::time::timeout(Duration::from_secs(3), server).await.unwrap().unwrap();
+        assert!(std::net::TcpStream::connect(addr).is_err(), "the listener is closed");
     }
 }

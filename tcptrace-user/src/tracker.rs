@@ -6,11 +6,11 @@
 //! [`Sink`]; its gauges are read with [`Tracker::time_wait_sockets`] and
 //! [`Tracker::tracked_sockets`].
 
-use std::collections::{HashMap, VecDeque};
+pub(crate) mod expiring;
 
-use foldhash::fast::RandomState;
-use tcptrace_common::{Event, EventKind, TcpState};
+use tcptrace_common::{Event, EventKind, TcpState, SK_ERR_UNKNOWN};
 
+use self::expiring::ExpiringMap;
 use crate::events::Family;
 
 /// How long a time-wait socket lives: the kernel's TCP_TIMEWAIT_LEN (60 s), plus 1 s
@@ -21,6 +21,17 @@ pub const TIME_WAIT_NS: u64 = 61 * NS_PER_SEC;
 const NS_PER_SEC: u64 = 1_000_000_000;
 /// How long a reset waits for the socket's CLOSE transition that follows it at once.
 const RESET_MEMORY_NS: u64 = NS_PER_SEC;
+/// The first SYN-ACK's retransmission timeout (TCP_TIMEOUT_INIT): a passive handshake
+/// whose SYN-ACK was retransmitted started this long before the first retransmission.
+const SYNACK_INITIAL_RTO_NS: u64 = NS_PER_SEC;
+
+const ECONNRESET: i32 = 104;
+const ECONNREFUSED: i32 = 111;
+const ETIMEDOUT: i32 = 110;
+const ENETDOWN: i32 = 100;
+const ENETUNREACH: i32 = 101;
+const EHOSTDOWN: i32 = 112;
+const EHOSTUNREACH: i32 = 113;
 
 /// Which side opened the connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -32,6 +43,8 @@ pub enum Direction {
 }
 
 impl Direction {
+    pub const ALL: [Self; 2] = [Self::Active, Self::Passive];
+
     pub const fn label(self) -> &'static str {
         match self {
             Self::Active => "active",
@@ -40,24 +53,218 @@ impl Direction {
     }
 }
 
-/// Where the tracker's conclusions go (the metrics in the daemon, a list in tests).
+/// Why a handshake ended in CLOSE instead of ESTABLISHED.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum FailureReason {
+    /// A reset answered the SYN (nothing listens there).
+    Refused = 0,
+    /// The SYN retries ran out.
+    Timeout = 1,
+    /// The application closed the socket (or it was destroyed) before completion.
+    Aborted = 2,
+    /// A reset killed a passive SYN_RECV child.
+    Reset = 3,
+    /// An ICMP error: host or network unreachable or down.
+    Unreachable = 4,
+    /// The kernel's error was not available (no BTF) or not one of the above.
+    Unknown = 5,
+}
+
+impl FailureReason {
+    pub const ALL: [Self; 6] =
+        [Self::Refused, Self::Timeout, Self::Aborted, Self::Reset, Self::Unreachable, Self::Unknown];
+
+    pub const fn label(self) -> &'static str {
+        match self {
+            Self::Refused => "refused",
+            Self::Timeout => "timeout",
+            Self::Aborted => "aborted",
+            Self::Reset => "reset",
+            Self::Unreachable => "unreachable",
+            Self::Unknown => "unknown",
+        }
+    }
+
+    /// Classifies a failed handshake from the reset tracepoint and `sk_err`.
+    fn classify(direction: Direction, reset_received: bool, sk_err: i32) -> Self {
+        let reset = match direction {
+            Direction::Active => Self::Refused,
+            Direction::Passive => Self::Reset,
+        };
+        match sk_err {
+            _ if reset_received => reset,
+            ECONNREFUSED | ECONNRESET => reset,
+            ETIMEDOUT => Self::Timeout,
+            0 => Self::Aborted,
+            ENETDOWN | ENETUNREACH | EHOSTDOWN | EHOSTUNREACH => Self::Unreachable,
+            SK_ERR_UNKNOWN => Self::Unknown,
+            _ => Self::Unknown,
+        }
+    }
+}
+
+/// The task that called connect(), as seen in CLOSE->SYN_SENT.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Origin {
+    pub pid: u32,
+    pub tgid: u32,
+    pub cgroup_id: u64,
+    pub comm: [u8; 16],
+}
+
+impl Origin {
+    fn of(ev: &Event) -> Self {
+        Self { pid: ev.pid, tgid: ev.tgid, cgroup_id: ev.cgroup_id, comm: ev.comm }
+    }
+
+    /// `comm` up to its first NUL, lossy.
+    pub fn comm(&self) -> String {
+        let len = self.comm.iter().position(|&b| b == 0).unwrap_or(self.comm.len());
+        String::from_utf8_lossy(&self.comm[..len]).into_owned()
+    }
+}
+
+/// A completed handshake whose start was seen.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Handshake {
+    pub direction: Direction,
+    pub family: Family,
+    pub duration_ns: u64,
+    /// SYN (active) or SYN-ACK (passive) retransmissions it needed.
+    pub retransmits: u32,
+    /// 4-tuple as the local socket sees it.
+    pub tuple: Tuple,
+    /// The connect() caller (active opens only).
+    pub origin: Option<Origin>,
+    /// When it completed (CLOSE_MONOTONIC ns).
+    pub ts_ns: u64,
+}
+
+/// A handshake that ended in CLOSE.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Failure {
+    pub direction: Direction,
+    pub family: Family,
+    pub reason: FailureReason,
+    pub retransmits: u32,
+    pub tuple: Tuple,
+    pub origin: Option<Origin>,
+    /// Time since connect(), when its start was seen.
+    pub elapsed_ns: Option<u64>,
+    pub ts_ns: u64,
+}
+
+/// Where the tracker's conclusions go (the metrics, the slow log, `watch`).
 pub trait Sink {
     /// Every state change, whether or not the tracker saw the socket's start.
-    fn transition(&mut self, old: u8, new: u8);
-    /// A completed handshake whose start was seen.
-    fn handshake(&mut self, direction: Direction, family: Family, duration_ns: u64);
-    /// A handshake that ended in CLOSE instead of ESTABLISHED.
-    fn handshake_failed(&mut self, direction: Direction, family: Family);
-    /// A socket entered TIME_WAIT.
-    fn time_wait_entered(&mut self, family: Family);
+    fn transition(&mut self, _old: u8, _new: u8) {}
+    fn handshake(&mut self, _h: &Handshake) {}
+    fn handshake_failed(&mut self, _f: &Failure) {}
+    fn syn_retransmit(&mut self, _family: Family) {}
+    fn synack_retransmit(&mut self, _family: Family) {}
+    fn time_wait_entered(&mut self, _family: Family) {}
     /// Entries dropped before their natural end (cap reached, or outcome never seen).
-    fn evicted(&mut self, count: u64);
+    fn evicted(&mut self, _count: u64) {}
+}
+
+impl<A: Sink, B: Sink> Sink for (A, B) {
+    fn transition(&mut self, old: u8, new: u8) {
+        self.0.transition(old, new);
+        self.1.transition(old, new);
+    }
+    fn handshake(&mut self, h: &Handshake) {
+        self.0.handshake(h);
+        self.1.handshake(h);
+    }
+    fn handshake_failed(&mut self, f: &Failure) {
+        self.0.handshake_failed(f);
+        self.1.handshake_failed(f);
+    }
+    fn syn_retransmit(&mut self, family: Family) {
+        self.0.syn_retransmit(family);
+        self.1.syn_retransmit(family);
+    }
+    fn synack_retransmit(&mut self, family: Family) {
+        self.0.synack_retransmit(family);
+        self.1.synack_retransmit(family);
+    }
+    fn time_wait_entered(&mut self, family: Family) {
+        self.0.time_wait_entered(family);
+        self.1.time_wait_entered(family);
+    }
+    fn evicted(&mut self, count: u64) {
+        self.0.evicted(count);
+        self.1.evicted(count);
+    }
+}
+
+impl<S: Sink + ?Sized> Sink for &mut S {
+    fn transition(&mut self, old: u8, new: u8) {
+        (**self).transition(old, new);
+    }
+    fn handshake(&mut self, h: &Handshake) {
+        (**self).handshake(h);
+    }
+    fn handshake_failed(&mut self, f: &Failure) {
+        (**self).handshake_failed(f);
+    }
+    fn syn_retransmit(&mut self, family: Family) {
+        (**self).syn_retransmit(family);
+    }
+    fn synack_retransmit(&mut self, family: Family) {
+        (**self).synack_retransmit(family);
+    }
+    fn time_wait_entered(&mut self, family: Family) {
+        (**self).time_wait_entered(family);
+    }
+    fn evicted(&mut self, count: u64) {
+        (**self).evicted(count);
+    }
+}
+
+impl<S: Sink> Sink for Option<S> {
+    fn transition(&mut self, old: u8, new: u8) {
+        if let Some(s) = self {
+            s.transition(old, new);
+        }
+    }
+    fn handshake(&mut self, h: &Handshake) {
+        if let Some(s) = self {
+            s.handshake(h);
+        }
+    }
+    fn handshake_failed(&mut self, f: &Failure) {
+        if let Some(s) = self {
+            s.handshake_failed(f);
+        }
+    }
+    fn syn_retransmit(&mut self, family: Family) {
+        if let Some(s) = self {
+            s.syn_retransmit(family);
+        }
+    }
+    fn synack_retransmit(&mut self, family: Family) {
+        if let Some(s) = self {
+            s.synack_retransmit(family);
+        }
+    }
+    fn time_wait_entered(&mut self, family: Family) {
+        if let Some(s) = self {
+            s.time_wait_entered(family);
+        }
+    }
+    fn evicted(&mut self, count: u64) {
+        if let Some(s) = self {
+            s.evicted(count);
+        }
+    }
 }
 
 /// Limits that keep the tracker's memory bounded whatever the traffic.
 #[derive(Clone, Debug)]
 pub struct Limits {
-    /// Most sockets with a handshake in progress.
+    /// Most sockets with a handshake in progress (and, separately, most listeners'
+    /// pending SYN-ACK retransmission records).
     pub max_pending: usize,
     /// Most time-wait sockets modelled.
     pub max_time_wait: usize,
@@ -67,21 +274,15 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Self {
-            max_pending: 65_536,
-            max_time_wait: 262_144,
-            handshake_timeout_ns: syn_sent_lifetime_ns(6),
-        }
+        Self { max_pending: 65_536, max_time_wait: 262_144, handshake_timeout_ns: syn_sent_lifetime_ns(6) }
     }
 }
 
 /// How long the kernel keeps retrying a SYN with `syn_retries` retries: an initial
 /// 1 s timeout doubled after every retry, capped at TCP_RTO_MAX (120 s), plus 1 s of
-/// slack for delivery.
+/// slack for delivery. The same schedule applies to SYN-ACKs and `tcp_synack_retries`.
 pub fn syn_sent_lifetime_ns(syn_retries: u32) -> u64 {
-    let secs: u64 = (0..=syn_retries.min(127))
-        .map(|i| (1u64 << i.min(7)).min(120))
-        .sum();
+    let secs: u64 = (0..=syn_retries.min(127)).map(|i| (1u64 << i.min(7)).min(120)).sum();
     (secs + 1) * NS_PER_SEC
 }
 
@@ -97,59 +298,67 @@ pub struct Tuple {
 
 impl Tuple {
     pub fn of(ev: &Event) -> Self {
-        Self {
-            family: ev.family,
-            sport: ev.sport,
-            dport: ev.dport,
-            saddr: ev.saddr,
-            daddr: ev.daddr,
-        }
+        Self { family: ev.family, sport: ev.sport, dport: ev.dport, saddr: ev.saddr, daddr: ev.daddr }
     }
 
     fn is_complete(&self) -> bool {
         self.sport != 0 && self.dport != 0
     }
+
+    pub fn local(&self) -> std::net::SocketAddr {
+        std::net::SocketAddr::new(ip(self.family, &self.saddr), self.sport)
+    }
+
+    pub fn remote(&self) -> std::net::SocketAddr {
+        std::net::SocketAddr::new(ip(self.family, &self.daddr), self.dport)
+    }
+}
+
+fn ip(family: u16, raw: &[u8; 16]) -> std::net::IpAddr {
+    let mut ev = Event::zeroed();
+    ev.family = family;
+    ev.saddr = *raw;
+    ev.local_ip()
 }
 
 #[derive(Clone, Copy, Debug)]
 struct Pending {
     since_ns: u64,
     family: Family,
+    retransmits: u32,
+    origin: Origin,
 }
 
 #[derive(Clone, Copy, Debug)]
-struct TimeWait {
-    expires_ns: u64,
-    family: Family,
+struct SynAck {
+    first_ns: u64,
+    retransmits: u32,
 }
 
 /// Per-socket state, bounded by [`Limits`].
 pub struct Tracker {
     limits: Limits,
-    /// Active opens in SYN_SENT, by socket address, with the time they entered it.
-    pending: HashMap<u64, Pending, RandomState>,
-    /// `pending` keys in insertion order, for expiry and eviction of the oldest.
-    /// Stale records (already removed or re-inserted) are skipped when popped.
-    pending_order: VecDeque<(u64, u64)>,
+    /// Active opens in SYN_SENT, by socket address.
+    pending: ExpiringMap<u64, Pending>,
+    /// SYN-ACK retransmissions by the 4-tuple of the connection they belong to: the
+    /// request socket is not the child that later becomes ESTABLISHED.
+    synack: ExpiringMap<Tuple, SynAck>,
     /// Modelled time-wait sockets by 4-tuple (the socket that made them is gone).
-    time_wait: HashMap<Tuple, TimeWait, RandomState>,
-    /// `time_wait` keys by expiry time; stale records are skipped when popped.
-    time_wait_order: VecDeque<(u64, Tuple)>,
+    time_wait: ExpiringMap<Tuple, Family>,
     time_wait_count: [usize; 2],
-    /// Sockets that just received a reset: their next CLOSE is not a time-wait entry.
-    reset: HashMap<u64, u64, RandomState>,
+    /// Sockets that just received a reset, by address, with the time it arrived.
+    reset: ExpiringMap<u64, ()>,
 }
 
 impl Tracker {
     pub fn new(limits: Limits) -> Self {
         Self {
-            limits,
-            pending: HashMap::default(),
-            pending_order: VecDeque::new(),
-            time_wait: HashMap::default(),
-            time_wait_order: VecDeque::new(),
+            pending: ExpiringMap::new(limits.max_pending),
+            synack: ExpiringMap::new(limits.max_pending),
+            time_wait: ExpiringMap::new(limits.max_time_wait),
             time_wait_count: [0; 2],
-            reset: HashMap::default(),
+            reset: ExpiringMap::new(limits.max_pending),
+            limits,
         }
     }
 
@@ -179,14 +388,32 @@ impl Tracker {
         match ev.event_kind() {
             Some(EventKind::StateChange) => self.state_change(ev, sink),
             Some(EventKind::ResetReceived) => {
-                if self.reset.len() >= self.limits.max_pending {
-                    self.forget_resets(ev.ts_ns);
-                    if self.reset.len() >= self.limits.max_pending {
-                        sink.evicted(self.reset.len() as u64);
-                        self.reset.clear();
+                if let (_, Some(())) = self.reset.insert(ev.skaddr, (), ev.ts_ns + RESET_MEMORY_NS) {
+                    sink.evicted(1);
+                }
+            }
+            Some(EventKind::SynRetransmit) => {
+                if let Some(p) = self.pending.get_mut(&ev.skaddr) {
+                    p.retransmits += 1;
+                }
+                if let Some(family) = Family::from_raw(ev.family) {
+                    sink.syn_retransmit(family);
+                }
+            }
+            Some(EventKind::SynAckRetransmit) => {
+                let Some(family) = Family::from_raw(ev.family) else { return };
+                sink.synack_retransmit(family);
+                let tuple = Tuple::of(ev);
+                match self.synack.get_mut(&tuple) {
+                    Some(s) => s.retransmits += 1,
+                    None => {
+                        let entry = SynAck { first_ns: ev.ts_ns, retransmits: 1 };
+                        let deadline = ev.ts_ns + self.limits.handshake_timeout_ns;
+                        if let (_, Some(_)) = self.synack.insert(tuple, entry, deadline) {
+                            sink.evicted(1);
+                        }
                     }
                 }
-                self.reset.insert(ev.skaddr, ev.ts_ns);
             }
             None => {}
         }
@@ -194,199 +421,135 @@ impl Tracker {
 
     fn state_change(&mut self, ev: &Event, sink: &mut impl Sink) {
         sink.transition(ev.old_state, ev.new_state);
-        let (Some(old), Some(new)) = (
-            TcpState::from_raw(ev.old_state),
-            TcpState::from_raw(ev.new_state),
-        ) else {
+        let (Some(old), Some(new)) = (TcpState::from_raw(ev.old_state), TcpState::from_raw(ev.new_state)) else {
             return;
         };
         let family = Family::from_raw(ev.family);
 
         // A new connection on a 4-tuple in TIME_WAIT means the kernel reused (killed)
         // that time-wait socket. Only connection-opening transitions can do that.
-        if matches!(
-            old,
-            TcpState::SynSent | TcpState::Listen | TcpState::SynRecv
-        ) && !self.time_wait.is_empty()
-        {
+        if matches!(old, TcpState::SynSent | TcpState::Listen | TcpState::SynRecv) && !self.time_wait.is_empty() {
             let tuple = Tuple::of(ev);
             if tuple.is_complete() {
                 self.remove_time_wait(&tuple);
             }
         }
 
-        match (old, new) {
-            (TcpState::Close, TcpState::SynSent) => {
-                if let Some(family) = family {
-                    self.insert_pending(ev.skaddr, ev.ts_ns, family, sink);
+        let reset_received = new == TcpState::Close && self.reset.remove(&ev.skaddr).is_some();
+        match (old, new, family) {
+            (TcpState::Close, TcpState::SynSent, Some(family)) => {
+                let p = Pending { since_ns: ev.ts_ns, family, retransmits: 0, origin: Origin::of(ev) };
+                // The same address again means the earlier socket's end was never seen.
+                match self.pending.insert(ev.skaddr, p, ev.ts_ns + self.limits.handshake_timeout_ns) {
+                    (None, None) => {}
+                    _ => sink.evicted(1),
                 }
             }
-            (TcpState::SynSent, _) => {
+            (TcpState::SynSent, _, _) => {
                 let started = self.pending.remove(&ev.skaddr);
+                let origin = started.map(|p| p.origin);
+                let retransmits = started.map_or(0, |p| p.retransmits);
                 match (new, family) {
                     (TcpState::Established, _) => {
                         if let Some(p) = started {
-                            sink.handshake(
-                                Direction::Active,
-                                p.family,
-                                ev.ts_ns.saturating_sub(p.since_ns),
-                            );
+                            sink.handshake(&Handshake {
+                                direction: Direction::Active,
+                                family: p.family,
+                                duration_ns: ev.ts_ns.saturating_sub(p.since_ns),
+                                retransmits,
+                                tuple: Tuple::of(ev),
+                                origin,
+                                ts_ns: ev.ts_ns,
+                            });
                         }
                     }
-                    (TcpState::Close, Some(family)) => {
-                        sink.handshake_failed(Direction::Active, family)
-                    }
+                    (TcpState::Close, Some(family)) => sink.handshake_failed(&Failure {
+                        direction: Direction::Active,
+                        family,
+                        reason: FailureReason::classify(Direction::Active, reset_received, ev.sk_err),
+                        retransmits,
+                        tuple: Tuple::of(ev),
+                        origin,
+                        elapsed_ns: started.map(|p| ev.ts_ns.saturating_sub(p.since_ns)),
+                        ts_ns: ev.ts_ns,
+                    }),
                     _ => {}
                 }
             }
-            (TcpState::SynRecv, TcpState::Close) => {
-                if let Some(family) = family {
-                    sink.handshake_failed(Direction::Passive, family);
+            (TcpState::SynRecv, TcpState::Established, Some(family)) => {
+                let tuple = Tuple::of(ev);
+                let synack = if self.synack.is_empty() { None } else { self.synack.remove(&tuple) };
+                let duration_ns = match synack {
+                    Some(s) => Some(ev.ts_ns.saturating_sub(s.first_ns) + SYNACK_INITIAL_RTO_NS),
+                    // srtt_us is in 1/8 us: the SYN-ACK round trip of this child.
+                    None if ev.srtt_us > 0 => Some(u64::from(ev.srtt_us) * 125),
+                    None => None,
+                };
+                if let Some(duration_ns) = duration_ns {
+                    sink.handshake(&Handshake {
+                        direction: Direction::Passive,
+                        family,
+                        duration_ns,
+                        retransmits: synack.map_or(0, |s| s.retransmits),
+                        tuple,
+                        origin: None,
+                        ts_ns: ev.ts_ns,
+                    });
                 }
             }
-            (TcpState::FinWait2 | TcpState::Closing, TcpState::Close) => {
-                let was_reset = self.reset.contains_key(&ev.skaddr);
-                if let (false, Some(family)) = (was_reset, family) {
+            (TcpState::SynRecv, TcpState::Close, Some(family)) => {
+                let tuple = Tuple::of(ev);
+                let synack = if self.synack.is_empty() { None } else { self.synack.remove(&tuple) };
+                sink.handshake_failed(&Failure {
+                    direction: Direction::Passive,
+                    family,
+                    reason: FailureReason::classify(Direction::Passive, reset_received, ev.sk_err),
+                    retransmits: synack.map_or(0, |s| s.retransmits),
+                    tuple,
+                    origin: None,
+                    elapsed_ns: None,
+                    ts_ns: ev.ts_ns,
+                });
+            }
+            (TcpState::FinWait2 | TcpState::Closing, TcpState::Close, Some(family)) => {
+                let was_reset = reset_received || matches!(ev.sk_err, ECONNRESET | ECONNREFUSED);
+                if !was_reset {
                     sink.time_wait_entered(family);
                     self.insert_time_wait(Tuple::of(ev), family, ev.ts_ns + TIME_WAIT_NS, sink);
                 }
             }
             _ => {}
         }
-
-        if new == TcpState::Close && !self.reset.is_empty() {
-            self.reset.remove(&ev.skaddr);
-        }
     }
 
     /// Expires what is due at `now_ns` (CLOSE_MONOTONIC ns): time-wait sockets whose
-    /// timer fired, and handshakes whose outcome can no longer come.
+    /// timer fired, handshakes and SYN-ACK records whose outcome can no longer come.
     pub fn advance(&mut self, now_ns: u64, sink: &mut impl Sink) {
-        while let Some(&(expires, tuple)) = self.time_wait_order.front() {
-            if expires > now_ns {
-                break;
-            }
-            self.time_wait_order.pop_front();
-            if self
-                .time_wait
-                .get(&tuple)
-                .is_some_and(|tw| tw.expires_ns == expires)
-            {
-                self.remove_time_wait(&tuple);
-            }
-        }
-        let cutoff = now_ns.saturating_sub(self.limits.handshake_timeout_ns);
+        let counts = &mut self.time_wait_count;
+        self.time_wait.expire(now_ns, |_, family| counts[family as usize] -= 1);
         let mut expired = 0;
-        while let Some(&(since, skaddr)) = self.pending_order.front() {
-            if since > cutoff {
-                break;
-            }
-            self.pending_order.pop_front();
-            if self
-                .pending
-                .get(&skaddr)
-                .is_some_and(|p| p.since_ns == since)
-            {
-                self.pending.remove(&skaddr);
-                expired += 1;
-            }
-        }
+        self.pending.expire(now_ns, |_, _| expired += 1);
+        self.synack.expire(now_ns, |_, _| {});
+        self.reset.expire(now_ns, |_, _| {});
         if expired > 0 {
             sink.evicted(expired);
         }
-        self.forget_resets(now_ns);
     }
 
-    fn insert_pending(&mut self, skaddr: u64, ts_ns: u64, family: Family, sink: &mut impl Sink) {
-        // The same address again means the earlier socket's end was never seen.
-        let replaced = self.pending.insert(
-            skaddr,
-            Pending {
-                since_ns: ts_ns,
-                family,
-            },
-        );
-        if replaced.is_some() {
+    fn insert_time_wait(&mut self, tuple: Tuple, family: Family, expires_ns: u64, sink: &mut impl Sink) {
+        let (replaced, evicted) = self.time_wait.insert(tuple, family, expires_ns);
+        for gone in replaced.into_iter().chain(evicted) {
+            self.time_wait_count[gone as usize] -= 1;
+        }
+        if evicted.is_some() {
             sink.evicted(1);
-        } else if self.pending.len() > self.limits.max_pending {
-            self.evict_oldest_pending(sink);
-        }
-        self.pending_order.push_back((ts_ns, skaddr));
-        self.compact();
-    }
-
-    fn evict_oldest_pending(&mut self, sink: &mut impl Sink) {
-        while let Some((since, skaddr)) = self.pending_order.pop_front() {
-            if self
-                .pending
-                .get(&skaddr)
-                .is_some_and(|p| p.since_ns == since)
-            {
-                self.pending.remove(&skaddr);
-                sink.evicted(1);
-                return;
-            }
-        }
-    }
-
-    fn insert_time_wait(
-        &mut self,
-        tuple: Tuple,
-        family: Family,
-        expires_ns: u64,
-        sink: &mut impl Sink,
-    ) {
-        let entry = TimeWait { expires_ns, family };
-        match self.time_wait.insert(tuple, entry) {
-            Some(old) => self.time_wait_count[old.family as usize] -= 1,
-            None if self.time_wait.len() > self.limits.max_time_wait => {
-                while let Some((expires, oldest)) = self.time_wait_order.pop_front() {
-                    if self
-                        .time_wait
-                        .get(&oldest)
-                        .is_some_and(|tw| tw.expires_ns == expires)
-                    {
-                        self.remove_time_wait(&oldest);
-                        sink.evicted(1);
-                        break;
-                    }
-                }
-            }
-            None => {}
         }
         self.time_wait_count[family as usize] += 1;
-        self.time_wait_order.push_back((expires_ns, tuple));
-        self.compact();
     }
 
     fn remove_time_wait(&mut self, tuple: &Tuple) {
-        if let Some(tw) = self.time_wait.remove(tuple) {
-            self.time_wait_count[tw.family as usize] -= 1;
-        }
-    }
-
-    fn forget_resets(&mut self, now_ns: u64) {
-        if !self.reset.is_empty() {
-            self.reset
-                .retain(|_, &mut at| at + RESET_MEMORY_NS > now_ns);
-        }
-    }
-
-    /// Drops stale order records once they outnumber live entries, so the queues stay
-    /// bounded by the limits even when entries end early (paired, reused) rather than
-    /// expire. Amortised O(1): a pass runs only after that many pushes.
-    fn compact(&mut self) {
-        if self.pending_order.len() > 2 * self.pending.len() + 1024 {
-            let pending = &self.pending;
-            self.pending_order.retain(|&(since, skaddr)| {
-                pending.get(&skaddr).is_some_and(|p| p.since_ns == since)
-            });
-        }
-        if self.time_wait_order.len() > 2 * self.time_wait.len() + 1024 {
-            let tw = &self.time_wait;
-            self.time_wait_order.retain(|&(expires, tuple)| {
-                tw.get(&tuple).is_some_and(|t| t.expires_ns == expires)
-            });
+        if let Some(family) = self.time_wait.remove(tuple) {
+            self.time_wait_count[family as usize] -= 1;
         }
     }
 }

@@ -66,10 +66,7 @@ fn handshakes_failures_and_time_wait_entries_are_counted_exactly() {
     let daemon = Daemon::start(&[]);
     const N: usize = 50;
     const M: usize = 5;
-    for (family, ip) in [
-        ("ipv4", Ipv4Addr::LOCALHOST.into()),
-        ("ipv6", Ipv6Addr::LOCALHOST.into()),
-    ] {
+    for (family, ip) in [("ipv4", Ipv4Addr::LOCALHOST.into()), ("ipv6", Ipv6Addr::LOCALHOST.into())] {
         let before = daemon.scrape();
         connect_and_close(ip, N);
         connect_refused(ip, M);
@@ -79,68 +76,41 @@ fn handshakes_failures_and_time_wait_entries_are_counted_exactly() {
             after = daemon.scrape();
             after.handshakes(family) >= expected_active
                 && after.failures("active", family) >= before.failures("active", family) + M as f64
-                && after.transitions("fin_wait2", "close")
-                    >= before.transitions("fin_wait2", "close") + N as f64
+                && after.transitions("fin_wait2", "close") >= before.transitions("fin_wait2", "close") + N as f64
         });
-        assert!(
-            settled,
-            "{family}: metrics did not reach the expected counts:\n{}",
-            after.text
-        );
+        assert!(settled, "{family}: metrics did not reach the expected counts:\n{}", after.text);
         let delta = |f: &dyn Fn(&Scrape) -> f64| f(&after) - f(&before);
-        assert_eq!(
-            delta(&|s| s.handshakes(family)),
-            N as f64,
-            "{family}: active handshakes"
-        );
-        assert_eq!(
-            delta(&|s| s.transitions("syn_recv", "established")),
-            N as f64,
-            "{family}: passive completions"
-        );
-        assert_eq!(
-            delta(&|s| s.transitions("listen", "syn_recv")),
-            N as f64,
-            "{family}: passive opens"
-        );
-        assert_eq!(
-            delta(&|s| s.transitions("close", "syn_sent")),
-            (N + M) as f64,
-            "{family}: connects"
-        );
-        assert_eq!(
-            delta(&|s| s.failures("active", family)),
-            M as f64,
-            "{family}: refused connects"
-        );
-        assert_eq!(
-            delta(&|s| s.failures("passive", family)),
-            0.0,
-            "{family}: passive failures"
-        );
+        assert_eq!(delta(&|s| s.handshakes(family)), N as f64, "{family}: active handshakes");
+        assert_eq!(delta(&|s| s.transitions("syn_recv", "established")), N as f64, "{family}: passive completions");
+        assert_eq!(delta(&|s| s.transitions("listen", "syn_recv")), N as f64, "{family}: passive opens");
+        assert_eq!(delta(&|s| s.transitions("close", "syn_sent")), (N + M) as f64, "{family}: connects");
+        assert_eq!(delta(&|s| s.failures("active", family)), M as f64, "{family}: failed connects");
+        assert_eq!(delta(&|s| s.failures_for("active", family, "refused")), M as f64, "{family}: refused");
+        assert_eq!(delta(&|s| s.failures("passive", family)), 0.0, "{family}: passive failures");
         let tw = |s: &Scrape| s.get("tcptrace_time_wait_entries_total", &[("family", family)]);
         assert_eq!(delta(&tw), N as f64, "{family}: TIME_WAIT entries");
         let mean = delta(&|s| s.handshake_seconds(family)) / N as f64;
-        assert!(
-            mean > 0.0 && mean < 0.05,
-            "{family}: mean loopback handshake {mean} s is implausible"
-        );
+        assert!(mean > 0.0 && mean < 0.05, "{family}: mean loopback handshake {mean} s is implausible");
+        let passive = |s: &Scrape| {
+            s.get("tcptrace_handshake_duration_seconds_count", &[("direction", "passive"), ("family", family)])
+        };
+        let passive_sum = |s: &Scrape| {
+            s.get("tcptrace_handshake_duration_seconds_sum", &[("direction", "passive"), ("family", family)])
+        };
+        assert_eq!(delta(&passive), N as f64, "{family}: passive handshake durations");
+        let passive_mean = delta(&passive_sum) / N as f64;
+        assert!(passive_mean > 0.0 && passive_mean < 0.05, "{family}: mean SYN-ACK round trip {passive_mean} s");
         eprintln!(
-            "{family}: {N} handshakes, mean {:.1} us, {M} refused",
-            mean * 1e6
+            "{family}: {N} handshakes, active mean {:.1} us, passive mean {:.1} us, {M} refused",
+            mean * 1e6,
+            passive_mean * 1e6
         );
     }
     let last = daemon.scrape();
     assert_eq!(last.get("tcptrace_events_lost_total", &[]), 0.0);
     assert_eq!(last.get("tcptrace_events_malformed_total", &[]), 0.0);
     assert!(last.get("tcptrace_events_total", &[]) >= (2 * (N * 9 + M * 2)) as f64);
-    assert_eq!(
-        last.get(
-            "tcptrace_build_info",
-            &[("version", env!("CARGO_PKG_VERSION"))]
-        ),
-        1.0
-    );
+    assert_eq!(last.get("tcptrace_build_info", &[("version", env!("CARGO_PKG_VERSION"))]), 1.0);
 }
 
 #[test]
@@ -160,22 +130,9 @@ fn time_wait_gauge_equals_the_kernels_count_also_after_a_restart() {
         last = (daemon.scrape().time_wait(), kernel_time_wait());
         last.0 == last.1 as f64
     });
-    assert!(
-        agree,
-        "tcptrace_time_wait_sockets {} != kernel's {}\n{}",
-        last.0,
-        last.1,
-        kernel_socket_summary()
-    );
-    assert!(
-        last.1 >= 300,
-        "the burst left {} TIME_WAIT sockets, expected at least 300",
-        last.1
-    );
-    eprintln!(
-        "TIME_WAIT after the burst: tcptrace {} = kernel {}",
-        last.0, last.1
-    );
+    assert!(agree, "tcptrace_time_wait_sockets {} != kernel's {}\n{}", last.0, last.1, kernel_socket_summary());
+    assert!(last.1 >= 300, "the burst left {} TIME_WAIT sockets, expected at least 300", last.1);
+    eprintln!("TIME_WAIT after the burst: tcptrace {} = kernel {}", last.0, last.1);
     drop(daemon);
 
     // A restarted daemon reads the existing time-wait sockets from the kernel.
@@ -199,7 +156,7 @@ fn loaded_tcptrace_programs() -> Vec<String> {
     aya::programs::loaded_programs()
         .filter_map(Result::ok)
         .filter_map(|p| p.name_as_str().map(str::to_owned))
-        .filter(|n| n.starts_with("inet_sock_set_s") || n.starts_with("tcp_receive_res"))
+        .filter(|n| ["inet_sock_set_s", "tcp_receive_res", "tcp_retransmit_"].iter().any(|p| n.starts_with(p)))
         .collect()
 }
 
@@ -215,25 +172,15 @@ fn sigterm_detaches_everything_and_exits_zero_quickly() {
     let mut daemon = Daemon::start(&[]);
     let mut loaded = loaded_tcptrace_programs();
     loaded.sort();
-    assert_eq!(loaded, ["inet_sock_set_s", "tcp_receive_res"]);
-    let status = daemon
-        .terminate(Duration::from_secs(2))
-        .expect("the daemon exits within 2 s of SIGTERM");
-    assert!(
-        status.success(),
-        "exit status {status}; log:\n{}",
-        daemon.log()
-    );
+    assert_eq!(loaded, ["inet_sock_set_s", "tcp_receive_res", "tcp_retransmit_", "tcp_retransmit_"]);
+    let status = daemon.terminate(Duration::from_secs(2)).expect("the daemon exits within 2 s of SIGTERM");
+    assert!(status.success(), "exit status {status}; log:\n{}", daemon.log());
     assert!(
         wait_for(DEADLINE, || loaded_tcptrace_programs().is_empty()),
         "still loaded after exit: {:?}",
         loaded_tcptrace_programs()
     );
-    assert!(
-        daemon.log().contains("SIGTERM received"),
-        "{}",
-        daemon.log()
-    );
+    assert!(daemon.log().contains("SIGTERM received"), "{}", daemon.log());
 }
 
 #[test]
@@ -254,15 +201,8 @@ fn promtool_accepts_a_real_scrape() {
         .expect("promtool is installed by `cargo xtask test`");
     std::io::Write::write_all(promtool.stdin.as_mut().unwrap(), text.as_bytes()).unwrap();
     let out = promtool.wait_with_output().unwrap();
-    let said = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        out.status.success() && said.trim().is_empty(),
-        "promtool check metrics complained:\n{said}"
-    );
+    let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && said.trim().is_empty(), "promtool check metrics complained:\n{said}");
     for family in [
         "tcptrace_handshake_duration_seconds",
         "tcptrace_handshake_failures_total",
@@ -278,10 +218,7 @@ fn promtool_accepts_a_real_scrape() {
         "process_open_fds",
         "process_cpu_seconds_total",
     ] {
-        assert!(
-            text.contains(&format!("\n# TYPE {family} ")),
-            "{family} is missing"
-        );
+        assert!(text.contains(&format!("\n# TYPE {family} ")), "{family} is missing");
     }
 }
 
@@ -295,18 +232,9 @@ fn mounts_tracefs_when_it_is_missing() {
         .arg("umount /sys/kernel/tracing 2>/dev/null; umount /sys/kernel/debug/tracing 2>/dev/null; exec \"$0\" \"$@\"")
         .arg(env!("CARGO_BIN_EXE_tcptrace"));
     let daemon = Daemon::start_with(cmd, &[]);
-    assert!(
-        daemon
-            .log()
-            .contains("mounted tracefs at /sys/kernel/tracing"),
-        "{}",
-        daemon.log()
-    );
+    assert!(daemon.log().contains("mounted tracefs at /sys/kernel/tracing"), "{}", daemon.log());
     connect_and_close(Ipv4Addr::LOCALHOST.into(), 3);
-    assert!(
-        wait_for(DEADLINE, || daemon.scrape().handshakes("ipv4") >= 3.0),
-        "no events flowed"
-    );
+    assert!(wait_for(DEADLINE, || daemon.scrape().handshakes("ipv4") >= 3.0), "no events flowed");
 }
 
 /// Runs the binary with `args` under a wrapper; returns (exit code, stderr).
@@ -318,10 +246,7 @@ fn run_failing(wrapper: &[&str], args: &[&str]) -> (Option<i32>, String) {
         .stdin(Stdio::null())
         .output()
         .unwrap();
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
 #[test]
@@ -329,45 +254,21 @@ fn run_failing(wrapper: &[&str], args: &[&str]) -> (Option<i32>, String) {
 fn missing_privileges_and_unmountable_tracefs_are_explained() {
     require_root();
     let (code, err) = run_failing(
-        &[
-            "setpriv",
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            "--inh-caps=-all",
-        ],
+        &["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all"],
         &["daemon", "--listen", "127.0.0.1:0"],
     );
     assert_eq!(code, Some(1), "{err}");
-    assert!(
-        err.contains("lacks the privileges") && err.contains("run it as root"),
-        "{err}"
-    );
+    assert!(err.contains("lacks the privileges") && err.contains("run it as root"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
 
     // CAP_BPF and CAP_PERFMON but no CAP_SYS_ADMIN, and no tracefs: mounting must fail.
-    let script =
-        "umount /sys/kernel/tracing 2>/dev/null; umount /sys/kernel/debug/tracing 2>/dev/null; \
+    let script = "umount /sys/kernel/tracing 2>/dev/null; umount /sys/kernel/debug/tracing 2>/dev/null; \
                   exec setpriv --bounding-set=-sys_admin --inh-caps=-sys_admin \"$0\" \"$@\"";
     let (code, err) = run_failing(
-        &[
-            "unshare",
-            "--mount",
-            "--propagation",
-            "private",
-            "sh",
-            "-c",
-            script,
-        ],
+        &["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
         &["daemon", "--listen", "127.0.0.1:0"],
     );
     assert_eq!(code, Some(1), "{err}");
-    assert!(
-        err.contains("tracefs is not mounted and mounting it at /sys/kernel/tracing failed"),
-        "{err}"
-    );
-    assert!(
-        err.contains("mount -t tracefs nodev /sys/kernel/tracing"),
-        "{err}"
-    );
+    assert!(err.contains("tracefs is not mounted and mounting it at /sys/kernel/tracing failed"), "{err}");
+    assert!(err.contains("mount -t tracefs nodev /sys/kernel/tracing"), "{err}");
 }

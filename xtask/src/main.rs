@@ -66,11 +66,7 @@ fn run(cmd: Cmd) -> Result<()> {
         Cmd::Run { args } => {
             setup_toolchain()?;
             cargo(&["build", "--release", "--package", "tcptrace-user"])?;
-            let args = if args.is_empty() {
-                vec![OsString::from("daemon")]
-            } else {
-                args
-            };
+            let args = if args.is_empty() { vec![OsString::from("daemon")] } else { args };
             let bin = root.join("target/release/tcptrace");
             step(&format!("running {} {}", bin.display(), lossy(&args)));
             as_root(&bin, &args)?;
@@ -89,14 +85,7 @@ fn run(cmd: Cmd) -> Result<()> {
         Cmd::Lint => {
             setup_toolchain()?;
             cargo(&["fmt", "--all", "--check"])?;
-            cargo(&[
-                "clippy",
-                "--workspace",
-                "--all-targets",
-                "--",
-                "-D",
-                "warnings",
-            ])?;
+            cargo(&["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])?;
             // The eBPF crate only builds for the BPF target, with nightly.
             run_cmd(Command::new("cargo").args([
                 "+nightly",
@@ -117,10 +106,7 @@ fn run(cmd: Cmd) -> Result<()> {
 }
 
 fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("xtask lives in the workspace")
-        .to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
 }
 
 fn step(what: &str) {
@@ -128,10 +114,7 @@ fn step(what: &str) {
 }
 
 fn lossy(args: &[OsString]) -> String {
-    args.iter()
-        .map(|a| a.to_string_lossy())
-        .collect::<Vec<_>>()
-        .join(" ")
+    args.iter().map(|a| a.to_string_lossy()).collect::<Vec<_>>().join(" ")
 }
 
 fn run_cmd(cmd: &mut Command) -> Result<()> {
@@ -145,11 +128,7 @@ fn run_cmd(cmd: &mut Command) -> Result<()> {
 fn output(cmd: &mut Command) -> Result<String> {
     let out = cmd.output().with_context(|| format!("starting {cmd:?}"))?;
     if !out.status.success() {
-        bail!(
-            "{cmd:?} failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+        bail!("{cmd:?} failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr).trim());
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
@@ -162,11 +141,7 @@ fn is_root() -> bool {
     // Without libc: the effective uid is the second field of /proc/self/status's Uid line.
     fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Uid:"))
-                .map(str::to_owned)
-        })
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("Uid:")).map(str::to_owned))
         .and_then(|l| l.split_whitespace().nth(1).map(|u| u == "0"))
         .unwrap_or(false)
 }
@@ -178,12 +153,7 @@ fn as_root(bin: &Path, args: &[OsString]) -> Result<()> {
         run_cmd(Command::new(bin).args(args))
     } else {
         step("not root: running it through sudo");
-        run_cmd(
-            Command::new("sudo")
-                .arg("--preserve-env")
-                .arg(bin)
-                .args(args),
-        )
+        run_cmd(Command::new("sudo").arg("--preserve-env").arg(bin).args(args))
     }
 }
 
@@ -191,14 +161,11 @@ fn as_root(bin: &Path, args: &[OsString]) -> Result<()> {
 fn test_binaries(select: &[&str]) -> Result<Vec<PathBuf>> {
     let mut args = vec!["test", "--no-run", "--message-format=json"];
     args.extend_from_slice(select);
-    let json =
-        output(Command::new(env::var_os("CARGO").unwrap_or_else(|| "cargo".into())).args(&args))?;
+    let json = output(Command::new(env::var_os("CARGO").unwrap_or_else(|| "cargo".into())).args(&args))?;
     // Each line is one JSON message; integration-test artifacts carry their executable.
     let bins: Vec<PathBuf> = json
         .lines()
-        .filter(|l| {
-            l.contains(r#""reason":"compiler-artifact""#) && l.contains(r#""kind":["test"]"#)
-        })
+        .filter(|l| l.contains(r#""reason":"compiler-artifact""#) && l.contains(r#""kind":["test"]"#))
         .filter_map(|l| l.split(r#""executable":""#).nth(1))
         .filter_map(|rest| rest.split('"').next())
         .map(PathBuf::from)
@@ -210,27 +177,17 @@ fn test_binaries(select: &[&str]) -> Result<Vec<PathBuf>> {
 }
 
 fn has(program: &str) -> bool {
-    env::var_os("PATH")
-        .map(|paths| env::split_paths(&paths).any(|dir| dir.join(program).is_file()))
-        .unwrap_or(false)
+    env::var_os("PATH").map(|paths| env::split_paths(&paths).any(|dir| dir.join(program).is_file())).unwrap_or(false)
 }
 
 /// nightly's rust-src and a bpf-linker built against nightly's own LLVM.
 fn setup_toolchain() -> Result<()> {
-    let sysroot = PathBuf::from(
-        output(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))?.trim(),
-    );
+    let sysroot = PathBuf::from(output(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))?.trim());
     if sysroot.join("lib/rustlib/src/rust/library/core").is_dir() {
         step("rust-src for nightly: present");
     } else {
         step("rust-src for nightly: installing");
-        run_cmd(Command::new("rustup").args([
-            "component",
-            "add",
-            "rust-src",
-            "--toolchain",
-            "nightly",
-        ]))?;
+        run_cmd(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
     }
 
     if has("bpf-linker") {
@@ -255,18 +212,10 @@ fn setup_toolchain() -> Result<()> {
     let link = prefix.join("lib/libLLVM.so");
     let _ = fs::remove_file(&link);
     symlink(libdir.join(&lib), &link)?;
-    step(&format!(
-        "bpf-linker: building against nightly's LLVM {llvm} ({lib}); takes about a minute"
-    ));
+    step(&format!("bpf-linker: building against nightly's LLVM {llvm} ({lib}); takes about a minute"));
     run_cmd(
         Command::new("cargo")
-            .args([
-                "install",
-                "bpf-linker",
-                "--locked",
-                "--no-default-features",
-                "--features",
-            ])
+            .args(["install", "bpf-linker", "--locked", "--no-default-features", "--features"])
             .arg(format!("llvm-{major}"))
             .env("LLVM_PREFIX", &prefix),
     )?;
@@ -278,34 +227,18 @@ fn setup_toolchain() -> Result<()> {
 
 /// Debian packages the root tests use.
 fn setup_test_tools() -> Result<()> {
-    let wanted = [
-        ("nft", "nftables"),
-        ("ip", "iproute2"),
-        ("promtool", "prometheus"),
-        ("ss", "iproute2"),
-    ];
-    let mut missing: Vec<&str> = wanted
-        .iter()
-        .filter(|(bin, _)| !has(bin))
-        .map(|&(_, pkg)| pkg)
-        .collect();
+    let wanted = [("nft", "nftables"), ("ip", "iproute2"), ("promtool", "prometheus"), ("ss", "iproute2")];
+    let mut missing: Vec<&str> = wanted.iter().filter(|(bin, _)| !has(bin)).map(|&(_, pkg)| pkg).collect();
     missing.dedup();
     if missing.is_empty() {
         step("test tools (nft, ip, ss, promtool): present");
         return Ok(());
     }
     if !is_root() {
-        bail!(
-            "missing Debian packages {missing:?}; install them with `sudo apt-get install -y {}`",
-            missing.join(" ")
-        );
+        bail!("missing Debian packages {missing:?}; install them with `sudo apt-get install -y {}`", missing.join(" "));
     }
     step(&format!("installing Debian packages {missing:?}"));
-    run_cmd(
-        Command::new("apt-get")
-            .args(["update", "-q"])
-            .env("DEBIAN_FRONTEND", "noninteractive"),
-    )?;
+    run_cmd(Command::new("apt-get").args(["update", "-q"]).env("DEBIAN_FRONTEND", "noninteractive"))?;
     run_cmd(
         Command::new("apt-get")
             .args(["install", "-y", "-q", "--no-install-recommends"])

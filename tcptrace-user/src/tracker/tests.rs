@@ -8,7 +8,12 @@ use super::*;
 struct Seen {
     transitions: Vec<(u8, u8)>,
     handshakes: Vec<(Direction, Family, u64)>,
+    full: Vec<Handshake>,
     failures: Vec<(Direction, Family)>,
+    reasons: Vec<FailureReason>,
+    failed: Vec<Failure>,
+    syn_rtx: u32,
+    synack_rtx: u32,
     time_wait_entered: Vec<Family>,
     evicted: u64,
 }
@@ -17,11 +22,20 @@ impl Sink for Seen {
     fn transition(&mut self, old: u8, new: u8) {
         self.transitions.push((old, new));
     }
-    fn handshake(&mut self, direction: Direction, family: Family, duration_ns: u64) {
-        self.handshakes.push((direction, family, duration_ns));
+    fn handshake(&mut self, h: &Handshake) {
+        self.handshakes.push((h.direction, h.family, h.duration_ns));
+        self.full.push(*h);
     }
-    fn handshake_failed(&mut self, direction: Direction, family: Family) {
-        self.failures.push((direction, family));
+    fn handshake_failed(&mut self, f: &Failure) {
+        self.failures.push((f.direction, f.family));
+        self.reasons.push(f.reason);
+        self.failed.push(*f);
+    }
+    fn syn_retransmit(&mut self, _: Family) {
+        self.syn_rtx += 1;
+    }
+    fn synack_retransmit(&mut self, _: Family) {
+        self.synack_rtx += 1;
     }
     fn time_wait_entered(&mut self, family: Family) {
         self.time_wait_entered.push(family);
@@ -50,21 +64,11 @@ fn v4(a: [u8; 4]) -> [u8; 16] {
 }
 
 fn client(skaddr: u64, sport: u16) -> Sock {
-    Sock {
-        skaddr,
-        family: AF_INET,
-        local: (v4([10, 0, 0, 1]), sport),
-        remote: (v4([10, 0, 0, 2]), 80),
-    }
+    Sock { skaddr, family: AF_INET, local: (v4([10, 0, 0, 1]), sport), remote: (v4([10, 0, 0, 2]), 80) }
 }
 
 fn server_child(skaddr: u64, peer_port: u16) -> Sock {
-    Sock {
-        skaddr,
-        family: AF_INET,
-        local: (v4([10, 0, 0, 2]), 80),
-        remote: (v4([10, 0, 0, 1]), peer_port),
-    }
+    Sock { skaddr, family: AF_INET, local: (v4([10, 0, 0, 2]), 80), remote: (v4([10, 0, 0, 1]), peer_port) }
 }
 
 fn ev(sock: Sock, ts_ns: u64, old: TcpState, new: TcpState) -> Event {
@@ -113,17 +117,8 @@ fn tracker() -> (Tracker, Seen) {
 fn active_handshake_is_timed_from_syn_sent() {
     let (mut t, mut seen) = tracker();
     active_open(&mut t, &mut seen, client(1, 40000), 5 * S, 42_000);
-    assert_eq!(
-        seen.handshakes,
-        vec![(Direction::Active, Family::Ipv4, 42_000)]
-    );
-    assert_eq!(
-        seen.transitions,
-        vec![
-            (Close as u8, SynSent as u8),
-            (SynSent as u8, Established as u8)
-        ]
-    );
+    assert_eq!(seen.handshakes, vec![(Direction::Active, Family::Ipv4, 42_000)]);
+    assert_eq!(seen.transitions, vec![(Close as u8, SynSent as u8), (SynSent as u8, Established as u8)]);
     assert_eq!(t.tracked_sockets(), 0);
     assert!(seen.failures.is_empty());
 }
@@ -147,10 +142,7 @@ fn refused_connect_is_an_active_failure() {
     assert_eq!(seen.failures, vec![(Direction::Active, Family::Ipv4)]);
     assert!(seen.handshakes.is_empty());
     assert_eq!(t.tracked_sockets(), 0);
-    assert!(
-        t.reset.is_empty(),
-        "the reset is forgotten once the socket closed"
-    );
+    assert!(t.reset.is_empty(), "the reset is forgotten once the socket closed");
 }
 
 #[test]
@@ -159,10 +151,7 @@ fn passive_open_counts_transitions_but_no_latency() {
     let child = server_child(2, 40000);
     t.handle(&ev(child, S, Listen, SynRecv), &mut seen);
     t.handle(&ev(child, S + 3_000, SynRecv, Established), &mut seen);
-    assert!(
-        seen.handshakes.is_empty(),
-        "SYN_RECV->ESTABLISHED of the child is not handshake time"
-    );
+    assert!(seen.handshakes.is_empty(), "SYN_RECV->ESTABLISHED of the child is not handshake time");
     assert_eq!(seen.transitions.len(), 2);
     assert_eq!(t.tracked_sockets(), 0);
 }
@@ -197,11 +186,7 @@ fn unknown_states_are_counted_and_otherwise_ignored() {
     let mut e = ev(client(1, 1), S, Close, SynSent);
     e.kind = 200;
     t.handle(&e, &mut seen);
-    assert_eq!(
-        seen.transitions.len(),
-        1,
-        "unknown event kinds are not transitions"
-    );
+    assert_eq!(seen.transitions.len(), 1, "unknown event kinds are not transitions");
 }
 
 #[test]
@@ -300,10 +285,7 @@ fn four_tuple_reuse_on_the_server_side_ends_time_wait() {
     let child = server_child(2, 40000);
     active_close(&mut t, &mut seen, child, S);
     assert_eq!(t.time_wait_sockets(Family::Ipv4), 1);
-    t.handle(
-        &ev(server_child(5, 40000), 2 * S, Listen, SynRecv),
-        &mut seen,
-    );
+    t.handle(&ev(server_child(5, 40000), 2 * S, Listen, SynRecv), &mut seen);
     assert_eq!(t.time_wait_sockets(Family::Ipv4), 0);
 }
 
@@ -315,11 +297,7 @@ fn reentering_time_wait_restarts_its_timer() {
     active_close(&mut t, &mut seen, client(2, 40000), 31 * S);
     assert_eq!(t.time_wait_sockets(Family::Ipv4), 1);
     t.advance(S + 2 * MS + TIME_WAIT_NS, &mut seen);
-    assert_eq!(
-        t.time_wait_sockets(Family::Ipv4),
-        1,
-        "the first timer is stale"
-    );
+    assert_eq!(t.time_wait_sockets(Family::Ipv4), 1, "the first timer is stale");
     t.advance(31 * S + 2 * MS + TIME_WAIT_NS, &mut seen);
     assert_eq!(t.time_wait_sockets(Family::Ipv4), 0);
 }
@@ -335,18 +313,12 @@ fn seeded_time_wait_sockets_expire_on_their_own_timer() {
     assert_eq!(t.time_wait_sockets(Family::Ipv4), 1);
     t.advance(50 * S, &mut seen);
     assert_eq!(t.time_wait_sockets(Family::Ipv4), 0);
-    assert!(
-        seen.time_wait_entered.is_empty(),
-        "seeds were not entries seen by the daemon"
-    );
+    assert!(seen.time_wait_entered.is_empty(), "seeds were not entries seen by the daemon");
 }
 
 #[test]
 fn syn_sent_expires_after_the_retry_sequence() {
-    let limits = Limits {
-        handshake_timeout_ns: 130 * S,
-        ..Limits::default()
-    };
+    let limits = Limits { handshake_timeout_ns: 130 * S, ..Limits::default() };
     let mut t = Tracker::new(limits);
     let mut seen = Seen::default();
     t.handle(&ev(client(1, 0), S, Close, SynSent), &mut seen);
@@ -356,10 +328,7 @@ fn syn_sent_expires_after_the_retry_sequence() {
     assert_eq!(t.tracked_sockets(), 0);
     assert_eq!(seen.evicted, 1);
     // Its late outcome produces no latency.
-    t.handle(
-        &ev(client(1, 40000), 132 * S, SynSent, Established),
-        &mut seen,
-    );
+    t.handle(&ev(client(1, 40000), 132 * S, SynSent, Established), &mut seen);
     assert!(seen.handshakes.is_empty());
 }
 
@@ -374,10 +343,7 @@ fn syn_sent_lifetime_follows_syn_retries() {
 
 #[test]
 fn pending_is_capped_oldest_first() {
-    let limits = Limits {
-        max_pending: 3,
-        ..Limits::default()
-    };
+    let limits = Limits { max_pending: 3, ..Limits::default() };
     let mut t = Tracker::new(limits);
     let mut seen = Seen::default();
     for i in 0..5u64 {
@@ -388,35 +354,20 @@ fn pending_is_capped_oldest_first() {
     // The two oldest are gone: their completion has no latency; the newest has.
     t.handle(&ev(client(100, 1), 2 * S, SynSent, Established), &mut seen);
     t.handle(&ev(client(104, 1), 2 * S, SynSent, Established), &mut seen);
-    assert_eq!(
-        seen.handshakes,
-        vec![(Direction::Active, Family::Ipv4, 2 * S - S - 4)]
-    );
+    assert_eq!(seen.handshakes, vec![(Direction::Active, Family::Ipv4, 2 * S - S - 4)]);
 }
 
 #[test]
 fn time_wait_is_capped_oldest_first() {
-    let limits = Limits {
-        max_time_wait: 2,
-        ..Limits::default()
-    };
+    let limits = Limits { max_time_wait: 2, ..Limits::default() };
     let mut t = Tracker::new(limits);
     let mut seen = Seen::default();
     for port in 0..4u16 {
-        active_close(
-            &mut t,
-            &mut seen,
-            client(u64::from(port), 40000 + port),
-            S * u64::from(port + 1),
-        );
+        active_close(&mut t, &mut seen, client(u64::from(port), 40000 + port), S * u64::from(port + 1));
     }
     assert_eq!(t.time_wait_sockets(Family::Ipv4), 2);
     assert_eq!(seen.evicted, 2);
-    assert_eq!(
-        seen.time_wait_entered.len(),
-        4,
-        "entries are counted even when the model is full"
-    );
+    assert_eq!(seen.time_wait_entered.len(), 4, "entries are counted even when the model is full");
 }
 
 #[test]
@@ -427,7 +378,137 @@ fn order_queues_stay_bounded_under_churn() {
         active_open(&mut t, &mut seen, sock, S + i * 1_000, 10);
         active_close(&mut t, &mut seen, sock, S + i * 1_000 + 500);
     }
-    assert!(t.pending_order.len() <= 2 * t.pending.len() + 1025);
-    assert!(t.time_wait_order.len() <= 2 * t.time_wait.len() + 1025);
+    assert!(t.pending.order_len() <= 2 * t.pending.len() + 1025);
+    assert!(t.time_wait.order_len() <= 2 * t.time_wait.len() + 1025);
     assert_eq!(t.time_wait_sockets(Family::Ipv4), 50_000);
+}
+
+fn with_err(mut e: Event, sk_err: i32) -> Event {
+    e.sk_err = sk_err;
+    e
+}
+
+fn kind(mut e: Event, kind: EventKind) -> Event {
+    e.kind = kind as u8;
+    e
+}
+
+#[test]
+fn failure_reasons_come_from_resets_and_sk_err() {
+    let cases = [
+        (Direction::Active, false, 111, FailureReason::Refused),
+        (Direction::Active, true, SK_ERR_UNKNOWN, FailureReason::Refused),
+        (Direction::Active, false, 110, FailureReason::Timeout),
+        (Direction::Active, false, 0, FailureReason::Aborted),
+        (Direction::Active, false, 113, FailureReason::Unreachable),
+        (Direction::Active, false, 101, FailureReason::Unreachable),
+        (Direction::Active, false, SK_ERR_UNKNOWN, FailureReason::Unknown),
+        (Direction::Active, false, 22, FailureReason::Unknown),
+        (Direction::Passive, true, 0, FailureReason::Reset),
+        (Direction::Passive, false, 104, FailureReason::Reset),
+        (Direction::Passive, false, 110, FailureReason::Timeout),
+    ];
+    for (direction, reset, err, want) in cases {
+        assert_eq!(FailureReason::classify(direction, reset, err), want, "{direction:?} reset={reset} err={err}");
+    }
+}
+
+#[test]
+fn syn_timeout_after_retransmissions() {
+    let (mut t, mut seen) = tracker();
+    let sock = client(1, 40000);
+    let mut start = ev(client(1, 0), S, Close, SynSent);
+    start.comm[..4].copy_from_slice(b"curl");
+    start.tgid = 4242;
+    t.handle(&start, &mut seen);
+    t.handle(&kind(ev(sock, 2 * S, SynSent, SynSent), EventKind::SynRetransmit), &mut seen);
+    t.handle(&kind(ev(sock, 4 * S, SynSent, SynSent), EventKind::SynRetransmit), &mut seen);
+    t.handle(&with_err(ev(sock, 8 * S, SynSent, Close), 110), &mut seen);
+    assert_eq!(seen.syn_rtx, 2);
+    let f = seen.failed[0];
+    assert_eq!((f.reason, f.retransmits, f.elapsed_ns), (FailureReason::Timeout, 2, Some(7 * S)));
+    let origin = f.origin.unwrap();
+    assert_eq!((origin.comm(), origin.tgid), ("curl".to_string(), 4242));
+}
+
+#[test]
+fn syn_retransmissions_are_attributed_to_their_handshake() {
+    let (mut t, mut seen) = tracker();
+    let sock = client(1, 40000);
+    t.handle(&ev(client(1, 0), S, Close, SynSent), &mut seen);
+    t.handle(&kind(ev(sock, 2 * S, SynSent, SynSent), EventKind::SynRetransmit), &mut seen);
+    t.handle(&ev(sock, 2 * S + 50_000, SynSent, Established), &mut seen);
+    let h = seen.full[0];
+    assert_eq!((h.retransmits, h.duration_ns), (1, S + 50_000));
+    assert_eq!(h.tuple.remote().port(), 80);
+    // A retransmission of a socket we never saw start is still counted.
+    t.handle(&kind(ev(client(9, 1), 3 * S, SynSent, SynSent), EventKind::SynRetransmit), &mut seen);
+    assert_eq!(seen.syn_rtx, 2);
+}
+
+#[test]
+fn passive_duration_is_the_synack_round_trip() {
+    let (mut t, mut seen) = tracker();
+    let child = server_child(2, 40000);
+    t.handle(&ev(child, S, Listen, SynRecv), &mut seen);
+    let mut est = ev(child, S + 3_000, SynRecv, Established);
+    est.srtt_us = 8 * 40; // 40 us
+    t.handle(&est, &mut seen);
+    assert_eq!(seen.handshakes, vec![(Direction::Passive, Family::Ipv4, 40_000)]);
+    assert_eq!(seen.full[0].retransmits, 0);
+    assert_eq!(seen.full[0].tuple.local().port(), 80);
+}
+
+#[test]
+fn passive_duration_without_btf_is_not_observed() {
+    let (mut t, mut seen) = tracker();
+    let child = server_child(2, 40000);
+    t.handle(&ev(child, S, Listen, SynRecv), &mut seen);
+    t.handle(&ev(child, S + 3_000, SynRecv, Established), &mut seen);
+    assert!(seen.handshakes.is_empty());
+}
+
+#[test]
+fn synack_retransmission_adds_its_penalty() {
+    let (mut t, mut seen) = tracker();
+    let child = server_child(2, 40000);
+    // The listener retransmits the SYN-ACK at 1 s; the client's ACK lands at 1.0002 s.
+    let listener = Sock { skaddr: 77, ..child };
+    t.handle(&kind(ev(listener, 10 * S, Listen, Listen), EventKind::SynAckRetransmit), &mut seen);
+    t.handle(&ev(child, 10 * S + 200_000, Listen, SynRecv), &mut seen);
+    let mut est = ev(child, 10 * S + 200_000, SynRecv, Established);
+    est.srtt_us = 8 * 40;
+    t.handle(&est, &mut seen);
+    assert_eq!(seen.synack_rtx, 1);
+    assert_eq!(seen.handshakes, vec![(Direction::Passive, Family::Ipv4, S + 200_000)]);
+    assert_eq!(seen.full[0].retransmits, 1);
+    assert!(t.synack.is_empty());
+}
+
+#[test]
+fn synack_records_expire() {
+    let (mut t, mut seen) = tracker();
+    let listener = Sock { skaddr: 77, ..server_child(2, 40000) };
+    t.handle(&kind(ev(listener, S, Listen, Listen), EventKind::SynAckRetransmit), &mut seen);
+    t.advance(S + Limits::default().handshake_timeout_ns, &mut seen);
+    assert!(t.synack.is_empty());
+}
+
+#[test]
+fn passive_reset_is_reset() {
+    let (mut t, mut seen) = tracker();
+    let child = server_child(2, 40000);
+    t.handle(&ev(child, S, Listen, SynRecv), &mut seen);
+    t.handle(&reset(child, S + 1), &mut seen);
+    t.handle(&with_err(ev(child, S + 2, SynRecv, Close), 104), &mut seen);
+    assert_eq!(seen.reasons, vec![FailureReason::Reset]);
+}
+
+#[test]
+fn reset_seen_through_sk_err_creates_no_time_wait() {
+    let (mut t, mut seen) = tracker();
+    let sock = client(1, 40000);
+    t.handle(&ev(sock, S, FinWait1, FinWait2), &mut seen);
+    t.handle(&with_err(ev(sock, S + 3, FinWait2, Close), 104), &mut seen);
+    assert_eq!(t.time_wait_sockets(Family::Ipv4), 0);
 }

@@ -16,10 +16,7 @@ use std::{
 pub fn require_root() {
     // SAFETY: geteuid has no preconditions.
     let euid = unsafe { libc::geteuid() };
-    assert_eq!(
-        euid, 0,
-        "the kernel tests load eBPF programs and need root: run `cargo xtask test`"
-    );
+    assert_eq!(euid, 0, "the kernel tests load eBPF programs and need root: run `cargo xtask test`");
 }
 
 /// Polls `cond` until it holds or `deadline` passes; returns whether it held.
@@ -55,11 +52,7 @@ impl Daemon {
     /// Like [`Daemon::start`] with a prepared command (e.g. a wrapper like `unshare`).
     pub fn start_with(mut cmd: Command, extra: &[&str]) -> Self {
         cmd.args(["daemon", "--listen", "127.0.0.1:0"]).args(extra);
-        let mut child = cmd
-            .stderr(Stdio::piped())
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("spawn tcptrace");
+        let mut child = cmd.stderr(Stdio::piped()).stdout(Stdio::null()).spawn().expect("spawn tcptrace");
         let stderr = child.stderr.take().expect("stderr");
         let log = Arc::new(Mutex::new(String::new()));
         let (tx, rx) = std::sync::mpsc::channel();
@@ -74,18 +67,10 @@ impl Daemon {
                 log.push('\n');
             }
         });
-        let mut daemon = Self {
-            child: Some(child),
-            addr: "0.0.0.0:0".parse().unwrap(),
-            log,
-            conn: RefCell::new(None),
-        };
+        let mut daemon = Self { child: Some(child), addr: "0.0.0.0:0".parse().unwrap(), log, conn: RefCell::new(None) };
         match rx.recv_timeout(Duration::from_secs(20)) {
             Ok(addr) => daemon.addr = addr.parse().expect("listen address"),
-            Err(_) => panic!(
-                "daemon did not start serving within 20 s; its log:\n{}",
-                daemon.log()
-            ),
+            Err(_) => panic!("daemon did not start serving within 20 s; its log:\n{}", daemon.log()),
         }
         daemon
     }
@@ -102,22 +87,14 @@ impl Daemon {
     pub fn scrape(&self) -> Scrape {
         let mut conn = self.conn.borrow_mut();
         let stream = conn.get_or_insert_with(|| {
-            let s = TcpStream::connect_timeout(&self.addr, Duration::from_secs(5))
-                .expect("connect to daemon");
+            let s = TcpStream::connect_timeout(&self.addr, Duration::from_secs(5)).expect("connect to daemon");
             s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
             BufReader::new(s)
         });
-        write!(
-            stream.get_mut(),
-            "GET /metrics HTTP/1.1\r\nHost: tcptrace\r\n\r\n"
-        )
-        .expect("send scrape");
+        write!(stream.get_mut(), "GET /metrics HTTP/1.1\r\nHost: tcptrace\r\n\r\n").expect("send scrape");
         let mut status = String::new();
         stream.read_line(&mut status).expect("read status");
-        assert!(
-            status.starts_with("HTTP/1.1 200"),
-            "scrape failed: {status}"
-        );
+        assert!(status.starts_with("HTTP/1.1 200"), "scrape failed: {status}");
         let mut length = None;
         loop {
             let mut header = String::new();
@@ -189,10 +166,7 @@ impl Scrape {
                 (name.to_string(), labels, value.parse().expect("value"))
             })
             .collect();
-        Self {
-            text: text.to_string(),
-            samples,
-        }
+        Self { text: text.to_string(), samples }
     }
 
     /// The sample with exactly these labels (0 when the series does not exist yet).
@@ -200,77 +174,61 @@ impl Scrape {
         self.samples
             .iter()
             .find(|(n, l, _)| {
-                n == name
-                    && l.len() == labels.len()
-                    && labels
-                        .iter()
-                        .all(|(k, v)| l.get(*k).is_some_and(|x| x == v))
+                n == name && l.len() == labels.len() && labels.iter().all(|(k, v)| l.get(*k).is_some_and(|x| x == v))
             })
             .map_or(0.0, |(_, _, v)| *v)
     }
 
+    /// Sum over every series of `name` whose labels include these.
+    pub fn sum(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        self.samples
+            .iter()
+            .filter(|(n, l, _)| n == name && labels.iter().all(|(k, v)| l.get(*k).is_some_and(|x| x == v)))
+            .map(|(_, _, v)| v)
+            .sum()
+    }
+
     pub fn transitions(&self, old: &str, new: &str) -> f64 {
-        self.get(
-            "tcptrace_state_transitions_total",
-            &[("old_state", old), ("new_state", new)],
-        )
+        self.get("tcptrace_state_transitions_total", &[("old_state", old), ("new_state", new)])
     }
 
     pub fn handshakes(&self, family: &str) -> f64 {
-        self.get(
-            "tcptrace_handshake_duration_seconds_count",
-            &[("direction", "active"), ("family", family)],
-        )
+        self.get("tcptrace_handshake_duration_seconds_count", &[("direction", "active"), ("family", family)])
     }
 
     pub fn handshake_seconds(&self, family: &str) -> f64 {
-        self.get(
-            "tcptrace_handshake_duration_seconds_sum",
-            &[("direction", "active"), ("family", family)],
-        )
+        self.get("tcptrace_handshake_duration_seconds_sum", &[("direction", "active"), ("family", family)])
     }
 
+    /// Failures of every reason.
     pub fn failures(&self, direction: &str, family: &str) -> f64 {
-        self.get(
+        self.sum("tcptrace_handshake_failures_total", &[("direction", direction), ("family", family)])
+    }
+
+    pub fn failures_for(&self, direction: &str, family: &str, reason: &str) -> f64 {
+        self.sum(
             "tcptrace_handshake_failures_total",
-            &[("direction", direction), ("family", family)],
+            &[("direction", direction), ("family", family), ("reason", reason)],
         )
     }
 
     pub fn time_wait(&self) -> f64 {
-        ["ipv4", "ipv6"]
-            .iter()
-            .map(|f| self.get("tcptrace_time_wait_sockets", &[("family", f)]))
-            .sum()
+        ["ipv4", "ipv6"].iter().map(|f| self.get("tcptrace_time_wait_sockets", &[("family", f)])).sum()
     }
 }
 
 /// TIME_WAIT sockets in this network namespace, per the kernel (`ss`).
 pub fn kernel_time_wait() -> usize {
-    let out = Command::new("ss")
-        .args(["-Htan", "state", "time-wait"])
-        .output()
-        .expect("run ss");
-    assert!(
-        out.status.success(),
-        "ss failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .count()
+    let out = Command::new("ss").args(["-Htan", "state", "time-wait"]).output().expect("run ss");
+    assert!(out.status.success(), "ss failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).lines().filter(|l| !l.trim().is_empty()).count()
 }
 
 /// The kernel's socket summary, for failure messages: `/proc/net/sockstat` and
 /// `ss` counts per state.
 pub fn kernel_socket_summary() -> String {
     let sockstat = std::fs::read_to_string("/proc/net/sockstat").unwrap_or_default();
-    let out = Command::new("ss")
-        .args(["-Htan"])
-        .output()
-        .map(|o| o.stdout)
-        .unwrap_or_default();
+    let out = Command::new("ss").args(["-Htan"]).output().map(|o| o.stdout).unwrap_or_default();
     let mut states = BTreeMap::<String, usize>::new();
     for line in String::from_utf8_lossy(&out).lines() {
         if let Some(state) = line.split_whitespace().next() {

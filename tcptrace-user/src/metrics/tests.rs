@@ -1,0 +1,143 @@
+use tcptrace_common::{Event, AF_INET, AF_INET6};
+
+use super::*;
+use crate::tracker::{Limits, Tuple};
+
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
+        .map(|v| v.parse().unwrap())
+}
+
+fn tuple(family: u16, sport: u16, dport: u16) -> Tuple {
+    let mut e = Event::zeroed();
+    (e.family, e.sport, e.dport) = (family, sport, dport);
+    Tuple::of(&e)
+}
+
+fn handshake(direction: Direction, family: Family, duration_ns: u64, retransmits: u32, port: u16) -> Handshake {
+    let raw = if family == Family::Ipv4 { AF_INET } else { AF_INET6 };
+    let tuple = match direction {
+        Direction::Active => tuple(raw, 40000, port),
+        Direction::Passive => tuple(raw, port, 40000),
+    };
+    Handshake { direction, family, duration_ns, retransmits, tuple, origin: None, ts_ns: 0 }
+}
+
+fn failure(direction: Direction, family: Family, reason: FailureReason, port: u16) -> Failure {
+    let h = handshake(direction, family, 0, 0, port);
+    Failure { direction, family, reason, retransmits: 0, tuple: h.tuple, origin: None, elapsed_ns: None, ts_ns: 0 }
+}
+
+fn metrics(ports: PortLabels) -> Metrics {
+    Metrics::new(MetricsConfig { process: false, ports }).unwrap()
+}
+
+#[test]
+fn sink_calls_land_in_the_exposition() {
+    let mut m = metrics(PortLabels::Off);
+    m.transition(TcpState::SynSent as u8, TcpState::Established as u8);
+    m.transition(TcpState::SynSent as u8, TcpState::Established as u8);
+    m.transition(0, 42);
+    m.handshake(&handshake(Direction::Active, Family::Ipv4, 30_000, 0, 443));
+    m.handshake(&handshake(Direction::Active, Family::Ipv4, 1_000_300_000, 1, 443));
+    m.handshake(&handshake(Direction::Passive, Family::Ipv6, 40_000, 0, 80));
+    m.handshake_failed(&failure(Direction::Passive, Family::Ipv6, FailureReason::Reset, 80));
+    m.handshake_failed(&failure(Direction::Active, Family::Ipv4, FailureReason::Timeout, 80));
+    m.syn_retransmit(Family::Ipv4);
+    m.synack_retransmit(Family::Ipv6);
+    m.time_wait_entered(Family::Ipv6);
+    m.evicted(3);
+    m.set_events_lost(5);
+    m.set_events_lost(5);
+    m.set_events_lost(7);
+    m.events_read(9);
+    let text = render(m.registry());
+    let t = |s: &str| sample(&text, s);
+    assert_eq!(t(r#"tcptrace_state_transitions_total{new_state="established",old_state="syn_sent"}"#), Some(2.0));
+    assert_eq!(t(r#"tcptrace_state_transitions_total{new_state="unknown",old_state="unknown"}"#), Some(1.0));
+    let h = r#"tcptrace_handshake_duration_seconds_bucket{direction="active",family="ipv4",le="#;
+    assert_eq!(t(&format!(r#"{h}"0.00005"}}"#)), Some(1.0), "30 us lands at or below 50 us");
+    assert_eq!(t(&format!(r#"{h}"0.000025"}}"#)), Some(0.0));
+    assert_eq!(t(&format!(r#"{h}"1"}}"#)), Some(1.0), "one SYN retransmission is above 1 s");
+    assert_eq!(t(&format!(r#"{h}"2"}}"#)), Some(2.0));
+    assert_eq!(t(r#"tcptrace_handshake_duration_seconds_count{direction="active",family="ipv4"}"#), Some(2.0));
+    assert_eq!(t(r#"tcptrace_handshake_duration_seconds_count{direction="passive",family="ipv6"}"#), Some(1.0));
+    assert_eq!(
+        t(r#"tcptrace_handshake_retransmitted_duration_seconds_count{direction="active",family="ipv4"}"#),
+        Some(1.0),
+        "only the retransmitted handshake is in the subset"
+    );
+    assert_eq!(t(r#"tcptrace_handshake_failures_total{direction="passive",family="ipv6",reason="reset"}"#), Some(1.0));
+    assert_eq!(t(r#"tcptrace_handshake_failures_total{direction="active",family="ipv4",reason="timeout"}"#), Some(1.0));
+    assert_eq!(t(r#"tcptrace_syn_retransmits_total{family="ipv4"}"#), Some(1.0));
+    assert_eq!(t(r#"tcptrace_synack_retransmits_total{family="ipv6"}"#), Some(1.0));
+    assert_eq!(t(r#"tcptrace_time_wait_entries_total{family="ipv6"}"#), Some(1.0));
+    assert_eq!(t("tcptrace_tracked_sockets_evicted_total"), Some(3.0));
+    assert_eq!(t("tcptrace_events_lost_total"), Some(7.0));
+    assert_eq!(t("tcptrace_events_total"), Some(9.0));
+    assert_eq!(t(&format!(r#"tcptrace_build_info{{version="{}"}}"#, env!("CARGO_PKG_VERSION"))), Some(1.0));
+    assert!(!text.contains("port="), "no port label unless asked for");
+}
+
+#[test]
+fn port_labels_use_the_service_port_and_fold_the_rest() {
+    let mut m = metrics(PortLabels::Allow(vec![443, 5432]));
+    m.handshake(&handshake(Direction::Active, Family::Ipv4, 10_000, 0, 443));
+    m.handshake(&handshake(Direction::Passive, Family::Ipv4, 10_000, 0, 5432));
+    m.handshake(&handshake(Direction::Active, Family::Ipv4, 10_000, 0, 8080));
+    m.handshake_failed(&failure(Direction::Active, Family::Ipv4, FailureReason::Refused, 9999));
+    let text = render(m.registry());
+    let t = |s: &str| sample(&text, s);
+    let count = |d: &str, p: &str| {
+        t(&format!(r#"tcptrace_handshake_duration_seconds_count{{direction="{d}",family="ipv4",port="{p}"}}"#))
+    };
+    assert_eq!(count("active", "443"), Some(1.0));
+    assert_eq!(count("passive", "5432"), Some(1.0));
+    assert_eq!(count("active", "other"), Some(1.0));
+    assert_eq!(
+        t(r#"tcptrace_handshake_failures_total{direction="active",family="ipv4",port="other",reason="refused"}"#),
+        Some(1.0)
+    );
+}
+
+#[test]
+fn top_n_ports_stay_within_their_cap() {
+    let mut m = metrics(PortLabels::Top(3));
+    let tracker = Tracker::new(Limits::default());
+    for round in 0..10 {
+        for port in 1000..2000u16 {
+            m.handshake(&handshake(Direction::Active, Family::Ipv4, 10_000, 0, port));
+        }
+        if round % 3 == 0 {
+            m.refresh(&tracker);
+        }
+    }
+    let text = render(m.registry());
+    let ports: std::collections::BTreeSet<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("tcptrace_handshake_duration_seconds_count"))
+        .filter_map(|l| l.split("port=\"").nth(1)?.split('"').next())
+        .collect();
+    assert!(ports.len() <= 4 && ports.contains("other"), "{ports:?}");
+}
+
+#[test]
+fn retransmission_counts_fall_in_distinct_buckets() {
+    let bucket = |secs: f64| HANDSHAKE_BUCKETS.iter().position(|&b| secs <= b).unwrap();
+    for rtt in [0.000_05, 0.2] {
+        let b: Vec<_> = [0.0, 1.0, 3.0, 7.0].iter().map(|base| bucket(base + rtt)).collect();
+        assert!(b.windows(2).all(|w| w[0] < w[1]), "rtt {rtt}: buckets {b:?}");
+    }
+    assert!(bucket(0.000_03) < bucket(0.000_08), "loopback handshakes are resolved");
+}
+
+#[test]
+fn gauges_follow_the_tracker() {
+    let mut m = metrics(PortLabels::Off);
+    let t = Tracker::new(Limits::default());
+    m.refresh(&t);
+    let text = render(m.registry());
+    assert_eq!(sample(&text, r#"tcptrace_time_wait_sockets{family="ipv4"}"#), Some(0.0));
+    assert_eq!(sample(&text, "tcptrace_tracked_sockets"), Some(0.0));
+}

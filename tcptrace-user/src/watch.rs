@@ -1,0 +1,276 @@
+//! `tcptrace watch`: the live view. Same kernel programs and decoder as the daemon;
+//! records go to stdout instead of metrics.
+
+use std::io::{self, BufWriter, Write};
+
+use ipnet::IpNet;
+use tcptrace_common::{Event, EventKind, TcpState};
+
+use crate::{
+    cli::{FamilyArg, LogFormat, WatchArgs},
+    daemon::watch_readable,
+    error::Result,
+    events::{self, Family},
+    pipeline::monotonic_ns,
+    probe::{Probe, SocketOffsets},
+    report, shutdown,
+    tracker::{expiring::ExpiringMap, Failure, Handshake, Limits, Sink, Tracker, Tuple},
+};
+
+/// How many sockets' last transition time `watch` remembers (for "time in the
+/// previous state"); the oldest is forgotten first.
+const REMEMBERED_SOCKETS: usize = 65_536;
+/// A socket idle for longer than this is forgotten (its next line has no previous time).
+const REMEMBER_NS: u64 = 24 * 3600 * 1_000_000_000;
+
+/// Which sockets to show.
+#[derive(Clone, Debug, Default)]
+pub struct Filter {
+    pub ports: Vec<u16>,
+    pub nets: Vec<IpNet>,
+    pub pid: Option<u32>,
+    pub family: Option<Family>,
+}
+
+impl Filter {
+    pub fn from_args(args: &WatchArgs) -> Self {
+        Self {
+            ports: args.port.clone(),
+            nets: args.addr.clone(),
+            pid: args.pid,
+            family: args.family.map(|f| match f {
+                FamilyArg::Ipv4 => Family::Ipv4,
+                FamilyArg::Ipv6 => Family::Ipv6,
+            }),
+        }
+    }
+
+    /// Whether a socket with this 4-tuple, family and process passes.
+    pub fn matches(&self, family: Option<Family>, t: &Tuple, pid: Option<u32>) -> bool {
+        (self.family.is_none() || family == self.family)
+            && (self.ports.is_empty() || self.ports.contains(&t.sport) || self.ports.contains(&t.dport))
+            && (self.nets.is_empty()
+                || self.nets.iter().any(|n| n.contains(&t.local().ip()) || n.contains(&t.remote().ip())))
+            && (self.pid.is_none() || pid == self.pid)
+    }
+}
+
+/// Writes handshake records that pass the filter; remembers a write error.
+struct Printer<W: Write> {
+    filter: Filter,
+    format: LogFormat,
+    out: W,
+    error: Option<io::Error>,
+}
+
+impl<W: Write> Printer<W> {
+    fn line(&mut self, line: String) {
+        if self.error.is_none() {
+            if let Err(err) = writeln!(self.out, "{line}") {
+                self.error = Some(err);
+            }
+        }
+    }
+}
+
+impl<W: Write> Sink for Printer<W> {
+    fn handshake(&mut self, h: &Handshake) {
+        if self.filter.matches(Some(h.family), &h.tuple, h.origin.map(|o| o.tgid)) {
+            self.line(report::handshake(h, self.format));
+        }
+    }
+
+    fn handshake_failed(&mut self, f: &Failure) {
+        if self.filter.matches(Some(f.family), &f.tuple, f.origin.map(|o| o.tgid)) {
+            self.line(report::failure(f, self.format));
+        }
+    }
+}
+
+/// The two views, fed one event at a time.
+enum View<W: Write> {
+    /// Every state change with the time spent in the previous state.
+    Transitions { printer: Printer<W>, last: ExpiringMap<u64, u64> },
+    /// One line per completed or failed handshake.
+    Handshakes { printer: Printer<W>, tracker: Tracker },
+}
+
+impl<W: Write> View<W> {
+    pub fn new(handshakes: bool, filter: Filter, format: LogFormat, out: W) -> Self {
+        let printer = Printer { filter, format, out, error: None };
+        if handshakes {
+            Self::Handshakes { printer, tracker: Tracker::new(Limits::default()) }
+        } else {
+            Self::Transitions { printer, last: ExpiringMap::new(REMEMBERED_SOCKETS) }
+        }
+    }
+
+    pub fn event(&mut self, ev: &Event) {
+        match self {
+            Self::Handshakes { printer, tracker } => tracker.handle(ev, printer),
+            Self::Transitions { printer, last } => {
+                if ev.event_kind() != Some(EventKind::StateChange) {
+                    return;
+                }
+                let previous = if ev.new_state == TcpState::Close as u8 {
+                    last.remove(&ev.skaddr)
+                } else {
+                    last.insert(ev.skaddr, ev.ts_ns, ev.ts_ns + REMEMBER_NS).0
+                };
+                // The caller's pid is only meaningful in process context, where the
+                // kernel runs connect(), listen() and close() for it.
+                let pid = Some(ev.tgid);
+                if printer.filter.matches(Family::from_raw(ev.family), &Tuple::of(ev), pid) {
+                    let in_previous = previous.map(|p| ev.ts_ns.saturating_sub(p));
+                    printer.line(report::transition(ev, in_previous, printer.format));
+                }
+            }
+        }
+    }
+
+    /// Expiry for the handshake view, as the daemon does before a scrape.
+    pub fn tick(&mut self, now_ns: u64) {
+        if let Self::Handshakes { printer, tracker } = self {
+            tracker.advance(now_ns, printer);
+        }
+    }
+
+    fn printer(&mut self) -> &mut Printer<W> {
+        match self {
+            Self::Transitions { printer, .. } | Self::Handshakes { printer, .. } => printer,
+        }
+    }
+
+    /// Flushes; returns the first write error (a closed pipe ends `watch`).
+    pub fn flush(&mut self) -> io::Result<()> {
+        let p = self.printer();
+        if let Some(err) = p.error.take() {
+            return Err(err);
+        }
+        p.out.flush()
+    }
+
+    #[cfg(test)]
+    fn into_output(self) -> W {
+        match self {
+            Self::Transitions { printer, .. } | Self::Handshakes { printer, .. } => printer.out,
+        }
+    }
+}
+
+pub async fn run(args: WatchArgs) -> Result<()> {
+    let mut probe = Probe::load(args.ring_buffer_size.0, SocketOffsets::from_kernel())?;
+    let mut ring = watch_readable(probe.take_events()?)?;
+    let format = if args.json { LogFormat::Json } else { LogFormat::Text };
+    let mut view = View::new(args.handshakes, Filter::from_args(&args), format, BufWriter::new(io::stdout()));
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    let stop = shutdown::signal_received();
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            guard = ring.readable_mut() => {
+                let mut guard = guard?;
+                while let Some(item) = guard.get_inner_mut().next() {
+                    match events::decode(&item) {
+                        Ok(ev) => view.event(&ev),
+                        Err(err) => log::warn!("{err}"),
+                    }
+                }
+                guard.clear_ready();
+            }
+            _ = tick.tick() => view.tick(monotonic_ns()),
+            _ = &mut stop => break,
+        }
+        match view.flush() {
+            Ok(()) => {}
+            // `tcptrace watch | head`: the reader is gone, which is a normal end.
+            Err(err) if err.kind() == io::ErrorKind::BrokenPipe => break,
+            Err(err) => return Err(err.into()),
+        }
+    }
+    drop(probe);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use tcptrace_common::AF_INET;
+
+    use super::*;
+
+    fn ev(skaddr: u64, ts: u64, old: TcpState, new: TcpState, dport: u16) -> Event {
+        let mut e = Event::zeroed();
+        e.kind = EventKind::StateChange as u8;
+        (e.skaddr, e.ts_ns, e.family, e.sport, e.dport) = (skaddr, ts, AF_INET, 40000, dport);
+        e.saddr[..4].copy_from_slice(&[127, 0, 0, 1]);
+        e.daddr[..4].copy_from_slice(&[127, 0, 0, 1]);
+        (e.old_state, e.new_state) = (old as u8, new as u8);
+        e.tgid = 99;
+        e
+    }
+
+    fn lines(view: View<Vec<u8>>) -> Vec<serde_json::Value> {
+        let out = String::from_utf8(view.into_output()).unwrap();
+        out.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    }
+
+    #[test]
+    fn transitions_show_time_in_previous_state_and_filter() {
+        let filter = Filter { ports: vec![80], ..Filter::default() };
+        let mut view = View::new(false, filter, LogFormat::Json, Vec::new());
+        view.event(&ev(1, 1_000_000, TcpState::Close, TcpState::SynSent, 80));
+        view.event(&ev(1, 3_000_000, TcpState::SynSent, TcpState::Established, 80));
+        view.event(&ev(2, 3_000_000, TcpState::Close, TcpState::SynSent, 443));
+        let got = lines(view);
+        assert_eq!(got.len(), 2, "port 443 is filtered out");
+        assert!(got[0].get("previous_ms").is_none());
+        assert_eq!(got[1]["previous_ms"], 2.0);
+        assert_eq!(got[1]["new_state"], "established");
+    }
+
+    #[test]
+    fn handshake_view_prints_completions_and_failures() {
+        let mut view = View::new(true, Filter::default(), LogFormat::Json, Vec::new());
+        let mut start = ev(1, 1_000_000, TcpState::Close, TcpState::SynSent, 80);
+        start.sport = 0;
+        view.event(&start);
+        view.event(&ev(1, 1_050_000, TcpState::SynSent, TcpState::Established, 80));
+        view.event(&ev(2, 2_000_000, TcpState::Close, TcpState::SynSent, 81));
+        let mut refused = ev(2, 2_000_100, TcpState::SynSent, TcpState::Close, 81);
+        refused.sk_err = 111;
+        view.event(&refused);
+        let got = lines(view);
+        assert_eq!(got.len(), 2);
+        assert_eq!((got[0]["event"].as_str(), got[0]["duration_ms"].as_f64()), (Some("handshake"), Some(0.05)));
+        assert_eq!(got[0]["pid"], 99);
+        assert_eq!((got[1]["event"].as_str(), got[1]["reason"].as_str()), (Some("handshake_failed"), Some("refused")));
+    }
+
+    #[test]
+    fn filters_combine() {
+        let t = Tuple::of(&ev(1, 0, TcpState::Close, TcpState::SynSent, 80));
+        let f = |filter: Filter| filter.matches(Some(Family::Ipv4), &t, Some(99));
+        assert!(f(Filter::default()));
+        assert!(f(Filter { nets: vec!["127.0.0.0/8".parse().unwrap()], ..Filter::default() }));
+        assert!(!f(Filter { nets: vec!["10.0.0.0/8".parse().unwrap()], ..Filter::default() }));
+        assert!(!f(Filter { family: Some(Family::Ipv6), ..Filter::default() }));
+        assert!(!f(Filter { pid: Some(1), ..Filter::default() }));
+        assert!(f(Filter { pid: Some(99), ports: vec![40000], ..Filter::default() }));
+    }
+
+    #[test]
+    fn a_closed_pipe_is_reported_by_flush() {
+        struct Closed;
+        impl Write for Closed {
+            fn write(&mut self, _: &[u8]) -> io::Result<usize> {
+                Err(io::ErrorKind::BrokenPipe.into())
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let mut view = View::new(false, Filter::default(), LogFormat::Text, Closed);
+        view.event(&ev(1, 1, TcpState::Close, TcpState::SynSent, 80));
+        assert_eq!(view.flush().unwrap_err().kind(), io::ErrorKind::BrokenPipe);
+    }
+}

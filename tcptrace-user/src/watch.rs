@@ -92,14 +92,14 @@ enum View<W: Write> {
     /// Every state change with the time spent in the previous state.
     Transitions { printer: Printer<W>, last: ExpiringMap<u64, u64> },
     /// One line per completed or failed handshake.
-    Handshakes { printer: Printer<W>, tracker: Tracker },
+    Handshakes { printer: Printer<W>, tracker: Box<Tracker> },
 }
 
 impl<W: Write> View<W> {
     pub fn new(handshakes: bool, filter: Filter, format: LogFormat, out: W) -> Self {
         let printer = Printer { filter, format, out, error: None };
         if handshakes {
-            Self::Handshakes { printer, tracker: Tracker::new(Limits::default()) }
+            Self::Handshakes { printer, tracker: Box::new(Tracker::new(Limits::default())) }
         } else {
             Self::Transitions { printer, last: ExpiringMap::new(REMEMBERED_SOCKETS) }
         }

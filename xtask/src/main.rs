@@ -77,7 +77,7 @@ fn run(cmd: Cmd) -> Result<()> {
             step("unit tests (no root needed)");
             cargo(&["test"])?; // default members: not the eBPF crate
             step("root tests against the real kernel (one at a time)");
-            let bins = test_binaries(&["--package", "tcptrace-user", "--test", "kernel"])?;
+            let bins = test_binaries(&["--package", "tcptrace-user", "--test", "kernel", "--test", "forensics"])?;
             for bin in bins {
                 as_root(&bin, &["--ignored".into(), "--test-threads=1".into()])?;
             }

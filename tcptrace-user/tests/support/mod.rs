@@ -38,6 +38,8 @@ pub struct Daemon {
     child: Option<Child>,
     pub addr: SocketAddr,
     log: Arc<Mutex<String>>,
+    /// Lines the daemon wrote to stdout (the slow log).
+    stdout: Arc<Mutex<Vec<String>>>,
     /// One keep-alive connection for every scrape, so that scraping adds no TCP
     /// handshakes or TIME_WAIT entries of its own to the counts under test.
     conn: RefCell<Option<BufReader<TcpStream>>>,
@@ -52,8 +54,16 @@ impl Daemon {
     /// Like [`Daemon::start`] with a prepared command (e.g. a wrapper like `unshare`).
     pub fn start_with(mut cmd: Command, extra: &[&str]) -> Self {
         cmd.args(["daemon", "--listen", "127.0.0.1:0"]).args(extra);
-        let mut child = cmd.stderr(Stdio::piped()).stdout(Stdio::null()).spawn().expect("spawn tcptrace");
+        let mut child = cmd.stderr(Stdio::piped()).stdout(Stdio::piped()).spawn().expect("spawn tcptrace");
         let stderr = child.stderr.take().expect("stderr");
+        let stdout_lines = Arc::new(Mutex::new(Vec::new()));
+        let out = stdout_lines.clone();
+        let stdout = child.stdout.take().expect("stdout");
+        thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                out.lock().unwrap().push(line);
+            }
+        });
         let log = Arc::new(Mutex::new(String::new()));
         let (tx, rx) = std::sync::mpsc::channel();
         let sink = log.clone();
@@ -67,7 +77,13 @@ impl Daemon {
                 log.push('\n');
             }
         });
-        let mut daemon = Self { child: Some(child), addr: "0.0.0.0:0".parse().unwrap(), log, conn: RefCell::new(None) };
+        let mut daemon = Self {
+            child: Some(child),
+            addr: "0.0.0.0:0".parse().unwrap(),
+            log,
+            stdout: stdout_lines,
+            conn: RefCell::new(None),
+        };
         match rx.recv_timeout(Duration::from_secs(20)) {
             Ok(addr) => daemon.addr = addr.parse().expect("listen address"),
             Err(_) => panic!("daemon did not start serving within 20 s; its log:\n{}", daemon.log()),
@@ -77,6 +93,11 @@ impl Daemon {
 
     pub fn log(&self) -> String {
         self.log.lock().unwrap().clone()
+    }
+
+    /// What the daemon printed on stdout so far (slow-log records).
+    pub fn stdout_lines(&self) -> Vec<String> {
+        self.stdout.lock().unwrap().clone()
     }
 
     pub fn pid(&self) -> u32 {
@@ -236,4 +257,112 @@ pub fn kernel_socket_summary() -> String {
         }
     }
     format!("{sockstat}ss states: {states:?}")
+}
+
+/// Runs a command, panicking with its output if it fails.
+pub fn sh(program: &str, args: &[&str]) {
+    let out = Command::new(program).args(args).output().unwrap_or_else(|e| panic!("{program}: {e}"));
+    assert!(
+        out.status.success(),
+        "{program} {args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A unique name for something the test creates (netns, nft table).
+pub fn unique(prefix: &str) -> String {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static N: AtomicUsize = AtomicUsize::new(0);
+    format!("{prefix}{}x{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
+}
+
+/// A network namespace with loopback up, deleted on drop (also on panic).
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn new() -> Self {
+        let ns = Self { name: unique("tctest") };
+        sh("ip", &["netns", "add", &ns.name]);
+        ns.exec("ip", &["link", "set", "lo", "up"]);
+        ns
+    }
+
+    /// Runs a command inside the namespace.
+    pub fn exec(&self, program: &str, args: &[&str]) {
+        let mut all = vec!["netns", "exec", &self.name, program];
+        all.extend_from_slice(args);
+        sh("ip", &all);
+    }
+
+    /// Runs `f` on a thread that has entered the namespace: sockets it makes live there.
+    pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> thread::JoinHandle<T> {
+        let path = format!("/run/netns/{}", self.name);
+        thread::spawn(move || {
+            let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+            // SAFETY: setns on a namespace fd we opened; affects only this thread.
+            let rc = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+            f()
+        })
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+    }
+}
+
+/// An nftables table (family inet) with one output-hook chain holding `rules`,
+/// in the current namespace or in `netns`; deleted on drop (also on panic).
+pub struct NftTable {
+    name: String,
+    netns: Option<String>,
+}
+
+impl NftTable {
+    pub fn new(netns: Option<&Netns>, rules: &[String]) -> Self {
+        let name = unique("tctest");
+        let mut script =
+            format!("table inet {name} {{\n chain out {{\n  type filter hook output priority 0; policy accept;\n");
+        for r in rules {
+            script.push_str(&format!("  {r}\n"));
+        }
+        script.push_str(" }\n}\n");
+        let t = Self { name, netns: netns.map(|n| n.name.clone()) };
+        let mut cmd = t.command();
+        cmd.args(["-f", "-"]).stdin(Stdio::piped());
+        let mut child = cmd.spawn().expect("nft");
+        child.stdin.take().unwrap().write_all(script.as_bytes()).unwrap();
+        assert!(child.wait().unwrap().success(), "nft rejected:\n{script}");
+        t
+    }
+
+    fn command(&self) -> Command {
+        match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, "nft"]);
+                c
+            }
+            None => Command::new("nft"),
+        }
+    }
+
+    /// Deletes the table now (what drop does, but at a chosen moment).
+    pub fn delete(&mut self) {
+        if !self.name.is_empty() {
+            let _ = self.command().args(["delete", "table", "inet", &self.name]).status();
+            self.name.clear();
+        }
+    }
+}
+
+impl Drop for NftTable {
+    fn drop(&mut self) {
+        self.delete();
+    }
 }

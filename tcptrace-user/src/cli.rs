@@ -127,6 +127,15 @@ pub struct DaemonArgs {
     #[arg(long, default_value = "off", value_name = "off|PORTS|top:N")]
     pub port_labels: PortLabels,
 
+    /// Count active opens and their failures per connecting command, in
+    /// tcptrace_process_handshakes_total{comm} and
+    /// tcptrace_process_handshake_failures_total{comm,reason}: the N commands with
+    /// the most connects (each once it has 5) get their own label, the rest are
+    /// comm="other". 0 (the default) leaves these metrics out. Worst case:
+    /// (N+1) + 6*(N+1) series; N is at most 50.
+    #[arg(long, default_value_t = 0, value_name = "N", value_parser = clap::value_parser!(u16).range(0..=50))]
+    pub comm_labels: u16,
+
     /// Write one record to stdout for every handshake slower than this (e.g. 200ms,
     /// 1s) and for every failed handshake: time, direction, 4-tuple, pid and comm of
     /// the connect() caller, duration, retransmissions, failure reason.

@@ -60,7 +60,11 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
     };
     let mut pipeline = Pipeline::new(
         Tracker::new(limits),
-        Metrics::new(MetricsConfig { process: !args.no_process_metrics, ports: args.port_labels.clone() })?,
+        Metrics::new(MetricsConfig {
+            process: !args.no_process_metrics,
+            ports: args.port_labels.clone(),
+            comms: usize::from(args.comm_labels),
+        })?,
     );
     match procnet::time_wait_sockets(monotonic_ns()) {
         Ok(seeds) => {

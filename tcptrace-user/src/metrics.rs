@@ -3,6 +3,7 @@
 //! Metric names and labels are a contract (dashboards depend on them). Label
 //! handles are resolved once, on first use, not hashed per event.
 
+mod comms;
 mod ports;
 
 use prometheus::{
@@ -11,7 +12,7 @@ use prometheus::{
 };
 use tcptrace_common::TcpState;
 
-use self::ports::PortLabeler;
+use self::{comms::CommLabeler, ports::PortLabeler};
 pub use self::ports::PortLabels;
 use crate::{
     events::Family,
@@ -47,6 +48,8 @@ pub struct MetricsConfig {
     pub process: bool,
     /// Per-port labels on the handshake metrics.
     pub ports: PortLabels,
+    /// How many connecting commands get their own `comm` label (0: no process metrics).
+    pub comms: usize,
 }
 
 /// Lazily created label handles, indexed densely.
@@ -78,6 +81,10 @@ pub struct Metrics {
     retransmitted: Handles<Histogram>,
     /// `[direction][family][reason][port slot]`.
     failures: Handles<IntCounter>,
+    comms: CommLabeler,
+    /// Active opens by command: `[comm slot]`, and failures `[reason][comm slot]`.
+    process_handshakes: Option<(IntCounterVec, Handles<IntCounter>)>,
+    process_failures: Option<(IntCounterVec, Handles<IntCounter>)>,
     transitions: Handles<IntCounter>,
     syn_retransmits: [IntCounter; 2],
     synack_retransmits: [IntCounter; 2],
@@ -195,6 +202,30 @@ impl Metrics {
             reg(Box::new(prometheus::process_collector::ProcessCollector::for_self()))?;
         }
 
+        let comms = CommLabeler::new(config.comms);
+        let per_comm = |name: &str, help: &str, labels: &[&str], len: usize| -> prometheus::Result<_> {
+            let v = IntCounterVec::new(Opts::new(name, help), labels)?;
+            registry.register(Box::new(v.clone()))?;
+            Ok((v, Handles::new(len)))
+        };
+        let (process_handshakes, process_failures) = if comms.enabled() {
+            let completed = per_comm(
+                "tcptrace_process_handshakes_total",
+                "Completed active handshakes by the connect() caller's command (--comm-labels).",
+                &["comm"],
+                comms.slots(),
+            )?;
+            let failed = per_comm(
+                "tcptrace_process_handshake_failures_total",
+                "Failed active handshakes by the connect() caller's command and reason (--comm-labels).",
+                &["comm", "reason"],
+                comms.slots() * FailureReason::ALL.len(),
+            )?;
+            (Some(completed), Some(failed))
+        } else {
+            (None, None)
+        };
+
         let port_slots = ports.slots();
         Ok(Self {
             handshake: Handles::new(4 * port_slots),
@@ -202,6 +233,9 @@ impl Metrics {
             failures: Handles::new(4 * FailureReason::ALL.len() * port_slots),
             transitions: Handles::new(STATE_SLOTS * STATE_SLOTS),
             ports,
+            comms,
+            process_handshakes,
+            process_failures,
             handshake_vec,
             retransmitted_vec,
             failures_vec,
@@ -248,6 +282,9 @@ impl Metrics {
         }
         self.tracked_sockets.set(tracker.tracked_sockets() as i64);
         self.ports.promote();
+        if self.comms.enabled() {
+            self.comms.promote();
+        }
     }
 
     /// The port a handshake is labelled by: the service's port, i.e. the remote one
@@ -292,6 +329,11 @@ impl Sink for Metrics {
         if h.retransmits > 0 {
             self.retransmitted.get(index, || make(&self.retransmitted_vec)).observe(secs);
         }
+        if let (Some((vec, handles)), Some(origin)) = (&mut self.process_handshakes, &h.origin) {
+            let slot = self.comms.slot(&origin.comm);
+            let comms = &self.comms;
+            handles.get(slot, || vec.with_label_values(&[comms.label(slot)])).inc();
+        }
     }
 
     fn handshake_failed(&mut self, f: &Failure) {
@@ -307,6 +349,12 @@ impl Sink for Metrics {
                 vec.with_label_values(&values[..3 + usize::from(ports.enabled())])
             })
             .inc();
+        if let (Some((vec, handles)), Some(origin)) = (&mut self.process_failures, &f.origin) {
+            let slot = self.comms.slot(&origin.comm);
+            let comms = &self.comms;
+            let index = f.reason as usize * comms.slots() + slot;
+            handles.get(index, || vec.with_label_values(&[comms.label(slot), f.reason.label()])).inc();
+        }
     }
 
     fn syn_retransmit(&mut self, family: Family) {

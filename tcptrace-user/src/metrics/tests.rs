@@ -30,7 +30,31 @@ fn failure(direction: Direction, family: Family, reason: FailureReason, port: u1
 }
 
 fn metrics(ports: PortLabels) -> Metrics {
-    Metrics::new(MetricsConfig { process: false, ports }).unwrap()
+    Metrics::new(MetricsConfig { process: false, ports, comms: 0 }).unwrap()
+}
+
+#[test]
+fn comm_labels_count_connects_per_command() {
+    let mut m = Metrics::new(MetricsConfig { comms: 1, ..MetricsConfig::default() }).unwrap();
+    let tracker = Tracker::new(Limits::default());
+    let mut comm = [0u8; 16];
+    comm[..4].copy_from_slice(b"curl");
+    let origin = crate::tracker::Origin { pid: 1, tgid: 1, cgroup_id: 1, comm };
+    let mut h = handshake(Direction::Active, Family::Ipv4, 10_000, 0, 443);
+    h.origin = Some(origin);
+    for _ in 0..5 {
+        m.handshake(&h);
+    }
+    m.refresh(&tracker);
+    m.handshake(&h);
+    let mut f = failure(Direction::Active, Family::Ipv4, FailureReason::Timeout, 443);
+    f.origin = Some(origin);
+    m.handshake_failed(&f);
+    let text = render(m.registry());
+    assert_eq!(sample(&text, r#"tcptrace_process_handshakes_total{comm="other"}"#), Some(5.0));
+    assert_eq!(sample(&text, r#"tcptrace_process_handshakes_total{comm="curl"}"#), Some(1.0));
+    assert_eq!(sample(&text, r#"tcptrace_process_handshake_failures_total{comm="curl",reason="timeout"}"#), Some(1.0));
+    assert!(!render(metrics(PortLabels::Off).registry()).contains("tcptrace_process_"), "off by default");
 }
 
 #[test]

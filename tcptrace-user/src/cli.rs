@@ -94,7 +94,7 @@ pub struct DaemonArgs {
     pub listen: SocketAddr,
 
     /// Kernel ring buffer size between the eBPF programs and the daemon: a power of two
-    /// of at least 4KiB, e.g. 256KiB, 1MiB, 16MiB. Each event takes 96 bytes; a full
+    /// of at least 4KiB, e.g. 256KiB, 1MiB, 16MiB. Each event takes 112 bytes; a full
     /// buffer drops events and counts them in tcptrace_events_lost_total.
     #[arg(long, default_value_t = ByteSize(DEFAULT_RING_BYTES), value_name = "SIZE", value_parser = parse_ring_size)]
     pub ring_buffer_size: ByteSize,

@@ -12,8 +12,8 @@ use prometheus::{
 };
 use tcptrace_common::TcpState;
 
-use self::{comms::CommLabeler, ports::PortLabeler};
 pub use self::ports::PortLabels;
+use self::{comms::CommLabeler, ports::PortLabeler};
 use crate::{
     events::Family,
     tracker::{Direction, Failure, FailureReason, Handshake, Sink, Tracker},

@@ -16,6 +16,9 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 use clap::{Parser, Subcommand};
 
+mod bench;
+mod churn;
+
 #[derive(Parser)]
 #[command(name = "cargo xtask", about = "Set up, build, run and test tcptrace")]
 struct Cli {
@@ -41,6 +44,16 @@ enum Cmd {
     Test,
     /// rustfmt and clippy (-D warnings) over userspace and the eBPF crate.
     Lint,
+    /// Measure tcptrace's cost beside the workload alone, tcpstates and bpftrace
+    /// (installed when missing), plus the userspace pipeline, scrape and memory.
+    /// Writes target/bench/results.md. Needs root.
+    Bench {
+        #[command(flatten)]
+        args: bench::BenchArgs,
+        /// A tiny run that only proves the benchmark works.
+        #[arg(long)]
+        smoke: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -81,6 +94,21 @@ fn run(cmd: Cmd) -> Result<()> {
             for bin in bins {
                 as_root(&bin, &["--ignored".into(), "--test-threads=1".into()])?;
             }
+        }
+        Cmd::Bench { args, smoke } => {
+            setup_toolchain()?;
+            let args = if smoke { bench::BenchArgs::smoke() } else { args };
+            if !args.no_peers {
+                setup_bench_peers();
+            }
+            if !is_root() {
+                bail!("the benchmark loads eBPF programs and needs root: run `sudo -E cargo xtask bench`");
+            }
+            cargo(&["build", "--release", "--package", "tcptrace-user"])?;
+            let report = bench::run(&args, &root, &root.join("target/release/tcptrace"))?;
+            let path = bench::results_path(&root);
+            fs::write(&path, report)?;
+            step(&format!("results written to {}", path.display()));
         }
         Cmd::Lint => {
             setup_toolchain()?;
@@ -176,7 +204,7 @@ fn test_binaries(select: &[&str]) -> Result<Vec<PathBuf>> {
     Ok(bins)
 }
 
-fn has(program: &str) -> bool {
+pub(crate) fn has(program: &str) -> bool {
     env::var_os("PATH").map(|paths| env::split_paths(&paths).any(|dir| dir.join(program).is_file())).unwrap_or(false)
 }
 
@@ -223,6 +251,29 @@ fn setup_toolchain() -> Result<()> {
         bail!("bpf-linker was installed but is not on PATH; add ~/.cargo/bin to PATH");
     }
     Ok(())
+}
+
+/// The peers the benchmark compares with; best effort (the benchmark skips what is
+/// missing).
+fn setup_bench_peers() {
+    let missing: Vec<&str> = [("tcpstates", "libbpf-tools"), ("bpftrace", "bpftrace")]
+        .iter()
+        .filter(|(b, _)| !has(b))
+        .map(|&(_, p)| p)
+        .collect();
+    if missing.is_empty() || !is_root() {
+        return;
+    }
+    step(&format!("installing benchmark peers {missing:?}"));
+    let ok = Command::new("apt-get")
+        .args(["install", "-y", "-q", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        step("could not install them; the benchmark skips what is missing");
+    }
 }
 
 /// Debian packages the root tests use.

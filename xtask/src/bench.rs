@@ -1,0 +1,540 @@
+//! `cargo xtask bench`: tcptrace's cost, measured beside its peers in one invocation.
+//!
+//! Every figure is a ratio to a baseline run in the same invocation (the workload
+//! alone; decoding alone), alternating configurations across rounds so that drift on
+//! a shared machine cancels out. Nothing here asserts a time.
+
+use std::{
+    fmt::Write as _,
+    fs,
+    io::{BufRead, BufReader, Read, Write},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::mpsc,
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _, Result};
+
+use crate::{
+    churn::{Churn, Closer},
+    has,
+};
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct BenchArgs {
+    /// Rounds of every configuration (medians are over rounds).
+    #[arg(long, default_value_t = 3)]
+    pub rounds: usize,
+    /// Longest a single churn run may take, in seconds.
+    #[arg(long, default_value_t = 4.0)]
+    pub seconds: f64,
+    /// Most connections in a single churn run.
+    #[arg(long, default_value_t = 150_000)]
+    pub connections: u64,
+    /// Client threads of the churn workload.
+    #[arg(long, default_value_t = 4)]
+    pub threads: usize,
+    /// Which side closes first.
+    #[arg(long, value_enum, default_value_t = Closer::Server)]
+    pub closer: Closer,
+    /// Use IPv6 loopback instead of IPv4.
+    #[arg(long)]
+    pub ipv6: bool,
+    /// Connections held open for the memory measurement (0 skips it).
+    #[arg(long, default_value_t = 100_000)]
+    pub open: usize,
+    /// Synthetic events for the userspace pipeline benchmark.
+    #[arg(long, default_value_t = 5_000_000)]
+    pub events: usize,
+    /// Only tcptrace and the bare workload (skip tcpstates and bpftrace).
+    #[arg(long)]
+    pub no_peers: bool,
+}
+
+impl BenchArgs {
+    /// A tiny run that only proves the benchmark works.
+    pub fn smoke() -> Self {
+        Self {
+            rounds: 1,
+            seconds: 0.5,
+            connections: 2_000,
+            threads: 2,
+            closer: Closer::Server,
+            ipv6: false,
+            open: 1_000,
+            events: 100_000,
+            no_peers: true,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Tracer {
+    None,
+    Tcptrace,
+    Tcpstates,
+    Bpftrace,
+}
+
+impl Tracer {
+    fn name(self) -> &'static str {
+        match self {
+            Self::None => "workload alone",
+            Self::Tcptrace => "tcptrace daemon",
+            Self::Tcpstates => "tcpstates > /dev/null",
+            Self::Bpftrace => "bpftrace (in-kernel histogram)",
+        }
+    }
+}
+
+/// The in-kernel aggregation peer: handshake latency histogram, nothing streamed.
+const BPFTRACE_SCRIPT: &str = r#"tracepoint:sock:inet_sock_set_state /args->protocol == 6/ {
+  if (args->newstate == 2) { @start[args->skaddr] = nsecs; }
+  if (args->oldstate == 2) {
+    if (args->newstate == 1 && @start[args->skaddr]) { @lat = hist(nsecs - @start[args->skaddr]); }
+    delete(@start[args->skaddr]);
+  }
+}
+"#;
+
+struct Running {
+    child: Child,
+    metrics: Option<SocketAddr>,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        interrupt(self.child.id());
+        let end = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < end {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// SIGINT, which every tracer here treats as "detach and exit".
+fn interrupt(pid: u32) {
+    let _ = Command::new("kill").args(["-INT", &pid.to_string()]).status();
+}
+
+/// CPU seconds (user + system) a process has used.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the ")" of comm: state is field 3, utime 14, stime 15.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// A `/proc/PID/status` memory field in KiB (VmRSS, VmHWM).
+fn status_kib(pid: u32, field: &str) -> u64 {
+    fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.trim().strip_suffix("kB")?.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Whether a process has attached a BPF program: a perf link, or a program fd next
+/// to a perf event fd (bpftrace's way).
+fn bpf_attached(pid: u32) -> bool {
+    let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fd")) else { return false };
+    let (mut prog, mut perf) = (false, false);
+    for fd in fds.flatten() {
+        let target = fs::read_link(fd.path()).map(|t| t.display().to_string()).unwrap_or_default();
+        perf |= target.contains("perf_event");
+        let info =
+            fs::read_to_string(format!("/proc/{pid}/fdinfo/{}", fd.file_name().to_string_lossy())).unwrap_or_default();
+        if info.contains("link_type:\tperf") {
+            return true;
+        }
+        prog |= info.contains("prog_type:");
+    }
+    prog && perf
+}
+
+fn start(tracer: Tracer, bin: &Path, work: &Path) -> Result<Option<Running>> {
+    let mut cmd = match tracer {
+        Tracer::None => return Ok(None),
+        Tracer::Tcptrace => {
+            let mut c = Command::new(bin);
+            c.args(["daemon", "--listen", "127.0.0.1:0"]);
+            c
+        }
+        Tracer::Tcpstates => Command::new("tcpstates"),
+        Tracer::Bpftrace => {
+            let script = work.join("handshake.bt");
+            fs::write(&script, BPFTRACE_SCRIPT)?;
+            let mut c = Command::new("bpftrace");
+            c.arg(script);
+            c
+        }
+    };
+    let mut child = cmd.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().with_context(|| format!("{cmd:?}"))?;
+    let stderr = child.stderr.take().context("stderr")?;
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(addr) = line.split("serving metrics at http://").nth(1) {
+                let _ = tx.send(addr.trim_end_matches("/metrics").to_string());
+            }
+        }
+    });
+    let pid = child.id();
+    let mut running = Running { child, metrics: None };
+    let end = Instant::now() + Duration::from_secs(30);
+    loop {
+        if tracer == Tracer::Tcptrace {
+            if let Ok(addr) = rx.recv_timeout(Duration::from_millis(20)) {
+                running.metrics = Some(addr.parse()?);
+                break;
+            }
+        } else if bpf_attached(pid) {
+            break;
+        } else {
+            thread::sleep(Duration::from_millis(20));
+        }
+        if let Some(status) = running.child.try_wait()? {
+            bail!("{} exited before attaching ({status})", tracer.name());
+        }
+        if Instant::now() > end {
+            bail!("{} did not attach within 30 s", tracer.name());
+        }
+    }
+    Ok(Some(running))
+}
+
+/// GET /metrics; returns the body.
+fn scrape(addr: SocketAddr) -> Result<String> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(s, "GET /metrics HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")?;
+    let mut reply = String::new();
+    s.read_to_string(&mut reply)?;
+    let (head, body) = reply.split_once("\r\n\r\n").context("malformed HTTP reply")?;
+    if !head.starts_with("HTTP/1.1 200") {
+        bail!("scrape failed: {head}");
+    }
+    Ok(body.to_string())
+}
+
+fn sample(text: &str, name: &str) -> f64 {
+    text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok()).unwrap_or(0.0)
+}
+
+#[derive(Clone, Debug)]
+struct Run {
+    tracer: Tracer,
+    rate: f64,
+    connections: u64,
+    cpu_s: f64,
+    events: Option<f64>,
+    lost: Option<f64>,
+    peak_rss_kib: u64,
+    seconds: f64,
+}
+
+fn one_run(tracer: Tracer, churn: &Churn, bin: &Path, work: &Path) -> Result<Run> {
+    let running = start(tracer, bin, work)?;
+    let pid = running.as_ref().map(|r| r.child.id());
+    let before = match running.as_ref().and_then(|r| r.metrics) {
+        Some(addr) => Some(scrape(addr)?),
+        None => None,
+    };
+    let cpu0 = pid.map_or(0.0, cpu_seconds);
+    let outcome = churn.run()?;
+    let cpu = pid.map_or(0.0, cpu_seconds) - cpu0;
+    let (events, lost) = match (running.as_ref().and_then(|r| r.metrics), before) {
+        (Some(addr), Some(before)) => {
+            // The daemon may still be draining the last events; wait until the count
+            // stops moving (bounded), so the lost/events figures are complete.
+            let mut last = scrape(addr)?;
+            for _ in 0..50 {
+                thread::sleep(Duration::from_millis(20));
+                let now = scrape(addr)?;
+                if sample(&now, "tcptrace_events_total") == sample(&last, "tcptrace_events_total") {
+                    break;
+                }
+                last = now;
+            }
+            let d = |n| sample(&last, n) - sample(&before, n);
+            (Some(d("tcptrace_events_total")), Some(d("tcptrace_events_lost_total")))
+        }
+        _ => (None, None),
+    };
+    let peak_rss_kib = pid.map_or(0, |p| status_kib(p, "VmHWM:"));
+    drop(running);
+    if outcome.errors > 0 {
+        eprintln!("xtask bench: {} connect errors under {}", outcome.errors, tracer.name());
+    }
+    Ok(Run {
+        tracer,
+        rate: outcome.rate(),
+        connections: outcome.connections,
+        cpu_s: cpu,
+        events,
+        lost,
+        peak_rss_kib,
+        seconds: outcome.elapsed.as_secs_f64(),
+    })
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Time from spawning the daemon to its first successful scrape.
+fn start_to_first_scrape(bin: &Path) -> Result<Duration> {
+    let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    let begin = Instant::now();
+    let mut child = Command::new(bin)
+        .args(["daemon", "--listen", &addr.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let took = loop {
+        if scrape(addr).is_ok() {
+            break begin.elapsed();
+        }
+        if begin.elapsed() > Duration::from_secs(20) {
+            let _ = child.kill();
+            bail!("the daemon did not answer a scrape within 20 s");
+        }
+        thread::sleep(Duration::from_millis(2));
+    };
+    interrupt(child.id());
+    let _ = child.wait();
+    Ok(took)
+}
+
+/// Raises this process's open-file limit (root may) for the open-connections test;
+/// returns the limit in force.
+fn raise_nofile(want: u64) -> u64 {
+    let pid = std::process::id().to_string();
+    let _ = Command::new("prlimit").args(["--pid", &pid, &format!("--nofile={want}:{want}")]).status();
+    let limits = fs::read_to_string("/proc/self/limits").unwrap_or_default();
+    limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(3))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1024)
+}
+
+/// Daemon RSS idle, with `n` connections open, and after they closed (each then a
+/// modelled TIME_WAIT socket).
+fn memory(bin: &Path, work: &Path, n: usize) -> Result<(u64, u64, u64, usize)> {
+    let running = start(Tracer::Tcptrace, bin, work)?.context("daemon")?;
+    let pid = running.child.id();
+    let addr = running.metrics.context("metrics address")?;
+    scrape(addr)?;
+    let idle = status_kib(pid, "VmRSS:");
+    let limit = raise_nofile(2 * n as u64 + 1024);
+    let n = n.min((limit.saturating_sub(1024) / 2) as usize);
+    // Spread over listeners so that ephemeral ports (28k per destination) suffice.
+    let listeners: Vec<TcpListener> =
+        (0..n.div_ceil(20_000).max(1)).map(|_| TcpListener::bind("127.0.0.1:0")).collect::<Result<_, _>>()?;
+    let mut held = Vec::with_capacity(2 * n);
+    for i in 0..n {
+        let l = &listeners[i % listeners.len()];
+        held.push(TcpStream::connect(l.local_addr()?)?);
+        held.push(l.accept()?.0);
+    }
+    // Let the daemon drain what the burst produced, then read its memory.
+    let mut last = 0.0;
+    for _ in 0..100 {
+        let now = sample(&scrape(addr)?, "tcptrace_events_total");
+        if now == last {
+            break;
+        }
+        last = now;
+        thread::sleep(Duration::from_millis(50));
+    }
+    let open = status_kib(pid, "VmRSS:");
+    // Close server sides first: n modelled TIME_WAIT sockets.
+    for pair in held.chunks_mut(2) {
+        pair.swap(0, 1);
+    }
+    drop(held);
+    for _ in 0..100 {
+        let now = sample(&scrape(addr)?, "tcptrace_events_total");
+        if now == last {
+            break;
+        }
+        last = now;
+        thread::sleep(Duration::from_millis(50));
+    }
+    let closed = status_kib(pid, "VmRSS:");
+    drop(running);
+    Ok((idle, open, closed, n))
+}
+
+fn scrape_latency(bin: &Path, work: &Path) -> Result<(f64, f64)> {
+    let running = start(Tracer::Tcptrace, bin, work)?.context("daemon")?;
+    let addr = running.metrics.context("metrics address")?;
+    // Some traffic first, so the exposition has its usual series.
+    Churn {
+        ip: Ipv4Addr::LOCALHOST.into(),
+        threads: 2,
+        max_connections: 2_000,
+        max_duration: Duration::from_secs(2),
+        closer: Closer::Server,
+    }
+    .run()?;
+    let mut times = Vec::new();
+    for _ in 0..50 {
+        let t = Instant::now();
+        scrape(addr)?;
+        times.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    let mut sorted = times.clone();
+    sorted.sort_by(f64::total_cmp);
+    Ok((median(times), sorted[sorted.len() * 95 / 100]))
+}
+
+pub fn run(args: &BenchArgs, root: &Path, bin: &Path) -> Result<String> {
+    let work = root.join("target/bench");
+    fs::create_dir_all(&work)?;
+    let mut report = String::new();
+    let mut out = |line: String| {
+        println!("{line}");
+        report.push_str(&line);
+        report.push('\n');
+    };
+
+    out("## Userspace pipeline (one core, synthetic events)".into());
+    let bench = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+        .args(["bench", "--quiet", "--package", "tcptrace-user", "--bench", "pipeline", "--"])
+        .arg(args.events.to_string())
+        .stderr(Stdio::inherit())
+        .output()?;
+    if !bench.status.success() {
+        bail!("the pipeline benchmark failed");
+    }
+    for line in String::from_utf8_lossy(&bench.stdout).lines() {
+        out(format!("    {line}"));
+    }
+
+    let starts: Vec<f64> =
+        (0..3).map(|_| start_to_first_scrape(bin).map(|d| d.as_secs_f64() * 1e3)).collect::<Result<_>>()?;
+    out(format!("\nstart to first successful scrape: median {:.0} ms (3 starts)", median(starts)));
+    let (scrape_med, scrape_p95) = scrape_latency(bin, &work)?;
+    out(format!("GET /metrics over HTTP at default cardinality: median {scrape_med:.2} ms, p95 {scrape_p95:.2} ms"));
+
+    let mut tracers = vec![Tracer::None, Tracer::Tcptrace];
+    if !args.no_peers {
+        for (t, program) in [(Tracer::Tcpstates, "tcpstates"), (Tracer::Bpftrace, "bpftrace")] {
+            if has(program) {
+                tracers.push(t);
+            } else {
+                out(format!("({program} is not installed: skipped)"));
+            }
+        }
+    }
+    let ip: IpAddr = if args.ipv6 { Ipv6Addr::LOCALHOST.into() } else { Ipv4Addr::LOCALHOST.into() };
+    let churn = Churn {
+        ip,
+        threads: args.threads,
+        max_connections: args.connections,
+        max_duration: Duration::from_secs_f64(args.seconds),
+        closer: args.closer,
+    };
+    let mut runs: Vec<Run> = Vec::new();
+    for round in 0..args.rounds {
+        // Rotate the order every round so drift does not favour one configuration.
+        let mut order = tracers.clone();
+        order.rotate_left(round % tracers.len());
+        for &t in &order {
+            let r = one_run(t, &churn, bin, &work)?;
+            eprintln!(
+                "xtask bench: round {} {:<32} {:>8.0} conn/s ({} in {:.1} s)",
+                round + 1,
+                t.name(),
+                r.rate,
+                r.connections,
+                r.seconds
+            );
+            runs.push(r);
+        }
+    }
+
+    let base = median(runs.iter().filter(|r| r.tracer == Tracer::None).map(|r| r.rate).collect());
+    out(format!(
+        "\n## Connection churn ({} client threads, {} closes first, {}, {} rounds of up to {} connections or {} s)\n",
+        args.threads,
+        match args.closer {
+            Closer::Server => "server",
+            Closer::Client => "client",
+        },
+        if args.ipv6 { "IPv6" } else { "IPv4" },
+        args.rounds,
+        args.connections,
+        args.seconds
+    ));
+    out("| configuration | conn/s (median) | ratio to none: median [min, max] | tracer CPU s per M events | events/s | lost events | tracer peak RSS |".into());
+    out("| --- | --- | --- | --- | --- | --- | --- |".into());
+    for &t in &tracers {
+        let mine: Vec<&Run> = runs.iter().filter(|r| r.tracer == t).collect();
+        let ratios: Vec<f64> = mine.iter().map(|r| r.rate / base).collect();
+        let (lo, hi) = ratios.iter().fold((f64::MAX, f64::MIN), |(lo, hi), &r| (lo.min(r), hi.max(r)));
+        // Events: counted by tcptrace itself; for the peers, about 10 per connection
+        // (5 state changes on each side).
+        let events: Vec<f64> = mine.iter().map(|r| r.events.unwrap_or(r.connections as f64 * 10.0)).collect();
+        let estimated = mine.iter().any(|r| r.events.is_none());
+        let cpu_per_m: Vec<f64> = mine.iter().zip(&events).map(|(r, e)| r.cpu_s / (e / 1e6)).collect();
+        let ev_rate: Vec<f64> = mine.iter().zip(&events).map(|(r, e)| e / r.seconds).collect();
+        let lost = mine.iter().filter_map(|r| r.lost).sum::<f64>();
+        let rss = mine.iter().map(|r| r.peak_rss_kib).max().unwrap_or(0);
+        let mut row = format!(
+            "| {} | {:.0} | {:.3} [{:.3}, {:.3}] |",
+            t.name(),
+            median(mine.iter().map(|r| r.rate).collect()),
+            median(ratios.clone()),
+            lo,
+            hi
+        );
+        if t == Tracer::None {
+            row.push_str(" - | - | - | - |");
+        } else {
+            let approx = if estimated { "~" } else { "" };
+            let _ = write!(
+                row,
+                " {:.2} | {approx}{:.0} | {} | {:.1} MiB |",
+                median(cpu_per_m),
+                median(ev_rate),
+                if t == Tracer::Tcptrace { format!("{lost:.0}") } else { "n/a".into() },
+                rss as f64 / 1024.0
+            );
+        }
+        out(row);
+    }
+
+    if args.open > 0 {
+        let (idle, open, closed, n) = memory(bin, &work, args.open)?;
+        out(format!(
+            "\ndaemon RSS: idle {:.1} MiB; with {n} connections open {:.1} MiB; after they closed ({n} modelled TIME_WAIT) {:.1} MiB",
+            idle as f64 / 1024.0,
+            open as f64 / 1024.0,
+            closed as f64 / 1024.0
+        ));
+    }
+    Ok(report)
+}
+
+pub fn results_path(root: &Path) -> PathBuf {
+    root.join("target/bench/results.md")
+}

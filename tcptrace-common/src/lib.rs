@@ -15,6 +15,44 @@ pub const DEFAULT_RING_BYTES: u32 = 1 << 20;
 pub const SRTT_US_OFFSET_GLOBAL: &str = "SRTT_US_OFFSET";
 /// Global (set at load time): byte offset of `sk_err` in `struct sock`; 0 when unknown.
 pub const SK_ERR_OFFSET_GLOBAL: &str = "SK_ERR_OFFSET";
+/// Global (set at load time): 1 streams every state change (`tcptrace watch`); 0
+/// streams only the transitions that pair into handshakes and TIME_WAIT entries,
+/// and the rest are only counted in [`TRANSITIONS_MAP`].
+pub const STREAM_ALL_GLOBAL: &str = "STREAM_ALL";
+/// Global (set at load time): wake the reader only once this many bytes are waiting
+/// (it also drains on a timer); 0 wakes it for every event.
+pub const WAKEUP_BYTES_GLOBAL: &str = "WAKEUP_BYTES";
+/// Name of the per-CPU array (one [`TransitionCounts`] slot) counting every TCP state
+/// change in the kernel, by [`transition_slot`].
+pub const TRANSITIONS_MAP: &str = "TRANSITIONS";
+/// Counts of state changes, indexed by [`transition_slot`].
+pub type TransitionCounts = [u64; 256];
+
+/// Index of `old -> new` in [`TransitionCounts`]; state numbers above 15 share slot 0.
+pub const fn transition_slot(old: u32, new: u32) -> usize {
+    const fn clamp(s: u32) -> usize {
+        if s > 15 {
+            0
+        } else {
+            s as usize
+        }
+    }
+    (clamp(old) << 4) | clamp(new)
+}
+
+/// Whether the daemon needs this transition streamed (the rest are only counted):
+/// handshake starts and ends, and the entries into TIME_WAIT.
+pub const fn pairs(old: u32, new: u32) -> bool {
+    const CLOSE: u32 = TcpState::Close as u32;
+    const SYN_SENT: u32 = TcpState::SynSent as u32;
+    const SYN_RECV: u32 = TcpState::SynRecv as u32;
+    const LISTEN: u32 = TcpState::Listen as u32;
+    const FIN_WAIT2: u32 = TcpState::FinWait2 as u32;
+    const CLOSING: u32 = TcpState::Closing as u32;
+    matches!((old, new), (CLOSE, SYN_SENT) | (SYN_SENT, _) | (LISTEN, SYN_RECV) | (SYN_RECV, _))
+        || (new == CLOSE && (old == FIN_WAIT2 || old == CLOSING))
+}
+
 /// [`Event::sk_err`] when the kernel's error was not read (no BTF offset).
 pub const SK_ERR_UNKNOWN: i32 = -1;
 
@@ -237,6 +275,23 @@ mod tests {
         }
         assert_eq!(TcpState::from_raw(0), None);
         assert_eq!(TcpState::from_raw(14), None);
+    }
+
+    #[test]
+    fn transition_slots_are_distinct_and_bounded() {
+        use TcpState::*;
+        let mut seen = [false; 256];
+        for o in TcpState::ALL {
+            for n in TcpState::ALL {
+                let slot = transition_slot(o as u32, n as u32);
+                assert!(!seen[slot]);
+                seen[slot] = true;
+            }
+        }
+        assert_eq!(transition_slot(99, 1), transition_slot(0, 1));
+        assert!(pairs(Close as u32, SynSent as u32) && pairs(FinWait2 as u32, Close as u32));
+        assert!(pairs(SynRecv as u32, Established as u32) && pairs(Listen as u32, SynRecv as u32));
+        assert!(!pairs(Established as u32, FinWait1 as u32) && !pairs(LastAck as u32, Close as u32));
     }
 
     #[test]

@@ -13,10 +13,29 @@ use aya_ebpf::{
     macros::{map, tracepoint},
     maps::{PerCpuArray, RingBuf},
     programs::TracePointContext,
-    Global,
+    EbpfContext as _, Global,
 };
 use aya_log_ebpf::warn;
-use tcptrace_common::{Event, EventKind, TcpState, AF_INET, AF_INET6, DEFAULT_RING_BYTES, IPPROTO_TCP, SK_ERR_UNKNOWN};
+use tcptrace_common::{
+    pairs, transition_slot, Event, EventKind, TcpState, TransitionCounts, AF_INET, AF_INET6, DEFAULT_RING_BYTES,
+    IPPROTO_TCP, SK_ERR_UNKNOWN,
+};
+
+/// 1: stream every state change (`tcptrace watch`); 0: only those the daemon pairs.
+#[unsafe(no_mangle)]
+static STREAM_ALL: Global<u8> = Global::new(1);
+
+/// Wake the reader only once this many bytes wait (0: on every event).
+#[unsafe(no_mangle)]
+static WAKEUP_BYTES: Global<u64> = Global::new(0);
+
+/// Every TCP state change, counted here so the common ones need not be streamed.
+#[map]
+static TRANSITIONS: PerCpuArray<TransitionCounts> = PerCpuArray::with_max_entries(1, 0);
+
+const BPF_RB_NO_WAKEUP: u64 = 1;
+const BPF_RB_FORCE_WAKEUP: u64 = 2;
+const BPF_RB_AVAIL_DATA: u64 = 0;
 
 /// Offset of `tcp_sock.srtt_us`, from the kernel's BTF (set by the loader; 0 = unknown).
 #[unsafe(no_mangle)]
@@ -50,6 +69,9 @@ struct Layout {
 const INET_SOCK_SET_STATE: Layout =
     Layout { skaddr: 8, sport: 24, dport: 26, family: 28, saddr: 32, daddr: 36, saddr_v6: 40, daddr_v6: 56 };
 const SET_STATE_OLDSTATE: usize = 16;
+// Direct loads need natural alignment: check the offsets read that way.
+const _: () = assert!(INET_SOCK_SET_STATE.skaddr.is_multiple_of(8) && INET_SOCK_SET_STATE.saddr_v6.is_multiple_of(8));
+const _: () = assert!(INET_SOCK_SET_STATE.daddr_v6.is_multiple_of(8) && INET_SOCK_SET_STATE.saddr.is_multiple_of(4));
 const SET_STATE_NEWSTATE: usize = 20;
 const SET_STATE_PROTOCOL: usize = 30;
 
@@ -66,35 +88,66 @@ const TCP_RECEIVE_RESET: Layout =
 
 #[tracepoint(category = "sock", name = "inet_sock_set_state")]
 pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
-    match try_inet_sock_set_state(&ctx) {
-        Ok(()) => 0,
-        Err(err) => {
-            warn!(&ctx, "inet_sock_set_state: reading the record failed: {}", err);
-            0
-        }
-    }
+    state_change(&ctx);
+    0
 }
 
-fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i32> {
-    // SAFETY: offsets match the tracepoint's format; read_at bounds-checks via the helper.
-    let protocol: u16 = unsafe { ctx.read_at(SET_STATE_PROTOCOL) }?;
-    if protocol != IPPROTO_TCP {
-        return Ok(());
+/// Reads a field of the tracepoint record directly (the verifier allows aligned
+/// loads from a tracepoint's context, which is cheaper than a helper call).
+#[inline(always)]
+fn field<T: Copy>(ctx: &TracePointContext, offset: usize) -> T {
+    // SAFETY: every offset used with this is aligned to T and inside the record, per
+    // the tracepoint's format.
+    unsafe { core::ptr::read(ctx.as_ptr().cast::<u8>().add(offset).cast::<T>()) }
+}
+
+fn state_change(ctx: &TracePointContext) {
+    if field::<u16>(ctx, SET_STATE_PROTOCOL) != IPPROTO_TCP {
+        return;
     }
-    let mut ev = read_common(ctx, &INET_SOCK_SET_STATE, EventKind::StateChange)?;
-    let old: i32 = unsafe { ctx.read_at(SET_STATE_OLDSTATE) }?;
-    let new: i32 = unsafe { ctx.read_at(SET_STATE_NEWSTATE) }?;
+    let old = field::<i32>(ctx, SET_STATE_OLDSTATE) as u32;
+    let new = field::<i32>(ctx, SET_STATE_NEWSTATE) as u32;
+    if let Some(counts) = TRANSITIONS.get_ptr_mut(0) {
+        // SAFETY: this CPU's slot; the index is masked into the array.
+        unsafe { (*counts)[transition_slot(old, new) & 0xff] += 1 };
+    }
+    let stream_all = STREAM_ALL.load() != 0;
+    if !stream_all && !pairs(old, new) {
+        return;
+    }
+
+    let at = &INET_SOCK_SET_STATE;
+    let mut ev = Event::zeroed();
+    ev.kind = EventKind::StateChange as u8;
+    ev.ts_ns = unsafe { bpf_ktime_get_ns() };
+    ev.skaddr = field::<u64>(ctx, at.skaddr);
+    ev.sport = field::<u16>(ctx, at.sport);
+    ev.dport = field::<u16>(ctx, at.dport);
+    ev.family = field::<u16>(ctx, at.family);
+    if ev.family == AF_INET {
+        ev.saddr[..4].copy_from_slice(&field::<u32>(ctx, at.saddr).to_ne_bytes());
+        ev.daddr[..4].copy_from_slice(&field::<u32>(ctx, at.daddr).to_ne_bytes());
+    } else if ev.family == AF_INET6 {
+        ev.saddr[..8].copy_from_slice(&field::<u64>(ctx, at.saddr_v6).to_ne_bytes());
+        ev.saddr[8..].copy_from_slice(&field::<u64>(ctx, at.saddr_v6 + 8).to_ne_bytes());
+        ev.daddr[..8].copy_from_slice(&field::<u64>(ctx, at.daddr_v6).to_ne_bytes());
+        ev.daddr[8..].copy_from_slice(&field::<u64>(ctx, at.daddr_v6 + 8).to_ne_bytes());
+    }
     ev.old_state = old as u8;
     ev.new_state = new as u8;
+    // The calling task is only meaningful in process context: connect() makes
+    // CLOSE->SYN_SENT there. `watch` shows it for everything.
+    if stream_all || new == TcpState::SynSent as u32 {
+        task(&mut ev);
+    }
     // Kernel socket state that only userspace-computed offsets make reachable: the
     // handshake RTT as the socket becomes ESTABLISHED, the error as it closes.
-    if new == TcpState::Established as i32 {
+    if new == TcpState::Established as u32 {
         ev.srtt_us = read_sock_field::<u32>(ev.skaddr, SRTT_US_OFFSET.load()).unwrap_or(0);
-    } else if new == TcpState::Close as i32 {
+    } else if new == TcpState::Close as u32 {
         ev.sk_err = read_sock_field::<i32>(ev.skaddr, SK_ERR_OFFSET.load()).unwrap_or(SK_ERR_UNKNOWN);
     }
     emit(&ev);
-    Ok(())
 }
 
 /// Reads a field at `offset` bytes into the socket at `skaddr`; `None` when the
@@ -162,18 +215,33 @@ fn read_common(ctx: &TracePointContext, at: &Layout, kind: EventKind) -> Result<
         ev.saddr = unsafe { ctx.read_at(at.saddr_v6) }?;
         ev.daddr = unsafe { ctx.read_at(at.daddr_v6) }?;
     }
+    task(&mut ev);
+    Ok(ev)
+}
+
+/// The current task: pid, process, cgroup and command.
+fn task(ev: &mut Event) {
     let pid_tgid = bpf_get_current_pid_tgid();
     ev.pid = pid_tgid as u32;
     ev.tgid = (pid_tgid >> 32) as u32;
     ev.comm = bpf_get_current_comm().unwrap_or_default();
     // SAFETY: a helper without arguments.
     ev.cgroup_id = unsafe { bpf_get_current_cgroup_id() };
-    Ok(ev)
 }
 
-/// Writes one event, or counts it as lost when the ring buffer is full.
+/// Writes one event, or counts it as lost when the ring buffer is full. Wakes the
+/// reader only when enough data waits (it drains on a timer as well): one wake-up per
+/// event would cost more than the event.
 fn emit(ev: &Event) {
-    if EVENTS.output::<Event>(ev, 0).is_err() {
+    let wakeup = WAKEUP_BYTES.load();
+    let flags = if wakeup == 0 {
+        0
+    } else if EVENTS.query(BPF_RB_AVAIL_DATA) >= wakeup {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    };
+    if EVENTS.output::<Event>(ev, flags).is_err() {
         if let Some(lost) = LOST.get_ptr_mut(0) {
             // SAFETY: per-CPU slot, only this CPU writes it while the program runs.
             unsafe { *lost += 1 };

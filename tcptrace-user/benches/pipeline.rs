@@ -14,6 +14,7 @@ use tcptrace_user::{
     events,
     metrics::{render, Metrics, MetricsConfig, PortLabels},
     pipeline::Pipeline,
+    probe::KernelTotals,
     tracker::{Limits, Tracker},
 };
 
@@ -21,7 +22,7 @@ use tcptrace_user::{
 /// records. `i` makes its socket addresses and ports distinct.
 fn connection(i: u64, ts: u64, records: &mut Vec<u8>) {
     use TcpState::*;
-    let family = if i % 4 == 0 { AF_INET6 } else { AF_INET };
+    let family = if i.is_multiple_of(4) { AF_INET6 } else { AF_INET };
     let client_port = 1024 + (i % 60_000) as u16;
     let server_port = 8000 + (i % 100) as u16;
     let (client, child) = (0xffff_8880_0000_0000 + i * 4096, 0xffff_8890_0000_0000 + i * 4096);
@@ -116,9 +117,9 @@ fn main() {
         let (rate, _) = throughput(&data, |r| {
             p.record(r);
             n += 1;
-            if n % 100_000 == 0 {
+            if n.is_multiple_of(100_000) {
                 // As the daemon's 1 s tick does: expiry and gauges.
-                p.refresh(1_000_000_000 + n * 5_000, Some(0));
+                p.refresh(1_000_000_000 + n * 5_000, &KernelTotals::default());
             }
         });
         baselines.push(base);
@@ -138,7 +139,7 @@ fn main() {
     for r in data.chunks_exact(size_of::<Event>()).take(1_000_000) {
         p.record(r);
     }
-    p.refresh(u64::MAX / 2, Some(0));
+    p.refresh(u64::MAX / 2, &KernelTotals::default());
     let (med, p99, bytes) = render_times(&p, 200);
     println!("/metrics render, default:        median {med:.3} ms, p99 {p99:.3} ms, {bytes} bytes");
 
@@ -166,7 +167,7 @@ fn main() {
         for e in &max_records {
             p.event(e);
         }
-        p.refresh(1, Some(0)); // Promotes the busiest ports and commands to labels.
+        p.refresh(1, &KernelTotals::default()); // Promotes the busiest ports and commands to labels.
     }
     let (med, p99, bytes) = render_times(&p, 100);
     let series = render(p.metrics().registry()).lines().filter(|l| !l.starts_with('#')).count();

@@ -2,6 +2,7 @@
 
 use std::{
     fs,
+    os::fd::{AsRawFd, RawFd},
     sync::{Arc, Mutex, MutexGuard, PoisonError},
     time::Duration,
 };
@@ -19,25 +20,60 @@ use crate::{
     error::{Error, Result},
     metrics::{self, Metrics, MetricsConfig},
     pipeline::{monotonic_ns, Pipeline},
-    probe::{KernelLogger, LostCounter, Probe, SocketOffsets},
+    probe::{KernelCounters, KernelLogger, LoadOptions, Probe, SocketOffsets},
     procnet,
     report::SlowLog,
     server, shutdown,
     tracker::{syn_sent_lifetime_ns, Limits, Tracker},
 };
 
-/// Records handled per lock of the pipeline, so a scrape never waits long behind a
-/// full ring buffer.
-const BATCH: usize = 4096;
+/// How often the ring buffer is drained when the kernel has not woken the reader:
+/// it wakes it only once a eighth of the buffer is waiting, which saves a wake-up
+/// per event, and this bounds how stale the metrics can be between scrapes.
+const DRAIN_EVERY: Duration = Duration::from_millis(50);
 /// How often expiry runs when nobody scrapes, which keeps memory bounded.
-const TICK: Duration = Duration::from_secs(1);
+const REFRESH_EVERY: Duration = Duration::from_secs(1);
 
-type Shared = Arc<Mutex<Pipeline>>;
+/// Everything the reader and the scrapes share, behind one lock.
+struct State {
+    pipeline: Pipeline,
+    ring: RingBuf<MapData>,
+    counters: KernelCounters,
+}
 
-fn lock(p: &Mutex<Pipeline>) -> MutexGuard<'_, Pipeline> {
+impl State {
+    /// Hands every waiting record to the pipeline.
+    fn drain(&mut self) {
+        while let Some(item) = self.ring.next() {
+            self.pipeline.record(&item);
+        }
+    }
+
+    /// Drains, then brings expiry, gauges and kernel counters up to now: what a
+    /// scrape must see.
+    fn refresh(&mut self) {
+        self.drain();
+        let totals = self.counters.read();
+        self.pipeline.refresh(monotonic_ns(), &totals);
+    }
+}
+
+type Shared = Arc<Mutex<State>>;
+
+fn lock(s: &Mutex<State>) -> MutexGuard<'_, State> {
     // A panic while holding the lock cannot leave the counters half-written in a
     // way worse than losing the daemon, so keep serving.
-    p.lock().unwrap_or_else(PoisonError::into_inner)
+    s.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The ring buffer's file descriptor, registered for readiness while the ring
+/// buffer itself lives in [`State`] (scrapes drain it too).
+struct RingFd(RawFd);
+
+impl AsRawFd for RingFd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0
+    }
 }
 
 pub async fn run(args: DaemonArgs) -> Result<()> {
@@ -46,9 +82,16 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
         TcpListener::bind(args.listen).await.map_err(|source| Error::Listen { addr: args.listen, source })?;
     let addr = listener.local_addr()?;
 
-    let mut probe = Probe::load(args.ring_buffer_size.0, SocketOffsets::from_kernel())?;
-    let ring = watch_readable(probe.take_events()?)?;
-    let lost = Arc::new(probe.take_lost()?);
+    let ring_bytes = args.ring_buffer_size.0;
+    let mut probe = Probe::load(LoadOptions {
+        ring_bytes,
+        offsets: SocketOffsets::from_kernel(),
+        stream_all: false,
+        wakeup_bytes: u64::from(ring_bytes / 8),
+    })?;
+    let ring = probe.take_events()?;
+    let ring_fd = watch_readable(RingFd(ring.as_raw_fd()))?;
+    let counters = probe.take_counters()?;
 
     let limits = Limits {
         max_pending: args.max_tracked_sockets as usize,
@@ -81,15 +124,15 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
         pipeline = pipeline.with_slow_log(SlowLog::new(threshold, args.log_format, out));
     }
     let registry = pipeline.metrics().registry().clone();
-    let shared: Shared = Arc::new(Mutex::new(pipeline));
+    let shared: Shared = Arc::new(Mutex::new(State { pipeline, ring, counters }));
 
     let (stop_tx, stop_rx) = watch::channel(false);
-    let mut reader = tokio::spawn(read_events(ring, shared.clone(), lost.clone(), stop_rx.clone()));
+    let mut reader = tokio::spawn(read_events(ring_fd, shared.clone(), stop_rx.clone()));
     if let Some(logger) = probe.logger.take() {
         tokio::spawn(forward_kernel_logs(logger, stop_rx.clone()));
     }
     let render: server::Render = Arc::new(move || {
-        lock(&shared).refresh(monotonic_ns(), lost.total());
+        lock(&shared).refresh();
         metrics::render(&registry)
     });
     let mut server = tokio::spawn(server::serve(listener, render, stop_rx));
@@ -129,36 +172,28 @@ fn syn_retries() -> u32 {
     fs::read_to_string("/proc/sys/net/ipv4/tcp_syn_retries").ok().and_then(|s| s.trim().parse().ok()).unwrap_or(6)
 }
 
-/// Drains the ring buffer whenever the kernel signals data, and runs expiry every
-/// [`TICK`]. Never polls: it sleeps in epoll until one of the two is due.
+/// Drains the ring buffer when the kernel signals data and every [`DRAIN_EVERY`],
+/// and runs expiry every [`REFRESH_EVERY`]. Never polls: it sleeps in epoll until
+/// one of them is due.
 async fn read_events(
-    mut ring: AsyncFd<RingBuf<MapData>>,
+    mut ring: AsyncFd<RingFd>,
     shared: Shared,
-    lost: Arc<LostCounter>,
     mut stop: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
-    let mut tick = tokio::time::interval(TICK);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut drain = tokio::time::interval(DRAIN_EVERY);
+    let mut refresh = tokio::time::interval(REFRESH_EVERY);
+    for t in [&mut drain, &mut refresh] {
+        t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    }
     loop {
         tokio::select! {
             guard = ring.readable_mut() => {
                 let mut guard = guard?;
-                let ring = guard.get_inner_mut();
-                loop {
-                    let mut p = lock(&shared);
-                    let mut n = 0;
-                    while n < BATCH {
-                        let Some(item) = ring.next() else { break };
-                        p.record(&item);
-                        n += 1;
-                    }
-                    if n < BATCH {
-                        break;
-                    }
-                }
+                lock(&shared).drain();
                 guard.clear_ready();
             }
-            _ = tick.tick() => lock(&shared).refresh(monotonic_ns(), lost.total()),
+            _ = drain.tick() => lock(&shared).drain(),
+            _ = refresh.tick() => lock(&shared).refresh(),
             _ = shutdown::stopped(&mut stop) => return Ok(()),
         }
     }

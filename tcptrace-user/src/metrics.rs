@@ -10,7 +10,7 @@ use prometheus::{
     core::Collector, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry, TextEncoder,
 };
-use tcptrace_common::TcpState;
+use tcptrace_common::{TcpState, TransitionCounts};
 
 pub use self::ports::PortLabels;
 use self::{comms::CommLabeler, ports::PortLabeler};
@@ -30,15 +30,9 @@ pub const HANDSHAKE_BUCKETS: [f64; 27] = [
 
 /// Label value for a state number this build does not know.
 const UNKNOWN_STATE: &str = "unknown";
-/// Slots for state numbers 0..=13 (0 and anything larger are "unknown").
-const STATE_SLOTS: usize = 14;
 
-fn state_slot(raw: u8) -> usize {
-    TcpState::from_raw(raw).map_or(0, |s| s as usize)
-}
-
-fn state_label(slot: usize) -> &'static str {
-    TcpState::from_raw(slot as u8).map_or(UNKNOWN_STATE, TcpState::name)
+fn state_label(state: usize) -> &'static str {
+    u8::try_from(state).ok().and_then(TcpState::from_raw).map_or(UNKNOWN_STATE, TcpState::name)
 }
 
 /// What the operator chose to export.
@@ -86,6 +80,8 @@ pub struct Metrics {
     process_handshakes: Option<(IntCounterVec, Handles<IntCounter>)>,
     process_failures: Option<(IntCounterVec, Handles<IntCounter>)>,
     transitions: Handles<IntCounter>,
+    /// Kernel totals at the last refresh, so counters advance by the difference.
+    transitions_seen: Box<TransitionCounts>,
     syn_retransmits: [IntCounter; 2],
     synack_retransmits: [IntCounter; 2],
     time_wait_entries: [IntCounter; 2],
@@ -231,7 +227,8 @@ impl Metrics {
             handshake: Handles::new(4 * port_slots),
             retransmitted: Handles::new(4 * port_slots),
             failures: Handles::new(4 * FailureReason::ALL.len() * port_slots),
-            transitions: Handles::new(STATE_SLOTS * STATE_SLOTS),
+            transitions: Handles::new(256),
+            transitions_seen: Box::new([0; 256]),
             ports,
             comms,
             process_handshakes,
@@ -275,6 +272,19 @@ impl Metrics {
         }
     }
 
+    /// Advances `tcptrace_state_transitions_total` to the kernel's totals (see
+    /// `tcptrace_common::transition_slot`); a series appears with its first count.
+    pub fn set_transitions(&mut self, totals: &TransitionCounts) {
+        for (slot, (&now, seen)) in totals.iter().zip(self.transitions_seen.iter_mut()).enumerate() {
+            if now > *seen {
+                let vec = &self.transitions_vec;
+                let (old, new) = (state_label(slot >> 4), state_label(slot & 15));
+                self.transitions.get(slot, || vec.with_label_values(&[old, new])).inc_by(now - *seen);
+                *seen = now;
+            }
+        }
+    }
+
     /// Copies the tracker's gauges and gives busy ports their labels (top-N mode).
     pub fn refresh(&mut self, tracker: &Tracker) {
         for f in Family::ALL {
@@ -310,12 +320,6 @@ pub fn render(registry: &Registry) -> String {
 }
 
 impl Sink for Metrics {
-    fn transition(&mut self, old: u8, new: u8) {
-        let (o, n) = (state_slot(old), state_slot(new));
-        let vec = &self.transitions_vec;
-        self.transitions.get(o * STATE_SLOTS + n, || vec.with_label_values(&[state_label(o), state_label(n)])).inc();
-    }
-
     fn handshake(&mut self, h: &Handshake) {
         let slot = self.port_slot(h.direction, &h.tuple);
         let index = (h.direction as usize * 2 + h.family as usize) * self.ports.slots() + slot;

@@ -5,7 +5,7 @@
 use log::warn;
 use tcptrace_common::Event;
 
-use crate::{events, metrics::Metrics, report::StdoutSlowLog, tracker::Tracker};
+use crate::{events, metrics::Metrics, probe::KernelTotals, report::StdoutSlowLog, tracker::Tracker};
 
 pub struct Pipeline {
     tracker: Tracker,
@@ -45,13 +45,16 @@ impl Pipeline {
         self.tracker.handle(ev, &mut (&mut self.metrics, &mut self.slow_log));
     }
 
-    /// Brings time-dependent state and gauges up to `now_ns` (CLOCK_MONOTONIC) and
-    /// the lost counter up to the kernel's total, before a scrape.
-    pub fn refresh(&mut self, now_ns: u64, kernel_lost_total: Option<u64>) {
+    /// Brings time-dependent state and gauges up to `now_ns` (CLOCK_MONOTONIC), and
+    /// the kernel-side counters up to the kernel's totals, before a scrape.
+    pub fn refresh(&mut self, now_ns: u64, kernel: &KernelTotals) {
         self.tracker.advance(now_ns, &mut self.metrics);
         self.metrics.refresh(&self.tracker);
-        if let Some(total) = kernel_lost_total {
+        if let Some(total) = kernel.lost {
             self.metrics.set_events_lost(total);
+        }
+        if let Some(transitions) = &kernel.transitions {
+            self.metrics.set_transitions(transitions);
         }
     }
 
@@ -96,7 +99,7 @@ mod tests {
         ev.new_state = TcpState::SynSent as u8;
         ev.ts_ns = 1_000;
         p.event(&ev);
-        p.refresh(2_000, Some(4));
+        p.refresh(2_000, &KernelTotals { lost: Some(4), transitions: None });
         p.record(&[1, 2, 3]);
         let text = render(p.metrics().registry());
         assert!(text.contains("\ntcptrace_tracked_sockets 1\n"), "{text}");

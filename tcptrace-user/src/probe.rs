@@ -12,7 +12,10 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use log::{debug, info, warn};
-use tcptrace_common::{EVENTS_MAP, LOST_MAP, SK_ERR_OFFSET_GLOBAL, SRTT_US_OFFSET_GLOBAL};
+use tcptrace_common::{
+    TransitionCounts, EVENTS_MAP, LOST_MAP, SK_ERR_OFFSET_GLOBAL, SRTT_US_OFFSET_GLOBAL, STREAM_ALL_GLOBAL,
+    TRANSITIONS_MAP, WAKEUP_BYTES_GLOBAL,
+};
 
 use crate::{
     btf::Btf,
@@ -93,26 +96,66 @@ pub struct Probe {
 /// Reader of the eBPF programs' log records; must live as long as the programs.
 pub type KernelLogger = aya_log::EbpfLogger<&'static dyn log::Log>;
 
-/// Per-CPU count of events the kernel could not fit in the ring buffer.
-pub struct LostCounter(PerCpuArray<MapData, u64>);
+/// How to load the programs.
+#[derive(Clone, Copy, Debug)]
+pub struct LoadOptions {
+    pub ring_bytes: u32,
+    pub offsets: SocketOffsets,
+    /// Stream every state change (`watch`), not only those the daemon pairs.
+    pub stream_all: bool,
+    /// Wake the reader only once this many bytes wait (0: for every event); the
+    /// reader must then also drain on a timer.
+    pub wakeup_bytes: u64,
+}
 
-impl LostCounter {
-    /// Sum over CPUs; `None` when the map cannot be read (logged).
-    pub fn total(&self) -> Option<u64> {
-        match self.0.get(&0, 0) {
+/// Counters the kernel side keeps itself: events it had to drop, and every state
+/// change. Read (a syscall each) when metrics are refreshed.
+pub struct KernelCounters {
+    lost: PerCpuArray<MapData, u64>,
+    transitions: PerCpuArray<MapData, TransitionCounts>,
+}
+
+/// What [`KernelCounters::read`] returns; `None` where a map could not be read.
+#[derive(Clone, Debug, Default)]
+pub struct KernelTotals {
+    pub lost: Option<u64>,
+    pub transitions: Option<Box<TransitionCounts>>,
+}
+
+impl KernelCounters {
+    /// Sums over CPUs; a map that cannot be read is logged and left out.
+    pub fn read(&self) -> KernelTotals {
+        let lost = match self.lost.get(&0, 0) {
             Ok(values) => Some(values.iter().sum()),
             Err(err) => {
                 warn!("reading the lost-events map failed: {err}");
                 None
             }
-        }
+        };
+        let transitions = match self.transitions.get(&0, 0) {
+            Ok(per_cpu) => {
+                let mut sum = Box::new([0u64; 256]);
+                for cpu in per_cpu.iter() {
+                    for (total, n) in sum.iter_mut().zip(cpu) {
+                        *total += n;
+                    }
+                }
+                Some(sum)
+            }
+            Err(err) => {
+                warn!("reading the transitions map failed: {err}");
+                None
+            }
+        };
+        KernelTotals { lost, transitions }
     }
 }
 
 impl Probe {
     /// Checks privileges, mounts tracefs if needed, loads the object with a ring
     /// buffer of `ring_bytes` and attaches every tracepoint.
-    pub fn load(ring_bytes: u32, offsets: SocketOffsets) -> Result<Self> {
+    pub fn load(options: LoadOptions) -> Result<Self> {
+        let LoadOptions { ring_bytes, offsets, stream_all, wakeup_bytes } = options;
         if OBJECT.is_empty() {
             return Err(Error::EmptyObject);
         }
@@ -132,6 +175,8 @@ impl Probe {
             .map_max_entries(EVENTS_MAP, ring_bytes)
             .override_global(SRTT_US_OFFSET_GLOBAL, &srtt, true)
             .override_global(SK_ERR_OFFSET_GLOBAL, &sk_err, true)
+            .override_global(STREAM_ALL_GLOBAL, &u8::from(stream_all), true)
+            .override_global(WAKEUP_BYTES_GLOBAL, &wakeup_bytes, true)
             .load(OBJECT)
             .map_err(|err| match &err {
                 aya::EbpfError::MapError(aya::maps::MapError::CreateError { io_error, .. })
@@ -171,10 +216,15 @@ impl Probe {
         RingBuf::try_from(map).map_err(|e| Error::Object(format!("ring buffer {EVENTS_MAP}: {e}")))
     }
 
-    /// The lost-events counter (can be taken once).
-    pub fn take_lost(&mut self) -> Result<LostCounter> {
-        let map = self.ebpf.take_map(LOST_MAP).ok_or_else(|| Error::Object(format!("map {LOST_MAP}")))?;
-        PerCpuArray::try_from(map).map(LostCounter).map_err(|e| Error::Object(format!("per-CPU array {LOST_MAP}: {e}")))
+    /// The kernel-side counters (can be taken once).
+    pub fn take_counters(&mut self) -> Result<KernelCounters> {
+        let mut take = |name: &str| self.ebpf.take_map(name).ok_or_else(|| Error::Object(format!("map {name}")));
+        let (lost, transitions) = (take(LOST_MAP)?, take(TRANSITIONS_MAP)?);
+        Ok(KernelCounters {
+            lost: PerCpuArray::try_from(lost).map_err(|e| Error::Object(format!("per-CPU array {LOST_MAP}: {e}")))?,
+            transitions: PerCpuArray::try_from(transitions)
+                .map_err(|e| Error::Object(format!("per-CPU array {TRANSITIONS_MAP}: {e}")))?,
+        })
     }
 }
 

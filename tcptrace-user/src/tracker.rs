@@ -156,8 +156,6 @@ pub struct Failure {
 
 /// Where the tracker's conclusions go (the metrics, the slow log, `watch`).
 pub trait Sink {
-    /// Every state change, whether or not the tracker saw the socket's start.
-    fn transition(&mut self, _old: u8, _new: u8) {}
     fn handshake(&mut self, _h: &Handshake) {}
     fn handshake_failed(&mut self, _f: &Failure) {}
     fn syn_retransmit(&mut self, _family: Family) {}
@@ -168,10 +166,6 @@ pub trait Sink {
 }
 
 impl<A: Sink, B: Sink> Sink for (A, B) {
-    fn transition(&mut self, old: u8, new: u8) {
-        self.0.transition(old, new);
-        self.1.transition(old, new);
-    }
     fn handshake(&mut self, h: &Handshake) {
         self.0.handshake(h);
         self.1.handshake(h);
@@ -199,9 +193,6 @@ impl<A: Sink, B: Sink> Sink for (A, B) {
 }
 
 impl<S: Sink + ?Sized> Sink for &mut S {
-    fn transition(&mut self, old: u8, new: u8) {
-        (**self).transition(old, new);
-    }
     fn handshake(&mut self, h: &Handshake) {
         (**self).handshake(h);
     }
@@ -223,11 +214,6 @@ impl<S: Sink + ?Sized> Sink for &mut S {
 }
 
 impl<S: Sink> Sink for Option<S> {
-    fn transition(&mut self, old: u8, new: u8) {
-        if let Some(s) = self {
-            s.transition(old, new);
-        }
-    }
     fn handshake(&mut self, h: &Handshake) {
         if let Some(s) = self {
             s.handshake(h);
@@ -420,7 +406,6 @@ impl Tracker {
     }
 
     fn state_change(&mut self, ev: &Event, sink: &mut impl Sink) {
-        sink.transition(ev.old_state, ev.new_state);
         let (Some(old), Some(new)) = (TcpState::from_raw(ev.old_state), TcpState::from_raw(ev.new_state)) else {
             return;
         };

@@ -12,7 +12,7 @@ use crate::{
     error::Result,
     events::{self, Family},
     pipeline::monotonic_ns,
-    probe::{Probe, SocketOffsets},
+    probe::{LoadOptions, Probe, SocketOffsets},
     report, shutdown,
     tracker::{expiring::ExpiringMap, Failure, Handshake, Limits, Sink, Tracker, Tuple},
 };
@@ -159,7 +159,12 @@ impl<W: Write> View<W> {
 }
 
 pub async fn run(args: WatchArgs) -> Result<()> {
-    let mut probe = Probe::load(args.ring_buffer_size.0, SocketOffsets::from_kernel())?;
+    let mut probe = Probe::load(LoadOptions {
+        ring_bytes: args.ring_buffer_size.0,
+        offsets: SocketOffsets::from_kernel(),
+        stream_all: !args.handshakes,
+        wakeup_bytes: 0, // A live view: every event at once.
+    })?;
     let mut ring = watch_readable(probe.take_events()?)?;
     let format = if args.json { LogFormat::Json } else { LogFormat::Text };
     let mut view = View::new(args.handshakes, Filter::from_args(&args), format, BufWriter::new(io::stdout()));

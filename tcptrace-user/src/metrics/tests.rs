@@ -60,9 +60,13 @@ fn comm_labels_count_connects_per_command() {
 #[test]
 fn sink_calls_land_in_the_exposition() {
     let mut m = metrics(PortLabels::Off);
-    m.transition(TcpState::SynSent as u8, TcpState::Established as u8);
-    m.transition(TcpState::SynSent as u8, TcpState::Established as u8);
-    m.transition(0, 42);
+    let mut kernel = [0u64; 256];
+    kernel[tcptrace_common::transition_slot(TcpState::SynSent as u32, TcpState::Established as u32)] = 1;
+    m.set_transitions(&kernel);
+    kernel[tcptrace_common::transition_slot(TcpState::SynSent as u32, TcpState::Established as u32)] = 2;
+    kernel[tcptrace_common::transition_slot(0, 42)] = 1;
+    m.set_transitions(&kernel);
+    m.set_transitions(&kernel);
     m.handshake(&handshake(Direction::Active, Family::Ipv4, 30_000, 0, 443));
     m.handshake(&handshake(Direction::Active, Family::Ipv4, 1_000_300_000, 1, 443));
     m.handshake(&handshake(Direction::Passive, Family::Ipv6, 40_000, 0, 80));

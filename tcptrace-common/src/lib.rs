@@ -41,15 +41,16 @@ pub const fn transition_slot(old: u32, new: u32) -> usize {
 }
 
 /// Whether the daemon needs this transition streamed (the rest are only counted):
-/// handshake starts and ends, and the entries into TIME_WAIT.
+/// handshake starts and ends, and the entries into TIME_WAIT. (LISTEN->SYN_RECV is
+/// not needed: the child's SYN_RECV->ESTABLISHED follows at once with the same
+/// 4-tuple.)
 pub const fn pairs(old: u32, new: u32) -> bool {
     const CLOSE: u32 = TcpState::Close as u32;
     const SYN_SENT: u32 = TcpState::SynSent as u32;
     const SYN_RECV: u32 = TcpState::SynRecv as u32;
-    const LISTEN: u32 = TcpState::Listen as u32;
     const FIN_WAIT2: u32 = TcpState::FinWait2 as u32;
     const CLOSING: u32 = TcpState::Closing as u32;
-    matches!((old, new), (CLOSE, SYN_SENT) | (SYN_SENT, _) | (LISTEN, SYN_RECV) | (SYN_RECV, _))
+    matches!((old, new), (CLOSE, SYN_SENT) | (SYN_SENT, _) | (SYN_RECV, _))
         || (new == CLOSE && (old == FIN_WAIT2 || old == CLOSING))
 }
 
@@ -290,7 +291,7 @@ mod tests {
         }
         assert_eq!(transition_slot(99, 1), transition_slot(0, 1));
         assert!(pairs(Close as u32, SynSent as u32) && pairs(FinWait2 as u32, Close as u32));
-        assert!(pairs(SynRecv as u32, Established as u32) && pairs(Listen as u32, SynRecv as u32));
+        assert!(pairs(SynRecv as u32, Established as u32) && !pairs(Listen as u32, SynRecv as u32));
         assert!(!pairs(Established as u32, FinWait1 as u32) && !pairs(LastAck as u32, Close as u32));
     }
 

@@ -116,8 +116,13 @@ fn state_change(ctx: &TracePointContext) {
         return;
     }
 
+    // Filled in place in the ring buffer: no copy through the stack.
+    let Some(mut entry) = EVENTS.reserve::<Event>(0) else {
+        count_lost();
+        return;
+    };
     let at = &INET_SOCK_SET_STATE;
-    let mut ev = Event::zeroed();
+    let ev = entry.write(Event::zeroed());
     ev.kind = EventKind::StateChange as u8;
     ev.ts_ns = unsafe { bpf_ktime_get_ns() };
     ev.skaddr = field::<u64>(ctx, at.skaddr);
@@ -138,16 +143,18 @@ fn state_change(ctx: &TracePointContext) {
     // The calling task is only meaningful in process context: connect() makes
     // CLOSE->SYN_SENT there. `watch` shows it for everything.
     if stream_all || new == TcpState::SynSent as u32 {
-        task(&mut ev);
+        task(ev);
     }
     // Kernel socket state that only userspace-computed offsets make reachable: the
-    // handshake RTT as the socket becomes ESTABLISHED, the error as it closes.
-    if new == TcpState::Established as u32 {
+    // SYN-ACK round trip as a passive child becomes ESTABLISHED, the error as a
+    // handshake fails.
+    let (syn_sent, syn_recv) = (old == TcpState::SynSent as u32, old == TcpState::SynRecv as u32);
+    if syn_recv && new == TcpState::Established as u32 {
         ev.srtt_us = read_sock_field::<u32>(ev.skaddr, SRTT_US_OFFSET.load()).unwrap_or(0);
-    } else if new == TcpState::Close as u32 {
+    } else if (syn_sent || syn_recv) && new == TcpState::Close as u32 {
         ev.sk_err = read_sock_field::<i32>(ev.skaddr, SK_ERR_OFFSET.load()).unwrap_or(SK_ERR_UNKNOWN);
     }
-    emit(&ev);
+    entry.submit(wakeup_flags());
 }
 
 /// Reads a field at `offset` bytes into the socket at `skaddr`; `None` when the
@@ -229,23 +236,31 @@ fn task(ev: &mut Event) {
     ev.cgroup_id = unsafe { bpf_get_current_cgroup_id() };
 }
 
-/// Writes one event, or counts it as lost when the ring buffer is full. Wakes the
-/// reader only when enough data waits (it drains on a timer as well): one wake-up per
-/// event would cost more than the event.
-fn emit(ev: &Event) {
+/// Wakes the reader only when enough data waits (it drains on a timer as well): one
+/// wake-up per event would cost more than the event.
+fn wakeup_flags() -> u64 {
     let wakeup = WAKEUP_BYTES.load();
-    let flags = if wakeup == 0 {
+    if wakeup == 0 {
         0
     } else if EVENTS.query(BPF_RB_AVAIL_DATA) >= wakeup {
         BPF_RB_FORCE_WAKEUP
     } else {
         BPF_RB_NO_WAKEUP
-    };
-    if EVENTS.output::<Event>(ev, flags).is_err() {
-        if let Some(lost) = LOST.get_ptr_mut(0) {
-            // SAFETY: per-CPU slot, only this CPU writes it while the program runs.
-            unsafe { *lost += 1 };
-        }
+    }
+}
+
+/// Counts an event the full ring buffer had no room for.
+fn count_lost() {
+    if let Some(lost) = LOST.get_ptr_mut(0) {
+        // SAFETY: per-CPU slot, only this CPU writes it while the program runs.
+        unsafe { *lost += 1 };
+    }
+}
+
+/// Writes one event of the rare tracepoints, or counts it as lost.
+fn emit(ev: &Event) {
+    if EVENTS.output::<Event>(ev, wakeup_flags()).is_err() {
+        count_lost();
     }
 }
 

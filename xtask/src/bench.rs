@@ -327,13 +327,16 @@ fn start_to_first_scrape(bin: &Path) -> Result<Duration> {
     Ok(took)
 }
 
-/// Raises this process's open-file limit (root may) for the open-connections test;
-/// returns the limit in force.
-fn raise_nofile(want: u64) -> u64 {
-    let pid = std::process::id().to_string();
-    let _ = Command::new("prlimit").args(["--pid", &pid, &format!("--nofile={want}:{want}")]).status();
-    let limits = fs::read_to_string("/proc/self/limits").unwrap_or_default();
-    limits
+/// TIME_WAIT sockets in this namespace (`tw` of /proc/net/sockstat).
+fn kernel_time_wait() -> u64 {
+    let stat = fs::read_to_string("/proc/net/sockstat").unwrap_or_default();
+    stat.split_whitespace().skip_while(|w| *w != "tw").nth(1).and_then(|v| v.parse().ok()).unwrap_or(0)
+}
+
+/// Open-file limit of this process (each held connection needs two descriptors).
+fn nofile_limit() -> u64 {
+    fs::read_to_string("/proc/self/limits")
+        .unwrap_or_default()
         .lines()
         .find(|l| l.starts_with("Max open files"))
         .and_then(|l| l.split_whitespace().nth(3))
@@ -341,52 +344,75 @@ fn raise_nofile(want: u64) -> u64 {
         .unwrap_or(1024)
 }
 
+/// Runs in a helper process (`cargo xtask hold`): opens `n` loopback connections
+/// (both ends here), says "ready", and holds them until stdin closes; then closes
+/// the server sides first, so each leaves a TIME_WAIT socket.
+pub fn hold(n: usize) -> Result<()> {
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    let mut pairs = Vec::with_capacity(n);
+    for _ in 0..n {
+        let client = TcpStream::connect(addr)?;
+        pairs.push((listener.accept()?.0, client));
+    }
+    println!("ready");
+    std::io::stdout().flush()?;
+    let _ = std::io::stdin().read_to_end(&mut Vec::new());
+    for (server, client) in pairs {
+        drop(server);
+        drop(client);
+    }
+    Ok(())
+}
+
+/// Waits until the daemon's event count stops moving (bounded).
+fn settle(addr: SocketAddr) -> Result<()> {
+    let mut last = -1.0;
+    for _ in 0..200 {
+        let now = sample(&scrape(addr)?, "tcptrace_events_total");
+        if now == last {
+            break;
+        }
+        last = now;
+        thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
 /// Daemon RSS idle, with `n` connections open, and after they closed (each then a
-/// modelled TIME_WAIT socket).
-fn memory(bin: &Path, work: &Path, n: usize) -> Result<(u64, u64, u64, usize)> {
+/// modelled TIME_WAIT socket). Connections are held by helper processes, since one
+/// process may not have enough file descriptors.
+fn memory(bin: &Path, work: &Path, xtask: &Path, n: usize) -> Result<(u64, u64, u64)> {
     let running = start(Tracer::Tcptrace, bin, work)?.context("daemon")?;
     let pid = running.child.id();
     let addr = running.metrics.context("metrics address")?;
-    scrape(addr)?;
+    settle(addr)?;
     let idle = status_kib(pid, "VmRSS:");
-    let limit = raise_nofile(2 * n as u64 + 1024);
-    let n = n.min((limit.saturating_sub(1024) / 2) as usize);
-    // Spread over listeners so that ephemeral ports (28k per destination) suffice.
-    let listeners: Vec<TcpListener> =
-        (0..n.div_ceil(20_000).max(1)).map(|_| TcpListener::bind("127.0.0.1:0")).collect::<Result<_, _>>()?;
-    let mut held = Vec::with_capacity(2 * n);
-    for i in 0..n {
-        let l = &listeners[i % listeners.len()];
-        held.push(TcpStream::connect(l.local_addr()?)?);
-        held.push(l.accept()?.0);
-    }
-    // Let the daemon drain what the burst produced, then read its memory.
-    let mut last = 0.0;
-    for _ in 0..100 {
-        let now = sample(&scrape(addr)?, "tcptrace_events_total");
-        if now == last {
-            break;
+    let per_helper = ((nofile_limit().saturating_sub(256)) / 2).clamp(1, 20_000) as usize;
+    let mut helpers = Vec::new();
+    let mut left = n;
+    while left > 0 {
+        let k = left.min(per_helper);
+        let mut child =
+            Command::new(xtask).args(["hold", &k.to_string()]).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn()?;
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().context("stdout")?).read_line(&mut line)?;
+        if line.trim() != "ready" {
+            bail!("a connection-holding helper failed");
         }
-        last = now;
-        thread::sleep(Duration::from_millis(50));
+        helpers.push(child);
+        left -= k;
     }
+    settle(addr)?;
     let open = status_kib(pid, "VmRSS:");
-    // Close server sides first: n modelled TIME_WAIT sockets.
-    for pair in held.chunks_mut(2) {
-        pair.swap(0, 1);
+    for mut h in helpers {
+        drop(h.stdin.take());
+        h.wait()?;
     }
-    drop(held);
-    for _ in 0..100 {
-        let now = sample(&scrape(addr)?, "tcptrace_events_total");
-        if now == last {
-            break;
-        }
-        last = now;
-        thread::sleep(Duration::from_millis(50));
-    }
+    settle(addr)?;
     let closed = status_kib(pid, "VmRSS:");
     drop(running);
-    Ok((idle, open, closed, n))
+    Ok((idle, open, closed))
 }
 
 fn scrape_latency(bin: &Path, work: &Path) -> Result<(f64, f64)> {
@@ -412,7 +438,7 @@ fn scrape_latency(bin: &Path, work: &Path) -> Result<(f64, f64)> {
     Ok((median(times), sorted[sorted.len() * 95 / 100]))
 }
 
-pub fn run(args: &BenchArgs, root: &Path, bin: &Path) -> Result<String> {
+pub fn run(args: &BenchArgs, root: &Path, bin: &Path, xtask: &Path) -> Result<String> {
     let work = root.join("target/bench");
     fs::create_dir_all(&work)?;
     let mut report = String::new();
@@ -441,6 +467,17 @@ pub fn run(args: &BenchArgs, root: &Path, bin: &Path) -> Result<String> {
     let (scrape_med, scrape_p95) = scrape_latency(bin, &work)?;
     out(format!("GET /metrics over HTTP at default cardinality: median {scrape_med:.2} ms, p95 {scrape_p95:.2} ms"));
 
+    if args.open > 0 {
+        let n = args.open;
+        let tw = kernel_time_wait();
+        let (idle, open, closed) = memory(bin, &work, xtask, n)?;
+        out(format!(
+            "daemon RSS ({tw} TIME_WAIT sockets in the kernel at start): idle {:.1} MiB; with {n} connections open {:.1} MiB; after they closed ({n} modelled TIME_WAIT) {:.1} MiB",
+            idle as f64 / 1024.0,
+            open as f64 / 1024.0,
+            closed as f64 / 1024.0
+        ));
+    }
     let mut tracers = vec![Tracer::None, Tracer::Tcptrace];
     if !args.no_peers {
         for (t, program) in [(Tracer::Tcpstates, "tcpstates"), (Tracer::Bpftrace, "bpftrace")] {
@@ -535,15 +572,6 @@ pub fn run(args: &BenchArgs, root: &Path, bin: &Path) -> Result<String> {
         out(row);
     }
 
-    if args.open > 0 {
-        let (idle, open, closed, n) = memory(bin, &work, args.open)?;
-        out(format!(
-            "\ndaemon RSS: idle {:.1} MiB; with {n} connections open {:.1} MiB; after they closed ({n} modelled TIME_WAIT) {:.1} MiB",
-            idle as f64 / 1024.0,
-            open as f64 / 1024.0,
-            closed as f64 / 1024.0
-        ));
-    }
     Ok(report)
 }
 

@@ -54,6 +54,9 @@ enum Cmd {
         #[arg(long)]
         smoke: bool,
     },
+    /// (Used by bench.) Hold N loopback connections open until stdin closes.
+    #[command(hide = true)]
+    Hold { connections: usize },
 }
 
 fn main() -> ExitCode {
@@ -105,11 +108,13 @@ fn run(cmd: Cmd) -> Result<()> {
                 bail!("the benchmark loads eBPF programs and needs root: run `sudo -E cargo xtask bench`");
             }
             cargo(&["build", "--release", "--package", "tcptrace-user"])?;
-            let report = bench::run(&args, &root, &root.join("target/release/tcptrace"))?;
+            let xtask = env::current_exe()?;
+            let report = bench::run(&args, &root, &root.join("target/release/tcptrace"), &xtask)?;
             let path = bench::results_path(&root);
             fs::write(&path, report)?;
             step(&format!("results written to {}", path.display()));
         }
+        Cmd::Hold { connections } => bench::hold(connections)?,
         Cmd::Lint => {
             setup_toolchain()?;
             cargo(&["fmt", "--all", "--check"])?;

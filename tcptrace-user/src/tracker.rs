@@ -8,6 +8,8 @@
 
 pub(crate) mod expiring;
 
+use std::hash::BuildHasher as _;
+
 use tcptrace_common::{Event, EventKind, TcpState, SK_ERR_UNKNOWN};
 
 use self::expiring::ExpiringMap;
@@ -329,8 +331,13 @@ pub struct Tracker {
     /// SYN-ACK retransmissions by the 4-tuple of the connection they belong to: the
     /// request socket is not the child that later becomes ESTABLISHED.
     synack: ExpiringMap<Tuple, SynAck>,
-    /// Modelled time-wait sockets by 4-tuple (the socket that made them is gone).
-    time_wait: ExpiringMap<Tuple, Family>,
+    /// Modelled time-wait sockets by a 64-bit fingerprint of their 4-tuple (the
+    /// socket that made them is gone). A fingerprint rather than the 40-byte tuple
+    /// keeps an entry small at a cap of hundreds of thousands; two live tuples
+    /// sharing one (about n^2 / 2^65: 2e-9 at 262,144 entries) would merge.
+    time_wait: ExpiringMap<u64, Family>,
+    /// Keyed per process, so fingerprints cannot be predicted from outside.
+    fingerprint: foldhash::quality::RandomState,
     time_wait_count: [usize; 2],
     /// Sockets that just received a reset, by address, with the time it arrived.
     reset: ExpiringMap<u64, ()>,
@@ -342,6 +349,7 @@ impl Tracker {
             pending: ExpiringMap::new(limits.max_pending),
             synack: ExpiringMap::new(limits.max_pending),
             time_wait: ExpiringMap::new(limits.max_time_wait),
+            fingerprint: foldhash::quality::RandomState::default(),
             time_wait_count: [0; 2],
             reset: ExpiringMap::new(limits.max_pending),
             limits,
@@ -522,7 +530,8 @@ impl Tracker {
     }
 
     fn insert_time_wait(&mut self, tuple: Tuple, family: Family, expires_ns: u64, sink: &mut impl Sink) {
-        let (replaced, evicted) = self.time_wait.insert(tuple, family, expires_ns);
+        let key = self.fingerprint.hash_one(tuple);
+        let (replaced, evicted) = self.time_wait.insert(key, family, expires_ns);
         for gone in replaced.into_iter().chain(evicted) {
             self.time_wait_count[gone as usize] -= 1;
         }
@@ -533,7 +542,7 @@ impl Tracker {
     }
 
     fn remove_time_wait(&mut self, tuple: &Tuple) {
-        if let Some(family) = self.time_wait.remove(tuple) {
+        if let Some(family) = self.time_wait.remove(&self.fingerprint.hash_one(tuple)) {
             self.time_wait_count[family as usize] -= 1;
         }
     }

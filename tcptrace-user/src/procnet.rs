@@ -7,7 +7,10 @@
 //! (sock_diag over netlink would give the same; this needs no extra dependency and
 //! runs once.)
 
-use std::{fs, io};
+use std::{
+    fs,
+    io::{self, BufRead, BufReader},
+};
 
 use tcptrace_common::{AF_INET, AF_INET6};
 
@@ -24,32 +27,41 @@ pub fn time_wait_sockets(now_ns: u64) -> io::Result<Vec<(Tuple, u64)>> {
     let ns_per_tick = 1_000_000_000 / u64::try_from(ticks).ok().filter(|&t| t > 0).unwrap_or(100);
     let mut out = Vec::new();
     for (path, family) in [("/proc/net/tcp", AF_INET), ("/proc/net/tcp6", AF_INET6)] {
-        match fs::read_to_string(path) {
-            Ok(text) => out.extend(parse(&text, family, now_ns, ns_per_tick)),
+        let file = match fs::File::open(path) {
+            Ok(f) => f,
             // No IPv6 in this kernel: nothing to seed.
-            Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+            Err(err) if err.kind() == io::ErrorKind::NotFound => continue,
             Err(err) => return Err(io::Error::new(err.kind(), format!("reading {path}: {err}"))),
+        };
+        // Line by line: with many sockets the table is tens of megabytes of text.
+        for line in BufReader::new(file).lines().skip(1) {
+            let line = line.map_err(|err| io::Error::new(err.kind(), format!("reading {path}: {err}")))?;
+            out.extend(parse_line(&line, family, now_ns, ns_per_tick));
         }
     }
     Ok(out)
 }
 
 /// Parses the TIME_WAIT lines of one /proc/net/tcp{,6} table; other lines are skipped.
+#[cfg(test)]
 fn parse(text: &str, family: u16, now_ns: u64, ns_per_tick: u64) -> impl Iterator<Item = (Tuple, u64)> + '_ {
-    text.lines().skip(1).filter_map(move |line| {
-        let mut f = line.split_whitespace();
-        let (_sl, local, remote, state, _queues, timer) =
-            (f.next()?, f.next()?, f.next()?, f.next()?, f.next()?, f.next()?);
-        if state != TCP_TIME_WAIT_HEX {
-            return None;
-        }
-        let (saddr, sport) = endpoint(local)?;
-        let (daddr, dport) = endpoint(remote)?;
-        let (_kind, when) = timer.split_once(':')?;
-        let left = u64::from_str_radix(when, 16).ok()?;
-        let tuple = Tuple { family, sport, dport, saddr, daddr };
-        Some((tuple, now_ns + left * ns_per_tick))
-    })
+    text.lines().skip(1).filter_map(move |line| parse_line(line, family, now_ns, ns_per_tick))
+}
+
+/// One table line: its 4-tuple and expiry if it is a time-wait socket.
+fn parse_line(line: &str, family: u16, now_ns: u64, ns_per_tick: u64) -> Option<(Tuple, u64)> {
+    let mut f = line.split_whitespace();
+    let (_sl, local, remote, state, _queues, timer) =
+        (f.next()?, f.next()?, f.next()?, f.next()?, f.next()?, f.next()?);
+    if state != TCP_TIME_WAIT_HEX {
+        return None;
+    }
+    let (saddr, sport) = endpoint(local)?;
+    let (daddr, dport) = endpoint(remote)?;
+    let (_kind, when) = timer.split_once(':')?;
+    let left = u64::from_str_radix(when, 16).ok()?;
+    let tuple = Tuple { family, sport, dport, saddr, daddr };
+    Some((tuple, now_ns + left * ns_per_tick))
 }
 
 /// `0100007F:1F90` (IPv4) or 32 hex digits (IPv6): the address is printed as

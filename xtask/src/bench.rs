@@ -382,7 +382,7 @@ fn settle(addr: SocketAddr) -> Result<()> {
 /// Daemon RSS idle, with `n` connections open, and after they closed (each then a
 /// modelled TIME_WAIT socket). Connections are held by helper processes, since one
 /// process may not have enough file descriptors.
-fn memory(bin: &Path, work: &Path, xtask: &Path, n: usize) -> Result<(u64, u64, u64)> {
+fn memory(bin: &Path, work: &Path, xtask: &Path, n: usize) -> Result<(u64, u64, u64, f64, f64)> {
     let running = start(Tracer::Tcptrace, bin, work)?.context("daemon")?;
     let pid = running.child.id();
     let addr = running.metrics.context("metrics address")?;
@@ -411,8 +411,15 @@ fn memory(bin: &Path, work: &Path, xtask: &Path, n: usize) -> Result<(u64, u64, 
     }
     settle(addr)?;
     let closed = status_kib(pid, "VmRSS:");
+    let text = scrape(addr)?;
+    let tw = text
+        .lines()
+        .filter(|l| l.starts_with("tcptrace_time_wait_sockets{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    let lost = sample(&text, "tcptrace_events_lost_total");
     drop(running);
-    Ok((idle, open, closed))
+    Ok((idle, open, closed, tw, lost))
 }
 
 fn scrape_latency(bin: &Path, work: &Path) -> Result<(f64, f64)> {
@@ -470,9 +477,10 @@ pub fn run(args: &BenchArgs, root: &Path, bin: &Path, xtask: &Path) -> Result<St
     if args.open > 0 {
         let n = args.open;
         let tw = kernel_time_wait();
-        let (idle, open, closed) = memory(bin, &work, xtask, n)?;
+        let (idle, open, closed, modelled, lost) = memory(bin, &work, xtask, n)?;
         out(format!(
-            "daemon RSS ({tw} TIME_WAIT sockets in the kernel at start): idle {:.1} MiB; with {n} connections open {:.1} MiB; after they closed ({n} modelled TIME_WAIT) {:.1} MiB",
+            "daemon RSS ({tw} TIME_WAIT sockets in the kernel at start): idle {:.1} MiB; with {n} connections open \
+             {:.1} MiB; after they closed {:.1} MiB ({modelled} TIME_WAIT modelled, {lost} events lost)",
             idle as f64 / 1024.0,
             open as f64 / 1024.0,
             closed as f64 / 1024.0

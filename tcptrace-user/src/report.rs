@@ -170,7 +170,7 @@ impl<W: Write> Sink for SlowLog<W> {
 pub type StdoutSlowLog = SlowLog<io::LineWriter<io::Stdout>>;
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use tcptrace_common::{AF_INET, AF_INET6};
 
     use super::*;
@@ -252,18 +252,21 @@ mod tests {
         );
     }
 
+    /// An output whose reader has gone, like stdout piped into `head`.
+    pub(crate) struct ClosedPipe;
+
+    impl Write for ClosedPipe {
+        fn write(&mut self, _: &[u8]) -> io::Result<usize> {
+            Err(io::ErrorKind::BrokenPipe.into())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
     #[test]
     fn a_closed_output_stops_the_log_quietly() {
-        struct Closed;
-        impl Write for Closed {
-            fn write(&mut self, _: &[u8]) -> io::Result<usize> {
-                Err(io::ErrorKind::BrokenPipe.into())
-            }
-            fn flush(&mut self) -> io::Result<()> {
-                Ok(())
-            }
-        }
-        let mut log = SlowLog::new(Duration::ZERO, LogFormat::Json, Closed);
+        let mut log = SlowLog::new(Duration::ZERO, LogFormat::Json, ClosedPipe);
         log.handshake(&slow(1));
         log.handshake(&slow(1));
         assert!(log.broken);

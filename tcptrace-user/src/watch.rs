@@ -265,16 +265,7 @@ mod tests {
 
     #[test]
     fn a_closed_pipe_is_reported_by_flush() {
-        struct Closed;
-        impl Write for Closed {
-            fn write(&mut self, _: &[u8]) -> io::Result<usize> {
-                Err(io::ErrorKind::BrokenPipe.into())
-            }
-            fn flush(&mut self) -> io::Result<()> {
-                Ok(())
-            }
-        }
-        let mut view = View::new(false, Filter::default(), LogFormat::Text, Closed);
+        let mut view = View::new(false, Filter::default(), LogFormat::Text, crate::report::tests::ClosedPipe);
         view.event(&ev(1, 1, TcpState::Close, TcpState::SynSent, 80));
         assert_eq!(view.flush().unwrap_err().kind(), io::ErrorKind::BrokenPipe);
     }

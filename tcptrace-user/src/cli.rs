@@ -104,7 +104,7 @@ pub struct DaemonArgs {
     #[arg(long, default_value_t = 65_536, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     pub max_tracked_sockets: u32,
 
-    /// Most TIME_WAIT sockets to model for tcptrace_time_wait_sockets (about 100 bytes
+    /// Most TIME_WAIT sockets to model for tcptrace_time_wait_sockets (about 75 bytes
     /// each); beyond it the oldest is dropped and counted as evicted.
     #[arg(long, default_value_t = 262_144, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     pub max_time_wait_sockets: u32,

@@ -232,16 +232,6 @@ impl Event {
         EventKind::from_raw(self.kind)
     }
 
-    /// Local address (IPv4 sockets use the first four bytes).
-    pub fn local_ip(&self) -> core::net::IpAddr {
-        ip(self.family, &self.saddr)
-    }
-
-    /// Remote address (IPv4 sockets use the first four bytes).
-    pub fn remote_ip(&self) -> core::net::IpAddr {
-        ip(self.family, &self.daddr)
-    }
-
     /// `comm` up to its first NUL, or `None` when it is not UTF-8.
     pub fn comm_str(&self) -> Option<&str> {
         let len = self.comm.iter().position(|&b| b == 0).unwrap_or(self.comm.len());
@@ -249,7 +239,8 @@ impl Event {
     }
 }
 
-fn ip(family: u16, raw: &[u8; 16]) -> core::net::IpAddr {
+/// An address as the events carry it: IPv6 in all 16 bytes, IPv4 in the first four.
+pub fn ip_addr(family: u16, raw: &[u8; 16]) -> core::net::IpAddr {
     if family == AF_INET6 {
         core::net::IpAddr::V6(core::net::Ipv6Addr::from(*raw))
     } else {

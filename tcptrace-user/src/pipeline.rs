@@ -58,10 +58,6 @@ impl Pipeline {
         }
     }
 
-    pub fn tracker_mut(&mut self) -> &mut Tracker {
-        &mut self.tracker
-    }
-
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
     }

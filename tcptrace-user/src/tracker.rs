@@ -10,7 +10,7 @@ pub(crate) mod expiring;
 
 use std::hash::BuildHasher as _;
 
-use tcptrace_common::{Event, EventKind, TcpState, SK_ERR_UNKNOWN};
+use tcptrace_common::{ip_addr, Event, EventKind, TcpState, SK_ERR_UNKNOWN};
 
 use self::expiring::ExpiringMap;
 use crate::events::Family;
@@ -45,8 +45,6 @@ pub enum Direction {
 }
 
 impl Direction {
-    pub const ALL: [Self; 2] = [Self::Active, Self::Passive];
-
     pub const fn label(self) -> &'static str {
         match self {
             Self::Active => "active",
@@ -294,19 +292,12 @@ impl Tuple {
     }
 
     pub fn local(&self) -> std::net::SocketAddr {
-        std::net::SocketAddr::new(ip(self.family, &self.saddr), self.sport)
+        std::net::SocketAddr::new(ip_addr(self.family, &self.saddr), self.sport)
     }
 
     pub fn remote(&self) -> std::net::SocketAddr {
-        std::net::SocketAddr::new(ip(self.family, &self.daddr), self.dport)
+        std::net::SocketAddr::new(ip_addr(self.family, &self.daddr), self.dport)
     }
-}
-
-fn ip(family: u16, raw: &[u8; 16]) -> std::net::IpAddr {
-    let mut ev = Event::zeroed();
-    ev.family = family;
-    ev.saddr = *raw;
-    ev.local_ip()
 }
 
 #[derive(Clone, Copy, Debug)]

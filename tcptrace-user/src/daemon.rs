@@ -28,7 +28,7 @@ use crate::{
 };
 
 /// How often the ring buffer is drained when the kernel has not woken the reader:
-/// it wakes it only once a eighth of the buffer is waiting, which saves a wake-up
+/// it wakes it only once an eighth of the buffer is waiting, which saves a wake-up
 /// per event, and this bounds how stale the metrics can be between scrapes.
 const DRAIN_EVERY: Duration = Duration::from_millis(50);
 /// How often expiry runs when nobody scrapes, which keeps memory bounded.
@@ -162,8 +162,9 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
 
 /// Registers a map's file descriptor with the runtime for read readiness.
 pub(crate) fn watch_readable<T: std::os::fd::AsRawFd>(inner: T) -> std::io::Result<AsyncFd<T>> {
-    // SAFETY: the ring buffer and the logger own their file descriptors and never
-    // close or swap them while the AsyncFd holds them.
+    // SAFETY: the descriptors stay open and unchanged while the AsyncFd exists: the
+    // logger owns its own; a RingFd's ring buffer lives in State, which outlives the
+    // reader task that holds the AsyncFd.
     unsafe { AsyncFd::register_with_interest(inner, Interest::READABLE) }.map_err(Into::into)
 }
 

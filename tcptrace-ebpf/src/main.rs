@@ -1,4 +1,6 @@
-//! tcptrace's kernel side: copy TCP tracepoint records into one ring buffer.
+//! tcptrace's kernel side: count every TCP state change, and copy the records
+//! userspace pairs (handshake starts and ends, TIME_WAIT entries, resets,
+//! retransmissions) into one ring buffer.
 //!
 //! Deliberately small: every decision (pairing, expiry, metrics) is made in
 //! userspace, where it can be tested without a kernel.
@@ -69,10 +71,10 @@ struct Layout {
 const INET_SOCK_SET_STATE: Layout =
     Layout { skaddr: 8, sport: 24, dport: 26, family: 28, saddr: 32, daddr: 36, saddr_v6: 40, daddr_v6: 56 };
 const SET_STATE_OLDSTATE: usize = 16;
+const SET_STATE_NEWSTATE: usize = 20;
 // Direct loads need natural alignment: check the offsets read that way.
 const _: () = assert!(INET_SOCK_SET_STATE.skaddr.is_multiple_of(8) && INET_SOCK_SET_STATE.saddr_v6.is_multiple_of(8));
 const _: () = assert!(INET_SOCK_SET_STATE.daddr_v6.is_multiple_of(8) && INET_SOCK_SET_STATE.saddr.is_multiple_of(4));
-const SET_STATE_NEWSTATE: usize = 20;
 const SET_STATE_PROTOCOL: usize = 30;
 
 const TCP_RETRANSMIT_SKB: Layout =

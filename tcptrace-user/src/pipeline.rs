@@ -11,12 +11,15 @@ pub struct Pipeline {
     tracker: Tracker,
     metrics: Metrics,
     slow_log: Option<StdoutSlowLog>,
+    /// Events handled since the last refresh: counted here, not with an atomic
+    /// increment per event, and added to the counter before every scrape.
+    unreported: u64,
     warned_malformed: bool,
 }
 
 impl Pipeline {
     pub fn new(tracker: Tracker, metrics: Metrics) -> Self {
-        Self { tracker, metrics, slow_log: None, warned_malformed: false }
+        Self { tracker, metrics, slow_log: None, unreported: 0, warned_malformed: false }
     }
 
     /// Also write slow and failed handshakes as records.
@@ -41,13 +44,14 @@ impl Pipeline {
 
     /// Handles one decoded event.
     pub fn event(&mut self, ev: &Event) {
-        self.metrics.events_read(1);
+        self.unreported += 1;
         self.tracker.handle(ev, &mut (&mut self.metrics, &mut self.slow_log));
     }
 
     /// Brings time-dependent state and gauges up to `now_ns` (CLOCK_MONOTONIC), and
     /// the kernel-side counters up to the kernel's totals, before a scrape.
     pub fn refresh(&mut self, now_ns: u64, kernel: &KernelTotals) {
+        self.metrics.events_read(std::mem::take(&mut self.unreported));
         self.tracker.advance(now_ns, &mut self.metrics);
         self.metrics.refresh(&self.tracker);
         if let Some(total) = kernel.lost {

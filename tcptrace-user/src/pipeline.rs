@@ -5,7 +5,13 @@
 use log::warn;
 use tcptrace_common::Event;
 
-use crate::{events, metrics::Metrics, probe::KernelTotals, report::StdoutSlowLog, tracker::Tracker};
+use crate::{
+    events::{self, Family},
+    metrics::Metrics,
+    probe::KernelTotals,
+    report::StdoutSlowLog,
+    tracker::{Failure, Handshake, Sink, Tracker},
+};
 
 pub struct Pipeline {
     tracker: Tracker,
@@ -45,7 +51,8 @@ impl Pipeline {
     /// Handles one decoded event.
     pub fn event(&mut self, ev: &Event) {
         self.unreported += 1;
-        self.tracker.handle(ev, &mut (&mut self.metrics, &mut self.slow_log));
+        let mut outputs = Outputs { metrics: &mut self.metrics, slow_log: self.slow_log.as_mut() };
+        self.tracker.handle(ev, &mut outputs);
     }
 
     /// Brings time-dependent state and gauges up to `now_ns` (CLOCK_MONOTONIC), and
@@ -69,6 +76,40 @@ impl Pipeline {
     /// Splits the borrow, for callers that feed the tracker directly (seeding).
     pub fn parts(&mut self) -> (&mut Tracker, &mut Metrics) {
         (&mut self.tracker, &mut self.metrics)
+    }
+}
+
+/// Where the daemon's tracker reports: everything to the metrics, and slow and
+/// failed handshakes also to the slow log when there is one.
+struct Outputs<'a> {
+    metrics: &'a mut Metrics,
+    slow_log: Option<&'a mut StdoutSlowLog>,
+}
+
+impl Sink for Outputs<'_> {
+    fn handshake(&mut self, h: &Handshake) {
+        self.metrics.handshake(h);
+        if let Some(log) = &mut self.slow_log {
+            log.handshake(h);
+        }
+    }
+    fn handshake_failed(&mut self, f: &Failure) {
+        self.metrics.handshake_failed(f);
+        if let Some(log) = &mut self.slow_log {
+            log.handshake_failed(f);
+        }
+    }
+    fn syn_retransmit(&mut self, family: Family) {
+        self.metrics.syn_retransmit(family);
+    }
+    fn synack_retransmit(&mut self, family: Family) {
+        self.metrics.synack_retransmit(family);
+    }
+    fn time_wait_entered(&mut self, family: Family) {
+        self.metrics.time_wait_entered(family);
+    }
+    fn evicted(&mut self, count: u64) {
+        self.metrics.evicted(count);
     }
 }
 

@@ -148,12 +148,11 @@ fn state_change(ctx: &TracePointContext) {
         task(ev);
     }
     // Kernel socket state that only userspace-computed offsets make reachable: the
-    // SYN-ACK round trip as a passive child becomes ESTABLISHED, the error as a
-    // handshake fails.
-    let (syn_sent, syn_recv) = (old == TcpState::SynSent as u32, old == TcpState::SynRecv as u32);
-    if syn_recv && new == TcpState::Established as u32 {
+    // SYN-ACK round trip as a passive child becomes ESTABLISHED, the error (why a
+    // handshake failed, whether a reset ended it) as a socket closes.
+    if old == TcpState::SynRecv as u32 && new == TcpState::Established as u32 {
         ev.srtt_us = read_sock_field::<u32>(ev.skaddr, SRTT_US_OFFSET.load()).unwrap_or(0);
-    } else if (syn_sent || syn_recv) && new == TcpState::Close as u32 {
+    } else if new == TcpState::Close as u32 {
         ev.sk_err = read_sock_field::<i32>(ev.skaddr, SK_ERR_OFFSET.load()).unwrap_or(SK_ERR_UNKNOWN);
     }
     entry.submit(wakeup_flags());

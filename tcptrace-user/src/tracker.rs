@@ -10,7 +10,7 @@ pub(crate) mod expiring;
 
 use std::hash::BuildHasher as _;
 
-use tcptrace_common::{ip_addr, Event, EventKind, TcpState, SK_ERR_UNKNOWN};
+use tcptrace_common::{ip_addr, Event, EventKind, TcpState};
 
 use self::expiring::ExpiringMap;
 use crate::events::Family;
@@ -97,7 +97,7 @@ impl FailureReason {
             ETIMEDOUT => Self::Timeout,
             0 => Self::Aborted,
             ENETDOWN | ENETUNREACH | EHOSTDOWN | EHOSTUNREACH => Self::Unreachable,
-            SK_ERR_UNKNOWN => Self::Unknown,
+            // SK_ERR_UNKNOWN (no BTF) and anything else.
             _ => Self::Unknown,
         }
     }
@@ -222,7 +222,6 @@ impl Tuple {
 #[derive(Clone, Copy, Debug)]
 struct Pending {
     since_ns: u64,
-    family: Family,
     retransmits: u32,
     origin: Origin,
 }
@@ -235,7 +234,8 @@ struct SynAck {
 
 /// Per-socket state, bounded by [`Limits`].
 pub struct Tracker {
-    limits: Limits,
+    /// From [`Limits`]; the caps live in the maps themselves.
+    handshake_timeout_ns: u64,
     /// Active opens in SYN_SENT, by socket address.
     pending: ExpiringMap<u64, Pending>,
     /// SYN-ACK retransmissions by the 4-tuple of the connection they belong to: the
@@ -262,7 +262,7 @@ impl Tracker {
             fingerprint: foldhash::quality::RandomState::default(),
             time_wait_count: [0; 2],
             reset: ExpiringMap::new(limits.max_pending),
-            limits,
+            handshake_timeout_ns: limits.handshake_timeout_ns,
         }
     }
 
@@ -312,7 +312,7 @@ impl Tracker {
                     Some(s) => s.retransmits += 1,
                     None => {
                         let entry = SynAck { first_ns: ev.ts_ns, retransmits: 1 };
-                        let deadline = ev.ts_ns + self.limits.handshake_timeout_ns;
+                        let deadline = ev.ts_ns + self.handshake_timeout_ns;
                         if let (_, Some(_)) = self.synack.insert(tuple, entry, deadline) {
                             sink.evicted(1);
                         }
@@ -324,64 +324,77 @@ impl Tracker {
     }
 
     fn state_change(&mut self, ev: &Event, sink: &mut impl Sink) {
-        let (Some(old), Some(new)) = (TcpState::from_raw(ev.old_state), TcpState::from_raw(ev.new_state)) else {
+        let (Some(old), Some(new), Some(family)) =
+            (TcpState::from_raw(ev.old_state), TcpState::from_raw(ev.new_state), Family::from_raw(ev.family))
+        else {
             return;
         };
-        let family = Family::from_raw(ev.family);
+        let tuple = Tuple::of(ev);
 
         // A new connection on a 4-tuple in TIME_WAIT means the kernel reused (killed)
         // that time-wait socket. Only connection-opening transitions can do that.
-        if matches!(old, TcpState::SynSent | TcpState::Listen | TcpState::SynRecv) && !self.time_wait.is_empty() {
-            let tuple = Tuple::of(ev);
-            if tuple.is_complete() {
-                self.remove_time_wait(&tuple);
-            }
+        if matches!(old, TcpState::SynSent | TcpState::Listen | TcpState::SynRecv)
+            && !self.time_wait.is_empty()
+            && tuple.is_complete()
+        {
+            self.remove_time_wait(&tuple);
         }
 
-        let reset_received = new == TcpState::Close && self.reset.remove(&ev.skaddr).is_some();
-        match (old, new, family) {
-            (TcpState::Close, TcpState::SynSent, Some(family)) => {
-                let p = Pending { since_ns: ev.ts_ns, family, retransmits: 0, origin: Origin::of(ev) };
+        let reset_received =
+            new == TcpState::Close && !self.reset.is_empty() && self.reset.remove(&ev.skaddr).is_some();
+        match (old, new) {
+            (TcpState::Close, TcpState::SynSent) => {
+                let p = Pending { since_ns: ev.ts_ns, retransmits: 0, origin: Origin::of(ev) };
                 // The same address again means the earlier socket's end was never seen.
-                match self.pending.insert(ev.skaddr, p, ev.ts_ns + self.limits.handshake_timeout_ns) {
+                match self.pending.insert(ev.skaddr, p, ev.ts_ns + self.handshake_timeout_ns) {
                     (None, None) => {}
                     _ => sink.evicted(1),
                 }
             }
-            (TcpState::SynSent, _, _) => {
+            (TcpState::SynSent, _) => {
                 let started = self.pending.remove(&ev.skaddr);
                 let origin = started.map(|p| p.origin);
                 let retransmits = started.map_or(0, |p| p.retransmits);
-                match (new, family) {
-                    (TcpState::Established, _) => {
-                        if let Some(p) = started {
-                            sink.handshake(&Handshake {
-                                direction: Direction::Active,
-                                family: p.family,
-                                duration_ns: ev.ts_ns.saturating_sub(p.since_ns),
-                                retransmits,
-                                tuple: Tuple::of(ev),
-                                origin,
-                                ts_ns: ev.ts_ns,
-                            });
-                        }
-                    }
-                    (TcpState::Close, Some(family)) => sink.handshake_failed(&Failure {
+                let elapsed_ns = started.map(|p| ev.ts_ns.saturating_sub(p.since_ns));
+                match (new, elapsed_ns) {
+                    (TcpState::Established, Some(duration_ns)) => sink.handshake(&Handshake {
+                        direction: Direction::Active,
+                        family,
+                        duration_ns,
+                        retransmits,
+                        tuple,
+                        origin,
+                        ts_ns: ev.ts_ns,
+                    }),
+                    (TcpState::Close, _) => sink.handshake_failed(&Failure {
                         direction: Direction::Active,
                         family,
                         reason: FailureReason::classify(Direction::Active, reset_received, ev.sk_err),
                         retransmits,
-                        tuple: Tuple::of(ev),
+                        tuple,
                         origin,
-                        elapsed_ns: started.map(|p| ev.ts_ns.saturating_sub(p.since_ns)),
+                        elapsed_ns,
                         ts_ns: ev.ts_ns,
                     }),
                     _ => {}
                 }
             }
-            (TcpState::SynRecv, TcpState::Established, Some(family)) => {
-                let tuple = Tuple::of(ev);
+            (TcpState::SynRecv, TcpState::Established | TcpState::Close) => {
                 let synack = if self.synack.is_empty() { None } else { self.synack.remove(&tuple) };
+                let retransmits = synack.map_or(0, |s| s.retransmits);
+                if new == TcpState::Close {
+                    sink.handshake_failed(&Failure {
+                        direction: Direction::Passive,
+                        family,
+                        reason: FailureReason::classify(Direction::Passive, reset_received, ev.sk_err),
+                        retransmits,
+                        tuple,
+                        origin: None,
+                        elapsed_ns: None,
+                        ts_ns: ev.ts_ns,
+                    });
+                    return;
+                }
                 let duration_ns = match synack {
                     Some(s) => Some(ev.ts_ns.saturating_sub(s.first_ns) + SYNACK_INITIAL_RTO_NS),
                     // srtt_us is in 1/8 us: the SYN-ACK round trip of this child.
@@ -393,33 +406,20 @@ impl Tracker {
                         direction: Direction::Passive,
                         family,
                         duration_ns,
-                        retransmits: synack.map_or(0, |s| s.retransmits),
+                        retransmits,
                         tuple,
                         origin: None,
                         ts_ns: ev.ts_ns,
                     });
                 }
             }
-            (TcpState::SynRecv, TcpState::Close, Some(family)) => {
-                let tuple = Tuple::of(ev);
-                let synack = if self.synack.is_empty() { None } else { self.synack.remove(&tuple) };
-                sink.handshake_failed(&Failure {
-                    direction: Direction::Passive,
-                    family,
-                    reason: FailureReason::classify(Direction::Passive, reset_received, ev.sk_err),
-                    retransmits: synack.map_or(0, |s| s.retransmits),
-                    tuple,
-                    origin: None,
-                    elapsed_ns: None,
-                    ts_ns: ev.ts_ns,
-                });
-            }
-            (TcpState::FinWait2 | TcpState::Closing, TcpState::Close, Some(family)) => {
-                let was_reset = reset_received || matches!(ev.sk_err, ECONNRESET | ECONNREFUSED);
-                if !was_reset {
-                    sink.time_wait_entered(family);
-                    self.insert_time_wait(Tuple::of(ev), family, ev.ts_ns + TIME_WAIT_NS, sink);
-                }
+            // A reset (seen by its tracepoint, or as the socket's error) leaves no
+            // time-wait socket behind.
+            (TcpState::FinWait2 | TcpState::Closing, TcpState::Close)
+                if !reset_received && !matches!(ev.sk_err, ECONNRESET | ECONNREFUSED) =>
+            {
+                sink.time_wait_entered(family);
+                self.insert_time_wait(tuple, family, ev.ts_ns + TIME_WAIT_NS, sink);
             }
             _ => {}
         }

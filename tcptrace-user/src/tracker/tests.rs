@@ -1,6 +1,6 @@
 //! Synthetic event sequences, as the kernel produces them (see ENVIRONMENT.md).
 
-use tcptrace_common::{AF_INET, AF_INET6};
+use tcptrace_common::{AF_INET, AF_INET6, SK_ERR_UNKNOWN};
 
 use super::*;
 

@@ -138,6 +138,15 @@ impl TcpState {
         }
     }
 
+    /// The lower-case name of a raw kernel state number, `unknown` for one this build
+    /// does not know: the form metric labels and records use.
+    pub fn name_of(raw: u8) -> &'static str {
+        match Self::from_raw(raw) {
+            Some(s) => s.name(),
+            None => "unknown",
+        }
+    }
+
     /// The kernel's name in lower case, as used in metric labels (`syn_sent`, `time_wait`).
     pub const fn name(self) -> &'static str {
         match self {
@@ -231,12 +240,11 @@ impl Event {
     pub const fn event_kind(&self) -> Option<EventKind> {
         EventKind::from_raw(self.kind)
     }
+}
 
-    /// `comm` up to its first NUL, or `None` when it is not UTF-8.
-    pub fn comm_str(&self) -> Option<&str> {
-        let len = self.comm.iter().position(|&b| b == 0).unwrap_or(self.comm.len());
-        core::str::from_utf8(&self.comm[..len]).ok()
-    }
+/// A task's `comm` up to its first NUL (the kernel NUL-pads it).
+pub fn comm_bytes(comm: &[u8; 16]) -> &[u8] {
+    &comm[..comm.iter().position(|&b| b == 0).unwrap_or(comm.len())]
 }
 
 /// An address as the events carry it: IPv6 in all 16 bytes, IPv4 in the first four.

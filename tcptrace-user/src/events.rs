@@ -1,6 +1,13 @@
 //! Decoding ring buffer records into [`Event`]s.
 
-use tcptrace_common::{Event, AF_INET, AF_INET6};
+use std::borrow::Cow;
+
+use tcptrace_common::{comm_bytes, Event, AF_INET, AF_INET6};
+
+/// A task's `comm` as text (lossy: the kernel does not promise UTF-8).
+pub fn comm(raw: &[u8; 16]) -> Cow<'_, str> {
+    String::from_utf8_lossy(comm_bytes(raw))
+}
 
 /// Address family of a socket, as used in the `family` metric label.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -65,7 +72,7 @@ mod tests {
         ev.comm[..4].copy_from_slice(b"curl");
         let back = decode(&bytes_of(&ev)).unwrap();
         assert_eq!(back, ev);
-        assert_eq!(back.comm_str(), Some("curl"));
+        assert_eq!(comm(&back.comm), "curl");
         assert_eq!(Family::from_raw(back.family), Some(Family::Ipv6));
     }
 

@@ -28,13 +28,6 @@ pub const HANDSHAKE_BUCKETS: [f64; 27] = [
     0.5, 1.0, 2.0, 3.0, 4.0, 7.0, 8.0, 15.0, 16.0, 31.0, 32.0, 64.0, 128.0,
 ];
 
-/// Label value for a state number this build does not know.
-const UNKNOWN_STATE: &str = "unknown";
-
-fn state_label(state: usize) -> &'static str {
-    u8::try_from(state).ok().and_then(TcpState::from_raw).map_or(UNKNOWN_STATE, TcpState::name)
-}
-
 /// What the operator chose to export.
 #[derive(Clone, Debug, Default)]
 pub struct MetricsConfig {
@@ -278,7 +271,7 @@ impl Metrics {
         for (slot, (&now, seen)) in totals.iter().zip(self.transitions_seen.iter_mut()).enumerate() {
             if now > *seen {
                 let vec = &self.transitions_vec;
-                let (old, new) = (state_label(slot >> 4), state_label(slot & 15));
+                let (old, new) = (TcpState::name_of((slot >> 4) as u8), TcpState::name_of((slot & 15) as u8));
                 self.transitions.get(slot, || vec.with_label_values(&[old, new])).inc_by(now - *seen);
                 *seen = now;
             }

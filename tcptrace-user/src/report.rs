@@ -11,7 +11,7 @@ use tcptrace_common::{Event, TcpState};
 
 use crate::{
     cli::LogFormat,
-    events::Family,
+    events::{self, Family},
     pipeline::monotonic_ns,
     tracker::{Failure, Handshake, Origin, Sink, Tuple},
 };
@@ -24,10 +24,6 @@ fn wall_time(ts_ns: u64) -> SystemTime {
 
 fn millis(ns: u64) -> f64 {
     (ns as f64 / 1e3).round() / 1e3
-}
-
-fn state_name(raw: u8) -> &'static str {
-    TcpState::from_raw(raw).map_or("unknown", TcpState::name)
 }
 
 /// An ordered record: a kind, then fields.
@@ -113,13 +109,13 @@ pub fn failure(f: &Failure, format: LogFormat) -> String {
 pub fn transition(ev: &Event, in_previous_ns: Option<u64>, format: LogFormat) -> String {
     let mut r = Record::new(ev.ts_ns, "transition")
         .tuple(Family::from_raw(ev.family), &Tuple::of(ev))
-        .field("old_state", state_name(ev.old_state))
-        .field("new_state", state_name(ev.new_state));
+        .field("old_state", TcpState::name_of(ev.old_state))
+        .field("new_state", TcpState::name_of(ev.new_state));
     if let Some(ns) = in_previous_ns {
         r = r.field("previous_ms", millis(ns));
     }
     r.field("pid", ev.tgid)
-        .field("comm", ev.comm_str().unwrap_or_default())
+        .field("comm", events::comm(&ev.comm).into_owned())
         .field("skaddr", format!("{:#x}", ev.skaddr))
         .render(format)
 }

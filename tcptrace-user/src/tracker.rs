@@ -117,10 +117,8 @@ impl Origin {
         Self { pid: ev.pid, tgid: ev.tgid, cgroup_id: ev.cgroup_id, comm: ev.comm }
     }
 
-    /// `comm` up to its first NUL, lossy.
     pub fn comm(&self) -> String {
-        let len = self.comm.iter().position(|&b| b == 0).unwrap_or(self.comm.len());
-        String::from_utf8_lossy(&self.comm[..len]).into_owned()
+        crate::events::comm(&self.comm).into_owned()
     }
 }
 

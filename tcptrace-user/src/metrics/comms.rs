@@ -62,8 +62,7 @@ impl CommLabeler {
                 .map(|(comm, _)| *comm);
             let Some(comm) = best else { break };
             self.counts.remove(&comm);
-            let len = comm.iter().position(|&b| b == 0).unwrap_or(comm.len());
-            self.names.push(String::from_utf8_lossy(&comm[..len]).into_owned());
+            self.names.push(crate::events::comm(&comm).into_owned());
             self.slot_of.insert(comm, self.names.len());
         }
         if self.names.len() >= self.max {

@@ -321,17 +321,7 @@ fn read_json(
 }
 
 fn interrupt(child: &mut std::process::Child) -> std::process::ExitStatus {
-    // SAFETY: kill with the pid of our own child.
-    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
-    let end = Instant::now() + Duration::from_secs(5);
-    while Instant::now() < end {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status;
-        }
-        thread::sleep(Duration::from_millis(10));
-    }
-    let _ = child.kill();
-    panic!("watch did not exit within 5 s of SIGINT");
+    support::stop(child, libc::SIGINT, Duration::from_secs(5)).expect("watch exits within 5 s of SIGINT")
 }
 
 #[test]

@@ -122,35 +122,28 @@ fn time_wait_gauge_equals_the_kernels_count_also_after_a_restart() {
     let daemon = Daemon::start(&[]);
     connect_and_close(Ipv4Addr::LOCALHOST.into(), 200);
     connect_and_close(Ipv6Addr::LOCALHOST.into(), 100);
-    // Time-wait sockets also end on their own (60 s timer), so compare until both
-    // sides agree rather than at one instant.
-    // Older time-wait sockets (earlier tests) may be expiring meanwhile: the kernel's
-    // timer wheel ends them 60-62 s after entry, tcptrace at 61 s, so wait for a
-    // moment when no expiry is in flight.
+    let count = time_wait_agrees_with_the_kernel(&daemon, "after the burst");
+    eprintln!("TIME_WAIT after the burst: tcptrace = kernel = {count}");
+    drop(daemon);
+
+    // A restarted daemon reads the existing time-wait sockets from the kernel.
+    let daemon = Daemon::start(&[]);
+    time_wait_agrees_with_the_kernel(&daemon, "after a restart");
+}
+
+/// Waits until `tcptrace_time_wait_sockets` equals the kernel's count (at least 300)
+/// and returns it. Time-wait sockets also end on their own, and older ones (earlier
+/// tests) may be expiring meanwhile: the kernel's timer wheel ends them 60-62 s after
+/// entry, tcptrace at 61 s, so this waits for a moment when no expiry is in flight.
+fn time_wait_agrees_with_the_kernel(daemon: &Daemon, when: &str) -> usize {
     let mut last = (0.0, 0);
     let agree = wait_for(2 * DEADLINE, || {
         last = (daemon.scrape().time_wait(), kernel_time_wait());
         last.0 == last.1 as f64
     });
-    assert!(agree, "tcptrace_time_wait_sockets {} != kernel's {}\n{}", last.0, last.1, kernel_socket_summary());
-    assert!(last.1 >= 300, "the burst left {} TIME_WAIT sockets, expected at least 300", last.1);
-    eprintln!("TIME_WAIT after the burst: tcptrace {} = kernel {}", last.0, last.1);
-    drop(daemon);
-
-    // A restarted daemon reads the existing time-wait sockets from the kernel.
-    let daemon = Daemon::start(&[]);
-    let agree = wait_for(2 * DEADLINE, || {
-        last = (daemon.scrape().time_wait(), kernel_time_wait());
-        last.0 == last.1 as f64
-    });
-    assert!(
-        agree,
-        "after restart: tcptrace_time_wait_sockets {} != kernel's {}\n{}",
-        last.0,
-        last.1,
-        kernel_socket_summary()
-    );
-    assert!(last.1 >= 300);
+    assert!(agree, "{when}: tcptrace_time_wait_sockets {} != kernel's {}\n{}", last.0, last.1, kernel_socket_summary());
+    assert!(last.1 >= 300, "{when}: {} TIME_WAIT sockets, expected at least 300", last.1);
+    last.1
 }
 
 /// Names (as the kernel truncates them) of tcptrace's programs currently loaded.

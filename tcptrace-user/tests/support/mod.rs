@@ -137,19 +137,7 @@ impl Daemon {
 
     /// Sends SIGTERM and waits up to `deadline` for the exit; kills it past that.
     pub fn terminate(&mut self, deadline: Duration) -> Option<ExitStatus> {
-        let mut child = self.child.take()?;
-        // SAFETY: kill with a pid we own.
-        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-        let end = Instant::now() + deadline;
-        while Instant::now() < end {
-            if let Ok(Some(status)) = child.try_wait() {
-                return Some(status);
-            }
-            thread::sleep(Duration::from_millis(10));
-        }
-        let _ = child.kill();
-        let _ = child.wait();
-        None
+        stop(&mut self.child.take()?, libc::SIGTERM, deadline)
     }
 }
 
@@ -157,6 +145,23 @@ impl Drop for Daemon {
     fn drop(&mut self) {
         self.terminate(Duration::from_secs(3));
     }
+}
+
+/// Sends `signal` and waits up to `deadline` for the exit; kills the process past
+/// that and returns `None`.
+pub fn stop(child: &mut Child, signal: i32, deadline: Duration) -> Option<ExitStatus> {
+    // SAFETY: kill with the pid of our own child.
+    unsafe { libc::kill(child.id() as i32, signal) };
+    let end = Instant::now() + deadline;
+    while Instant::now() < end {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    None
 }
 
 /// One parsed scrape: `name{labels} value` lines.

@@ -10,18 +10,8 @@ pub const EVENTS_MAP: &str = "EVENTS";
 pub const LOST_MAP: &str = "LOST";
 /// Default ring buffer size in bytes (a power of two, a multiple of the page size).
 pub const DEFAULT_RING_BYTES: u32 = 1 << 20;
-/// Global (set at load time): byte offset of `srtt_us` in `struct tcp_sock`, from the
-/// running kernel's BTF; 0 when unknown, and then nothing is read.
-pub const SRTT_US_OFFSET_GLOBAL: &str = "SRTT_US_OFFSET";
-/// Global (set at load time): byte offset of `sk_err` in `struct sock`; 0 when unknown.
-pub const SK_ERR_OFFSET_GLOBAL: &str = "SK_ERR_OFFSET";
-/// Global (set at load time): 1 streams every state change (`tcptrace watch`); 0
-/// streams only the transitions that pair into handshakes and TIME_WAIT entries,
-/// and the rest are only counted in [`TRANSITIONS_MAP`].
-pub const STREAM_ALL_GLOBAL: &str = "STREAM_ALL";
-/// Global (set at load time): wake the reader only once this many bytes are waiting
-/// (it also drains on a timer); 0 wakes it for every event.
-pub const WAKEUP_BYTES_GLOBAL: &str = "WAKEUP_BYTES";
+/// Name of the global [`Config`] the loader fills from the running kernel.
+pub const CONFIG_GLOBAL: &str = "CONFIG";
 /// Name of the per-CPU array (one [`TransitionCounts`] slot) counting every TCP state
 /// change in the kernel, by [`transition_slot`].
 pub const TRANSITIONS_MAP: &str = "TRANSITIONS";
@@ -56,6 +46,149 @@ pub const fn pairs(old: u32, new: u32) -> bool {
 
 /// [`Event::sk_err`] when the kernel's error was not read (no BTF offset).
 pub const SK_ERR_UNKNOWN: i32 = -1;
+
+/// An offset in [`SockOffsets`] or [`RecordLayout`] for a field this kernel lacks.
+pub const ABSENT: u16 = u16::MAX;
+
+/// Where the kernel keeps the socket fields the programs read: byte offsets into
+/// `struct sock` (whose first member is `struct sock_common`, so the `skc_*` ones
+/// also apply to a `struct request_sock`), from the running kernel's BTF. [`ABSENT`]
+/// where unknown; a program then leaves the field out rather than read wrong bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SockOffsets {
+    /// `skc_family`.
+    pub family: u16,
+    /// `skc_state`.
+    pub state: u16,
+    /// `skc_num`: the local port, host byte order.
+    pub num: u16,
+    /// `skc_dport`: the remote port, network byte order.
+    pub dport: u16,
+    /// `skc_rcv_saddr` and `skc_daddr`: IPv4 addresses.
+    pub rcv_saddr: u16,
+    pub daddr: u16,
+    /// `skc_v6_rcv_saddr` and `skc_v6_daddr`: IPv6 addresses.
+    pub v6_rcv_saddr: u16,
+    pub v6_daddr: u16,
+    /// `skc_net`: the socket's `struct net *`.
+    pub net: u16,
+    /// `ns.inum` inside `struct net`: the namespace's inode number.
+    pub net_inum: u16,
+    /// `sk_protocol`.
+    pub protocol: u16,
+    /// `tcp_sock.srtt_us`: a passive child's SYN-ACK round trip.
+    pub srtt_us: u16,
+    /// `sk_err`: why a handshake failed.
+    pub sk_err: u16,
+    pub _pad: u16,
+}
+
+impl SockOffsets {
+    /// Nothing known: what a kernel without BTF gives.
+    pub const UNKNOWN: Self = Self {
+        family: ABSENT,
+        state: ABSENT,
+        num: ABSENT,
+        dport: ABSENT,
+        rcv_saddr: ABSENT,
+        daddr: ABSENT,
+        v6_rcv_saddr: ABSENT,
+        v6_daddr: ABSENT,
+        net: ABSENT,
+        net_inum: ABSENT,
+        protocol: ABSENT,
+        srtt_us: ABSENT,
+        sk_err: ABSENT,
+        _pad: 0,
+    };
+
+    /// Whether the raw tracepoint programs can run: they read the socket itself for
+    /// everything a classic tracepoint's record would carry.
+    pub const fn has_tuple(&self) -> bool {
+        self.family != ABSENT
+            && self.state != ABSENT
+            && self.num != ABSENT
+            && self.dport != ABSENT
+            && self.rcv_saddr != ABSENT
+            && self.daddr != ABSENT
+            && self.v6_rcv_saddr != ABSENT
+            && self.v6_daddr != ABSENT
+            && self.protocol != ABSENT
+    }
+}
+
+/// Byte offsets of the fields a classic tracepoint program reads in its record, from
+/// the tracepoint's `format` file on the running kernel; [`ABSENT`] where this
+/// kernel's record has no such field (`family` in 5.10's `tcp:*` events).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RecordLayout {
+    pub skaddr: u16,
+    /// `oldstate` (`inet_sock_set_state`) or `state` (`tcp_retransmit_skb`).
+    pub old_state: u16,
+    pub new_state: u16,
+    pub protocol: u16,
+    pub sport: u16,
+    pub dport: u16,
+    pub family: u16,
+    /// IPv6 addresses; IPv4 sockets' records hold them v4-mapped (`::ffff:a.b.c.d`).
+    pub saddr_v6: u16,
+    pub daddr_v6: u16,
+    pub _pad: u16,
+}
+
+impl RecordLayout {
+    /// No record: a program given this reads nothing from its record.
+    pub const ABSENT: Self = Self {
+        skaddr: ABSENT,
+        old_state: ABSENT,
+        new_state: ABSENT,
+        protocol: ABSENT,
+        sport: ABSENT,
+        dport: ABSENT,
+        family: ABSENT,
+        saddr_v6: ABSENT,
+        daddr_v6: ABSENT,
+        _pad: 0,
+    };
+}
+
+/// Everything the loader tells the programs about the running kernel and about what
+/// to stream: one read-only global, set at load time.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Config {
+    /// Wake the reader only once this many bytes wait (it also drains on a timer);
+    /// 0 wakes it for every event.
+    pub wakeup_bytes: u64,
+    pub sock: SockOffsets,
+    pub set_state: RecordLayout,
+    pub retransmit_skb: RecordLayout,
+    pub retransmit_synack: RecordLayout,
+    pub receive_reset: RecordLayout,
+    /// 1 streams every state change (`tcptrace watch`); 0 streams only the
+    /// transitions that pair into handshakes and TIME_WAIT entries, and the rest are
+    /// only counted in [`TRANSITIONS_MAP`].
+    pub stream_all: u8,
+    pub _pad: [u8; 3],
+}
+
+impl Config {
+    /// Knows nothing and streams everything: the compiled-in value the loader replaces.
+    pub const UNSET: Self = Self {
+        wakeup_bytes: 0,
+        sock: SockOffsets::UNKNOWN,
+        set_state: RecordLayout::ABSENT,
+        retransmit_skb: RecordLayout::ABSENT,
+        retransmit_synack: RecordLayout::ABSENT,
+        receive_reset: RecordLayout::ABSENT,
+        stream_all: 1,
+        _pad: [0; 3],
+    };
+}
+
+const _: () = assert!(core::mem::size_of::<Config>() == 120);
 
 /// `AF_INET`, as the kernel reports it in `family`.
 pub const AF_INET: u16 = 2;
@@ -171,8 +304,12 @@ impl TcpState {
 /// reserve/submit with no variable-length copies.
 ///
 /// Addresses are in network byte order as the kernel stores them; ports are in host
-/// byte order (the tracepoints convert them). For IPv4 sockets the address is in the
-/// first four bytes of `saddr`/`daddr`.
+/// byte order. With `family` [`AF_INET`] the address is in the first four bytes of
+/// `saddr`/`daddr`; with [`AF_INET6`] all 16 are used, and IPv4 peers of dual-stack
+/// sockets appear v4-mapped (`::ffff:a.b.c.d`): userspace's decoder turns those into
+/// IPv4. The classic tracepoint programs always deliver the IPv6 form (every kernel's
+/// records carry it, v4-mapped for IPv4 sockets, while 5.10's `tcp:*` records have no
+/// `family` field at all).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Event {
@@ -204,7 +341,9 @@ pub struct Event {
     /// `sock.sk_err` when a socket went to CLOSE (ECONNREFUSED, ETIMEDOUT...), or
     /// [`SK_ERR_UNKNOWN`].
     pub sk_err: i32,
-    pub _pad2: [u8; 4],
+    /// Inode number of the socket's network namespace (as `/proc/PID/ns/net` shows
+    /// it); 0 when unknown (no BTF).
+    pub netns: u32,
     /// `comm` of the current task, NUL-padded.
     pub comm: [u8; 16],
 }
@@ -229,7 +368,7 @@ impl Event {
             _pad: [0; 3],
             srtt_us: 0,
             sk_err: SK_ERR_UNKNOWN,
-            _pad2: [0; 4],
+            netns: 0,
             comm: [0; 16],
         }
     }
@@ -263,6 +402,10 @@ const _: () = assert!(core::mem::align_of::<Event>() == 8);
 // padding byte spelled out as a field, so any byte pattern is a valid value.
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for Event {}
+
+// SAFETY: as for `Event`: `repr(C)`, integers only, padding spelled out.
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for Config {}
 
 #[cfg(test)]
 mod tests {
@@ -298,6 +441,8 @@ mod tests {
     fn event_has_no_hidden_padding() {
         let e = Event::zeroed();
         let fields = 8 + 8 + 8 + 4 + 4 + 16 + 16 + 2 + 2 + 2 + 1 + 1 + 1 + 3 + 4 + 4 + 4 + 16;
+        let config = 8 + 14 * 2 + 4 * 10 * 2 + 1 + 3;
+        assert_eq!(core::mem::size_of::<Config>(), config);
         assert_eq!(core::mem::size_of_val(&e), fields);
     }
 }

@@ -13,8 +13,7 @@ use aya::{
 };
 use log::{debug, info, warn};
 use tcptrace_common::{
-    TransitionCounts, EVENTS_MAP, LOST_MAP, SK_ERR_OFFSET_GLOBAL, SRTT_US_OFFSET_GLOBAL, STREAM_ALL_GLOBAL,
-    TRANSITIONS_MAP, WAKEUP_BYTES_GLOBAL,
+    Config, TransitionCounts, CONFIG_GLOBAL, EVENTS_MAP, LOST_MAP, TRANSITIONS_MAP,
 };
 
 use crate::{
@@ -170,13 +169,14 @@ impl Probe {
             }
         }
 
-        let (srtt, sk_err) = (offsets.srtt_us.unwrap_or(0), offsets.sk_err.unwrap_or(0));
+        let mut config = Config::UNSET;
+        config.wakeup_bytes = wakeup_bytes;
+        config.stream_all = u8::from(stream_all);
+        config.sock.srtt_us = offsets.srtt_us.map_or(tcptrace_common::ABSENT, |o| o as u16);
+        config.sock.sk_err = offsets.sk_err.map_or(tcptrace_common::ABSENT, |o| o as u16);
         let mut ebpf = EbpfLoader::new()
             .map_max_entries(EVENTS_MAP, ring_bytes)
-            .override_global(SRTT_US_OFFSET_GLOBAL, &srtt, true)
-            .override_global(SK_ERR_OFFSET_GLOBAL, &sk_err, true)
-            .override_global(STREAM_ALL_GLOBAL, &u8::from(stream_all), true)
-            .override_global(WAKEUP_BYTES_GLOBAL, &wakeup_bytes, true)
+            .override_global(CONFIG_GLOBAL, &config, true)
             .load(OBJECT)
             .map_err(|err| match &err {
                 aya::EbpfError::MapError(aya::maps::MapError::CreateError { io_error, .. })

@@ -11,6 +11,7 @@ use std::{
     os::unix::fs::symlink,
     path::{Path, PathBuf},
     process::{Command, ExitCode},
+    time::Duration,
 };
 
 use anyhow::{bail, Context as _, Result};
@@ -18,6 +19,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod churn;
+mod vm;
 
 #[derive(Parser)]
 #[command(name = "cargo xtask", about = "Set up, build, run and test tcptrace")]
@@ -40,8 +42,27 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<OsString>,
     },
-    /// Set up, then run every test: unit tests, then the root tests against the real kernel.
-    Test,
+    /// Set up, then run every test: unit tests, the root tests against the real kernel,
+    /// then the root tests again inside VMs booted with Debian's 5.10, 6.1 and 6.12
+    /// kernels (see `vmtest`).
+    Test {
+        /// Skip the kernel VMs (about 3 minutes per kernel). Ignored when CI is set:
+        /// CI always runs them.
+        #[arg(long)]
+        no_vm: bool,
+    },
+    /// Run both root test suites inside VMs booted with other kernels (qemu software
+    /// emulation via virtme-ng, all installed when missing). Writes target/vm/summary.md.
+    Vmtest {
+        /// An alias (5.10, 6.1, 6.12: the newest Debian kernel of that series) or a
+        /// Debian kernel release (6.1.0-56-amd64). Repeatable; default: all three aliases.
+        #[arg(long = "kernel", value_name = "KVER_OR_ALIAS")]
+        kernels: Vec<String>,
+        /// Seconds one VM may take (boot, both suites, power-off) before qemu is
+        /// killed and that kernel counts as failed.
+        #[arg(long, value_name = "SECONDS", default_value_t = vm::DEADLINE.as_secs())]
+        timeout: u64,
+    },
     /// rustfmt and clippy (-D warnings) over userspace and the eBPF crate.
     Lint,
     /// Measure tcptrace's cost beside the workload alone, tcpstates and bpftrace
@@ -87,9 +108,21 @@ fn run(cmd: Cmd) -> Result<()> {
             step(&format!("running {} {}", bin.display(), lossy(&args)));
             as_root(&bin, &args)?;
         }
-        Cmd::Test => {
+        Cmd::Test { no_vm } => {
+            let vms = !no_vm || in_ci();
+            if no_vm && vms {
+                step("CI is set: ignoring --no-vm, CI always runs the kernel VMs");
+            }
+            let requests = vm::parse_requests(&[])?;
             setup_toolchain()?;
             setup_test_tools()?;
+            // Installs and downloads first, so a missing network fails in seconds.
+            let kernels = if vms {
+                vm::setup()?;
+                vm::prepare(&root, &requests)?
+            } else {
+                Vec::new()
+            };
             step("unit tests (no root needed)");
             cargo(&["test"])?; // default members: not the eBPF crate
             if is_root() {
@@ -100,10 +133,25 @@ fn run(cmd: Cmd) -> Result<()> {
                 bench::run(&bench::BenchArgs::smoke(), &root, &root.join("target/release/tcptrace"), &xtask)?;
             }
             step("root tests against the real kernel (one at a time)");
-            let bins = test_binaries(&["--package", "tcptrace-user", "--test", "kernel", "--test", "forensics"])?;
-            for bin in bins {
-                as_root(&bin, &["--ignored".into(), "--test-threads=1".into()])?;
+            let bins = root_test_binaries()?;
+            for bin in &bins {
+                as_root(bin, &["--ignored".into(), "--test-threads=1".into()])?;
             }
+            if vms {
+                step("the same root tests inside VMs, one kernel at a time");
+                vm::run_matrix(&root, &kernels, &bins, vm::DEADLINE)?;
+            } else {
+                step("--no-vm: skipping the kernel VMs");
+            }
+        }
+        Cmd::Vmtest { kernels, timeout } => {
+            let requests = vm::parse_requests(&kernels)?;
+            setup_toolchain()?;
+            setup_test_tools()?; // the guest runs the host's nft, ip, ss, promtool
+            vm::setup()?;
+            let kernels = vm::prepare(&root, &requests)?;
+            let bins = root_test_binaries()?;
+            vm::run_matrix(&root, &kernels, &bins, Duration::from_secs(timeout))?;
         }
         Cmd::Bench { args, smoke } => {
             setup_toolchain()?;
@@ -195,6 +243,16 @@ fn as_root(bin: &Path, args: &[OsString]) -> Result<()> {
         step("not root: running it through sudo");
         run_cmd(Command::new("sudo").arg("--preserve-env").arg(bin).args(args))
     }
+}
+
+/// The root test suites (`#[ignore]`d, run with `--ignored --test-threads=1`).
+fn root_test_binaries() -> Result<Vec<PathBuf>> {
+    test_binaries(&["--package", "tcptrace-user", "--test", "kernel", "--test", "forensics"])
+}
+
+/// Whether this is CI (`CI=true` there); CI never skips a test stage.
+fn in_ci() -> bool {
+    env::var_os("CI").is_some_and(|v| !v.is_empty() && v != "false" && v != "0")
 }
 
 /// Builds test targets without running them and returns their executables.
@@ -297,6 +355,11 @@ fn setup_test_tools() -> Result<()> {
         step("test tools (nft, ip, ss, promtool): present");
         return Ok(());
     }
+    apt_install(&missing)
+}
+
+/// Installs Debian packages (refreshing the lists first, only then), or says how.
+fn apt_install(missing: &[&str]) -> Result<()> {
     if !is_root() {
         bail!("missing Debian packages {missing:?}; install them with `sudo apt-get install -y {}`", missing.join(" "));
     }
@@ -305,7 +368,7 @@ fn setup_test_tools() -> Result<()> {
     run_cmd(
         Command::new("apt-get")
             .args(["install", "-y", "-q", "--no-install-recommends"])
-            .args(&missing)
+            .args(missing)
             .env("DEBIAN_FRONTEND", "noninteractive"),
     )
 }

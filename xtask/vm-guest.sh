@@ -1,0 +1,45 @@
+#!/bin/sh
+# Runs as root inside a VM booted by `cargo xtask vmtest` (xtask/src/vm.rs).
+#
+# Usage: vm-guest.sh RESULTS WORKDIR NAME=BINARY...
+#
+# vng's own exit status says nothing (it is 255 whatever happens here), so everything
+# the host needs is written into RESULTS, which is shared read-write with the host:
+#   kernel-release, proc-version     what actually booted
+#   mounts                           debugfs/tracefs mounts left when the tests start
+#   NAME.out, NAME.status            each test binary's output and exit status
+#   finished                         written last: the guest got to the end
+set -u
+
+results=$1
+workdir=$2
+shift 2
+
+# The host's PATH does not cross into the guest; the tests call ip, nft, ss, promtool.
+PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+export PATH
+
+uname -r >"$results/kernel-release"
+cat /proc/version >"$results/proc-version"
+
+# virtme mounts debugfs and tracefs; a fresh host of this project's kind has neither,
+# and the daemon must mount tracefs itself there. Unmount both (tracefs also shows
+# up automounted under debugfs) so the tests start from that state.
+umount /sys/kernel/tracing 2>/dev/null
+umount /sys/kernel/debug/tracing 2>/dev/null
+umount /sys/kernel/debug 2>/dev/null
+grep -E ' (debugfs|tracefs) ' /proc/mounts >"$results/mounts"
+
+# The native run starts the binaries from the workspace root; do the same.
+cd "$workdir" || exit 1
+
+for pair in "$@"; do
+    name=${pair%%=*}
+    bin=${pair#*=}
+    echo "vm-guest: running $name ($bin)"
+    "$bin" --ignored --test-threads=1 >"$results/$name.out" 2>&1
+    echo $? >"$results/$name.status"
+done
+
+echo done >"$results/finished"
+sync

@@ -2,6 +2,13 @@
 //! userspace pairs (handshake starts and ends, TIME_WAIT entries, resets,
 //! retransmissions) into one ring buffer.
 //!
+//! Each tracepoint has two programs and the loader attaches one of them: a raw
+//! tracepoint program (the default: no record is built, and the kernel's recursion
+//! guard is the program's own) that reads the socket at offsets from the kernel's
+//! BTF, and a classic tracepoint program, for kernels without BTF, that reads the
+//! record at offsets from the tracepoint's `format` file. Nothing about the kernel is
+//! compiled in: every offset arrives in [`CONFIG`] at load time.
+//!
 //! Deliberately small: every decision (pairing, expiry, metrics) is made in
 //! userspace, where it can be tested without a kernel.
 #![no_std]
@@ -10,42 +17,34 @@
 use aya_ebpf::{
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns,
-        bpf_probe_read_kernel,
+        bpf_probe_read_kernel, bpf_probe_read_kernel_buf,
     },
-    macros::{map, tracepoint},
+    macros::{map, raw_tracepoint, tracepoint},
     maps::{PerCpuArray, RingBuf},
-    programs::TracePointContext,
-    EbpfContext as _, Global,
+    programs::{RawTracePointContext, TracePointContext},
+    EbpfContext as _,
 };
-use aya_log_ebpf::warn;
 use tcptrace_common::{
-    pairs, transition_slot, Event, EventKind, TcpState, TransitionCounts, AF_INET, AF_INET6, DEFAULT_RING_BYTES,
-    IPPROTO_TCP, SK_ERR_UNKNOWN,
+    pairs, transition_slot, Config, Event, EventKind, TcpState, TransitionCounts, ABSENT, AF_INET, AF_INET6,
+    DEFAULT_RING_BYTES, IPPROTO_TCP, SK_ERR_UNKNOWN,
 };
 
-/// 1: stream every state change (`tcptrace watch`); 0: only those the daemon pairs.
+/// Set by the loader (see [`Config`]); read field by field with [`cfg!`].
 #[unsafe(no_mangle)]
-static STREAM_ALL: Global<u8> = Global::new(1);
+static CONFIG: Config = Config::UNSET;
 
-/// Wake the reader only once this many bytes wait (0: on every event).
-#[unsafe(no_mangle)]
-static WAKEUP_BYTES: Global<u64> = Global::new(0);
+/// One field of [`CONFIG`]. A volatile read, so the compiler cannot fold in the
+/// compiled-in default that the loader replaces.
+macro_rules! cfg {
+    ($($field:tt)+) => {
+        // SAFETY: a read of a static that lives as long as the program.
+        unsafe { core::ptr::read_volatile(&raw const CONFIG.$($field)+) }
+    };
+}
 
 /// Every TCP state change, counted here so the common ones need not be streamed.
 #[map]
 static TRANSITIONS: PerCpuArray<TransitionCounts> = PerCpuArray::with_max_entries(1, 0);
-
-const BPF_RB_NO_WAKEUP: u64 = 1;
-const BPF_RB_FORCE_WAKEUP: u64 = 2;
-const BPF_RB_AVAIL_DATA: u64 = 0;
-
-/// Offset of `tcp_sock.srtt_us`, from the kernel's BTF (set by the loader; 0 = unknown).
-#[unsafe(no_mangle)]
-static SRTT_US_OFFSET: Global<u32> = Global::new(0);
-
-/// Offset of `sock.sk_err`, from the kernel's BTF (set by the loader; 0 = unknown).
-#[unsafe(no_mangle)]
-static SK_ERR_OFFSET: Global<u32> = Global::new(0);
 
 /// Userspace resizes this at load time (`--ring-buffer-size`).
 #[map]
@@ -55,179 +54,232 @@ static EVENTS: RingBuf = RingBuf::with_byte_size(DEFAULT_RING_BYTES, 0);
 #[map]
 static LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
-/// Byte offsets of the fields tcptrace reads in a tracepoint record
-/// (from `/sys/kernel/tracing/events/<category>/<name>/format`).
-struct Layout {
-    skaddr: usize,
-    sport: usize,
-    dport: usize,
-    family: usize,
-    saddr: usize,
-    daddr: usize,
-    saddr_v6: usize,
-    daddr_v6: usize,
+const BPF_RB_NO_WAKEUP: u64 = 1;
+const BPF_RB_FORCE_WAKEUP: u64 = 2;
+const BPF_RB_AVAIL_DATA: u64 = 0;
+
+/// Reads a `T` at `base + offset` in kernel memory; `None` when the offset is
+/// [`ABSENT`] on this kernel or the read fails.
+#[inline(always)]
+fn read<T>(base: u64, offset: u16) -> Option<T> {
+    if offset == ABSENT || base == 0 {
+        return None;
+    }
+    // SAFETY: bpf_probe_read_kernel checks the address; a bad one yields Err.
+    unsafe { bpf_probe_read_kernel((base + u64::from(offset)) as *const T) }.ok()
 }
 
-const INET_SOCK_SET_STATE: Layout =
-    Layout { skaddr: 8, sport: 24, dport: 26, family: 28, saddr: 32, daddr: 36, saddr_v6: 40, daddr_v6: 56 };
-const SET_STATE_OLDSTATE: usize = 16;
-const SET_STATE_NEWSTATE: usize = 20;
-// Direct loads need natural alignment: check the offsets read that way.
-const _: () = assert!(INET_SOCK_SET_STATE.skaddr.is_multiple_of(8) && INET_SOCK_SET_STATE.saddr_v6.is_multiple_of(8));
-const _: () = assert!(INET_SOCK_SET_STATE.daddr_v6.is_multiple_of(8) && INET_SOCK_SET_STATE.saddr.is_multiple_of(4));
-const SET_STATE_PROTOCOL: usize = 30;
+/// Copies `dst.len()` bytes at `base + offset` straight into `dst` (the ring buffer
+/// slot: no copy through the stack); leaves `dst` as it was when that fails.
+#[inline(always)]
+fn read_into(base: u64, offset: u16, dst: &mut [u8]) {
+    if offset != ABSENT && base != 0 {
+        // SAFETY: as for `read`; `dst` is writable memory of exactly that length.
+        let _ = unsafe { bpf_probe_read_kernel_buf((base + u64::from(offset)) as *const u8, dst) };
+    }
+}
 
-const TCP_RETRANSMIT_SKB: Layout =
-    Layout { skaddr: 16, sport: 28, dport: 30, family: 32, saddr: 34, daddr: 38, saddr_v6: 42, daddr_v6: 58 };
-const RETRANSMIT_SKB_STATE: usize = 24;
+// ---- inet_sock_set_state ----
 
-/// `skaddr` is the listener; the record's 4-tuple is the request's.
-const TCP_RETRANSMIT_SYNACK: Layout =
-    Layout { skaddr: 8, sport: 24, dport: 26, family: 28, saddr: 30, daddr: 34, saddr_v6: 38, daddr_v6: 54 };
-
-const TCP_RECEIVE_RESET: Layout =
-    Layout { skaddr: 8, sport: 16, dport: 18, family: 20, saddr: 22, daddr: 26, saddr_v6: 30, daddr_v6: 46 };
-
-#[tracepoint(category = "sock", name = "inet_sock_set_state")]
-pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
-    state_change(&ctx);
+#[raw_tracepoint(tracepoint = "inet_sock_set_state")]
+pub fn set_state_raw(ctx: RawTracePointContext) -> i32 {
+    // TP_PROTO(const struct sock *sk, const int oldstate, const int newstate)
+    let sk: u64 = ctx.arg(0);
+    if read::<u16>(sk, cfg!(sock.protocol)) != Some(IPPROTO_TCP) {
+        return 0;
+    }
+    state_change(sk, ctx.arg::<u64>(1) as u32, ctx.arg::<u64>(2) as u32, |ev| sock_tuple(ev, sk));
     0
 }
 
-/// Reads a field of the tracepoint record directly (the verifier allows aligned
-/// loads from a tracepoint's context, which is cheaper than a helper call).
-#[inline(always)]
-fn field<T: Copy>(ctx: &TracePointContext, offset: usize) -> T {
-    // SAFETY: every offset used with this is aligned to T and inside the record, per
-    // the tracepoint's format.
-    unsafe { core::ptr::read(ctx.as_ptr().cast::<u8>().add(offset).cast::<T>()) }
+#[tracepoint(category = "sock", name = "inet_sock_set_state")]
+pub fn set_state_tp(ctx: TracePointContext) -> u32 {
+    let rec = ctx.as_ptr() as u64;
+    if read::<u16>(rec, cfg!(set_state.protocol)) != Some(IPPROTO_TCP) {
+        return 0;
+    }
+    let (Some(sk), Some(old), Some(new)) = (
+        read::<u64>(rec, cfg!(set_state.skaddr)),
+        read::<i32>(rec, cfg!(set_state.old_state)),
+        read::<i32>(rec, cfg!(set_state.new_state)),
+    ) else {
+        return 0;
+    };
+    state_change(sk, old as u32, new as u32, |ev| {
+        record_tuple(ev, rec, cfg!(set_state.sport), cfg!(set_state.dport), cfg!(set_state.saddr_v6), cfg!(set_state.daddr_v6))
+    });
+    0
 }
 
-fn state_change(ctx: &TracePointContext) {
-    if field::<u16>(ctx, SET_STATE_PROTOCOL) != IPPROTO_TCP {
-        return;
-    }
-    let old = field::<i32>(ctx, SET_STATE_OLDSTATE) as u32;
-    let new = field::<i32>(ctx, SET_STATE_NEWSTATE) as u32;
+/// Counts the transition and streams it when the daemon pairs it (or `watch` wants
+/// everything), filled in place in the ring buffer.
+#[inline(always)]
+fn state_change(sk: u64, old: u32, new: u32, tuple: impl FnOnce(&mut Event)) {
     if let Some(counts) = TRANSITIONS.get_ptr_mut(0) {
-        // SAFETY: this CPU's slot; the index is masked into the array.
-        unsafe { (*counts)[transition_slot(old, new) & 0xff] += 1 };
+        // The compiler knows the slot is below 256 and would drop the mask, but the
+        // verifier cannot follow its reasoning: a volatile read keeps the mask.
+        let slot = transition_slot(old, new);
+        // SAFETY: a read of a local; then this CPU's slot, masked into the array.
+        unsafe { (*counts)[core::ptr::read_volatile(&slot) & 0xff] += 1 };
     }
-    let stream_all = STREAM_ALL.load() != 0;
+    let stream_all = cfg!(stream_all) != 0;
     if !stream_all && !pairs(old, new) {
         return;
     }
-
-    // Filled in place in the ring buffer: no copy through the stack.
     let Some(mut entry) = EVENTS.reserve::<Event>(0) else {
         count_lost();
         return;
     };
-    let at = &INET_SOCK_SET_STATE;
     let ev = entry.write(Event::zeroed());
     ev.kind = EventKind::StateChange as u8;
+    // SAFETY: a helper without arguments.
     ev.ts_ns = unsafe { bpf_ktime_get_ns() };
-    ev.skaddr = field::<u64>(ctx, at.skaddr);
-    ev.sport = field::<u16>(ctx, at.sport);
-    ev.dport = field::<u16>(ctx, at.dport);
-    ev.family = field::<u16>(ctx, at.family);
-    if ev.family == AF_INET {
-        ev.saddr[..4].copy_from_slice(&field::<u32>(ctx, at.saddr).to_ne_bytes());
-        ev.daddr[..4].copy_from_slice(&field::<u32>(ctx, at.daddr).to_ne_bytes());
-    } else if ev.family == AF_INET6 {
-        ev.saddr[..8].copy_from_slice(&field::<u64>(ctx, at.saddr_v6).to_ne_bytes());
-        ev.saddr[8..].copy_from_slice(&field::<u64>(ctx, at.saddr_v6 + 8).to_ne_bytes());
-        ev.daddr[..8].copy_from_slice(&field::<u64>(ctx, at.daddr_v6).to_ne_bytes());
-        ev.daddr[8..].copy_from_slice(&field::<u64>(ctx, at.daddr_v6 + 8).to_ne_bytes());
-    }
+    ev.skaddr = sk;
     ev.old_state = old as u8;
     ev.new_state = new as u8;
+    tuple(ev);
+    ev.netns = netns(sk);
     // The calling task is only meaningful in process context: connect() makes
     // CLOSE->SYN_SENT there. `watch` shows it for everything.
     if stream_all || new == TcpState::SynSent as u32 {
         task(ev);
     }
-    // Kernel socket state that only userspace-computed offsets make reachable: the
-    // SYN-ACK round trip as a passive child becomes ESTABLISHED, the error (why a
-    // handshake failed, whether a reset ended it) as a socket closes.
+    // The SYN-ACK round trip as a passive child becomes ESTABLISHED; the error (why
+    // a handshake failed, whether a reset ended it) as a socket closes.
     if old == TcpState::SynRecv as u32 && new == TcpState::Established as u32 {
-        ev.srtt_us = read_sock_field::<u32>(ev.skaddr, SRTT_US_OFFSET.load()).unwrap_or(0);
+        ev.srtt_us = read::<u32>(sk, cfg!(sock.srtt_us)).unwrap_or(0);
     } else if new == TcpState::Close as u32 {
-        ev.sk_err = read_sock_field::<i32>(ev.skaddr, SK_ERR_OFFSET.load()).unwrap_or(SK_ERR_UNKNOWN);
+        ev.sk_err = read::<i32>(sk, cfg!(sock.sk_err)).unwrap_or(SK_ERR_UNKNOWN);
     }
     entry.submit(wakeup_flags());
 }
 
-/// Reads a field at `offset` bytes into the socket at `skaddr`; `None` when the
-/// offset is unknown (0) or the read fails.
-fn read_sock_field<T>(skaddr: u64, offset: u32) -> Option<T> {
-    if offset == 0 {
-        return None;
+// ---- tcp_retransmit_skb: only SYNs ----
+
+#[raw_tracepoint(tracepoint = "tcp_retransmit_skb")]
+pub fn retransmit_skb_raw(ctx: RawTracePointContext) -> i32 {
+    // TP_PROTO(const struct sock *sk, const struct sk_buff *skb, ...)
+    let sk: u64 = ctx.arg(0);
+    // Only handshake retransmissions feed a metric; data retransmits stay in the kernel.
+    if read::<u8>(sk, cfg!(sock.state)) == Some(TcpState::SynSent as u8) {
+        rare(EventKind::SynRetransmit, sk, TcpState::SynSent as u8, |ev| sock_tuple(ev, sk));
     }
-    // SAFETY: bpf_probe_read_kernel checks the address; a bad one yields Err.
-    unsafe { bpf_probe_read_kernel((skaddr + u64::from(offset)) as *const T) }.ok()
+    0
 }
 
 #[tracepoint(category = "tcp", name = "tcp_retransmit_skb")]
-pub fn tcp_retransmit_skb(ctx: TracePointContext) -> u32 {
-    // Only handshake retransmissions feed a metric; data retransmits stay in the kernel.
-    let state: Result<i32, i32> = unsafe { ctx.read_at(RETRANSMIT_SKB_STATE) };
-    if state != Ok(TcpState::SynSent as i32) {
-        return 0;
+pub fn retransmit_skb_tp(ctx: TracePointContext) -> u32 {
+    let rec = ctx.as_ptr() as u64;
+    if read::<i32>(rec, cfg!(retransmit_skb.old_state)) == Some(TcpState::SynSent as i32) {
+        let sk = read::<u64>(rec, cfg!(retransmit_skb.skaddr)).unwrap_or(0);
+        rare(EventKind::SynRetransmit, sk, TcpState::SynSent as u8, |ev| {
+            let at = (cfg!(retransmit_skb.sport), cfg!(retransmit_skb.dport));
+            record_tuple(ev, rec, at.0, at.1, cfg!(retransmit_skb.saddr_v6), cfg!(retransmit_skb.daddr_v6))
+        });
     }
-    match read_common(&ctx, &TCP_RETRANSMIT_SKB, EventKind::SynRetransmit) {
-        Ok(mut ev) => {
-            ev.old_state = TcpState::SynSent as u8;
-            ev.new_state = TcpState::SynSent as u8;
-            emit(&ev)
-        }
-        Err(err) => warn!(&ctx, "tcp_retransmit_skb: reading the record failed: {}", err),
-    }
+    0
+}
+
+// ---- tcp_retransmit_synack ----
+
+#[raw_tracepoint(tracepoint = "tcp_retransmit_synack")]
+pub fn retransmit_synack_raw(ctx: RawTracePointContext) -> i32 {
+    // TP_PROTO(const struct sock *sk, const struct request_sock *req): the 4-tuple
+    // and family are the request's (a request_sock starts with a sock_common), so a
+    // dual-stack listener's IPv4 request is IPv4 here.
+    let (sk, req): (u64, u64) = (ctx.arg(0), ctx.arg(1));
+    rare(EventKind::SynAckRetransmit, sk, 0, |ev| sock_tuple(ev, req));
     0
 }
 
 #[tracepoint(category = "tcp", name = "tcp_retransmit_synack")]
-pub fn tcp_retransmit_synack(ctx: TracePointContext) -> u32 {
-    match read_common(&ctx, &TCP_RETRANSMIT_SYNACK, EventKind::SynAckRetransmit) {
-        Ok(ev) => emit(&ev),
-        Err(err) => warn!(&ctx, "tcp_retransmit_synack: reading the record failed: {}", err),
-    }
+pub fn retransmit_synack_tp(ctx: TracePointContext) -> u32 {
+    let rec = ctx.as_ptr() as u64;
+    let sk = read::<u64>(rec, cfg!(retransmit_synack.skaddr)).unwrap_or(0);
+    rare(EventKind::SynAckRetransmit, sk, 0, |ev| {
+        let at = (cfg!(retransmit_synack.sport), cfg!(retransmit_synack.dport));
+        record_tuple(ev, rec, at.0, at.1, cfg!(retransmit_synack.saddr_v6), cfg!(retransmit_synack.daddr_v6))
+    });
+    0
+}
+
+// ---- tcp_receive_reset ----
+
+#[raw_tracepoint(tracepoint = "tcp_receive_reset")]
+pub fn receive_reset_raw(ctx: RawTracePointContext) -> i32 {
+    // TP_PROTO(struct sock *sk)
+    let sk: u64 = ctx.arg(0);
+    rare(EventKind::ResetReceived, sk, 0, |ev| sock_tuple(ev, sk));
     0
 }
 
 #[tracepoint(category = "tcp", name = "tcp_receive_reset")]
-pub fn tcp_receive_reset(ctx: TracePointContext) -> u32 {
-    match read_common(&ctx, &TCP_RECEIVE_RESET, EventKind::ResetReceived) {
-        Ok(ev) => emit(&ev),
-        Err(err) => warn!(&ctx, "tcp_receive_reset: reading the record failed: {}", err),
-    }
+pub fn receive_reset_tp(ctx: TracePointContext) -> u32 {
+    let rec = ctx.as_ptr() as u64;
+    let sk = read::<u64>(rec, cfg!(receive_reset.skaddr)).unwrap_or(0);
+    rare(EventKind::ResetReceived, sk, 0, |ev| {
+        let at = (cfg!(receive_reset.sport), cfg!(receive_reset.dport));
+        record_tuple(ev, rec, at.0, at.1, cfg!(receive_reset.saddr_v6), cfg!(receive_reset.daddr_v6))
+    });
     0
 }
 
-/// Fills the fields every tracepoint shares: time, socket, 4-tuple, task.
-fn read_common(ctx: &TracePointContext, at: &Layout, kind: EventKind) -> Result<Event, i32> {
-    let mut ev = Event::zeroed();
+/// Streams one event of the rare tracepoints, filled in place, or counts it as lost.
+#[inline(always)]
+fn rare(kind: EventKind, sk: u64, state: u8, tuple: impl FnOnce(&mut Event)) {
+    let Some(mut entry) = EVENTS.reserve::<Event>(0) else {
+        count_lost();
+        return;
+    };
+    let ev = entry.write(Event::zeroed());
     ev.kind = kind as u8;
+    // SAFETY: a helper without arguments.
     ev.ts_ns = unsafe { bpf_ktime_get_ns() };
-    // SAFETY (all read_at below): offsets come from the tracepoint's format file.
-    ev.skaddr = unsafe { ctx.read_at::<u64>(at.skaddr) }?;
-    ev.sport = unsafe { ctx.read_at(at.sport) }?;
-    ev.dport = unsafe { ctx.read_at(at.dport) }?;
-    ev.family = unsafe { ctx.read_at(at.family) }?;
+    ev.skaddr = sk;
+    ev.old_state = state;
+    ev.new_state = state;
+    tuple(ev);
+    ev.netns = netns(sk);
+    task(ev);
+    entry.submit(wakeup_flags());
+}
+
+/// Family, ports and addresses from a `struct sock_common` (a socket's or a
+/// request's), at BTF offsets.
+#[inline(always)]
+fn sock_tuple(ev: &mut Event, sk: u64) {
+    ev.family = read::<u16>(sk, cfg!(sock.family)).unwrap_or(0);
+    ev.sport = read::<u16>(sk, cfg!(sock.num)).unwrap_or(0);
+    ev.dport = u16::from_be(read::<u16>(sk, cfg!(sock.dport)).unwrap_or(0));
     if ev.family == AF_INET {
-        let s: [u8; 4] = unsafe { ctx.read_at(at.saddr) }?;
-        let d: [u8; 4] = unsafe { ctx.read_at(at.daddr) }?;
-        ev.saddr[..4].copy_from_slice(&s);
-        ev.daddr[..4].copy_from_slice(&d);
+        read_into(sk, cfg!(sock.rcv_saddr), &mut ev.saddr[..4]);
+        read_into(sk, cfg!(sock.daddr), &mut ev.daddr[..4]);
     } else if ev.family == AF_INET6 {
-        ev.saddr = unsafe { ctx.read_at(at.saddr_v6) }?;
-        ev.daddr = unsafe { ctx.read_at(at.daddr_v6) }?;
+        read_into(sk, cfg!(sock.v6_rcv_saddr), &mut ev.saddr);
+        read_into(sk, cfg!(sock.v6_daddr), &mut ev.daddr);
     }
-    task(&mut ev);
-    Ok(ev)
+}
+
+/// Ports and addresses from a classic tracepoint's record, at `format` offsets. The
+/// IPv6 fields are always filled (v4-mapped for IPv4 sockets) and a `family` field
+/// is not (5.10's `tcp:*` records lack it), so the event is always in IPv6 form.
+#[inline(always)]
+fn record_tuple(ev: &mut Event, rec: u64, sport: u16, dport: u16, saddr_v6: u16, daddr_v6: u16) {
+    ev.family = AF_INET6;
+    ev.sport = read::<u16>(rec, sport).unwrap_or(0);
+    ev.dport = read::<u16>(rec, dport).unwrap_or(0);
+    read_into(rec, saddr_v6, &mut ev.saddr);
+    read_into(rec, daddr_v6, &mut ev.daddr);
+}
+
+/// The inode number of the socket's network namespace: `sk->skc_net.net->ns.inum`.
+#[inline(always)]
+fn netns(sk: u64) -> u32 {
+    read::<u64>(sk, cfg!(sock.net)).and_then(|net| read::<u32>(net, cfg!(sock.net_inum))).unwrap_or(0)
 }
 
 /// The current task: pid, process, cgroup and command.
+#[inline(always)]
 fn task(ev: &mut Event) {
     let pid_tgid = bpf_get_current_pid_tgid();
     ev.pid = pid_tgid as u32;
@@ -239,8 +291,9 @@ fn task(ev: &mut Event) {
 
 /// Wakes the reader only when enough data waits (it drains on a timer as well): one
 /// wake-up per event would cost more than the event.
+#[inline(always)]
 fn wakeup_flags() -> u64 {
-    let wakeup = WAKEUP_BYTES.load();
+    let wakeup = cfg!(wakeup_bytes);
     if wakeup == 0 {
         0
     } else if EVENTS.query(BPF_RB_AVAIL_DATA) >= wakeup {
@@ -251,17 +304,11 @@ fn wakeup_flags() -> u64 {
 }
 
 /// Counts an event the full ring buffer had no room for.
+#[inline(always)]
 fn count_lost() {
     if let Some(lost) = LOST.get_ptr_mut(0) {
         // SAFETY: per-CPU slot, only this CPU writes it while the program runs.
         unsafe { *lost += 1 };
-    }
-}
-
-/// Writes one event of the rare tracepoints, or counts it as lost.
-fn emit(ev: &Event) {
-    if EVENTS.output::<Event>(ev, wakeup_flags()).is_err() {
-        count_lost();
     }
 }
 

@@ -6,7 +6,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use ipnet::IpNet;
 use tcptrace_common::DEFAULT_RING_BYTES;
 
-use crate::metrics::PortLabels;
+use crate::{metrics::PortLabels, probe::AttachMode};
 
 /// Default `--listen`: all IPv4 interfaces, so Prometheus can scrape the host.
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:9931";
@@ -85,6 +85,12 @@ pub struct WatchArgs {
     /// Kernel ring buffer size (see `tcptrace daemon --help`).
     #[arg(long, default_value_t = ByteSize(DEFAULT_RING_BYTES), value_name = "SIZE", value_parser = parse_ring_size)]
     pub ring_buffer_size: ByteSize,
+
+    /// Which kernel programs to attach: `raw` tracepoints (cheaper, no tracefs,
+    /// need kernel BTF), `classic` ones (read records at the offsets tracefs gives),
+    /// or `auto`: raw when the kernel's BTF describes its sockets, else classic.
+    #[arg(long, value_enum, default_value_t = AttachMode::Auto, value_name = "MODE")]
+    pub attach: AttachMode,
 }
 
 #[derive(Debug, Args)]
@@ -98,6 +104,12 @@ pub struct DaemonArgs {
     /// buffer drops events and counts them in tcptrace_events_lost_total.
     #[arg(long, default_value_t = ByteSize(DEFAULT_RING_BYTES), value_name = "SIZE", value_parser = parse_ring_size)]
     pub ring_buffer_size: ByteSize,
+
+    /// Which kernel programs to attach: `raw` tracepoints (cheaper, no tracefs,
+    /// need kernel BTF), `classic` ones (read records at the offsets tracefs gives),
+    /// or `auto`: raw when the kernel's BTF describes its sockets, else classic.
+    #[arg(long, value_enum, default_value_t = AttachMode::Auto, value_name = "MODE")]
+    pub attach: AttachMode,
 
     /// Most sockets with a handshake in progress to hold state for; beyond it the
     /// oldest is dropped and counted in tcptrace_tracked_sockets_evicted_total.

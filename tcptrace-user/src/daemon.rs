@@ -20,7 +20,7 @@ use crate::{
     error::{Error, Result},
     metrics::{self, Metrics, MetricsConfig},
     pipeline::{monotonic_ns, Pipeline},
-    probe::{KernelCounters, KernelLogger, LoadOptions, Probe, SocketOffsets},
+    probe::{KernelCounters, LoadOptions, Probe},
     procnet,
     report::SlowLog,
     server, shutdown,
@@ -85,9 +85,9 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
     let ring_bytes = args.ring_buffer_size.0;
     let mut probe = Probe::load(LoadOptions {
         ring_bytes,
-        offsets: SocketOffsets::from_kernel(),
         stream_all: false,
         wakeup_bytes: u64::from(ring_bytes / 8),
+        attach: args.attach,
     })?;
     let ring = probe.take_events()?;
     let ring_fd = watch_readable(RingFd(ring.as_raw_fd()))?;
@@ -135,9 +135,6 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut reader = tokio::spawn(read_events(ring_fd, shared.clone(), stop_rx.clone()));
-    if let Some(logger) = probe.logger.take() {
-        tokio::spawn(forward_kernel_logs(logger, stop_rx.clone()));
-    }
     let render: server::Render = Arc::new(move || {
         lock(&shared).refresh();
         metrics::render(&registry)
@@ -162,9 +159,9 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
 
 /// Registers a map's file descriptor with the runtime for read readiness.
 pub(crate) fn watch_readable<T: std::os::fd::AsRawFd>(inner: T) -> std::io::Result<AsyncFd<T>> {
-    // SAFETY: the descriptors stay open and unchanged while the AsyncFd exists: the
-    // logger owns its own; a RingFd's ring buffer lives in State, which outlives the
-    // reader task that holds the AsyncFd.
+    // SAFETY: the descriptors stay open and unchanged while the AsyncFd exists: a
+    // RingFd's ring buffer lives in State, which outlives the reader task that holds
+    // the AsyncFd; `watch` keeps its ring buffer beside its AsyncFd.
     unsafe { AsyncFd::register_with_interest(inner, Interest::READABLE) }.map_err(Into::into)
 }
 
@@ -203,24 +200,6 @@ async fn read_events(
             _ = drain.tick() => lock(&shared).drain(),
             _ = refresh.tick() => lock(&shared).refresh(),
             _ = shutdown::stopped(&mut stop) => return Ok(()),
-        }
-    }
-}
-
-async fn forward_kernel_logs(logger: KernelLogger, mut stop: watch::Receiver<bool>) {
-    let Ok(mut fd) = watch_readable(logger) else {
-        return;
-    };
-    loop {
-        tokio::select! {
-            guard = fd.readable_mut() => match guard {
-                Ok(mut guard) => {
-                    guard.get_inner_mut().flush();
-                    guard.clear_ready();
-                }
-                Err(_) => return,
-            },
-            _ = shutdown::stopped(&mut stop) => return,
         }
     }
 }

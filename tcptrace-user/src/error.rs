@@ -19,10 +19,34 @@ with `mount -t tracefs nodev /sys/kernel/tracing` (in a container, bind-mount th
     Tracefs { path: PathBuf, source: io::Error },
 
     #[error(
+        "tracefs at {path} exists but this process may not read it (it is mode 0700, root's); \
+classic tracepoints need CAP_DAC_READ_SEARCH (or CAP_DAC_OVERRIDE) besides CAP_BPF and CAP_PERFMON: grant \
+it (`setcap cap_bpf,cap_perfmon,cap_dac_read_search+ep`), run as root, or use raw tracepoints \
+(`--attach raw`, needs kernel BTF), which do not read tracefs"
+    )]
+    TracefsUnreadable { path: PathBuf },
+
+    #[error(
         "the kernel has no tracepoint {0} (looked in {1}); tcptrace needs Linux 4.16 or newer built \
 with CONFIG_TRACEPOINTS and CONFIG_BPF_EVENTS"
     )]
     MissingTracepoint(&'static str, PathBuf),
+
+    #[error(
+        "the kernel has no raw tracepoint {tracepoint} ({call}: {io_error}); tcptrace needs Linux 4.17 \
+or newer with CONFIG_TRACEPOINTS"
+    )]
+    NoTracepoint { tracepoint: &'static str, call: &'static str, io_error: io::Error },
+
+    #[error(
+        "raw tracepoints read the socket at offsets from the kernel's BTF, and /sys/kernel/btf/vmlinux \
+is missing or lacks them (see the warnings above); use `--attach classic` (or `auto`), or run a kernel \
+built with CONFIG_DEBUG_INFO_BTF"
+    )]
+    RawNeedsBtf,
+
+    #[error("the record of tracepoint {0} is not what tcptrace reads: {1}; please report this kernel's version")]
+    Layout(&'static str, #[source] io::Error),
 
     #[error(
         "this tcptrace binary carries no eBPF object (it was built with AYA_BUILD_SKIP=1); rebuild it \
@@ -36,8 +60,18 @@ ring buffers (Linux 5.8 or newer), and root or CAP_BPF + CAP_PERFMON"
     )]
     Load(#[source] aya::EbpfError),
 
-    #[error("attaching to tracepoint {0} failed: {1}; check that the kernel allows BPF tracepoint programs (CONFIG_BPF_EVENTS)")]
-    Attach(&'static str, #[source] aya::programs::ProgramError),
+    #[error(
+        "the kernel's BPF verifier rejected program {program} (for tracepoint {tracepoint}): {io_error}; \
+this tcptrace build does not support this kernel, please report its version (`uname -r`) with the \
+verifier's last lines:\n  {tail}"
+    )]
+    Verifier { program: &'static str, tracepoint: &'static str, io_error: io::Error, tail: String },
+
+    #[error(
+        "attaching program {program} to tracepoint {tracepoint} failed: {source}; check that the kernel \
+allows BPF tracepoint programs (CONFIG_BPF_EVENTS)"
+    )]
+    Attach { program: &'static str, tracepoint: &'static str, source: aya::programs::ProgramError },
 
     #[error("the eBPF object lacks {0}: the binary was built from mismatched sources; rebuild it")]
     Object(String),

@@ -17,5 +17,6 @@ pub mod procnet;
 pub mod report;
 pub mod server;
 pub mod shutdown;
+pub mod tracefs;
 pub mod tracker;
 pub mod watch;

@@ -140,7 +140,7 @@ mod tests {
         ev.new_state = TcpState::SynSent as u8;
         ev.ts_ns = 1_000;
         p.event(&ev);
-        p.refresh(2_000, &KernelTotals { lost: Some(4), transitions: None });
+        p.refresh(2_000, &KernelTotals { lost: Some(4), ..KernelTotals::default() });
         p.record(&[1, 2, 3]);
         let text = render(p.metrics().registry());
         assert!(text.contains("\ntcptrace_tracked_sockets 1\n"), "{text}");

@@ -1,117 +1,200 @@
 //! Loads tcptrace's eBPF object, attaches its tracepoints and hands out its maps.
 
 use std::{
-    ffi::CString,
-    fs, io,
-    path::{Path, PathBuf},
+    fmt, io,
+    os::fd::{AsFd as _, AsRawFd as _},
+    path::Path,
 };
 
 use aya::{
     maps::{MapData, PerCpuArray, RingBuf},
-    programs::TracePoint,
+    programs::{Program, ProgramError},
     Ebpf, EbpfLoader,
 };
 use log::{debug, info, warn};
 use tcptrace_common::{
-    Config, TransitionCounts, CONFIG_GLOBAL, EVENTS_MAP, LOST_MAP, TRANSITIONS_MAP,
+    Config, RecordLayout, SockOffsets, TransitionCounts, ABSENT, CONFIG_GLOBAL, EVENTS_MAP, LOST_MAP, TRANSITIONS_MAP,
 };
 
 use crate::{
     btf::Btf,
     error::{Error, Result},
+    tracefs::{self, Record},
 };
 
 /// The eBPF object built by `build.rs`, embedded so the binary is self-contained.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tcptrace"));
 
-const TRACEFS: &str = "/sys/kernel/tracing";
-const DEBUGFS_TRACING: &str = "/sys/kernel/debug/tracing";
-
-/// A tracepoint tcptrace attaches to; without a `required` one it refuses to start.
-struct Attachment {
-    category: &'static str,
-    name: &'static str,
+/// A tracepoint tcptrace attaches to; without the `required` one it refuses to start.
+#[derive(Debug)]
+pub struct Attachment {
+    pub category: &'static str,
+    pub name: &'static str,
+    /// The eBPF programs for it: raw tracepoint, classic tracepoint.
+    raw: &'static str,
+    classic: &'static str,
+    record: Record,
     required: bool,
+    /// What the daemon cannot do without it.
+    lost_without: &'static str,
 }
 
-/// Each eBPF program is named after the tracepoint it attaches to.
-const fn tp(name: &'static str, category: &'static str, required: bool) -> Attachment {
-    Attachment { category, name, required }
-}
-
-const ATTACHMENTS: [Attachment; 4] = [
-    tp("inet_sock_set_state", "sock", true),
-    // Tells refused connects and reset FIN_WAIT2->CLOSE (no TIME_WAIT) apart.
-    tp("tcp_receive_reset", "tcp", false),
-    tp("tcp_retransmit_skb", "tcp", false),
-    tp("tcp_retransmit_synack", "tcp", false),
+pub const ATTACHMENTS: [Attachment; 4] = [
+    Attachment {
+        category: "sock",
+        name: "inet_sock_set_state",
+        raw: "set_state_raw",
+        classic: "set_state_tp",
+        record: Record::SetState,
+        required: true,
+        lost_without: "everything",
+    },
+    Attachment {
+        category: "tcp",
+        name: "tcp_receive_reset",
+        raw: "receive_reset_raw",
+        classic: "receive_reset_tp",
+        record: Record::ReceiveReset,
+        required: false,
+        lost_without: "refused connects and reset TIME_WAIT entries are told apart only by sk_err",
+    },
+    Attachment {
+        category: "tcp",
+        name: "tcp_retransmit_skb",
+        raw: "retransmit_skb_raw",
+        classic: "retransmit_skb_tp",
+        record: Record::RetransmitSkb,
+        required: false,
+        lost_without: "no SYN retransmissions (tcptrace_syn_retransmits_total stays 0)",
+    },
+    Attachment {
+        category: "tcp",
+        name: "tcp_retransmit_synack",
+        raw: "retransmit_synack_raw",
+        classic: "retransmit_synack_tp",
+        record: Record::RetransmitSynack,
+        required: false,
+        lost_without: "no SYN-ACK retransmissions, passive durations without their retransmission delay",
+    },
 ];
 
 const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
 
-/// Where the kernel keeps the socket fields the programs read, from its BTF.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct SocketOffsets {
-    /// `tcp_sock.srtt_us`: passive handshake durations need it.
-    pub srtt_us: Option<u32>,
-    /// `sock.sk_err`: why a handshake failed (timeout, unreachable...).
-    pub sk_err: Option<u32>,
+/// Which kind of program to attach to each tracepoint.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum AttachMode {
+    /// Raw tracepoints when the kernel's BTF describes its sockets, else classic.
+    Auto,
+    /// Raw tracepoints: no record is built, a per-program recursion guard, no
+    /// tracefs; needs kernel BTF.
+    Raw,
+    /// Classic tracepoints, reading records at the offsets tracefs gives.
+    Classic,
 }
 
-impl SocketOffsets {
-    /// Reads them from the running kernel's BTF; what is missing is logged once and
-    /// left out (the daemon carries on without what depends on it).
-    pub fn from_kernel() -> Self {
-        let btf = match Btf::from_file(Path::new(VMLINUX_BTF)) {
-            Ok(btf) => btf,
-            Err(err) => {
-                warn!("no kernel BTF ({err}): no passive handshake durations, failure reasons from resets only");
-                return Self::default();
-            }
-        };
-        let lookup = |name: &str, member: &str, without: &str| match btf.member_offset(name, member) {
-            Ok(off) => Some(off),
-            Err(err) => {
-                warn!("{err}: {without}");
-                None
-            }
-        };
-        Self {
-            srtt_us: lookup("tcp_sock", "srtt_us", "no passive handshake durations"),
-            sk_err: lookup("sock", "sk_err", "failure reasons come from resets only"),
-        }
+impl fmt::Display for AttachMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Auto => "auto",
+            Self::Raw => "raw",
+            Self::Classic => "classic",
+        })
     }
+}
+
+/// Reads the socket offsets the programs need from the running kernel's BTF. `None`
+/// (logged) without BTF; members that are missing are logged and left [`ABSENT`].
+pub fn socket_offsets() -> Option<SockOffsets> {
+    let btf = match Btf::from_file(Path::new(VMLINUX_BTF)) {
+        Ok(btf) => btf,
+        Err(err) => {
+            warn!("no kernel BTF ({err}): no passive handshake durations, no network namespaces, failure reasons from resets only");
+            return None;
+        }
+    };
+    Some(offsets_from(&btf))
+}
+
+fn offsets_from(btf: &Btf) -> SockOffsets {
+    let lookup = |name: &str, member: &str| match btf.member_offset(name, member) {
+        Ok(off) if off < u32::from(ABSENT) => Some(off as u16),
+        Ok(off) => {
+            warn!("{name}.{member} at offset {off} is out of range; not read");
+            None
+        }
+        Err(err) => {
+            warn!("{err}");
+            None
+        }
+    };
+    // `struct sock` starts with its `struct sock_common`; the skc_* offsets are
+    // relative to that, so they also apply to a request_sock.
+    let common = |member: &str| {
+        let base = lookup("sock", "__sk_common")?;
+        lookup("sock_common", member).and_then(|m| m.checked_add(base)).filter(|&o| o != ABSENT)
+    };
+    // skc_net is a possible_net_t, a struct whose one member is the `struct net *`.
+    let net_inum = lookup("net", "ns").zip(lookup("ns_common", "inum")).map(|(a, b)| a + b);
+    let or_absent = |o: Option<u16>| o.unwrap_or(ABSENT);
+    SockOffsets {
+        family: or_absent(common("skc_family")),
+        state: or_absent(common("skc_state")),
+        num: or_absent(common("skc_num")),
+        dport: or_absent(common("skc_dport")),
+        rcv_saddr: or_absent(common("skc_rcv_saddr")),
+        daddr: or_absent(common("skc_daddr")),
+        v6_rcv_saddr: or_absent(common("skc_v6_rcv_saddr")),
+        v6_daddr: or_absent(common("skc_v6_daddr")),
+        net: or_absent(common("skc_net")),
+        net_inum: or_absent(net_inum),
+        protocol: or_absent(lookup("sock", "sk_protocol")),
+        srtt_us: or_absent(lookup("tcp_sock", "srtt_us")),
+        sk_err: or_absent(lookup("sock", "sk_err")),
+        _pad: 0,
+    }
+}
+
+/// One program's fate at start-up, exported so a half-working tracer is visible.
+#[derive(Clone, Debug)]
+pub struct ProgramStatus {
+    /// The tracepoint, e.g. `tcp_retransmit_skb`.
+    pub tracepoint: &'static str,
+    pub attached: bool,
+    /// Why not, when it is not attached.
+    pub error: Option<String>,
 }
 
 /// The loaded programs. Dropping it detaches them, so the daemon keeps it alive.
 pub struct Probe {
     ebpf: Ebpf,
-    /// Forwards the kernel side's (rare) error reports to the `log` crate.
-    pub logger: Option<KernelLogger>,
-    /// Tracepoints attached, as `category:name`.
-    pub attached: Vec<String>,
+    /// The kind of program attached (never `Auto`).
+    pub mode: AttachMode,
+    /// Whether the kernel's BTF was found (socket fields, namespaces, durations).
+    pub btf: bool,
+    /// Every tracepoint of [`ATTACHMENTS`], attached or not.
+    pub programs: Vec<ProgramStatus>,
 }
-
-/// Reader of the eBPF programs' log records; must live as long as the programs.
-pub type KernelLogger = aya_log::EbpfLogger<&'static dyn log::Log>;
 
 /// How to load the programs.
 #[derive(Clone, Copy, Debug)]
 pub struct LoadOptions {
     pub ring_bytes: u32,
-    pub offsets: SocketOffsets,
     /// Stream every state change (`watch`), not only those the daemon pairs.
     pub stream_all: bool,
     /// Wake the reader only once this many bytes wait (0: for every event); the
     /// reader must then also drain on a timer.
     pub wakeup_bytes: u64,
+    pub attach: AttachMode,
 }
 
-/// Counters the kernel side keeps itself: events it had to drop, and every state
-/// change. Read (a syscall each) when metrics are refreshed.
+/// Counters the kernel keeps for tcptrace: events the programs had to drop, every
+/// state change, and runs the kernel skipped. Read (a syscall each) when metrics are
+/// refreshed.
 pub struct KernelCounters {
     lost: PerCpuArray<MapData, u64>,
     transitions: PerCpuArray<MapData, TransitionCounts>,
+    /// The attached programs, to read their `recursion_misses` (Linux 5.12+).
+    programs: Vec<(&'static str, aya::programs::ProgramFd)>,
 }
 
 /// What [`KernelCounters::read`] returns; `None` where a map could not be read.
@@ -119,6 +202,8 @@ pub struct KernelCounters {
 pub struct KernelTotals {
     pub lost: Option<u64>,
     pub transitions: Option<Box<TransitionCounts>>,
+    /// Runs the kernel skipped, by tracepoint (its program's `recursion_misses`).
+    pub missed: Vec<(&'static str, u64)>,
 }
 
 impl KernelCounters {
@@ -146,34 +231,94 @@ impl KernelCounters {
                 None
             }
         };
-        KernelTotals { lost, transitions }
+        let missed = self
+            .programs
+            .iter()
+            .filter_map(|(tp, fd)| match recursion_misses(fd) {
+                Ok(n) => Some((*tp, n)),
+                Err(err) => {
+                    debug!("reading {tp}'s program info failed: {err}");
+                    None
+                }
+            })
+            .collect();
+        KernelTotals { lost, transitions, missed }
     }
 }
 
+/// A program's `bpf_prog_info.recursion_misses`: runs the kernel skipped because a
+/// program was already running on that CPU. aya 0.14 reads `bpf_prog_info` but does
+/// not expose this field, so this asks the kernel directly. Kernels before 5.12 do
+/// not count (the field reads 0).
+fn recursion_misses(fd: &aya::programs::ProgramFd) -> io::Result<u64> {
+    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+    /// Offset of `recursion_misses` in `struct bpf_prog_info` (uapi, append-only).
+    const RECURSION_MISSES: usize = 208;
+    #[repr(C)]
+    struct InfoAttr {
+        bpf_fd: u32,
+        info_len: u32,
+        info: u64,
+    }
+    // Zeroed: older kernels accept a longer buffer only if its tail is zero.
+    let mut info = [0u64; (RECURSION_MISSES + 8) / 8];
+    let mut attr = InfoAttr {
+        bpf_fd: fd.as_fd().as_raw_fd() as u32,
+        info_len: size_of_val(&info) as u32,
+        info: info.as_mut_ptr() as u64,
+    };
+    // SAFETY: `attr` and `info` are valid for the kernel to read and write for the
+    // sizes given, and outlive the call.
+    let rc = unsafe {
+        libc::syscall(libc::SYS_bpf, BPF_OBJ_GET_INFO_BY_FD, &mut attr as *mut InfoAttr, size_of::<InfoAttr>())
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(info[RECURSION_MISSES / 8])
+}
+
 impl Probe {
-    /// Checks privileges, mounts tracefs if needed, loads the object with a ring
-    /// buffer of `ring_bytes` and attaches every tracepoint.
+    /// Checks privileges, finds what the running kernel looks like (BTF, and for
+    /// classic tracepoints tracefs and its record layouts), loads the object with a
+    /// ring buffer of `ring_bytes` and attaches one program per tracepoint.
     pub fn load(options: LoadOptions) -> Result<Self> {
-        let LoadOptions { ring_bytes, offsets, stream_all, wakeup_bytes } = options;
+        let LoadOptions { ring_bytes, stream_all, wakeup_bytes, attach } = options;
         if OBJECT.is_empty() {
             return Err(Error::EmptyObject);
         }
         check_capabilities()?;
-        let tracefs = ensure_tracefs()?;
         raise_memlock_rlimit();
 
-        for a in ATTACHMENTS.iter().filter(|a| a.required) {
-            let dir = tracefs.join("events").join(a.category).join(a.name);
-            if !dir.exists() {
-                return Err(Error::MissingTracepoint(a.name, dir));
-            }
-        }
-
+        let sock = socket_offsets();
         let mut config = Config::UNSET;
         config.wakeup_bytes = wakeup_bytes;
         config.stream_all = u8::from(stream_all);
-        config.sock.srtt_us = offsets.srtt_us.map_or(tcptrace_common::ABSENT, |o| o as u16);
-        config.sock.sk_err = offsets.sk_err.map_or(tcptrace_common::ABSENT, |o| o as u16);
+        config.sock = sock.unwrap_or(SockOffsets::UNKNOWN);
+        let mode = match attach {
+            AttachMode::Auto if config.sock.has_tuple() => AttachMode::Raw,
+            AttachMode::Auto => AttachMode::Classic,
+            AttachMode::Raw if !config.sock.has_tuple() => return Err(Error::RawNeedsBtf),
+            other => other,
+        };
+        // Classic programs read records: their layouts come from this kernel's tracefs.
+        let mut unusable: Vec<(&'static str, String)> = Vec::new();
+        if mode == AttachMode::Classic {
+            let tracefs = tracefs::ensure_mounted()?;
+            for a in &ATTACHMENTS {
+                let layout = tracefs::read_format(&tracefs, a.category, a.name)
+                    .and_then(|f| a.record.layout(&f).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e)));
+                match layout {
+                    Ok(layout) => *slot(&mut config, a.record) = layout,
+                    Err(err) if a.required && err.kind() == io::ErrorKind::NotFound => {
+                        return Err(Error::MissingTracepoint(a.name, tracefs.join("events").join(a.category).join(a.name)))
+                    }
+                    Err(err) if a.required => return Err(Error::Layout(a.name, err)),
+                    Err(err) => unusable.push((a.name, format!("its record layout is unusable: {err}"))),
+                }
+            }
+        }
+
         let mut ebpf = EbpfLoader::new()
             .map_max_entries(EVENTS_MAP, ring_bytes)
             .override_global(CONFIG_GLOBAL, &config, true)
@@ -187,27 +332,26 @@ impl Probe {
                 _ => Error::Load(err),
             })?;
 
-        // Taken before the programs load: their instructions refer to its map.
-        let logger =
-            aya_log::EbpfLogger::init(&mut ebpf).inspect_err(|err| debug!("eBPF logging unavailable: {err}")).ok();
-
-        let mut attached = Vec::new();
+        let mut programs = Vec::new();
         for a in &ATTACHMENTS {
-            let full = format!("{}:{}", a.category, a.name);
-            let program: &mut TracePoint = ebpf
-                .program_mut(a.name)
-                .ok_or_else(|| Error::Object(format!("program {}", a.name)))?
-                .try_into()
-                .map_err(|e| Error::Attach(a.name, e))?;
-            program.load().map_err(|e| Error::Attach(a.name, e))?;
-            match program.attach(a.category, a.name) {
-                Ok(_) => attached.push(full),
-                Err(e) if a.required => return Err(Error::Attach(a.name, e)),
-                Err(e) => warn!("not attaching optional tracepoint {full}: {e}"),
+            if let Some((_, why)) = unusable.iter().find(|(n, _)| *n == a.name) {
+                programs.push(ProgramStatus { tracepoint: a.name, attached: false, error: Some(why.clone()) });
+                continue;
+            }
+            match attach_one(&mut ebpf, a, mode) {
+                Ok(()) => programs.push(ProgramStatus { tracepoint: a.name, attached: true, error: None }),
+                Err(err) if a.required => return Err(err),
+                Err(err) => programs.push(ProgramStatus { tracepoint: a.name, attached: false, error: Some(err.to_string()) }),
             }
         }
-        info!("attached to {}", attached.join(", "));
-        Ok(Self { ebpf, logger, attached })
+        for (p, a) in programs.iter().zip(&ATTACHMENTS) {
+            if let Some(err) = &p.error {
+                warn!("running without {}:{} ({}): {err}", a.category, a.name, a.lost_without);
+            }
+        }
+        let attached: Vec<_> = programs.iter().filter(|p| p.attached).map(|p| p.tracepoint).collect();
+        info!("attached {mode} tracepoint programs to {}", attached.join(", "));
+        Ok(Self { ebpf, mode, btf: sock.is_some(), programs })
     }
 
     /// The ring buffer the programs write events to (can be taken once).
@@ -220,13 +364,75 @@ impl Probe {
     pub fn take_counters(&mut self) -> Result<KernelCounters> {
         let mut take = |name: &str| self.ebpf.take_map(name).ok_or_else(|| Error::Object(format!("map {name}")));
         let (lost, transitions) = (take(LOST_MAP)?, take(TRANSITIONS_MAP)?);
+        let mut programs = Vec::new();
+        for (a, status) in ATTACHMENTS.iter().zip(&self.programs) {
+            let name = if self.mode == AttachMode::Raw { a.raw } else { a.classic };
+            if let (true, Some(program)) = (status.attached, self.ebpf.program(name)) {
+                match program.fd().map_err(|e| e.to_string()).and_then(|fd| fd.try_clone().map_err(|e| e.to_string())) {
+                    Ok(fd) => programs.push((a.name, fd)),
+                    Err(err) => debug!("no program fd for {name}: {err}"),
+                }
+            }
+        }
         Ok(KernelCounters {
             lost: PerCpuArray::try_from(lost).map_err(|e| Error::Object(format!("per-CPU array {LOST_MAP}: {e}")))?,
             transitions: PerCpuArray::try_from(transitions)
                 .map_err(|e| Error::Object(format!("per-CPU array {TRANSITIONS_MAP}: {e}")))?,
+            programs,
         })
     }
 }
+
+/// The record layout in `config` a tracepoint's classic program reads.
+fn slot(config: &mut Config, record: Record) -> &mut RecordLayout {
+    match record {
+        Record::SetState => &mut config.set_state,
+        Record::RetransmitSkb => &mut config.retransmit_skb,
+        Record::RetransmitSynack => &mut config.retransmit_synack,
+        Record::ReceiveReset => &mut config.receive_reset,
+    }
+}
+
+/// Loads and attaches the program of `mode` for one tracepoint.
+fn attach_one(ebpf: &mut Ebpf, a: &Attachment, mode: AttachMode) -> Result<()> {
+    let name = if mode == AttachMode::Raw { a.raw } else { a.classic };
+    let program = ebpf.program_mut(name).ok_or_else(|| Error::Object(format!("program {name}")))?;
+    let attach_err = |e: ProgramError| attach_error(a, name, e);
+    match program {
+        Program::RawTracePoint(p) if mode == AttachMode::Raw => {
+            p.load().map_err(attach_err)?;
+            p.attach(a.name).map_err(attach_err)?;
+        }
+        Program::TracePoint(p) if mode == AttachMode::Classic => {
+            p.load().map_err(attach_err)?;
+            p.attach(a.category, a.name).map_err(attach_err)?;
+        }
+        _ => return Err(Error::Object(format!("program {name} of the expected type"))),
+    }
+    Ok(())
+}
+
+/// Names what went wrong: a verifier rejection (with its last lines), a tracepoint
+/// the kernel lacks, or another attach failure.
+fn attach_error(a: &Attachment, program: &'static str, err: ProgramError) -> Error {
+    match err {
+        ProgramError::LoadError { io_error, verifier_log } => {
+            let log = verifier_log.to_string();
+            let lines: Vec<&str> = log.lines().filter(|l| !l.trim().is_empty()).collect();
+            let tail = lines[lines.len().saturating_sub(VERIFIER_LINES)..].join("\n  ");
+            Error::Verifier { program, tracepoint: a.name, io_error, tail }
+        }
+        ProgramError::SyscallError(aya::sys::SyscallError { call, io_error })
+            if io_error.kind() == io::ErrorKind::NotFound =>
+        {
+            Error::NoTracepoint { tracepoint: a.name, call, io_error }
+        }
+        other => Error::Attach { program, tracepoint: a.name, source: other },
+    }
+}
+
+/// How much of a verifier log an error shows: its verdict is at the end.
+const VERIFIER_LINES: usize = 12;
 
 /// Fails early, with the fix, when the process cannot possibly load BPF programs.
 fn check_capabilities() -> Result<()> {
@@ -245,37 +451,9 @@ fn check_capabilities() -> Result<()> {
 }
 
 fn effective_capabilities() -> Option<u64> {
-    let status = fs::read_to_string("/proc/self/status").ok()?;
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let hex = status.lines().find_map(|l| l.strip_prefix("CapEff:"))?;
     u64::from_str_radix(hex.trim(), 16).ok()
-}
-
-/// Returns the tracefs directory, mounting tracefs at /sys/kernel/tracing when no
-/// tracefs is mounted yet (a fresh machine has an empty directory there).
-fn ensure_tracefs() -> Result<PathBuf> {
-    for dir in [TRACEFS, DEBUGFS_TRACING] {
-        if Path::new(dir).join("events").is_dir() {
-            return Ok(PathBuf::from(dir));
-        }
-    }
-    let path = PathBuf::from(TRACEFS);
-    mount_tracefs(&path).map_err(|source| Error::Tracefs { path: path.clone(), source })?;
-    info!("mounted tracefs at {TRACEFS}");
-    Ok(path)
-}
-
-fn mount_tracefs(path: &Path) -> io::Result<()> {
-    let target = CString::new(path.as_os_str().as_encoded_bytes()).map_err(io::Error::other)?;
-    // SAFETY: every pointer is a valid NUL-terminated string that outlives the call.
-    let rc = unsafe { libc::mount(c"nodev".as_ptr(), target.as_ptr(), c"tracefs".as_ptr(), 0, std::ptr::null()) };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    if path.join("events").is_dir() {
-        Ok(())
-    } else {
-        Err(io::Error::other("mounted, but it shows no events directory"))
-    }
 }
 
 /// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; newer ones use the cgroup.
@@ -285,5 +463,24 @@ fn raise_memlock_rlimit() {
     // SAFETY: setrlimit reads the struct we pass and nothing else.
     if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
         debug!("raising RLIMIT_MEMLOCK failed ({}); fine on Linux 5.11+", io::Error::last_os_error());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_running_kernels_btf_describes_its_sockets() {
+        let Some(offsets) = Btf::from_file(Path::new(VMLINUX_BTF)).ok().map(|b| offsets_from(&b)) else {
+            return; // Not every build machine has BTF; the root tests cover the kernel.
+        };
+        assert!(offsets.has_tuple(), "{offsets:?}");
+        // sock_common's layout has been the same for years; a surprise here means
+        // the lookup, not the kernel, is wrong.
+        assert_eq!((offsets.daddr, offsets.rcv_saddr, offsets.dport, offsets.num), (0, 4, 12, 14), "{offsets:?}");
+        assert_eq!((offsets.family, offsets.state), (16, 18), "{offsets:?}");
+        assert!(offsets.net != ABSENT && offsets.net_inum != ABSENT, "{offsets:?}");
+        assert!(offsets.v6_daddr > offsets.net && offsets.v6_rcv_saddr == offsets.v6_daddr + 16, "{offsets:?}");
     }
 }

@@ -12,7 +12,7 @@ use crate::{
     error::Result,
     events::{self, Family},
     pipeline::monotonic_ns,
-    probe::{LoadOptions, Probe, SocketOffsets},
+    probe::{LoadOptions, Probe},
     report, shutdown,
     tracker::{expiring::ExpiringMap, Failure, Handshake, Limits, Sink, Tracker, Tuple},
 };
@@ -161,9 +161,9 @@ impl<W: Write> View<W> {
 pub async fn run(args: WatchArgs) -> Result<()> {
     let mut probe = Probe::load(LoadOptions {
         ring_bytes: args.ring_buffer_size.0,
-        offsets: SocketOffsets::from_kernel(),
         stream_all: !args.handshakes,
         wakeup_bytes: 0, // A live view: every event at once.
+        attach: args.attach,
     })?;
     let mut ring = watch_readable(probe.take_events()?)?;
     let format = if args.json { LogFormat::Json } else { LogFormat::Text };

@@ -50,6 +50,10 @@ pub const SK_ERR_UNKNOWN: i32 = -1;
 /// An offset in [`SockOffsets`] or [`RecordLayout`] for a field this kernel lacks.
 pub const ABSENT: u16 = u16::MAX;
 
+/// The most bytes of a record or a socket the programs copy in one read; every field
+/// read that way must end within it, at an offset aligned to its size.
+pub const SPAN_MAX: u16 = 128;
+
 /// Where the kernel keeps the socket fields the programs read: byte offsets into
 /// `struct sock` (whose first member is `struct sock_common`, so the `skc_*` ones
 /// also apply to a `struct request_sock`), from the running kernel's BTF. [`ABSENT`]
@@ -81,7 +85,9 @@ pub struct SockOffsets {
     pub srtt_us: u16,
     /// `sk_err`: why a handshake failed.
     pub sk_err: u16,
-    pub _pad: u16,
+    /// How many bytes from the socket's start hold every `skc_*` field above (at most
+    /// [`SPAN_MAX`]): the programs copy them in one read.
+    pub span: u16,
 }
 
 impl SockOffsets {
@@ -100,7 +106,7 @@ impl SockOffsets {
         protocol: ABSENT,
         srtt_us: ABSENT,
         sk_err: ABSENT,
-        _pad: 0,
+        span: 0,
     };
 
     /// Whether the raw tracepoint programs can run: they read the socket itself for
@@ -135,7 +141,9 @@ pub struct RecordLayout {
     /// IPv6 addresses; IPv4 sockets' records hold them v4-mapped (`::ffff:a.b.c.d`).
     pub saddr_v6: u16,
     pub daddr_v6: u16,
-    pub _pad: u16,
+    /// How many bytes from the record's start hold every field above (at most
+    /// [`SPAN_MAX`]): the programs copy them in one read.
+    pub span: u16,
 }
 
 impl RecordLayout {
@@ -150,7 +158,7 @@ impl RecordLayout {
         family: ABSENT,
         saddr_v6: ABSENT,
         daddr_v6: ABSENT,
-        _pad: 0,
+        span: 0,
     };
 }
 

@@ -17,7 +17,7 @@
 use aya_ebpf::{
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns,
-        bpf_probe_read_kernel, bpf_probe_read_kernel_buf,
+        bpf_probe_read_kernel, generated,
     },
     macros::{map, raw_tracepoint, tracepoint},
     maps::{PerCpuArray, RingBuf},
@@ -26,7 +26,7 @@ use aya_ebpf::{
 };
 use tcptrace_common::{
     pairs, transition_slot, Config, Event, EventKind, TcpState, TransitionCounts, ABSENT, AF_INET, AF_INET6,
-    DEFAULT_RING_BYTES, IPPROTO_TCP, SK_ERR_UNKNOWN,
+    DEFAULT_RING_BYTES, IPPROTO_TCP, SK_ERR_UNKNOWN, SPAN_MAX,
 };
 
 /// Set by the loader (see [`Config`]); read field by field with [`cfg!`].
@@ -54,6 +54,19 @@ static EVENTS: RingBuf = RingBuf::with_byte_size(DEFAULT_RING_BYTES, 0);
 #[map]
 static LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
+/// Per-CPU copies of the first bytes of a record or a socket, one slot per
+/// tracepoint: a raw tracepoint program can be interrupted on its CPU by another
+/// one (never by itself), so they must not share.
+#[map]
+static SCRATCH: PerCpuArray<[u8; SCRATCH_BYTES]> = PerCpuArray::with_max_entries(4, 0);
+/// Twice [`SPAN_MAX`]: an offset masked below it plus a 16-byte read stays inside,
+/// which is what lets the verifier accept reads at offsets it only knows the bounds of.
+const SCRATCH_BYTES: usize = 2 * SPAN_MAX as usize;
+const SLOT_SET_STATE: u32 = 0;
+const SLOT_RETRANSMIT_SKB: u32 = 1;
+const SLOT_RETRANSMIT_SYNACK: u32 = 2;
+const SLOT_RECEIVE_RESET: u32 = 3;
+
 const BPF_RB_NO_WAKEUP: u64 = 1;
 const BPF_RB_FORCE_WAKEUP: u64 = 2;
 const BPF_RB_AVAIL_DATA: u64 = 0;
@@ -69,13 +82,48 @@ fn read<T>(base: u64, offset: u16) -> Option<T> {
     unsafe { bpf_probe_read_kernel((base + u64::from(offset)) as *const T) }.ok()
 }
 
-/// Copies `dst.len()` bytes at `base + offset` straight into `dst` (the ring buffer
-/// slot: no copy through the stack); leaves `dst` as it was when that fails.
-#[inline(always)]
-fn read_into(base: u64, offset: u16, dst: &mut [u8]) {
-    if offset != ABSENT && base != 0 {
-        // SAFETY: as for `read`; `dst` is writable memory of exactly that length.
-        let _ = unsafe { bpf_probe_read_kernel_buf((base + u64::from(offset)) as *const u8, dst) };
+/// The first `len` bytes of a record or a socket, copied with one read: one helper
+/// call instead of one per field. Userspace keeps every offset read from it below
+/// [`SPAN_MAX`] and aligned to its field's size.
+struct Span(*const u8);
+
+impl Span {
+    #[inline(always)]
+    fn load(slot: u32, base: u64, len: u16) -> Option<Self> {
+        let buf = SCRATCH.get_ptr_mut(slot)?;
+        if base == 0 || len == 0 {
+            return None;
+        }
+        let len = u32::from(len) & (SCRATCH_BYTES as u32 - 1);
+        // SAFETY: `buf` is this CPU's scratch slot, at least `len` bytes; the helper
+        // checks the source address.
+        let rc = unsafe { generated::bpf_probe_read_kernel(buf.cast(), len, base as *const _) };
+        (rc == 0).then_some(Self(buf.cast::<u8>().cast_const()))
+    }
+
+    /// The `T` at `offset`, if this kernel has the field.
+    #[inline(always)]
+    fn get<T: Copy>(&self, offset: u16) -> Option<T> {
+        if offset == ABSENT {
+            return None;
+        }
+        // SAFETY: the mask keeps offset + size(T) inside the scratch slot, and
+        // userspace aligned the offset to T.
+        Some(unsafe { core::ptr::read(self.0.add(usize::from(offset) & (SPAN_MAX as usize - 1)).cast::<T>()) })
+    }
+
+    /// Copies `N` bytes at `offset` into `dst`, two at a time (record fields are only
+    /// 2-byte aligned); leaves `dst` as it is when the field is absent.
+    #[inline(always)]
+    fn copy<const N: usize>(&self, offset: u16, dst: &mut [u8; N]) {
+        if offset == ABSENT {
+            return;
+        }
+        for i in 0..N / 2 {
+            if let Some(pair) = self.get::<[u8; 2]>(offset + 2 * i as u16) {
+                dst[2 * i..2 * i + 2].copy_from_slice(&pair);
+            }
+        }
     }
 }
 
@@ -88,31 +136,38 @@ pub fn set_state_raw(ctx: RawTracePointContext) -> i32 {
     if read::<u16>(sk, cfg!(sock.protocol)) != Some(IPPROTO_TCP) {
         return 0;
     }
-    state_change(sk, ctx.arg::<u64>(1) as u32, ctx.arg::<u64>(2) as u32, |ev| sock_tuple(ev, sk));
+    state_change(sk, ctx.arg::<u64>(1) as u32, ctx.arg::<u64>(2) as u32, |ev| {
+        sock_tuple(ev, SLOT_SET_STATE, sk);
+    });
     0
 }
 
 #[tracepoint(category = "sock", name = "inet_sock_set_state")]
 pub fn set_state_tp(ctx: TracePointContext) -> u32 {
-    let rec = ctx.as_ptr() as u64;
-    if read::<u16>(rec, cfg!(set_state.protocol)) != Some(IPPROTO_TCP) {
+    let Some(rec) = Span::load(SLOT_SET_STATE, ctx.as_ptr() as u64, cfg!(set_state.span)) else {
+        return 0;
+    };
+    if rec.get::<u16>(cfg!(set_state.protocol)) != Some(IPPROTO_TCP) {
         return 0;
     }
     let (Some(sk), Some(old), Some(new)) = (
-        read::<u64>(rec, cfg!(set_state.skaddr)),
-        read::<i32>(rec, cfg!(set_state.old_state)),
-        read::<i32>(rec, cfg!(set_state.new_state)),
+        rec.get::<u64>(cfg!(set_state.skaddr)),
+        rec.get::<i32>(cfg!(set_state.old_state)),
+        rec.get::<i32>(cfg!(set_state.new_state)),
     ) else {
         return 0;
     };
     state_change(sk, old as u32, new as u32, |ev| {
-        record_tuple(ev, rec, cfg!(set_state.sport), cfg!(set_state.dport), cfg!(set_state.saddr_v6), cfg!(set_state.daddr_v6))
+        let at = (cfg!(set_state.sport), cfg!(set_state.dport));
+        record_tuple(ev, &rec, at, (cfg!(set_state.saddr_v6), cfg!(set_state.daddr_v6)));
+        ev.netns = netns(sk);
     });
     0
 }
 
 /// Counts the transition and streams it when the daemon pairs it (or `watch` wants
-/// everything), filled in place in the ring buffer.
+/// everything), filled in place in the ring buffer; `tuple` fills the 4-tuple and
+/// the namespace.
 #[inline(always)]
 fn state_change(sk: u64, old: u32, new: u32, tuple: impl FnOnce(&mut Event)) {
     if let Some(counts) = TRANSITIONS.get_ptr_mut(0) {
@@ -138,7 +193,6 @@ fn state_change(sk: u64, old: u32, new: u32, tuple: impl FnOnce(&mut Event)) {
     ev.old_state = old as u8;
     ev.new_state = new as u8;
     tuple(ev);
-    ev.netns = netns(sk);
     // The calling task is only meaningful in process context: connect() makes
     // CLOSE->SYN_SENT there. `watch` shows it for everything.
     if stream_all || new == TcpState::SynSent as u32 {
@@ -162,19 +216,24 @@ pub fn retransmit_skb_raw(ctx: RawTracePointContext) -> i32 {
     let sk: u64 = ctx.arg(0);
     // Only handshake retransmissions feed a metric; data retransmits stay in the kernel.
     if read::<u8>(sk, cfg!(sock.state)) == Some(TcpState::SynSent as u8) {
-        rare(EventKind::SynRetransmit, sk, TcpState::SynSent as u8, |ev| sock_tuple(ev, sk));
+        rare(EventKind::SynRetransmit, sk, TcpState::SynSent as u8, |ev| {
+            sock_tuple(ev, SLOT_RETRANSMIT_SKB, sk);
+        });
     }
     0
 }
 
 #[tracepoint(category = "tcp", name = "tcp_retransmit_skb")]
 pub fn retransmit_skb_tp(ctx: TracePointContext) -> u32 {
-    let rec = ctx.as_ptr() as u64;
-    if read::<i32>(rec, cfg!(retransmit_skb.old_state)) == Some(TcpState::SynSent as i32) {
-        let sk = read::<u64>(rec, cfg!(retransmit_skb.skaddr)).unwrap_or(0);
+    let Some(rec) = Span::load(SLOT_RETRANSMIT_SKB, ctx.as_ptr() as u64, cfg!(retransmit_skb.span)) else {
+        return 0;
+    };
+    if rec.get::<i32>(cfg!(retransmit_skb.old_state)) == Some(TcpState::SynSent as i32) {
+        let sk = rec.get::<u64>(cfg!(retransmit_skb.skaddr)).unwrap_or(0);
         rare(EventKind::SynRetransmit, sk, TcpState::SynSent as u8, |ev| {
             let at = (cfg!(retransmit_skb.sport), cfg!(retransmit_skb.dport));
-            record_tuple(ev, rec, at.0, at.1, cfg!(retransmit_skb.saddr_v6), cfg!(retransmit_skb.daddr_v6))
+            record_tuple(ev, &rec, at, (cfg!(retransmit_skb.saddr_v6), cfg!(retransmit_skb.daddr_v6)));
+            ev.netns = netns(sk);
         });
     }
     0
@@ -188,17 +247,20 @@ pub fn retransmit_synack_raw(ctx: RawTracePointContext) -> i32 {
     // and family are the request's (a request_sock starts with a sock_common), so a
     // dual-stack listener's IPv4 request is IPv4 here.
     let (sk, req): (u64, u64) = (ctx.arg(0), ctx.arg(1));
-    rare(EventKind::SynAckRetransmit, sk, 0, |ev| sock_tuple(ev, req));
+    rare(EventKind::SynAckRetransmit, sk, 0, |ev| sock_tuple(ev, SLOT_RETRANSMIT_SYNACK, req));
     0
 }
 
 #[tracepoint(category = "tcp", name = "tcp_retransmit_synack")]
 pub fn retransmit_synack_tp(ctx: TracePointContext) -> u32 {
-    let rec = ctx.as_ptr() as u64;
-    let sk = read::<u64>(rec, cfg!(retransmit_synack.skaddr)).unwrap_or(0);
+    let Some(rec) = Span::load(SLOT_RETRANSMIT_SYNACK, ctx.as_ptr() as u64, cfg!(retransmit_synack.span)) else {
+        return 0;
+    };
+    let sk = rec.get::<u64>(cfg!(retransmit_synack.skaddr)).unwrap_or(0);
     rare(EventKind::SynAckRetransmit, sk, 0, |ev| {
         let at = (cfg!(retransmit_synack.sport), cfg!(retransmit_synack.dport));
-        record_tuple(ev, rec, at.0, at.1, cfg!(retransmit_synack.saddr_v6), cfg!(retransmit_synack.daddr_v6))
+        record_tuple(ev, &rec, at, (cfg!(retransmit_synack.saddr_v6), cfg!(retransmit_synack.daddr_v6)));
+        ev.netns = netns(sk);
     });
     0
 }
@@ -209,17 +271,20 @@ pub fn retransmit_synack_tp(ctx: TracePointContext) -> u32 {
 pub fn receive_reset_raw(ctx: RawTracePointContext) -> i32 {
     // TP_PROTO(struct sock *sk)
     let sk: u64 = ctx.arg(0);
-    rare(EventKind::ResetReceived, sk, 0, |ev| sock_tuple(ev, sk));
+    rare(EventKind::ResetReceived, sk, 0, |ev| sock_tuple(ev, SLOT_RECEIVE_RESET, sk));
     0
 }
 
 #[tracepoint(category = "tcp", name = "tcp_receive_reset")]
 pub fn receive_reset_tp(ctx: TracePointContext) -> u32 {
-    let rec = ctx.as_ptr() as u64;
-    let sk = read::<u64>(rec, cfg!(receive_reset.skaddr)).unwrap_or(0);
+    let Some(rec) = Span::load(SLOT_RECEIVE_RESET, ctx.as_ptr() as u64, cfg!(receive_reset.span)) else {
+        return 0;
+    };
+    let sk = rec.get::<u64>(cfg!(receive_reset.skaddr)).unwrap_or(0);
     rare(EventKind::ResetReceived, sk, 0, |ev| {
         let at = (cfg!(receive_reset.sport), cfg!(receive_reset.dport));
-        record_tuple(ev, rec, at.0, at.1, cfg!(receive_reset.saddr_v6), cfg!(receive_reset.daddr_v6))
+        record_tuple(ev, &rec, at, (cfg!(receive_reset.saddr_v6), cfg!(receive_reset.daddr_v6)));
+        ev.netns = netns(sk);
     });
     0
 }
@@ -239,40 +304,46 @@ fn rare(kind: EventKind, sk: u64, state: u8, tuple: impl FnOnce(&mut Event)) {
     ev.old_state = state;
     ev.new_state = state;
     tuple(ev);
-    ev.netns = netns(sk);
     task(ev);
     entry.submit(wakeup_flags());
 }
 
-/// Family, ports and addresses from a `struct sock_common` (a socket's or a
-/// request's), at BTF offsets.
+/// Family, ports, addresses and network namespace from a `struct sock_common` (a
+/// socket's or a request's), copied in one read and picked at BTF offsets.
 #[inline(always)]
-fn sock_tuple(ev: &mut Event, sk: u64) {
-    ev.family = read::<u16>(sk, cfg!(sock.family)).unwrap_or(0);
-    ev.sport = read::<u16>(sk, cfg!(sock.num)).unwrap_or(0);
-    ev.dport = u16::from_be(read::<u16>(sk, cfg!(sock.dport)).unwrap_or(0));
+fn sock_tuple(ev: &mut Event, slot: u32, sk: u64) {
+    let Some(sock) = Span::load(slot, sk, cfg!(sock.span)) else {
+        return;
+    };
+    ev.family = sock.get::<u16>(cfg!(sock.family)).unwrap_or(0);
+    ev.sport = sock.get::<u16>(cfg!(sock.num)).unwrap_or(0);
+    ev.dport = u16::from_be(sock.get::<u16>(cfg!(sock.dport)).unwrap_or(0));
     if ev.family == AF_INET {
-        read_into(sk, cfg!(sock.rcv_saddr), &mut ev.saddr[..4]);
-        read_into(sk, cfg!(sock.daddr), &mut ev.daddr[..4]);
+        if let (Some(saddr), Some(daddr)) = (ev.saddr.first_chunk_mut::<4>(), ev.daddr.first_chunk_mut::<4>()) {
+            sock.copy(cfg!(sock.rcv_saddr), saddr);
+            sock.copy(cfg!(sock.daddr), daddr);
+        }
     } else if ev.family == AF_INET6 {
-        read_into(sk, cfg!(sock.v6_rcv_saddr), &mut ev.saddr);
-        read_into(sk, cfg!(sock.v6_daddr), &mut ev.daddr);
+        sock.copy(cfg!(sock.v6_rcv_saddr), &mut ev.saddr);
+        sock.copy(cfg!(sock.v6_daddr), &mut ev.daddr);
     }
+    ev.netns = sock.get::<u64>(cfg!(sock.net)).and_then(|net| read::<u32>(net, cfg!(sock.net_inum))).unwrap_or(0);
 }
 
 /// Ports and addresses from a classic tracepoint's record, at `format` offsets. The
 /// IPv6 fields are always filled (v4-mapped for IPv4 sockets) and a `family` field
 /// is not (5.10's `tcp:*` records lack it), so the event is always in IPv6 form.
 #[inline(always)]
-fn record_tuple(ev: &mut Event, rec: u64, sport: u16, dport: u16, saddr_v6: u16, daddr_v6: u16) {
+fn record_tuple(ev: &mut Event, rec: &Span, (sport, dport): (u16, u16), (saddr_v6, daddr_v6): (u16, u16)) {
     ev.family = AF_INET6;
-    ev.sport = read::<u16>(rec, sport).unwrap_or(0);
-    ev.dport = read::<u16>(rec, dport).unwrap_or(0);
-    read_into(rec, saddr_v6, &mut ev.saddr);
-    read_into(rec, daddr_v6, &mut ev.daddr);
+    ev.sport = rec.get::<u16>(sport).unwrap_or(0);
+    ev.dport = rec.get::<u16>(dport).unwrap_or(0);
+    rec.copy(saddr_v6, &mut ev.saddr);
+    rec.copy(daddr_v6, &mut ev.daddr);
 }
 
-/// The inode number of the socket's network namespace: `sk->skc_net.net->ns.inum`.
+/// The inode number of the socket's network namespace, `sk->skc_net.net->ns.inum`,
+/// for programs that have not copied the socket.
 #[inline(always)]
 fn netns(sk: u64) -> u32 {
     read::<u64>(sk, cfg!(sock.net)).and_then(|net| read::<u32>(net, cfg!(sock.net_inum))).unwrap_or(0)

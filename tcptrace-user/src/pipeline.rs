@@ -67,6 +67,7 @@ impl Pipeline {
         if let Some(transitions) = &kernel.transitions {
             self.metrics.set_transitions(transitions);
         }
+        self.metrics.set_missed(&kernel.missed);
     }
 
     pub fn metrics(&self) -> &Metrics {

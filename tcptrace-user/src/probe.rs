@@ -13,7 +13,8 @@ use aya::{
 };
 use log::{debug, info, warn};
 use tcptrace_common::{
-    Config, RecordLayout, SockOffsets, TransitionCounts, ABSENT, CONFIG_GLOBAL, EVENTS_MAP, LOST_MAP, TRANSITIONS_MAP,
+    Config, RecordLayout, SockOffsets, TransitionCounts, ABSENT, CONFIG_GLOBAL, EVENTS_MAP, LOST_MAP, SPAN_MAX,
+    TRANSITIONS_MAP,
 };
 
 use crate::{
@@ -136,7 +137,7 @@ fn offsets_from(btf: &Btf) -> SockOffsets {
     // skc_net is a possible_net_t, a struct whose one member is the `struct net *`.
     let net_inum = lookup("net", "ns").zip(lookup("ns_common", "inum")).map(|(a, b)| a + b);
     let or_absent = |o: Option<u16>| o.unwrap_or(ABSENT);
-    SockOffsets {
+    let mut offsets = SockOffsets {
         family: or_absent(common("skc_family")),
         state: or_absent(common("skc_state")),
         num: or_absent(common("skc_num")),
@@ -150,8 +151,41 @@ fn offsets_from(btf: &Btf) -> SockOffsets {
         protocol: or_absent(lookup("sock", "sk_protocol")),
         srtt_us: or_absent(lookup("tcp_sock", "srtt_us")),
         sk_err: or_absent(lookup("sock", "sk_err")),
-        _pad: 0,
+        span: 0,
+    };
+    // The skc_* fields are copied from the socket in one read of `span` bytes.
+    let copied = [
+        (&mut offsets.family, 2),
+        (&mut offsets.num, 2),
+        (&mut offsets.dport, 2),
+        (&mut offsets.rcv_saddr, 4),
+        (&mut offsets.daddr, 4),
+        (&mut offsets.v6_rcv_saddr, 16),
+        (&mut offsets.v6_daddr, 16),
+        (&mut offsets.net, 8),
+    ];
+    offsets.span = span_of(copied, "struct sock_common");
+    offsets
+}
+
+/// The bytes from the start that hold every field (offset, size): what one read must
+/// copy. A field that would end past [`SPAN_MAX`], or sits at an offset not aligned
+/// to its size (the program reads it as one value), is made [`ABSENT`] and logged.
+pub(crate) fn span_of<'a>(fields: impl IntoIterator<Item = (&'a mut u16, u16)>, what: &str) -> u16 {
+    let mut span = 0;
+    for (offset, size) in fields {
+        if *offset == ABSENT {
+            continue;
+        }
+        let align = size.min(8);
+        if *offset % align != 0 || *offset + size > SPAN_MAX {
+            warn!("{what}: a {size}-byte field at offset {} cannot be copied; not read", *offset);
+            *offset = ABSENT;
+            continue;
+        }
+        span = span.max(*offset + size);
     }
+    span
 }
 
 /// One program's fate at start-up, exported so a half-working tracer is visible.
@@ -482,5 +516,17 @@ mod tests {
         assert_eq!((offsets.family, offsets.state), (16, 18), "{offsets:?}");
         assert!(offsets.net != ABSENT && offsets.net_inum != ABSENT, "{offsets:?}");
         assert!(offsets.v6_daddr > offsets.net && offsets.v6_rcv_saddr == offsets.v6_daddr + 16, "{offsets:?}");
+        assert_eq!(offsets.span, offsets.v6_rcv_saddr + 16, "{offsets:?}");
+    }
+
+    #[test]
+    fn fields_that_one_read_cannot_copy_are_left_out() {
+        let (mut a, mut b, mut c, mut d) = (0, 2, 120, ABSENT);
+        assert_eq!(span_of([(&mut a, 2), (&mut b, 2), (&mut d, 4)], "t"), 4);
+        assert_eq!((a, b, d), (0, 2, ABSENT));
+        // Past the span limit, or misaligned for a single load: not read at all.
+        let mut odd = 3;
+        assert_eq!(span_of([(&mut c, 16), (&mut odd, 2)], "t"), 0);
+        assert_eq!((c, odd), (ABSENT, ABSENT));
     }
 }

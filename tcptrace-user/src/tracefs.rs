@@ -9,7 +9,7 @@ use std::{
 };
 
 use log::info;
-use tcptrace_common::{RecordLayout, ABSENT};
+use tcptrace_common::{RecordLayout, ABSENT, SPAN_MAX};
 
 use crate::error::{Error, Result};
 
@@ -72,6 +72,10 @@ pub enum FormatError {
     Missing(&'static str),
     #[error("field {name} is {size} bytes, expected {expected}")]
     Size { name: &'static str, size: u16, expected: u16 },
+    #[error("a field at offset {0} is not aligned for a single load")]
+    Unaligned(u16),
+    #[error("the fields read end at byte {0}, past the {max} bytes one read copies", max = SPAN_MAX)]
+    Span(u16),
 }
 
 impl Format {
@@ -154,6 +158,31 @@ impl Record {
             Self::RetransmitSkb => at.old_state = format.required("state", 4)?,
             Self::RetransmitSynack | Self::ReceiveReset => {}
         }
+        // One read copies the record's first `span` bytes; the IPv6 addresses are
+        // copied two bytes at a time (records only 2-align them).
+        let fields = [
+            (at.skaddr, 8),
+            (at.old_state, 4),
+            (at.new_state, 4),
+            (at.protocol, 2),
+            (at.sport, 2),
+            (at.dport, 2),
+            (at.family, 2),
+            (at.saddr_v6, 2),
+            (at.daddr_v6, 2),
+        ];
+        for (offset, align) in fields.into_iter().filter(|&(o, _)| o != ABSENT) {
+            if offset % align != 0 {
+                return Err(FormatError::Unaligned(offset));
+            }
+        }
+        let ends = [at.skaddr + 8, at.old_state.saturating_add(4), at.new_state.saturating_add(4), at.sport + 2];
+        let more = [at.protocol.saturating_add(2), at.dport + 2, at.family.saturating_add(2)];
+        let span = ends.into_iter().chain(more).chain([at.saddr_v6 + 16, at.daddr_v6 + 16]).filter(|&e| e < ABSENT).max();
+        at.span = span.unwrap_or(0);
+        if at.span > SPAN_MAX {
+            return Err(FormatError::Span(at.span));
+        }
         Ok(at)
     }
 }
@@ -184,6 +213,7 @@ mod tests {
             let at = Record::SetState.layout(&fixture(k, "inet_sock_set_state.format")).unwrap();
             assert_eq!((at.skaddr, at.old_state, at.new_state, at.protocol), (8, 16, 20, 30), "{k}");
             assert_eq!((at.sport, at.dport, at.family, at.saddr_v6, at.daddr_v6), (24, 26, 28, 40, 56), "{k}");
+            assert_eq!(at.span, 72, "{k}");
         }
     }
 

@@ -75,15 +75,23 @@ impl BenchArgs {
 enum Tracer {
     None,
     Tcptrace,
+    /// tcptrace with classic tracepoint programs (`--attach classic`): the other
+    /// attach type, measured in the same rounds.
+    TcptraceClassic,
     Tcpstates,
     Bpftrace,
 }
 
 impl Tracer {
+    fn is_tcptrace(self) -> bool {
+        matches!(self, Self::Tcptrace | Self::TcptraceClassic)
+    }
+
     fn name(self) -> &'static str {
         match self {
             Self::None => "workload alone",
-            Self::Tcptrace => "tcptrace daemon",
+            Self::Tcptrace => "tcptrace daemon (raw tracepoints)",
+            Self::TcptraceClassic => "tcptrace daemon --attach classic",
             Self::Tcpstates => "tcpstates > /dev/null",
             Self::Bpftrace => "bpftrace (in-kernel histogram)",
         }
@@ -144,6 +152,69 @@ fn status_kib(pid: u32, field: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// What the kernel measured of a process's BPF programs (with
+/// `kernel.bpf_stats_enabled`): total run time, runs, and runs it skipped.
+#[derive(Clone, Copy, Debug, Default)]
+struct ProgStats {
+    run_time_ns: u64,
+    runs: u64,
+    misses: u64,
+}
+
+impl ProgStats {
+    /// Sums the fdinfo of every BPF program the process holds open.
+    fn of(pid: u32) -> Self {
+        let mut total = Self::default();
+        let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fd")) else { return total };
+        for fd in fds.flatten() {
+            let path = format!("/proc/{pid}/fdinfo/{}", fd.file_name().to_string_lossy());
+            let info = fs::read_to_string(path).unwrap_or_default();
+            if !info.contains("prog_type:") {
+                continue;
+            }
+            let field = |name: &str| {
+                info.lines().find_map(|l| l.strip_prefix(name)?.trim().parse::<u64>().ok()).unwrap_or(0)
+            };
+            total.run_time_ns += field("run_time_ns:");
+            total.runs += field("run_cnt:");
+            total.misses += field("recursion_misses:");
+        }
+        total
+    }
+
+    fn since(self, before: Self) -> Self {
+        Self {
+            run_time_ns: self.run_time_ns.saturating_sub(before.run_time_ns),
+            runs: self.runs.saturating_sub(before.runs),
+            misses: self.misses.saturating_sub(before.misses),
+        }
+    }
+}
+
+/// Switches `kernel.bpf_stats_enabled` on for the benchmark and back to what it
+/// was when dropped, also on error.
+struct BpfStats(Option<String>);
+
+impl BpfStats {
+    const PATH: &'static str = "/proc/sys/kernel/bpf_stats_enabled";
+
+    fn enable() -> Self {
+        let before = fs::read_to_string(Self::PATH).ok().map(|s| s.trim().to_string());
+        if fs::write(Self::PATH, "1").is_err() {
+            eprintln!("xtask bench: cannot enable kernel.bpf_stats_enabled: no kernel time per program run");
+        }
+        Self(before)
+    }
+}
+
+impl Drop for BpfStats {
+    fn drop(&mut self) {
+        if let Some(before) = &self.0 {
+            let _ = fs::write(Self::PATH, before);
+        }
+    }
+}
+
 /// Whether a process has attached a BPF program: a perf link, or a program fd next
 /// to a perf event fd (bpftrace's way).
 fn bpf_attached(pid: u32) -> bool {
@@ -165,9 +236,12 @@ fn bpf_attached(pid: u32) -> bool {
 fn start(tracer: Tracer, bin: &Path, work: &Path) -> Result<Option<Running>> {
     let mut cmd = match tracer {
         Tracer::None => return Ok(None),
-        Tracer::Tcptrace => {
+        Tracer::Tcptrace | Tracer::TcptraceClassic => {
             let mut c = Command::new(bin);
             c.args(["daemon", "--listen", "127.0.0.1:0"]);
+            if tracer == Tracer::TcptraceClassic {
+                c.args(["--attach", "classic"]);
+            }
             c
         }
         Tracer::Tcpstates => Command::new("tcpstates"),
@@ -193,7 +267,7 @@ fn start(tracer: Tracer, bin: &Path, work: &Path) -> Result<Option<Running>> {
     let mut running = Running { child, metrics: None };
     let end = Instant::now() + Duration::from_secs(30);
     loop {
-        if tracer == Tracer::Tcptrace {
+        if tracer.is_tcptrace() {
             if let Ok(addr) = rx.recv_timeout(Duration::from_millis(20)) {
                 running.metrics = Some(addr.parse()?);
                 break;
@@ -244,6 +318,8 @@ struct Run {
     /// CPU seconds of this process (the workload, and the kernel work done in its
     /// context: loopback softirqs, the eBPF programs) plus the tracer's.
     total_cpu_s: f64,
+    /// The tracer's programs during the churn.
+    prog: ProgStats,
 }
 
 fn one_run(tracer: Tracer, churn: &Churn, bin: &Path, work: &Path) -> Result<Run> {
@@ -254,10 +330,12 @@ fn one_run(tracer: Tracer, churn: &Churn, bin: &Path, work: &Path) -> Result<Run
         None => None,
     };
     let cpu0 = pid.map_or(0.0, cpu_seconds);
+    let prog0 = pid.map(ProgStats::of).unwrap_or_default();
     let self0 = cpu_seconds(std::process::id());
     let outcome = churn.run()?;
     let own = cpu_seconds(std::process::id()) - self0;
     let cpu = pid.map_or(0.0, cpu_seconds) - cpu0;
+    let prog = pid.map(ProgStats::of).unwrap_or_default().since(prog0);
     let (events, lost) = match (running.as_ref().and_then(|r| r.metrics), before) {
         (Some(addr), Some(before)) => {
             // The daemon may still be draining the last events; wait until the count
@@ -291,6 +369,7 @@ fn one_run(tracer: Tracer, churn: &Churn, bin: &Path, work: &Path) -> Result<Run
         peak_rss_kib,
         seconds: outcome.elapsed.as_secs_f64(),
         total_cpu_s: own + cpu,
+        prog,
     })
 }
 
@@ -486,7 +565,8 @@ pub fn run(args: &BenchArgs, root: &Path, bin: &Path, xtask: &Path) -> Result<St
             closed as f64 / 1024.0
         ));
     }
-    let mut tracers = vec![Tracer::None, Tracer::Tcptrace];
+    let _stats = BpfStats::enable();
+    let mut tracers = vec![Tracer::None, Tracer::Tcptrace, Tracer::TcptraceClassic];
     if !args.no_peers {
         for (t, program) in [(Tracer::Tcpstates, "tcpstates"), (Tracer::Bpftrace, "bpftrace")] {
             if has(program) {
@@ -539,8 +619,8 @@ pub fn run(args: &BenchArgs, root: &Path, bin: &Path, xtask: &Path) -> Result<St
     let base_cost = median(
         runs.iter().filter(|r| r.tracer == Tracer::None).map(|r| r.total_cpu_s / r.connections as f64).collect(),
     );
-    out("| configuration | conn/s (median) | ratio to none: median [min, max] | CPU per connection, none / this | tracer CPU s per M events | events/s | lost events | tracer peak RSS |".into());
-    out("| --- | --- | --- | --- | --- | --- | --- | --- |".into());
+    out("| configuration | conn/s (median) | ratio to none: median [min, max] | CPU per connection, none / this | tracer CPU s per M events | events/s | lost events | tracer peak RSS | kernel ns per program run | kernel us per connection | runs skipped by the kernel |".into());
+    out("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |".into());
     for &t in &tracers {
         let mine: Vec<&Run> = runs.iter().filter(|r| r.tracer == t).collect();
         let ratios: Vec<f64> = mine.iter().map(|r| r.rate / base).collect();
@@ -565,7 +645,7 @@ pub fn run(args: &BenchArgs, root: &Path, bin: &Path, xtask: &Path) -> Result<St
             hi
         );
         if t == Tracer::None {
-            row.push_str(" - | - | - | - |");
+            row.push_str(" - | - | - | - | - | - | - |");
         } else {
             let approx = if estimated { "~" } else { "" };
             let _ = write!(
@@ -573,8 +653,19 @@ pub fn run(args: &BenchArgs, root: &Path, bin: &Path, xtask: &Path) -> Result<St
                 " {:.2} | {approx}{:.0} | {} | {:.1} MiB |",
                 median(cpu_per_m),
                 median(ev_rate),
-                if t == Tracer::Tcptrace { format!("{lost:.0}") } else { "n/a".into() },
+                if t.is_tcptrace() { format!("{lost:.0}") } else { "n/a".into() },
                 rss as f64 / 1024.0
+            );
+            // The kernel's own accounting of the programs (bpf_stats): the cost the
+            // CPU columns above only show mixed into the workload's time.
+            let per_run = median(mine.iter().map(|r| r.prog.run_time_ns as f64 / r.prog.runs.max(1) as f64).collect());
+            let per_conn = median(mine.iter().map(|r| r.prog.run_time_ns as f64 / 1e3 / r.connections as f64).collect());
+            let runs: u64 = mine.iter().map(|r| r.prog.runs).sum();
+            let misses: u64 = mine.iter().map(|r| r.prog.misses).sum();
+            let _ = write!(
+                row,
+                " {per_run:.0} | {per_conn:.2} | {misses} of {runs} ({:.3}%) |",
+                misses as f64 * 100.0 / runs.max(1) as f64
             );
         }
         out(row);

@@ -68,9 +68,12 @@ verifier's last lines:\n  {tail}"
     Verifier { program: &'static str, tracepoint: &'static str, io_error: io::Error, tail: String },
 
     #[error(
-        "attaching program {program} to tracepoint {tracepoint} failed: {source}; check that the kernel \
-allows BPF tracepoint programs (CONFIG_BPF_EVENTS)"
+        "the kernel does not accept program {program} (for tracepoint {tracepoint}) at all: {io_error}; \
+it needs BPF tracepoint programs (CONFIG_BPF_EVENTS) and, for raw tracepoints, Linux 4.17 or newer"
     )]
+    Unsupported { program: &'static str, tracepoint: &'static str, io_error: io::Error },
+
+    #[error("attaching program {program} to tracepoint {tracepoint} failed: {source}")]
     Attach { program: &'static str, tracepoint: &'static str, source: aya::programs::ProgramError },
 
     #[error("the eBPF object lacks {0}: the binary was built from mismatched sources; rebuild it")]

@@ -450,6 +450,12 @@ fn attach_one(ebpf: &mut Ebpf, a: &Attachment, mode: AttachMode) -> Result<()> {
 /// the kernel lacks, or another attach failure.
 fn attach_error(a: &Attachment, program: &'static str, err: ProgramError) -> Error {
     match err {
+        // No verifier output at all: the kernel refused the program type itself.
+        ProgramError::LoadError { io_error, verifier_log }
+            if verifier_log.to_string().trim().is_empty() && io_error.raw_os_error() == Some(libc::EINVAL) =>
+        {
+            Error::Unsupported { program, tracepoint: a.name, io_error }
+        }
         ProgramError::LoadError { io_error, verifier_log } => {
             let log = verifier_log.to_string();
             let lines: Vec<&str> = log.lines().filter(|l| !l.trim().is_empty()).collect();

@@ -42,13 +42,73 @@ pub struct DecodeError(pub usize);
 
 /// Copies one record out of the ring buffer. The length is checked first: a record
 /// from a mismatched eBPF object must be reported, not read past its end.
+///
+/// Addresses come out in one canonical form (see [`canonical`]), so the tracker,
+/// the metrics, records and `watch` filters all see an IPv4 peer of a dual-stack
+/// socket as IPv4, and the same connection keys alike whichever program reported it.
 pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
     if bytes.len() != size_of::<Event>() {
         return Err(DecodeError(bytes.len()));
     }
     // SAFETY: the length matches and `Event` is plain old data (see tcptrace-common),
     // so any bytes are a valid value; `read_unaligned` makes no alignment demand.
-    Ok(unsafe { bytes.as_ptr().cast::<Event>().read_unaligned() })
+    let mut ev = unsafe { bytes.as_ptr().cast::<Event>().read_unaligned() };
+    (ev.family, ev.saddr, ev.daddr) = canonical(ev.family, ev.saddr, ev.daddr);
+    Ok(ev)
+}
+
+/// The one form of a socket's addresses that every key and label uses.
+///
+/// An AF_INET6 socket whose peer is IPv4-mapped (`::ffff:a.b.c.d`: an IPv4 client of
+/// a `[::]` listener, or a connect() to a mapped address) speaks IPv4 on the wire,
+/// so it becomes AF_INET with 4-byte addresses; so does one whose local address is
+/// mapped and whose peer is not set yet (a listener bound to a mapped address). An
+/// unset address (`::`, before connect() picked a source) becomes 0.0.0.0. AF_INET
+/// addresses keep only their first 4 bytes, the rest zeroed, so equal connections
+/// compare equal. Anything else is left as it came.
+pub fn canonical(family: u16, saddr: [u8; 16], daddr: [u8; 16]) -> (u16, [u8; 16], [u8; 16]) {
+    let v4 = |a: &[u8; 16], at: usize| {
+        let mut out = [0u8; 16];
+        out[..4].copy_from_slice(&a[at..at + 4]);
+        out
+    };
+    match family {
+        AF_INET => (AF_INET, v4(&saddr, 0), v4(&daddr, 0)),
+        AF_INET6 => {
+            let (s, d) = (Mapped::of(&saddr), Mapped::of(&daddr));
+            let ipv4 = matches!((s, d), (Mapped::V4 | Mapped::Unset, Mapped::V4) | (Mapped::V4, Mapped::Unset));
+            if ipv4 {
+                (AF_INET, v4(&saddr, 12), v4(&daddr, 12))
+            } else {
+                (family, saddr, daddr)
+            }
+        }
+        _ => (family, saddr, daddr),
+    }
+}
+
+/// What an IPv6 address says about IPv4.
+#[derive(Clone, Copy)]
+enum Mapped {
+    /// `::ffff:a.b.c.d`.
+    V4,
+    /// `::`: not set yet (its last 4 bytes, 0.0.0.0, are the IPv4 "any").
+    Unset,
+    Other,
+}
+
+impl Mapped {
+    fn of(a: &[u8; 16]) -> Self {
+        if a[..10].iter().any(|&b| b != 0) {
+            Self::Other
+        } else if a[10..12] == [0xff, 0xff] {
+            Self::V4
+        } else if a[10..].iter().all(|&b| b == 0) {
+            Self::Unset
+        } else {
+            Self::Other
+        }
+    }
 }
 
 #[cfg(test)]
@@ -74,6 +134,75 @@ mod tests {
         assert_eq!(back, ev);
         assert_eq!(comm(&back.comm), "curl");
         assert_eq!(Family::from_raw(back.family), Some(Family::Ipv6));
+    }
+
+    fn mapped(a: [u8; 4]) -> [u8; 16] {
+        std::net::Ipv4Addr::from(a).to_ipv6_mapped().octets()
+    }
+
+    fn v4(a: [u8; 4]) -> [u8; 16] {
+        let mut out = [0u8; 16];
+        out[..4].copy_from_slice(&a);
+        out
+    }
+
+    /// Decodes an AF_INET6 event with these addresses.
+    fn decoded6(saddr: [u8; 16], daddr: [u8; 16]) -> Event {
+        let mut ev = Event::zeroed();
+        (ev.family, ev.saddr, ev.daddr) = (AF_INET6, saddr, daddr);
+        decode(&bytes_of(&ev)).unwrap()
+    }
+
+    #[test]
+    fn mapped_peers_are_ipv4() {
+        // A `[::]` listener's child talking to an IPv4 client.
+        let ev = decoded6(mapped([127, 0, 0, 1]), mapped([10, 1, 2, 3]));
+        assert_eq!((ev.family, ev.saddr, ev.daddr), (AF_INET, v4([127, 0, 0, 1]), v4([10, 1, 2, 3])));
+        assert_eq!(tcptrace_common::ip_addr(ev.family, &ev.daddr).to_string(), "10.1.2.3");
+    }
+
+    #[test]
+    fn a_connect_to_a_mapped_address_is_ipv4_from_its_start() {
+        // CLOSE->SYN_SENT of an AF_INET6 socket: no source address yet.
+        let ev = decoded6([0; 16], mapped([192, 0, 2, 7]));
+        assert_eq!((ev.family, ev.saddr, ev.daddr), (AF_INET, [0; 16], v4([192, 0, 2, 7])));
+    }
+
+    #[test]
+    fn a_mapped_local_address_without_a_peer_is_ipv4() {
+        // A listener bound to ::ffff:127.0.0.1 accepts only IPv4.
+        let ev = decoded6(mapped([127, 0, 0, 1]), [0; 16]);
+        assert_eq!((ev.family, ev.saddr, ev.daddr), (AF_INET, v4([127, 0, 0, 1]), [0; 16]));
+    }
+
+    #[test]
+    fn real_ipv6_stays_ipv6() {
+        let lo = std::net::Ipv6Addr::LOCALHOST.octets();
+        let doc: [u8; 16] = "2001:db8::1".parse::<std::net::Ipv6Addr>().unwrap().octets();
+        for (s, d) in [
+            (lo, lo),
+            ([0; 16], lo),               // connect() to ::1
+            ([0; 16], [0; 16]),          // a `[::]` listener: no family to conclude
+            (doc, mapped([1, 2, 3, 4])), // not something the kernel makes; left alone
+            (mapped([1, 2, 3, 4]), doc),
+        ] {
+            let ev = decoded6(s, d);
+            assert_eq!((ev.family, ev.saddr, ev.daddr), (AF_INET6, s, d));
+        }
+        // ::1 and ::ffff:0:0/96 lookalikes: only the exact mapped prefix counts.
+        let mut almost = mapped([1, 2, 3, 4]);
+        almost[9] = 1;
+        assert_eq!(decoded6(almost, almost).family, AF_INET6);
+    }
+
+    #[test]
+    fn ipv4_addresses_are_canonical() {
+        let mut ev = Event::zeroed();
+        ev.family = AF_INET;
+        ev.saddr = [10, 0, 0, 1, 0xaa, 0xbb, 0, 0, 0, 0, 0, 0, 0, 0, 0, 9];
+        ev.daddr = [10, 0, 0, 2, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1];
+        let back = decode(&bytes_of(&ev)).unwrap();
+        assert_eq!((back.saddr, back.daddr), (v4([10, 0, 0, 1]), v4([10, 0, 0, 2])));
     }
 
     #[test]

@@ -263,6 +263,34 @@ mod tests {
         assert!(f(Filter { pid: Some(99), ports: vec![40000], ..Filter::default() }));
     }
 
+    /// What `run` does with a record: decode it (which makes v4-mapped addresses IPv4).
+    fn decoded(e: &Event) -> Event {
+        // SAFETY: `Event` has no padding, so all its bytes are initialised.
+        let bytes = unsafe { std::slice::from_raw_parts((e as *const Event).cast::<u8>(), size_of::<Event>()) };
+        events::decode(bytes).unwrap()
+    }
+
+    #[test]
+    fn ipv4_peers_of_dual_stack_sockets_are_ipv4_to_the_filters() {
+        // A `[::]` listener's child talking to 127.0.0.1, as the kernel reports it.
+        let mut child = ev(7, 1_000, TcpState::SynRecv, TcpState::Established, 40000);
+        child.family = tcptrace_common::AF_INET6;
+        child.saddr = std::net::Ipv4Addr::LOCALHOST.to_ipv6_mapped().octets();
+        child.daddr = child.saddr;
+        child.sport = 8080;
+        let filter =
+            Filter { nets: vec!["127.0.0.0/8".parse().unwrap()], family: Some(Family::Ipv4), ..Filter::default() };
+        let mut view = View::new(false, filter, LogFormat::Json, Vec::new());
+        view.event(&decoded(&child));
+        let got = lines(view);
+        assert_eq!(got.len(), 1, "matched by --addr 127.0.0.0/8 --family ipv4");
+        assert_eq!((got[0]["family"].as_str(), got[0]["local"].as_str()), (Some("ipv4"), Some("127.0.0.1:8080")));
+        let v6_only = Filter { family: Some(Family::Ipv6), ..Filter::default() };
+        let mut view = View::new(false, v6_only, LogFormat::Json, Vec::new());
+        view.event(&decoded(&child));
+        assert!(lines(view).is_empty());
+    }
+
     #[test]
     fn a_closed_pipe_is_reported_by_flush() {
         let mut view = View::new(false, Filter::default(), LogFormat::Text, crate::report::tests::ClosedPipe);

@@ -8,7 +8,7 @@
 
 pub(crate) mod expiring;
 
-use std::hash::BuildHasher as _;
+use std::{collections::HashMap, hash::BuildHasher as _};
 
 use tcptrace_common::{ip_addr, Event, EventKind, TcpState};
 
@@ -22,6 +22,9 @@ use crate::events::Family;
 pub const TIME_WAIT_NS: u64 = 61 * NS_PER_SEC;
 const NS_PER_SEC: u64 = 1_000_000_000;
 /// How long a reset waits for the socket's CLOSE transition that follows it at once.
+/// Only a CLOSE of the same socket (address and 4-tuple) consumes it: a reset of an
+/// ESTABLISHED socket, whose CLOSE is not streamed, must not touch the next socket
+/// the kernel puts at that address.
 const RESET_MEMORY_NS: u64 = NS_PER_SEC;
 /// The first SYN-ACK's retransmission timeout (TCP_TIMEOUT_INIT): a passive handshake
 /// whose SYN-ACK was retransmitted started this long before the first retransmission.
@@ -189,23 +192,36 @@ pub fn syn_sent_lifetime_ns(syn_retries: u32) -> u64 {
     (secs + 1) * NS_PER_SEC
 }
 
-/// A socket's 4-tuple, oriented as that socket sees it (local first).
+/// A connection's identity on the host: its 4-tuple, oriented as the socket sees it
+/// (local first), in its network namespace. The same 4-tuple in two namespaces
+/// (sidecars on 127.0.0.1) is two connections.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Tuple {
     pub family: u16,
     pub sport: u16,
     pub dport: u16,
+    /// Inode of the network namespace (`stat -L /proc/PID/ns/net`); 0 when unknown.
+    pub netns: u32,
     pub saddr: [u8; 16],
     pub daddr: [u8; 16],
 }
 
 impl Tuple {
+    /// The event's tuple; its addresses are canonical when the event came from
+    /// [`crate::events::decode`].
     pub fn of(ev: &Event) -> Self {
-        Self { family: ev.family, sport: ev.sport, dport: ev.dport, saddr: ev.saddr, daddr: ev.daddr }
+        Self { family: ev.family, sport: ev.sport, dport: ev.dport, netns: ev.netns, saddr: ev.saddr, daddr: ev.daddr }
     }
 
     fn is_complete(&self) -> bool {
         self.sport != 0 && self.dport != 0
+    }
+
+    /// Whether `self`, seen at a connect()'s start, can be the same socket as `end`:
+    /// what is fixed by then (namespace, family, peer) agrees. The local port is
+    /// still 0 at the start and the source address may be unset.
+    fn same_peer(&self, end: &Self) -> bool {
+        self.netns == end.netns && self.family == end.family && self.dport == end.dport && self.daddr == end.daddr
     }
 
     pub fn local(&self) -> std::net::SocketAddr {
@@ -222,6 +238,15 @@ struct Pending {
     since_ns: u64,
     retransmits: u32,
     origin: Origin,
+    /// The tuple at CLOSE->SYN_SENT, to check the end belongs to the same socket.
+    start: Tuple,
+}
+
+/// A modelled time-wait socket.
+#[derive(Clone, Copy, Debug)]
+struct TimeWait {
+    family: Family,
+    netns: u32,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -239,16 +264,20 @@ pub struct Tracker {
     /// SYN-ACK retransmissions by the 4-tuple of the connection they belong to: the
     /// request socket is not the child that later becomes ESTABLISHED.
     synack: ExpiringMap<Tuple, SynAck>,
-    /// Modelled time-wait sockets by a 64-bit fingerprint of their 4-tuple (the
-    /// socket that made them is gone). A fingerprint rather than the 40-byte tuple
+    /// Modelled time-wait sockets by a 64-bit fingerprint of their [`Tuple`] (the
+    /// socket that made them is gone). A fingerprint rather than the 44-byte tuple
     /// keeps an entry small at a cap of hundreds of thousands; two live tuples
     /// sharing one (about n^2 / 2^65: 2e-9 at 262,144 entries) would merge.
-    time_wait: ExpiringMap<u64, Family>,
+    time_wait: ExpiringMap<u64, TimeWait>,
     /// Keyed per process, so fingerprints cannot be predicted from outside.
     fingerprint: foldhash::quality::RandomState,
     time_wait_count: [usize; 2],
-    /// Sockets that just received a reset, by address, with the time it arrived.
-    reset: ExpiringMap<u64, ()>,
+    /// Time-wait sockets per network namespace, when asked for
+    /// ([`Tracker::with_netns_counts`]); a namespace leaves at 0, so this holds at
+    /// most as many entries as `time_wait`.
+    netns_time_wait: Option<NetnsCounts>,
+    /// Sockets that just received a reset, by address and tuple.
+    reset: ExpiringMap<(u64, Tuple), ()>,
 }
 
 impl Tracker {
@@ -259,9 +288,24 @@ impl Tracker {
             time_wait: ExpiringMap::new(limits.max_time_wait),
             fingerprint: foldhash::quality::RandomState::default(),
             time_wait_count: [0; 2],
+            netns_time_wait: None,
             reset: ExpiringMap::new(limits.max_pending),
             handshake_timeout_ns: limits.handshake_timeout_ns,
         }
+    }
+
+    /// Also counts time-wait sockets per network namespace, for
+    /// [`Tracker::netns_time_wait_sockets`]: a hash map update per entry and expiry
+    /// that only the per-namespace breakdown needs.
+    pub fn with_netns_counts(mut self) -> Self {
+        self.netns_time_wait = Some(HashMap::default());
+        self
+    }
+
+    /// Modelled time-wait sockets per network namespace inode (none unless
+    /// [`Tracker::with_netns_counts`]); only namespaces that have some.
+    pub fn netns_time_wait_sockets(&self) -> impl Iterator<Item = (u32, usize)> + '_ {
+        self.netns_time_wait.iter().flatten().map(|(&netns, &n)| (netns, n))
     }
 
     /// Sockets with a handshake in progress.
@@ -290,12 +334,14 @@ impl Tracker {
         match ev.event_kind() {
             Some(EventKind::StateChange) => self.state_change(ev, sink),
             Some(EventKind::ResetReceived) => {
-                if let (_, Some(())) = self.reset.insert(ev.skaddr, (), ev.ts_ns + RESET_MEMORY_NS) {
+                let key = (ev.skaddr, Tuple::of(ev));
+                if let (_, Some(())) = self.reset.insert(key, (), ev.ts_ns + RESET_MEMORY_NS) {
                     sink.evicted(1);
                 }
             }
             Some(EventKind::SynRetransmit) => {
-                if let Some(p) = self.pending.get_mut(&ev.skaddr) {
+                let tuple = Tuple::of(ev);
+                if let Some(p) = self.pending.get_mut(&ev.skaddr).filter(|p| p.start.same_peer(&tuple)) {
                     p.retransmits += 1;
                 }
                 if let Some(family) = Family::from_raw(ev.family) {
@@ -339,10 +385,10 @@ impl Tracker {
         }
 
         let reset_received =
-            new == TcpState::Close && !self.reset.is_empty() && self.reset.remove(&ev.skaddr).is_some();
+            new == TcpState::Close && !self.reset.is_empty() && self.reset.remove(&(ev.skaddr, tuple)).is_some();
         match (old, new) {
             (TcpState::Close, TcpState::SynSent) => {
-                let p = Pending { since_ns: ev.ts_ns, retransmits: 0, origin: Origin::of(ev) };
+                let p = Pending { since_ns: ev.ts_ns, retransmits: 0, origin: Origin::of(ev), start: tuple };
                 // The same address again means the earlier socket's end was never seen.
                 match self.pending.insert(ev.skaddr, p, ev.ts_ns + self.handshake_timeout_ns) {
                     (None, None) => {}
@@ -350,7 +396,16 @@ impl Tracker {
                 }
             }
             (TcpState::SynSent, _) => {
-                let started = self.pending.remove(&ev.skaddr);
+                let started = match self.pending.remove(&ev.skaddr) {
+                    Some(p) if p.start.same_peer(&tuple) => Some(p),
+                    // Another socket's start at this address, whose end was missed:
+                    // pairing them would time the wrong connection.
+                    Some(_) => {
+                        sink.evicted(1);
+                        None
+                    }
+                    None => None,
+                };
                 let origin = started.map(|p| p.origin);
                 let retransmits = started.map_or(0, |p| p.retransmits);
                 let elapsed_ns = started.map(|p| ev.ts_ns.saturating_sub(p.since_ns));
@@ -426,8 +481,8 @@ impl Tracker {
     /// Expires what is due at `now_ns` (CLOSE_MONOTONIC ns): time-wait sockets whose
     /// timer fired, handshakes and SYN-ACK records whose outcome can no longer come.
     pub fn advance(&mut self, now_ns: u64, sink: &mut impl Sink) {
-        let counts = &mut self.time_wait_count;
-        self.time_wait.expire(now_ns, |_, family| counts[family as usize] -= 1);
+        let (counts, per_netns) = (&mut self.time_wait_count, &mut self.netns_time_wait);
+        self.time_wait.expire(now_ns, |_, gone| forget_time_wait(counts, per_netns, gone));
         let mut expired = 0;
         self.pending.expire(now_ns, |_, _| expired += 1);
         self.synack.expire(now_ns, |_, _| {});
@@ -439,19 +494,38 @@ impl Tracker {
 
     fn insert_time_wait(&mut self, tuple: Tuple, family: Family, expires_ns: u64, sink: &mut impl Sink) {
         let key = self.fingerprint.hash_one(tuple);
-        let (replaced, evicted) = self.time_wait.insert(key, family, expires_ns);
+        let (replaced, evicted) = self.time_wait.insert(key, TimeWait { family, netns: tuple.netns }, expires_ns);
         for gone in replaced.into_iter().chain(evicted) {
-            self.time_wait_count[gone as usize] -= 1;
+            forget_time_wait(&mut self.time_wait_count, &mut self.netns_time_wait, gone);
         }
         if evicted.is_some() {
             sink.evicted(1);
         }
         self.time_wait_count[family as usize] += 1;
+        if let Some(per_netns) = &mut self.netns_time_wait {
+            *per_netns.entry(tuple.netns).or_default() += 1;
+        }
     }
 
     fn remove_time_wait(&mut self, tuple: &Tuple) {
-        if let Some(family) = self.time_wait.remove(&self.fingerprint.hash_one(tuple)) {
-            self.time_wait_count[family as usize] -= 1;
+        if let Some(gone) = self.time_wait.remove(&self.fingerprint.hash_one(tuple)) {
+            forget_time_wait(&mut self.time_wait_count, &mut self.netns_time_wait, gone);
+        }
+    }
+}
+
+/// Time-wait sockets by network namespace inode.
+type NetnsCounts = HashMap<u32, usize, foldhash::fast::RandomState>;
+
+/// Takes a time-wait socket that ended out of the counts.
+fn forget_time_wait(counts: &mut [usize; 2], per_netns: &mut Option<NetnsCounts>, gone: TimeWait) {
+    counts[gone.family as usize] -= 1;
+    if let Some(per_netns) = per_netns {
+        if let std::collections::hash_map::Entry::Occupied(mut e) = per_netns.entry(gone.netns) {
+            *e.get_mut() -= 1;
+            if *e.get() == 0 {
+                e.remove();
+            }
         }
     }
 }

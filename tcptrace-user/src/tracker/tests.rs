@@ -49,6 +49,7 @@ const S: u64 = 1_000 * MS;
 struct Sock {
     skaddr: u64,
     family: u16,
+    netns: u32,
     local: ([u8; 16], u16),
     remote: ([u8; 16], u16),
 }
@@ -60,12 +61,21 @@ fn v4(a: [u8; 4]) -> [u8; 16] {
 }
 
 fn client(skaddr: u64, sport: u16) -> Sock {
-    Sock { skaddr, family: AF_INET, local: (v4([10, 0, 0, 1]), sport), remote: (v4([10, 0, 0, 2]), 80) }
+    Sock { skaddr, family: AF_INET, netns: HOST, local: (v4([10, 0, 0, 1]), sport), remote: (v4([10, 0, 0, 2]), 80) }
 }
 
 fn server_child(skaddr: u64, peer_port: u16) -> Sock {
-    Sock { skaddr, family: AF_INET, local: (v4([10, 0, 0, 2]), 80), remote: (v4([10, 0, 0, 1]), peer_port) }
+    Sock {
+        skaddr,
+        family: AF_INET,
+        netns: HOST,
+        local: (v4([10, 0, 0, 2]), 80),
+        remote: (v4([10, 0, 0, 1]), peer_port),
+    }
 }
+
+/// The namespace inode the test sockets live in unless they say otherwise.
+const HOST: u32 = 4026531840;
 
 fn ev(sock: Sock, ts_ns: u64, old: TcpState, new: TcpState) -> Event {
     let mut e = Event::zeroed();
@@ -73,6 +83,7 @@ fn ev(sock: Sock, ts_ns: u64, old: TcpState, new: TcpState) -> Event {
     e.ts_ns = ts_ns;
     e.skaddr = sock.skaddr;
     e.family = sock.family;
+    e.netns = sock.netns;
     (e.saddr, e.sport) = sock.local;
     (e.daddr, e.dport) = sock.remote;
     e.old_state = old as u8;
@@ -505,4 +516,168 @@ fn reset_seen_through_sk_err_creates_no_time_wait() {
     t.handle(&ev(sock, S, FinWait1, FinWait2), &mut seen);
     t.handle(&with_err(ev(sock, S + 3, FinWait2, Close), 104), &mut seen);
     assert_eq!(t.time_wait_sockets(Family::Ipv4), 0);
+}
+
+/// An event as the daemon sees it: through the decoder, which makes v4-mapped
+/// addresses IPv4.
+fn decoded(e: Event) -> Event {
+    // SAFETY: `Event` has no padding, so all its bytes are initialised.
+    let bytes = unsafe { std::slice::from_raw_parts((&e as *const Event).cast::<u8>(), size_of::<Event>()) };
+    crate::events::decode(bytes).unwrap()
+}
+
+fn in_netns(mut sock: Sock, netns: u32) -> Sock {
+    sock.netns = netns;
+    sock
+}
+
+#[test]
+fn a_reset_of_an_established_socket_does_not_poison_the_next_socket_at_its_address() {
+    let (mut t, mut seen) = tracker();
+    let old = client(1, 40000);
+    active_open(&mut t, &mut seen, old, S, 10);
+    // A reset kills it while ESTABLISHED; its ESTABLISHED->CLOSE is not streamed.
+    t.handle(&reset(old, 2 * S), &mut seen);
+    // The kernel puts the next socket at the same address at once.
+    let next = client(1, 40001);
+    active_open(&mut t, &mut seen, next, 2 * S + 10, 10);
+    active_close(&mut t, &mut seen, next, 2 * S + 100);
+    assert_eq!(t.time_wait_sockets(Family::Ipv4), 1, "its TIME_WAIT entry is not taken for the reset's");
+    assert_eq!(seen.time_wait_entered, vec![Family::Ipv4]);
+    // And a SYN timeout of yet another socket there is a timeout, not `refused`.
+    let third = client(1, 40002);
+    t.handle(&ev(client(1, 0), 2 * S + 200, Close, SynSent), &mut seen);
+    t.handle(&with_err(ev(third, 2 * S + 300, SynSent, Close), 110), &mut seen);
+    assert_eq!(seen.reasons, vec![FailureReason::Timeout]);
+}
+
+#[test]
+fn a_reset_matches_only_its_own_tuple() {
+    let (mut t, mut seen) = tracker();
+    let sock = client(1, 40000);
+    t.handle(&ev(client(1, 0), S, Close, SynSent), &mut seen);
+    // A reset for the same address but another connection (or namespace) is not its.
+    t.handle(&reset(client(1, 40009), S + 5), &mut seen);
+    t.handle(&reset(in_netns(sock, 77), S + 6), &mut seen);
+    t.handle(&with_err(ev(sock, S + 10, SynSent, Close), 110), &mut seen);
+    assert_eq!(seen.reasons, vec![FailureReason::Timeout]);
+    // Its own is.
+    t.handle(&ev(client(1, 0), 2 * S, Close, SynSent), &mut seen);
+    t.handle(&reset(sock, 2 * S + 5), &mut seen);
+    t.handle(&ev(sock, 2 * S + 10, SynSent, Close), &mut seen);
+    assert_eq!(seen.reasons, vec![FailureReason::Timeout, FailureReason::Refused]);
+}
+
+#[test]
+fn a_start_never_pairs_with_another_sockets_end() {
+    let (mut t, mut seen) = tracker();
+    // A connect to 10.0.0.2:80 whose end was missed...
+    t.handle(&ev(client(1, 0), S, Close, SynSent), &mut seen);
+    // ...then another socket at that address whose start was missed ends: other
+    // peer, other port, other namespace.
+    let mut elsewhere = client(1, 40000);
+    elsewhere.remote = (v4([10, 0, 0, 3]), 80);
+    t.handle(&ev(elsewhere, 2 * S, SynSent, Established), &mut seen);
+    assert!(seen.handshakes.is_empty(), "no latency from another socket's start");
+    assert_eq!((seen.evicted, t.tracked_sockets()), (1, 0), "the stale start is evicted");
+
+    t.handle(&ev(client(1, 0), 3 * S, Close, SynSent), &mut seen);
+    let mut other_port = client(1, 40000);
+    other_port.remote.1 = 443;
+    t.handle(&with_err(ev(other_port, 4 * S, SynSent, Close), 110), &mut seen);
+    assert_eq!(seen.failed[0].elapsed_ns, None, "an unseen start: no elapsed time");
+    assert_eq!(seen.evicted, 2);
+
+    t.handle(&ev(client(1, 0), 5 * S, Close, SynSent), &mut seen);
+    t.handle(&ev(in_netns(client(1, 40000), 77), 6 * S, SynSent, Established), &mut seen);
+    assert!(seen.handshakes.is_empty());
+    assert_eq!(seen.evicted, 3);
+
+    // The matching end still pairs, and SYN retransmissions of another socket at
+    // the address are not attributed to the start.
+    t.handle(&ev(client(1, 0), 7 * S, Close, SynSent), &mut seen);
+    t.handle(&kind(ev(elsewhere, 8 * S, SynSent, SynSent), EventKind::SynRetransmit), &mut seen);
+    t.handle(&ev(client(1, 40000), 7 * S + 30, SynSent, Established), &mut seen);
+    assert_eq!(seen.full.len(), 1);
+    assert_eq!((seen.full[0].duration_ns, seen.full[0].retransmits), (30, 0));
+    assert_eq!(seen.syn_rtx, 1, "still counted as a retransmission");
+}
+
+#[test]
+fn two_namespaces_with_the_same_tuple_never_merge() {
+    let limits = Limits::default();
+    let mut t = Tracker::new(limits).with_netns_counts();
+    let mut seen = Seen::default();
+    let (a, b) = (in_netns(client(1, 40000), 100), in_netns(client(2, 40000), 200));
+    active_close(&mut t, &mut seen, a, S);
+    active_close(&mut t, &mut seen, b, S);
+    assert_eq!(t.time_wait_sockets(Family::Ipv4), 2);
+    let mut per_netns: Vec<_> = t.netns_time_wait_sockets().collect();
+    per_netns.sort();
+    assert_eq!(per_netns, vec![(100, 1), (200, 1)]);
+    // The 4-tuple is reused in namespace 100 only.
+    active_open(&mut t, &mut seen, in_netns(client(3, 40000), 100), 2 * S, 10);
+    assert_eq!(t.time_wait_sockets(Family::Ipv4), 1);
+    assert_eq!(t.netns_time_wait_sockets().collect::<Vec<_>>(), vec![(200, 1)], "an emptied namespace leaves");
+    // Seeds are per namespace too.
+    let seed = Tuple::of(&ev(in_netns(client(0, 40000), 300), 0, Close, Close));
+    t.seed_time_wait(vec![(seed, 10 * S)], &mut seen);
+    assert_eq!(t.time_wait_sockets(Family::Ipv4), 2);
+    t.advance(200 * S, &mut seen);
+    assert_eq!(t.time_wait_sockets(Family::Ipv4), 0);
+    assert_eq!(t.netns_time_wait_sockets().count(), 0);
+}
+
+#[test]
+fn netns_counts_are_off_unless_asked_for() {
+    let (mut t, mut seen) = tracker();
+    active_close(&mut t, &mut seen, client(1, 40000), S);
+    assert_eq!(t.netns_time_wait_sockets().count(), 0);
+}
+
+#[test]
+fn dual_stack_synack_retransmission_matches_its_mapped_child() {
+    let (mut t, mut seen) = tracker();
+    let mapped = |a: [u8; 4]| std::net::Ipv4Addr::from(a).to_ipv6_mapped().octets();
+    // The request socket of an IPv4 SYN to a `[::]` listener is AF_INET...
+    let request = server_child(77, 40000);
+    t.handle(&decoded(kind(ev(request, 10 * S, Listen, Listen), EventKind::SynAckRetransmit)), &mut seen);
+    // ...its child an AF_INET6 socket with v4-mapped addresses.
+    let child = Sock {
+        skaddr: 2,
+        family: AF_INET6,
+        netns: HOST,
+        local: (mapped([10, 0, 0, 2]), 80),
+        remote: (mapped([10, 0, 0, 1]), 40000),
+    };
+    let mut est = ev(child, 10 * S + 200_000, SynRecv, Established);
+    est.srtt_us = 8 * 40;
+    t.handle(&decoded(est), &mut seen);
+    assert_eq!(seen.handshakes, vec![(Direction::Passive, Family::Ipv4, S + 200_000)]);
+    assert_eq!(seen.full[0].retransmits, 1);
+    assert!(t.synack.is_empty());
+    // Its TIME_WAIT is IPv4 too, and a mapped reuse of the 4-tuple ends it.
+    active_close(&mut t, &mut seen, Sock { skaddr: 3, ..request }, 11 * S);
+    t.handle(&decoded(ev(Sock { skaddr: 4, ..child }, 12 * S, SynRecv, Established)), &mut seen);
+    assert_eq!(seen.time_wait_entered, vec![Family::Ipv4]);
+    assert_eq!(t.time_wait_sockets(Family::Ipv4), 0);
+}
+
+#[test]
+fn a_connect_to_a_mapped_address_pairs_across_the_unset_source() {
+    let (mut t, mut seen) = tracker();
+    let mapped = std::net::Ipv4Addr::new(10, 0, 0, 2).to_ipv6_mapped().octets();
+    let sock = Sock {
+        skaddr: 5,
+        family: AF_INET6,
+        netns: HOST,
+        local: (std::net::Ipv4Addr::new(10, 0, 0, 1).to_ipv6_mapped().octets(), 40000),
+        remote: (mapped, 80),
+    };
+    // CLOSE->SYN_SENT: source address unset (::), no port yet.
+    let start = Sock { local: ([0; 16], 0), ..sock };
+    t.handle(&decoded(ev(start, S, Close, SynSent)), &mut seen);
+    t.handle(&decoded(ev(sock, S + 25, SynSent, Established)), &mut seen);
+    assert_eq!(seen.handshakes, vec![(Direction::Active, Family::Ipv4, 25)]);
+    assert_eq!(seen.full[0].tuple.remote().to_string(), "10.0.0.2:80");
 }

@@ -24,7 +24,7 @@ use crate::{
     procnet,
     report::SlowLog,
     server, shutdown,
-    tracker::{syn_sent_lifetime_ns, Limits, Tracker},
+    tracker::{syn_sent_lifetime_ns, Limits, Sink as _, Tracker},
 };
 
 /// How often the ring buffer is drained when the kernel has not woken the reader:
@@ -33,19 +33,57 @@ use crate::{
 const DRAIN_EVERY: Duration = Duration::from_millis(50);
 /// How often expiry runs when nobody scrapes, which keeps memory bounded.
 const REFRESH_EVERY: Duration = Duration::from_secs(1);
+/// Most record bytes held back while seeding (about 320,000 events); beyond it the
+/// ring buffer fills and the kernel counts what it drops, as without holding.
+const HOLD_MAX_BYTES: usize = 32 << 20;
 
 /// Everything the reader and the scrapes share, behind one lock.
 struct State {
     pipeline: Pipeline,
     ring: RingBuf<MapData>,
     counters: KernelCounters,
+    /// Records drained while the TIME_WAIT model is seeded, applied after the seeds.
+    held: Option<Held>,
+}
+
+/// Records in arrival order. Seeding reads every namespace's tables, which takes
+/// longer the more namespaces and sockets the host has; the ring buffer must not
+/// fill meanwhile, and events must still apply after the seeds (a time-wait socket
+/// killed by 4-tuple reuse after its table was read must end up removed).
+#[derive(Default)]
+struct Held {
+    bytes: Vec<u8>,
+    lens: Vec<usize>,
 }
 
 impl State {
-    /// Hands every waiting record to the pipeline.
+    /// Hands every waiting record to the pipeline (or holds it while seeding).
     fn drain(&mut self) {
-        while let Some(item) = self.ring.next() {
-            self.pipeline.record(&item);
+        match &mut self.held {
+            None => {
+                while let Some(item) = self.ring.next() {
+                    self.pipeline.record(&item);
+                }
+            }
+            Some(held) => {
+                while held.bytes.len() < HOLD_MAX_BYTES {
+                    let Some(item) = self.ring.next() else { break };
+                    held.bytes.extend_from_slice(&item);
+                    held.lens.push(item.len());
+                }
+            }
+        }
+    }
+
+    /// Applies the held records, in order, and stops holding.
+    fn release(&mut self) {
+        self.drain();
+        if let Some(held) = self.held.take() {
+            let mut at = 0;
+            for len in held.lens {
+                self.pipeline.record(&held.bytes[at..at + len]);
+                at += len;
+            }
         }
     }
 
@@ -101,6 +139,7 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
             None => syn_sent_lifetime_ns(syn_retries()),
         },
     };
+    let max_time_wait = limits.max_time_wait;
     let mut pipeline = Pipeline::new(
         Tracker::new(limits),
         Metrics::new(MetricsConfig {
@@ -109,32 +148,18 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
             comms: usize::from(args.comm_labels),
         })?,
     );
-    match procnet::time_wait_sockets(monotonic_ns()) {
-        Ok(seeds) => {
-            info!("{} TIME_WAIT sockets already in this network namespace", seeds.len());
-            let (tracker, metrics) = pipeline.parts();
-            tracker.seed_time_wait(seeds, metrics);
-        }
-        Err(err) => {
-            warn!("cannot read existing TIME_WAIT sockets ({err}); the gauge starts from zero")
-        }
-    }
-    // Start-up parsed megabytes (kernel BTF, /proc/net/tcp): hand the freed heap
-    // back to the system rather than keep it resident for the daemon's whole life.
-    #[cfg(target_env = "gnu")]
-    // SAFETY: malloc_trim only releases free heap pages.
-    unsafe {
-        libc::malloc_trim(0);
-    }
     if let Some(threshold) = args.slow_handshake {
         let out = std::io::LineWriter::new(std::io::stdout());
         pipeline = pipeline.with_slow_log(SlowLog::new(threshold, args.log_format, out));
     }
     let registry = pipeline.metrics().registry().clone();
-    let shared: Shared = Arc::new(Mutex::new(State { pipeline, ring, counters }));
+    let held = Some(Held::default());
+    let shared: Shared = Arc::new(Mutex::new(State { pipeline, ring, counters, held }));
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut reader = tokio::spawn(read_events(ring_fd, shared.clone(), stop_rx.clone()));
+    // Events carry their namespace when BTF gave its offsets; seeds must match them.
+    seed_time_wait(&shared, probe.btf, max_time_wait).await;
     let render: server::Render = Arc::new(move || {
         lock(&shared).refresh();
         metrics::render(&registry)
@@ -169,6 +194,42 @@ fn join_msg<T: std::fmt::Debug>(r: std::result::Result<T, tokio::task::JoinError
     match r {
         Ok(v) => format!("{v:?}"),
         Err(e) => e.to_string(),
+    }
+}
+
+/// Seeds the TIME_WAIT model with the time-wait sockets of every network namespace,
+/// read while the reader keeps draining (into [`Held`]), then applies what it held.
+async fn seed_time_wait(shared: &Shared, tag_netns: bool, cap: usize) {
+    let read = tokio::task::spawn_blocking(move || procnet::time_wait_sockets(monotonic_ns(), tag_netns, cap)).await;
+    let mut state = lock(shared);
+    state.drain();
+    match read.map_err(std::io::Error::other).and_then(|r| r) {
+        Ok(seeds) => {
+            info!(
+                "{} TIME_WAIT sockets already in {} network namespaces{}",
+                seeds.sockets.len(),
+                seeds.namespaces,
+                match seeds.unreadable {
+                    0 => String::new(),
+                    n => format!(" ({n} more could not be read; RUST_LOG=debug says why)"),
+                }
+            );
+            let (tracker, metrics) = state.pipeline.parts();
+            if seeds.dropped > 0 {
+                metrics.evicted(seeds.dropped as u64);
+            }
+            tracker.seed_time_wait(seeds.sockets, metrics);
+        }
+        Err(err) => warn!("cannot read existing TIME_WAIT sockets ({err}); the gauge starts from zero"),
+    }
+    state.release();
+    drop(state);
+    // Start-up parsed megabytes (kernel BTF, /proc/net/tcp): hand the freed heap
+    // back to the system rather than keep it resident for the daemon's whole life.
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only releases free heap pages.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 

@@ -144,7 +144,8 @@ fn main() {
     println!("/metrics render, default:        median {med:.3} ms, p99 {p99:.3} ms, {bytes} bytes");
 
     // The largest the flags allow: 100 port labels, 50 command labels, every reason.
-    let mut p = pipeline(MetricsConfig { process: true, ports: PortLabels::Top(100), comms: 50 });
+    let mut p =
+        pipeline(MetricsConfig { process: true, ports: PortLabels::Top(100), comms: 50, ..MetricsConfig::default() });
     for round in 0..6u64 {
         let mut max_records = Vec::new();
         for i in 0..200u64 {

@@ -148,6 +148,16 @@ pub struct DaemonArgs {
     #[arg(long, default_value_t = 0, value_name = "N", value_parser = clap::value_parser!(u16).range(0..=50))]
     pub comm_labels: u16,
 
+    /// Add tcptrace_netns_time_wait_sockets{netns,cgroup}: time-wait sockets in each
+    /// of the N network namespaces with the most, the rest netns="other" (each
+    /// namespace has its own ephemeral ports to exhaust). netns is "host" for
+    /// tcptrace's own namespace, else its inode; cgroup is the cgroup v2 path of a
+    /// process in it (a container's), up to 128 bytes. 0 (the default) leaves the
+    /// metric out. Worst case: N+1 series; N is at most 50.
+    #[arg(long, default_value_t = 0, value_name = "N",
+          value_parser = clap::value_parser!(u16).range(0..=crate::metrics::MAX_NETNS_LABELS as i64))]
+    pub netns_labels: u16,
+
     /// Write one record to stdout for every handshake slower than this (e.g. 200ms,
     /// 1s) and for every failed handshake: time, direction, 4-tuple, pid and comm of
     /// the connect() caller, duration, retransmissions, failure reason.
@@ -268,6 +278,14 @@ mod tests {
         assert_eq!(daemon(&[]).unwrap().port_labels, PortLabels::Off);
         let err = daemon(&["--port-labels", "top:0"]).unwrap_err().to_string();
         assert!(err.contains("top:N"), "{err}");
+    }
+
+    #[test]
+    fn netns_labels_are_bounded() {
+        assert_eq!(daemon(&[]).unwrap().netns_labels, 0, "off by default");
+        assert_eq!(daemon(&["--netns-labels", "50"]).unwrap().netns_labels, 50);
+        let err = daemon(&["--netns-labels", "51"]).unwrap_err().to_string();
+        assert!(err.contains("51") && err.contains("0..=50"), "{err}");
     }
 
     #[test]

@@ -33,6 +33,11 @@ use crate::{
 const DRAIN_EVERY: Duration = Duration::from_millis(50);
 /// How often expiry runs when nobody scrapes, which keeps memory bounded.
 const REFRESH_EVERY: Duration = Duration::from_secs(1);
+/// How often `--netns-labels` looks for the cgroups of namespaces new among the
+/// busiest (a walk of /proc), and every how many looks it renames them all:
+/// namespace inodes are reused once a namespace is gone.
+const NAME_NETNS_EVERY: Duration = Duration::from_secs(2);
+const RENAME_NETNS_EVERY: u32 = 15;
 /// Most record bytes held back while seeding (about 320,000 events); beyond it the
 /// ring buffer fills and the kernel counts what it drops, as without holding.
 const HOLD_MAX_BYTES: usize = 32 << 20;
@@ -140,12 +145,16 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
         },
     };
     let max_time_wait = limits.max_time_wait;
+    let netns_labels = usize::from(args.netns_labels);
+    let tracker = Tracker::new(limits);
     let mut pipeline = Pipeline::new(
-        Tracker::new(limits),
+        if netns_labels > 0 { tracker.with_netns_counts() } else { tracker },
         Metrics::new(MetricsConfig {
             process: !args.no_process_metrics,
             ports: args.port_labels.clone(),
             comms: usize::from(args.comm_labels),
+            netns: netns_labels,
+            host_netns: procnet::own_netns(),
         })?,
     );
     if let Some(threshold) = args.slow_handshake {
@@ -160,6 +169,9 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
     let mut reader = tokio::spawn(read_events(ring_fd, shared.clone(), stop_rx.clone()));
     // Events carry their namespace when BTF gave its offsets; seeds must match them.
     seed_time_wait(&shared, probe.btf, max_time_wait).await;
+    if netns_labels > 0 {
+        tokio::spawn(name_namespaces(shared.clone(), stop_rx.clone()));
+    }
     let render: server::Render = Arc::new(move || {
         lock(&shared).refresh();
         metrics::render(&registry)
@@ -230,6 +242,26 @@ async fn seed_time_wait(shared: &Shared, tag_netns: bool, cap: usize) {
     // SAFETY: malloc_trim only releases free heap pages.
     unsafe {
         libc::malloc_trim(0);
+    }
+}
+
+/// Gives the busiest namespaces of `--netns-labels` their cgroup label, walking
+/// /proc on a blocking thread so neither draining nor scrapes wait for it.
+async fn name_namespaces(shared: Shared, mut stop: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(NAME_NETNS_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    for round in 1u32.. {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown::stopped(&mut stop) => return,
+        }
+        let wanted = lock(&shared).pipeline.metrics().netns_to_name(round % RENAME_NETNS_EVERY == 0);
+        if wanted.is_empty() {
+            continue;
+        }
+        if let Ok(cgroups) = tokio::task::spawn_blocking(move || procnet::netns_cgroups(&wanted)).await {
+            lock(&shared).pipeline.parts().1.set_netns_cgroups(cgroups);
+        }
     }
 }
 

@@ -4,6 +4,7 @@
 //! handles are resolved once, on first use, not hashed per event.
 
 mod comms;
+mod netns;
 mod ports;
 
 use prometheus::{
@@ -12,8 +13,8 @@ use prometheus::{
 };
 use tcptrace_common::{TcpState, TransitionCounts};
 
-pub use self::ports::PortLabels;
-use self::{comms::CommLabeler, ports::PortLabeler};
+use self::{comms::CommLabeler, netns::NetnsGauge, ports::PortLabeler};
+pub use self::{netns::MAX_NETNS_LABELS, ports::PortLabels};
 use crate::{
     events::Family,
     tracker::{Direction, Failure, FailureReason, Handshake, Sink, Tracker},
@@ -37,6 +38,11 @@ pub struct MetricsConfig {
     pub ports: PortLabels,
     /// How many connecting commands get their own `comm` label (0: no process metrics).
     pub comms: usize,
+    /// How many network namespaces get their own TIME_WAIT series (0: none); the
+    /// tracker must count per namespace ([`Tracker::with_netns_counts`]).
+    pub netns: usize,
+    /// The daemon's own network namespace inode, labelled `host`.
+    pub host_netns: Option<u32>,
 }
 
 /// Lazily created label handles, indexed densely.
@@ -79,6 +85,7 @@ pub struct Metrics {
     synack_retransmits: [IntCounter; 2],
     time_wait_entries: [IntCounter; 2],
     time_wait_sockets: [IntGauge; 2],
+    netns_time_wait: Option<NetnsGauge>,
     events: IntCounter,
     events_lost: IntCounter,
     events_malformed: IntCounter,
@@ -155,6 +162,7 @@ impl Metrics {
             &["family"],
         )?;
         reg(Box::new(tw_sockets_vec.clone()))?;
+        let netns_time_wait = NetnsGauge::new(config.netns, config.host_netns, &registry)?;
 
         let counter = |name: &str, help: &str| -> prometheus::Result<IntCounter> {
             let c = IntCounter::new(name, help)?;
@@ -234,6 +242,7 @@ impl Metrics {
             synack_retransmits,
             time_wait_entries,
             time_wait_sockets: Family::ALL.map(|f| tw_sockets_vec.with_label_values(&[f.label()])),
+            netns_time_wait,
             events,
             events_lost,
             events_malformed,
@@ -283,10 +292,26 @@ impl Metrics {
         for f in Family::ALL {
             self.time_wait_sockets[f as usize].set(tracker.time_wait_sockets(f) as i64);
         }
+        if let Some(g) = &mut self.netns_time_wait {
+            g.refresh(tracker.netns_time_wait_sockets());
+        }
         self.tracked_sockets.set(tracker.tracked_sockets() as i64);
         self.ports.promote();
         if self.comms.enabled() {
             self.comms.promote();
+        }
+    }
+
+    /// Network namespaces the per-namespace breakdown needs names for (none when
+    /// it is off): the busiest ones not named yet, or with `all` every busiest one.
+    pub fn netns_to_name(&self, all: bool) -> Vec<u32> {
+        self.netns_time_wait.as_ref().map_or_else(Vec::new, |g| g.to_name(all))
+    }
+
+    /// Hands in the cgroups of namespaces asked for by [`Metrics::netns_to_name`].
+    pub fn set_netns_cgroups(&mut self, cgroups: std::collections::HashMap<u32, String>) {
+        if let Some(g) = &mut self.netns_time_wait {
+            g.set_cgroups(cgroups);
         }
     }
 

@@ -30,7 +30,7 @@ fn failure(direction: Direction, family: Family, reason: FailureReason, port: u1
 }
 
 fn metrics(ports: PortLabels) -> Metrics {
-    Metrics::new(MetricsConfig { process: false, ports, comms: 0 }).unwrap()
+    Metrics::new(MetricsConfig { process: false, ports, ..MetricsConfig::default() }).unwrap()
 }
 
 #[test]
@@ -168,4 +168,30 @@ fn gauges_follow_the_tracker() {
     let text = render(m.registry());
     assert_eq!(sample(&text, r#"tcptrace_time_wait_sockets{family="ipv4"}"#), Some(0.0));
     assert_eq!(sample(&text, "tcptrace_tracked_sockets"), Some(0.0));
+}
+
+#[test]
+fn netns_breakdown_follows_the_tracker_and_is_off_by_default() {
+    use tcptrace_common::{EventKind, TcpState};
+    let mut t = Tracker::new(Limits::default()).with_netns_counts();
+    let mut m = Metrics::new(MetricsConfig { netns: 2, host_netns: Some(7), ..MetricsConfig::default() }).unwrap();
+    // Two 4-tuples, each closing in two namespaces: 7 and 9 share one, 9 and 11 the other.
+    for (i, netns) in [7, 9, 9, 11].into_iter().enumerate() {
+        let mut e = Event::zeroed();
+        (e.kind, e.family, e.netns, e.skaddr) = (EventKind::StateChange as u8, AF_INET, netns, i as u64);
+        (e.sport, e.dport) = (40000 + i as u16 / 2, 80);
+        (e.old_state, e.new_state) = (TcpState::FinWait2 as u8, TcpState::Close as u8);
+        t.handle(&e, &mut m);
+    }
+    m.refresh(&t);
+    assert_eq!(m.netns_to_name(false), vec![9]);
+    m.set_netns_cgroups([(9, "/system.slice/app.service".to_string())].into());
+    m.refresh(&t);
+    let text = render(m.registry());
+    let series = |labels: &str| sample(&text, &format!("tcptrace_netns_time_wait_sockets{{{labels}}}"));
+    assert_eq!(series(r#"cgroup="/system.slice/app.service",netns="9""#), Some(2.0), "{text}");
+    assert_eq!(series(r#"cgroup="",netns="host""#), Some(1.0));
+    assert_eq!(series(r#"cgroup="",netns="other""#), Some(1.0));
+    assert_eq!(sample(&text, r#"tcptrace_time_wait_sockets{family="ipv4"}"#), Some(4.0), "all namespaces");
+    assert!(!render(metrics(PortLabels::Off).registry()).contains("tcptrace_netns_"), "off by default");
 }

@@ -157,6 +157,8 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
             host_netns: procnet::own_netns(),
         })?,
     );
+    let programs: Vec<_> = probe.programs.iter().map(|p| (p.tracepoint, p.attached)).collect();
+    pipeline.parts().1.set_probe(&probe.mode.to_string(), probe.btf, &programs);
     if let Some(threshold) = args.slow_handshake {
         let out = std::io::LineWriter::new(std::io::stdout());
         pipeline = pipeline.with_slow_log(SlowLog::new(threshold, args.log_format, out));

@@ -93,6 +93,11 @@ pub struct Metrics {
     evicted: IntCounter,
     /// Last kernel-side lost count seen, so the counter can be advanced by the delta.
     lost_seen: u64,
+    /// Runs the kernel skipped, by tracepoint, with the last total seen of each.
+    missed: Vec<(&'static str, IntCounter, u64)>,
+    missed_vec: IntCounterVec,
+    probe_attached: IntGaugeVec,
+    kernel_btf: IntGauge,
 }
 
 impl Metrics {
@@ -188,6 +193,32 @@ impl Metrics {
         )?;
         reg(Box::new(tracked_sockets.clone()))?;
 
+        let missed_vec = IntCounterVec::new(
+            Opts::new(
+                "tcptrace_kernel_events_missed_total",
+                "Runs of a tcptrace program the kernel skipped because a BPF program was already running \
+                 on that CPU (the program's recursion_misses; counted by Linux 5.12+): events lost before \
+                 they reached the ring buffer.",
+            ),
+            &["program"],
+        )?;
+        reg(Box::new(missed_vec.clone()))?;
+        let probe_attached = IntGaugeVec::new(
+            Opts::new(
+                "tcptrace_probe_attached",
+                "1 when the program for this tracepoint is attached, 0 when tcptrace runs without it \
+                 (see its start-up log for why and what is lost); `attach` is raw or classic.",
+            ),
+            &["program", "attach"],
+        )?;
+        reg(Box::new(probe_attached.clone()))?;
+        let kernel_btf = IntGauge::new(
+            "tcptrace_kernel_btf_available",
+            "1 when the kernel's BTF was found: network namespaces, passive handshake durations and \
+             failure reasons from sk_err depend on it.",
+        )?;
+        reg(Box::new(kernel_btf.clone()))?;
+
         let build_info = IntGaugeVec::new(
             Opts::new("tcptrace_build_info", "Always 1; the labels describe this tcptrace build."),
             &["version"],
@@ -249,6 +280,10 @@ impl Metrics {
             tracked_sockets,
             evicted,
             lost_seen: 0,
+            missed: Vec::new(),
+            missed_vec,
+            probe_attached,
+            kernel_btf,
             registry,
         })
     }
@@ -271,6 +306,30 @@ impl Metrics {
         if kernel_total > self.lost_seen {
             self.events_lost.inc_by(kernel_total - self.lost_seen);
             self.lost_seen = kernel_total;
+        }
+    }
+
+    /// Exports what was attached, in which mode, and whether BTF was found; starts
+    /// every program's skipped-runs counter at 0.
+    pub fn set_probe(&mut self, attach: &str, btf: bool, programs: &[(&'static str, bool)]) {
+        self.kernel_btf.set(i64::from(btf));
+        for &(program, attached) in programs {
+            self.probe_attached.with_label_values(&[program, attach]).set(i64::from(attached));
+            if !self.missed.iter().any(|(p, ..)| *p == program) {
+                self.missed.push((program, self.missed_vec.with_label_values(&[program]), 0));
+            }
+        }
+    }
+
+    /// Advances `tcptrace_kernel_events_missed_total` to the kernel's running totals.
+    pub fn set_missed(&mut self, totals: &[(&'static str, u64)]) {
+        for &(program, total) in totals {
+            if let Some((_, counter, seen)) = self.missed.iter_mut().find(|(p, ..)| *p == program) {
+                if total > *seen {
+                    counter.inc_by(total - *seen);
+                    *seen = total;
+                }
+            }
         }
     }
 

@@ -12,7 +12,7 @@ use crate::{
     error::Result,
     events::{self, Family},
     pipeline::monotonic_ns,
-    probe::{LoadOptions, Probe},
+    probe::{KernelTotals, LoadOptions, Probe},
     report, shutdown,
     tracker::{expiring::ExpiringMap, Failure, Handshake, Limits, Sink, Tracker, Tuple},
 };
@@ -166,6 +166,8 @@ pub async fn run(args: WatchArgs) -> Result<()> {
         attach: args.attach,
     })?;
     let mut ring = watch_readable(probe.take_events()?)?;
+    let counters = probe.take_counters()?;
+    let mut losses = Losses::default();
     let format = if args.json { LogFormat::Json } else { LogFormat::Text };
     let mut view = View::new(args.handshakes, Filter::from_args(&args), format, BufWriter::new(io::stdout()));
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
@@ -183,7 +185,13 @@ pub async fn run(args: WatchArgs) -> Result<()> {
                 }
                 guard.clear_ready();
             }
-            _ = tick.tick() => view.tick(monotonic_ns()),
+            _ = tick.tick() => {
+                view.tick(monotonic_ns());
+                // Once a second at most, like tcpstates' "Possibly lost N samples".
+                if let Some(news) = losses.update(&counters.read()) {
+                    eprintln!("tcptrace watch: {news}");
+                }
+            }
             _ = &mut stop => break,
         }
         match view.flush() {
@@ -193,8 +201,38 @@ pub async fn run(args: WatchArgs) -> Result<()> {
             Err(err) => return Err(err.into()),
         }
     }
+    losses.update(&counters.read());
+    eprintln!("tcptrace watch: {} in all", losses.total());
     drop(probe);
     Ok(())
+}
+
+/// What the kernel dropped (ring buffer full) or skipped (a program already running
+/// on that CPU), so the live view never hides a gap.
+#[derive(Debug, Default)]
+struct Losses {
+    lost: u64,
+    missed: u64,
+}
+
+impl Losses {
+    /// Takes the kernel's running totals; says what is new since the last call.
+    fn update(&mut self, totals: &KernelTotals) -> Option<String> {
+        let lost = totals.lost.unwrap_or(self.lost).max(self.lost);
+        let missed = totals.missed.iter().map(|(_, n)| n).sum::<u64>().max(self.missed);
+        let (new_lost, new_missed) = (lost - self.lost, missed - self.missed);
+        (self.lost, self.missed) = (lost, missed);
+        (new_lost + new_missed > 0).then(|| {
+            format!(
+                "possibly lost {new_lost} events (ring buffer full: raise --ring-buffer-size) and {new_missed} \
+                 skipped by the kernel (a BPF program was already running on that CPU)"
+            )
+        })
+    }
+
+    fn total(&self) -> String {
+        format!("{} events lost (ring buffer full), {} skipped by the kernel", self.lost, self.missed)
+    }
 }
 
 #[cfg(test)]
@@ -217,6 +255,24 @@ mod tests {
     fn lines(view: View<Vec<u8>>) -> Vec<serde_json::Value> {
         let out = String::from_utf8(view.into_output()).unwrap();
         out.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    }
+
+    #[test]
+    fn losses_are_reported_once_as_they_grow() {
+        let mut losses = Losses::default();
+        let totals = |lost, missed| KernelTotals {
+            lost: Some(lost),
+            missed: vec![("inet_sock_set_state", missed), ("tcp_receive_reset", 1)],
+            ..KernelTotals::default()
+        };
+        let first = losses.update(&totals(3, 4)).unwrap();
+        assert!(first.contains("lost 3 events") && first.contains("5 skipped"), "{first}");
+        assert_eq!(losses.update(&totals(3, 4)), None, "nothing new, nothing said");
+        let next = losses.update(&totals(10, 4)).unwrap();
+        assert!(next.contains("lost 7 events") && next.contains("0 skipped"), "{next}");
+        // A map that cannot be read never makes the totals go backwards.
+        assert_eq!(losses.update(&KernelTotals::default()), None);
+        assert_eq!(losses.total(), "10 events lost (ring buffer full), 5 skipped by the kernel");
     }
 
     #[test]

@@ -67,47 +67,17 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
 /// addresses keep only their first 4 bytes, the rest zeroed, so equal connections
 /// compare equal. Anything else is left as it came.
 pub fn canonical(family: u16, saddr: [u8; 16], daddr: [u8; 16]) -> (u16, [u8; 16], [u8; 16]) {
-    let v4 = |a: &[u8; 16], at: usize| {
-        let mut out = [0u8; 16];
-        out[..4].copy_from_slice(&a[at..at + 4]);
-        out
-    };
+    // As 128-bit big-endian numbers: a few instructions per event, on the hot path.
+    const FIRST_FOUR_BYTES: u128 = 0xffff_ffff << 96;
+    let (s, d) = (u128::from_be_bytes(saddr), u128::from_be_bytes(daddr));
+    let mapped = |a: u128| a >> 32 == 0xffff;
     match family {
-        AF_INET => (AF_INET, v4(&saddr, 0), v4(&daddr, 0)),
-        AF_INET6 => {
-            let (s, d) = (Mapped::of(&saddr), Mapped::of(&daddr));
-            let ipv4 = matches!((s, d), (Mapped::V4 | Mapped::Unset, Mapped::V4) | (Mapped::V4, Mapped::Unset));
-            if ipv4 {
-                (AF_INET, v4(&saddr, 12), v4(&daddr, 12))
-            } else {
-                (family, saddr, daddr)
-            }
+        AF_INET => (AF_INET, (s & FIRST_FOUR_BYTES).to_be_bytes(), (d & FIRST_FOUR_BYTES).to_be_bytes()),
+        // The IPv4 address is the last 4 bytes; moved to the first (0.0.0.0 if unset).
+        AF_INET6 if (mapped(d) && (mapped(s) || s == 0)) || (d == 0 && mapped(s)) => {
+            (AF_INET, (s << 96).to_be_bytes(), (d << 96).to_be_bytes())
         }
         _ => (family, saddr, daddr),
-    }
-}
-
-/// What an IPv6 address says about IPv4.
-#[derive(Clone, Copy)]
-enum Mapped {
-    /// `::ffff:a.b.c.d`.
-    V4,
-    /// `::`: not set yet (its last 4 bytes, 0.0.0.0, are the IPv4 "any").
-    Unset,
-    Other,
-}
-
-impl Mapped {
-    fn of(a: &[u8; 16]) -> Self {
-        if a[..10].iter().any(|&b| b != 0) {
-            Self::Other
-        } else if a[10..12] == [0xff, 0xff] {
-            Self::V4
-        } else if a[10..].iter().all(|&b| b == 0) {
-            Self::Unset
-        } else {
-            Self::Other
-        }
     }
 }
 

@@ -1,19 +1,21 @@
 #!/bin/sh
 # Runs as root inside a VM booted by `cargo xtask vmtest` (xtask/src/vm.rs).
 #
-# Usage: vm-guest.sh RESULTS WORKDIR NAME=BINARY...
+# Usage: vm-guest.sh RESULTS WORKDIR SECONDS NAME=BINARY...
 #
 # vng's own exit status says nothing (it is 255 whatever happens here), so everything
 # the host needs is written into RESULTS, which is shared read-write with the host:
 #   kernel-release, proc-version     what actually booted
 #   mounts                           debugfs/tracefs mounts left when the tests start
 #   NAME.out, NAME.status            each test binary's output and exit status
+#                                    (124 or 137: it ran out of its SECONDS)
 #   finished                         written last: the guest got to the end
 set -u
 
 results=$1
 workdir=$2
-shift 2
+limit=$3
+shift 3
 
 # The host's PATH does not cross into the guest; the tests call ip, nft, ss, promtool.
 PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
@@ -37,7 +39,9 @@ for pair in "$@"; do
     name=${pair%%=*}
     bin=${pair#*=}
     echo "vm-guest: running $name ($bin)"
-    "$bin" --ignored --test-threads=1 >"$results/$name.out" 2>&1
+    # A hung test must not cost the other suite its run: each binary gets its share
+    # of the VM's deadline.
+    timeout --kill-after=10 "$limit" "$bin" --ignored --test-threads=1 >"$results/$name.out" 2>&1
     echo $? >"$results/$name.status"
 done
 

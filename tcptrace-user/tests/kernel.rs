@@ -16,7 +16,10 @@ use std::{
     time::Duration,
 };
 
-use support::{kernel_socket_summary, kernel_time_wait, require_root, wait_for, Daemon, Scrape};
+use support::{
+    host_sockstat_tw, kernel_socket_summary, kernel_time_wait, own_cgroup, require_root, wait_for, Daemon, Netns,
+    Scrape,
+};
 
 const DEADLINE: Duration = Duration::from_secs(10);
 
@@ -266,4 +269,97 @@ fn missing_privileges_and_unmountable_tracefs_are_explained() {
     assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("tracefs is not mounted and mounting it at /sys/kernel/tracing failed"), "{err}");
     assert!(err.contains("mount -t tracefs nodev /sys/kernel/tracing"), "{err}");
+}
+
+/// In the calling thread's network namespace: `n` connections from 127.0.0.1 ports
+/// `first_port..` to a listener on 127.0.0.1:`server_port`, each closed by the client
+/// first (a time-wait socket each), in lockstep like [`connect_and_close`].
+fn same_tuples_closing_first(server_port: u16, first_port: u16, n: u16) {
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, server_port)).expect("bind the listener");
+    let (accepted_tx, accepted) = std::sync::mpsc::channel();
+    let server = thread::spawn(move || {
+        for _ in 0..n {
+            let (mut s, _) = listener.accept().expect("accept");
+            accepted_tx.send(()).unwrap();
+            s.set_read_timeout(Some(support::deadline(DEADLINE))).unwrap();
+            while s.read(&mut [0u8; 16]).map(|r| r > 0).unwrap_or(false) {}
+        }
+    });
+    let remote = (Ipv4Addr::LOCALHOST, server_port).into();
+    for port in first_port..first_port + n {
+        let s = support::connect_from((Ipv4Addr::LOCALHOST, port).into(), remote, support::deadline(DEADLINE));
+        accepted.recv_timeout(support::deadline(DEADLINE)).expect("the server accepts");
+        drop(s);
+    }
+    server.join().expect("server thread");
+}
+
+/// Waits until the gauge equals the kernel's time-wait count summed over the host
+/// and `namespaces`, each of which must hold `each`, and their per-namespace series
+/// show the same; returns (gauge, per-namespace counts).
+fn time_wait_agrees_across_namespaces(daemon: &Daemon, namespaces: &[&Netns], each: usize) -> (f64, Vec<usize>) {
+    let mut last = (0.0, 0, Vec::new(), String::new());
+    let agree = wait_for(support::deadline(2 * DEADLINE), || {
+        let scrape = daemon.scrape();
+        let counts: Vec<usize> = namespaces.iter().map(|ns| ns.sockstat_tw()).collect();
+        let host = host_sockstat_tw();
+        last = (scrape.time_wait(), host, counts.clone(), scrape.text.clone());
+        let own_series = namespaces
+            .iter()
+            .zip(&counts)
+            .all(|(ns, &n)| scrape.netns_time_wait(&ns.inode().to_string()).is_some_and(|(v, _)| v == n as f64));
+        counts.iter().all(|&n| n == each) && last.0 == (host + counts.iter().sum::<usize>()) as f64 && own_series
+    });
+    let (gauge, host, counts, text) = last;
+    let series: Vec<&str> = text.lines().filter(|l| l.starts_with("tcptrace_netns_time_wait_sockets")).collect();
+    assert!(
+        agree,
+        "tcptrace_time_wait_sockets {gauge} != host {host} + namespaces {counts:?} (each should hold {each}); \
+         per-namespace series: {series:#?}\n{}",
+        kernel_socket_summary()
+    );
+    (gauge, counts)
+}
+
+#[test]
+#[ignore = "needs root and the real kernel: run `cargo xtask test`"]
+fn identical_tuples_in_two_namespaces_never_merge() {
+    require_root();
+    let daemon = Daemon::start(&["--netns-labels", "10"]);
+    let (a, b) = (Netns::new(), Netns::new());
+    // Sidecars on 127.0.0.1: the same listener port and the same client ports.
+    const N: u16 = 200;
+    for ns in [&a, &b] {
+        ns.run(|| same_tuples_closing_first(7000, 20000, N)).join().expect("connections in the namespace");
+    }
+    let (gauge, counts) = time_wait_agrees_across_namespaces(&daemon, &[&a, &b], N.into());
+    let host = daemon.scrape().netns_time_wait("host");
+    eprintln!("same 4-tuples in two namespaces: gauge {gauge} = host + {counts:?}; host series {host:?}");
+}
+
+#[test]
+#[ignore = "needs root and the real kernel: run `cargo xtask test`"]
+fn time_wait_sockets_of_every_namespace_are_seeded_at_start() {
+    require_root();
+    // One namespace a process lives in (a container), one only bind-mounted (`ip
+    // netns add`, or a pod sandbox whose processes are gone).
+    let (container, mounted) = (Netns::new(), Netns::new());
+    let _inside = container.hold_process();
+    const N: u16 = 50;
+    for ns in [&container, &mounted] {
+        ns.run(|| connect_and_close(Ipv4Addr::LOCALHOST.into(), N.into())).join().expect("connections");
+    }
+    // Only now does the daemon start: it sees none of these being born.
+    let daemon = Daemon::start(&["--netns-labels", "10"]);
+    let (gauge, counts) = time_wait_agrees_across_namespaces(&daemon, &[&container, &mounted], N.into());
+    let scrape = daemon.scrape();
+    let cgroup = |ns: &Netns| scrape.netns_time_wait(&ns.inode().to_string()).map(|(_, c)| c);
+    assert_eq!(cgroup(&container), Some(own_cgroup()), "named after the cgroup of the process in it");
+    assert_eq!(cgroup(&mounted), Some(String::new()), "no process: no cgroup");
+    let log = daemon.log();
+    assert!(log.contains("TIME_WAIT sockets already in"), "{log}");
+    eprintln!(
+        "seeded at start: gauge {gauge} = host + {counts:?}; {}",
+        log.lines().find(|l| l.contains("already in")).unwrap()
+    );
 }

@@ -247,7 +247,7 @@ fn as_root(bin: &Path, args: &[OsString]) -> Result<()> {
 
 /// The root test suites (`#[ignore]`d, run with `--ignored --test-threads=1`).
 fn root_test_binaries() -> Result<Vec<PathBuf>> {
-    test_binaries(&["--package", "tcptrace-user", "--test", "kernel", "--test", "forensics"])
+    test_binaries(&["--package", "tcptrace-user", "--test", "kernel", "--test", "forensics", "--test", "fidelity"])
 }
 
 /// Whether this is CI (`CI=true` there); CI never skips a test stage.
@@ -257,7 +257,7 @@ fn in_ci() -> bool {
 
 /// Builds test targets without running them and returns their executables.
 fn test_binaries(select: &[&str]) -> Result<Vec<PathBuf>> {
-    let mut args = vec!["test", "--no-run", "--message-format=json"];
+    let mut args = vec!["test", "--no-run", "--message-format=json-render-diagnostics"];
     args.extend_from_slice(select);
     let json = output(Command::new(env::var_os("CARGO").unwrap_or_else(|| "cargo".into())).args(&args))?;
     // Each line is one JSON message; integration-test artifacts carry their executable.

@@ -426,6 +426,10 @@ struct Suite {
     status: Option<i32>,
     /// The failing tests' output, or the end of the whole output when it died.
     tails: Vec<(String, String)>,
+    /// The test running when the binary died or was stopped.
+    stuck: Option<String>,
+    /// Its share of the VM's deadline, for the message when `timeout` stopped it.
+    limit: Option<Duration>,
 }
 
 impl Suite {
@@ -435,11 +439,19 @@ impl Suite {
 
     fn summary(&self) -> String {
         let (passed, failed) = self.counts.unwrap_or((self.passed.len(), self.failed.len()));
+        if self.counts.is_none() && passed + failed == 0 && self.status.is_none() {
+            return format!("{} not run", self.name);
+        }
         let mut line = format!("{} {passed}/{} passed", self.name, passed + failed);
         if self.counts.is_none() {
-            match self.status {
-                Some(code) => line.push_str(&format!(" (did not finish: exit status {code})")),
-                None => line.push_str(" (did not finish)"),
+            let stuck = self.stuck.as_deref().map(|t| format!(" in {t}")).unwrap_or_default();
+            match (self.status, self.limit) {
+                // timeout(1)'s statuses: stopped with SIGTERM, or killed after it.
+                (Some(124 | 137), Some(limit)) => {
+                    line.push_str(&format!(" (stopped after {}{stuck}: hung?)", minutes(limit)))
+                }
+                (Some(code), _) => line.push_str(&format!(" (did not finish{stuck}: exit status {code})")),
+                (None, _) => line.push_str(&format!(" (did not finish{stuck})")),
             }
         } else if self.status != Some(0) && failed == 0 {
             line.push_str(&format!(" (exit status {})", self.status.map_or("unknown".into(), |c| c.to_string())));
@@ -500,6 +512,7 @@ fn parse_libtest(name: &str, text: &str, status: Option<i32>) -> Suite {
         if let Some(test) = &running {
             suite.failed.push(test.clone());
         }
+        suite.stuck = running.clone();
         let what = running.map_or("output".to_owned(), |t| format!("{t} (running when it died)"));
         suite.tails.push((what, tail(&lines, TAIL)));
     }
@@ -655,7 +668,9 @@ fn run_one(root: &Path, kernel: &Kernel, suites: &[(String, PathBuf)], deadline:
     }
     let mut guest = vec!["env".to_owned()];
     guest.extend(env.iter().map(|e| quote(e)));
-    guest.extend(["sh", &path_str(&script)?, &path_str(&results)?, &path_str(root)?].map(quote));
+    let limit = suite_limit(deadline, suites.len());
+    let seconds = limit.as_secs().to_string();
+    guest.extend(["sh", &path_str(&script)?, &path_str(&results)?, &path_str(root)?, &seconds].map(quote));
     for (name, bin) in suites {
         guest.push(quote(&format!("{name}={}", path_str(bin)?)));
     }
@@ -715,12 +730,19 @@ fn run_one(root: &Path, kernel: &Kernel, suites: &[(String, PathBuf)], deadline:
             continue;
         };
         let status = read(&format!("{name}.status")).and_then(|s| s.trim().parse().ok());
-        outcome_suites.push(parse_libtest(name, &out, status));
+        outcome_suites.push(Suite { limit: Some(limit), ..parse_libtest(name, &out, status) });
     }
     if booted.is_some() && read("finished").is_none() && !timed_out {
         problems.push("the guest stopped before the end (see console.log)".to_owned());
     }
     Ok(Outcome { kernel: kernel.clone(), booted, wall, suites: outcome_suites, problems })
+}
+
+/// Each suite's share of the VM's deadline, after about two minutes for booting and
+/// powering off under emulation (boot alone takes 5-10 s, but a loaded host is slower).
+fn suite_limit(deadline: Duration, suites: usize) -> Duration {
+    let share = deadline.as_secs().saturating_sub(120) / suites.max(1) as u64;
+    Duration::from_secs(share.max(30))
 }
 
 fn path_str(path: &Path) -> Result<String> {
@@ -906,8 +928,14 @@ mod tests {
 
         let died = parse_libtest("kernel", "running 2 tests\ntest a ... ok\ntest b ... ", Some(137));
         assert!(!died.ok());
-        assert_eq!(died.summary(), "kernel 1/2 passed (did not finish: exit status 137)");
+        assert_eq!(died.summary(), "kernel 1/2 passed (did not finish in b: exit status 137)");
         assert!(died.tails[0].0.contains("b (running when it died)"));
+        assert_eq!(died.stuck.as_deref(), Some("b"));
+        let stopped =
+            Suite { limit: Some(Duration::from_secs(300)), ..parse_libtest("kernel", "test b ... ", Some(124)) };
+        assert_eq!(stopped.summary(), "kernel 0/1 passed (stopped after 5m00s in b: hung?)");
+        assert_eq!(Suite { name: "forensics".into(), ..Suite::default() }.summary(), "forensics not run");
+        assert_eq!(suite_limit(Duration::from_secs(720), 2), Duration::from_secs(300));
     }
 
     #[test]

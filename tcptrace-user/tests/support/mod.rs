@@ -241,6 +241,60 @@ impl Scrape {
     pub fn time_wait(&self) -> f64 {
         ["ipv4", "ipv6"].iter().map(|f| self.get("tcptrace_time_wait_sockets", &[("family", f)])).sum()
     }
+
+    /// `tcptrace_netns_time_wait_sockets` of one namespace (`host`, an inode or
+    /// `other`), and its `cgroup` label; `None` when it has no series.
+    pub fn netns_time_wait(&self, netns: &str) -> Option<(f64, String)> {
+        self.samples
+            .iter()
+            .find(|(n, l, _)| n == "tcptrace_netns_time_wait_sockets" && l.get("netns").is_some_and(|v| v == netns))
+            .map(|(_, l, v)| (*v, l.get("cgroup").cloned().unwrap_or_default()))
+    }
+}
+
+/// The `tw` count of a /proc/net/sockstat text: the kernel's time-wait sockets of
+/// that namespace (IPv4 and IPv6).
+pub fn sockstat_tw(text: &str) -> usize {
+    let tcp = text.lines().find_map(|l| l.strip_prefix("TCP:")).unwrap_or_else(|| panic!("no TCP line in {text}"));
+    let mut fields = tcp.split_whitespace();
+    while let Some(key) = fields.next() {
+        if key == "tw" {
+            return fields.next().and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("bad tw in {text}"));
+        }
+    }
+    panic!("no tw in {text}")
+}
+
+/// Time-wait sockets of the test's own (the host's) network namespace, per
+/// /proc/net/sockstat.
+pub fn host_sockstat_tw() -> usize {
+    sockstat_tw(&std::fs::read_to_string("/proc/net/sockstat").expect("read /proc/net/sockstat"))
+}
+
+/// The cgroup v2 path of this test process (the `0::` line of /proc/self/cgroup).
+pub fn own_cgroup() -> String {
+    let text = std::fs::read_to_string("/proc/self/cgroup").expect("read /proc/self/cgroup");
+    text.lines().find_map(|l| l.strip_prefix("0::")).expect("a cgroup v2 line").to_string()
+}
+
+/// A TCP socket bound to `local` before it connects to `remote`: the only way to
+/// make the same 4-tuple on purpose.
+pub fn connect_from(local: SocketAddr, remote: SocketAddr, timeout: Duration) -> TcpStream {
+    let socket = socket2::Socket::new(socket2::Domain::for_address(remote), socket2::Type::STREAM, None)
+        .expect("create a socket");
+    socket.bind(&local.into()).unwrap_or_else(|e| panic!("bind {local}: {e}"));
+    socket.connect_timeout(&remote.into(), timeout).unwrap_or_else(|e| panic!("connect {local} -> {remote}: {e}"));
+    socket.into()
+}
+
+/// A child process killed (and reaped) on drop, also when the test fails.
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 /// TIME_WAIT sockets in this network namespace, per the kernel (`ss`).
@@ -302,6 +356,38 @@ impl Netns {
         sh("ip", &all);
     }
 
+    /// The namespace's inode: what tcptrace labels it with (`netns="<inode>"`).
+    pub fn inode(&self) -> u32 {
+        use std::os::unix::fs::MetadataExt as _;
+        let path = format!("/run/netns/{}", self.name);
+        std::fs::metadata(&path).unwrap_or_else(|e| panic!("{path}: {e}")).ino() as u32
+    }
+
+    /// Time-wait sockets in the namespace, per its /proc/net/sockstat.
+    pub fn sockstat_tw(&self) -> usize {
+        let text =
+            self.run(|| std::fs::read_to_string("/proc/thread-self/net/sockstat")).join().expect("reader thread");
+        sockstat_tw(&text.expect("read the namespace's sockstat"))
+    }
+
+    /// A process that lives in the namespace until dropped, as a container's would.
+    pub fn hold_process(&self) -> KillOnDrop {
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.name, "sleep", "3600"])
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("ip netns exec sleep");
+        let held = KillOnDrop(child);
+        let path = format!("/proc/{}/ns/net", held.0.id());
+        let inode = self.inode();
+        let entered = wait_for(deadline(Duration::from_secs(10)), || {
+            use std::os::unix::fs::MetadataExt as _;
+            std::fs::metadata(&path).is_ok_and(|m| m.ino() as u32 == inode)
+        });
+        assert!(entered, "the held process did not enter {}", self.name);
+        held
+    }
+
     /// Runs `f` on a thread that has entered the namespace: sockets it makes live there.
     pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> thread::JoinHandle<T> {
         let path = format!("/run/netns/{}", self.name);
@@ -355,6 +441,21 @@ impl NftTable {
             }
             None => Command::new("nft"),
         }
+    }
+
+    /// Packets counted by the table's `counter` rules so far: lets a test lift a
+    /// drop once it has happened, rather than after a guessed time.
+    pub fn packets(&self) -> u64 {
+        let out = self.command().args(["list", "table", "inet", &self.name]).output().expect("nft list");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let mut words = text.split_whitespace();
+        let mut total = 0;
+        while let Some(w) = words.next() {
+            if w == "packets" {
+                total += words.next().and_then(|n| n.parse::<u64>().ok()).unwrap_or(0);
+            }
+        }
+        total
     }
 
     /// Deletes the table now (what drop does, but at a chosen moment).

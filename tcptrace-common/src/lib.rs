@@ -65,8 +65,13 @@ pub struct SockOffsets {
     pub family: u16,
     /// `skc_state`.
     pub state: u16,
-    /// `skc_num`: the local port, host byte order.
+    /// `skc_num`: the local port, host byte order. The kernel clears it as a socket
+    /// goes to CLOSE (unless the port was bound explicitly), so full sockets use
+    /// [`SockOffsets::sport`]; request sockets have only this.
     pub num: u16,
+    /// `inet_sock.inet_sport`: a full socket's local port, network byte order, kept
+    /// until the socket is freed.
+    pub sport: u16,
     /// `skc_dport`: the remote port, network byte order.
     pub dport: u16,
     /// `skc_rcv_saddr` and `skc_daddr`: IPv4 addresses.
@@ -96,6 +101,7 @@ impl SockOffsets {
         family: ABSENT,
         state: ABSENT,
         num: ABSENT,
+        sport: ABSENT,
         dport: ABSENT,
         rcv_saddr: ABSENT,
         daddr: ABSENT,
@@ -115,6 +121,7 @@ impl SockOffsets {
         self.family != ABSENT
             && self.state != ABSENT
             && self.num != ABSENT
+            && self.sport != ABSENT
             && self.dport != ABSENT
             && self.rcv_saddr != ABSENT
             && self.daddr != ABSENT
@@ -179,7 +186,7 @@ pub struct Config {
     /// transitions that pair into handshakes and TIME_WAIT entries, and the rest are
     /// only counted in [`TRANSITIONS_MAP`].
     pub stream_all: u8,
-    pub _pad: [u8; 3],
+    pub _pad: [u8; 5],
 }
 
 impl Config {
@@ -192,11 +199,11 @@ impl Config {
         retransmit_synack: RecordLayout::ABSENT,
         receive_reset: RecordLayout::ABSENT,
         stream_all: 1,
-        _pad: [0; 3],
+        _pad: [0; 5],
     };
 }
 
-const _: () = assert!(core::mem::size_of::<Config>() == 120);
+const _: () = assert!(core::mem::size_of::<Config>() == 128);
 
 /// `AF_INET`, as the kernel reports it in `family`.
 pub const AF_INET: u16 = 2;
@@ -449,7 +456,7 @@ mod tests {
     fn event_has_no_hidden_padding() {
         let e = Event::zeroed();
         let fields = 8 + 8 + 8 + 4 + 4 + 16 + 16 + 2 + 2 + 2 + 1 + 1 + 1 + 3 + 4 + 4 + 4 + 16;
-        let config = 8 + 14 * 2 + 4 * 10 * 2 + 1 + 3;
+        let config = 8 + 15 * 2 + 4 * 10 * 2 + 1 + 5;
         assert_eq!(core::mem::size_of::<Config>(), config);
         assert_eq!(core::mem::size_of_val(&e), fields);
     }

@@ -137,7 +137,7 @@ pub fn set_state_raw(ctx: RawTracePointContext) -> i32 {
         return 0;
     }
     state_change(sk, ctx.arg::<u64>(1) as u32, ctx.arg::<u64>(2) as u32, |ev| {
-        sock_tuple(ev, SLOT_SET_STATE, sk);
+        sock_tuple(ev, SLOT_SET_STATE, sk, true);
     });
     0
 }
@@ -217,7 +217,7 @@ pub fn retransmit_skb_raw(ctx: RawTracePointContext) -> i32 {
     // Only handshake retransmissions feed a metric; data retransmits stay in the kernel.
     if read::<u8>(sk, cfg!(sock.state)) == Some(TcpState::SynSent as u8) {
         rare(EventKind::SynRetransmit, sk, TcpState::SynSent as u8, |ev| {
-            sock_tuple(ev, SLOT_RETRANSMIT_SKB, sk);
+            sock_tuple(ev, SLOT_RETRANSMIT_SKB, sk, true);
         });
     }
     0
@@ -247,7 +247,7 @@ pub fn retransmit_synack_raw(ctx: RawTracePointContext) -> i32 {
     // and family are the request's (a request_sock starts with a sock_common), so a
     // dual-stack listener's IPv4 request is IPv4 here.
     let (sk, req): (u64, u64) = (ctx.arg(0), ctx.arg(1));
-    rare(EventKind::SynAckRetransmit, sk, 0, |ev| sock_tuple(ev, SLOT_RETRANSMIT_SYNACK, req));
+    rare(EventKind::SynAckRetransmit, sk, 0, |ev| sock_tuple(ev, SLOT_RETRANSMIT_SYNACK, req, false));
     0
 }
 
@@ -271,7 +271,7 @@ pub fn retransmit_synack_tp(ctx: TracePointContext) -> u32 {
 pub fn receive_reset_raw(ctx: RawTracePointContext) -> i32 {
     // TP_PROTO(struct sock *sk)
     let sk: u64 = ctx.arg(0);
-    rare(EventKind::ResetReceived, sk, 0, |ev| sock_tuple(ev, SLOT_RECEIVE_RESET, sk));
+    rare(EventKind::ResetReceived, sk, 0, |ev| sock_tuple(ev, SLOT_RECEIVE_RESET, sk, true));
     0
 }
 
@@ -309,14 +309,20 @@ fn rare(kind: EventKind, sk: u64, state: u8, tuple: impl FnOnce(&mut Event)) {
 }
 
 /// Family, ports, addresses and network namespace from a `struct sock_common` (a
-/// socket's or a request's), copied in one read and picked at BTF offsets.
+/// socket's or a request's), copied in one read and picked at BTF offsets. A full
+/// socket's local port comes from `inet_sport`: `skc_num` is already cleared when
+/// it goes to CLOSE.
 #[inline(always)]
-fn sock_tuple(ev: &mut Event, slot: u32, sk: u64) {
+fn sock_tuple(ev: &mut Event, slot: u32, sk: u64, full: bool) {
     let Some(sock) = Span::load(slot, sk, cfg!(sock.span)) else {
         return;
     };
     ev.family = sock.get::<u16>(cfg!(sock.family)).unwrap_or(0);
-    ev.sport = sock.get::<u16>(cfg!(sock.num)).unwrap_or(0);
+    ev.sport = if full {
+        u16::from_be(read::<u16>(sk, cfg!(sock.sport)).unwrap_or(0))
+    } else {
+        sock.get::<u16>(cfg!(sock.num)).unwrap_or(0)
+    };
     ev.dport = u16::from_be(sock.get::<u16>(cfg!(sock.dport)).unwrap_or(0));
     if ev.family == AF_INET {
         if let (Some(saddr), Some(daddr)) = (ev.saddr.first_chunk_mut::<4>(), ev.daddr.first_chunk_mut::<4>()) {

@@ -170,7 +170,7 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut reader = tokio::spawn(read_events(ring_fd, shared.clone(), stop_rx.clone()));
     // Events carry their namespace when BTF gave its offsets; seeds must match them.
-    seed_time_wait(&shared, probe.btf, max_time_wait).await;
+    seed_time_wait(&shared, probe.netns, max_time_wait).await;
     if netns_labels > 0 {
         tokio::spawn(name_namespaces(shared.clone(), stop_rx.clone()));
     }

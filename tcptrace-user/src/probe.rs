@@ -141,6 +141,7 @@ fn offsets_from(btf: &Btf) -> SockOffsets {
         family: or_absent(common("skc_family")),
         state: or_absent(common("skc_state")),
         num: or_absent(common("skc_num")),
+        sport: or_absent(lookup("inet_sock", "inet_sport")),
         dport: or_absent(common("skc_dport")),
         rcv_saddr: or_absent(common("skc_rcv_saddr")),
         daddr: or_absent(common("skc_daddr")),
@@ -205,6 +206,8 @@ pub struct Probe {
     pub mode: AttachMode,
     /// Whether the kernel's BTF was found (socket fields, namespaces, durations).
     pub btf: bool,
+    /// Whether events carry the socket's network namespace (its BTF offsets known).
+    pub netns: bool,
     /// Every tracepoint of [`ATTACHMENTS`], attached or not.
     pub programs: Vec<ProgramStatus>,
 }
@@ -345,7 +348,10 @@ impl Probe {
                 match layout {
                     Ok(layout) => *slot(&mut config, a.record) = layout,
                     Err(err) if a.required && err.kind() == io::ErrorKind::NotFound => {
-                        return Err(Error::MissingTracepoint(a.name, tracefs.join("events").join(a.category).join(a.name)))
+                        return Err(Error::MissingTracepoint(
+                            a.name,
+                            tracefs.join("events").join(a.category).join(a.name),
+                        ))
                     }
                     Err(err) if a.required => return Err(Error::Layout(a.name, err)),
                     Err(err) => unusable.push((a.name, format!("its record layout is unusable: {err}"))),
@@ -375,7 +381,9 @@ impl Probe {
             match attach_one(&mut ebpf, a, mode) {
                 Ok(()) => programs.push(ProgramStatus { tracepoint: a.name, attached: true, error: None }),
                 Err(err) if a.required => return Err(err),
-                Err(err) => programs.push(ProgramStatus { tracepoint: a.name, attached: false, error: Some(err.to_string()) }),
+                Err(err) => {
+                    programs.push(ProgramStatus { tracepoint: a.name, attached: false, error: Some(err.to_string()) })
+                }
             }
         }
         for (p, a) in programs.iter().zip(&ATTACHMENTS) {
@@ -385,7 +393,8 @@ impl Probe {
         }
         let attached: Vec<_> = programs.iter().filter(|p| p.attached).map(|p| p.tracepoint).collect();
         info!("attached {mode} tracepoint programs to {}", attached.join(", "));
-        Ok(Self { ebpf, mode, btf: sock.is_some(), programs })
+        let netns = config.sock.net != ABSENT && config.sock.net_inum != ABSENT;
+        Ok(Self { ebpf, mode, btf: sock.is_some(), netns, programs })
     }
 
     /// The ring buffer the programs write events to (can be taken once).

@@ -178,7 +178,8 @@ impl Record {
         }
         let ends = [at.skaddr + 8, at.old_state.saturating_add(4), at.new_state.saturating_add(4), at.sport + 2];
         let more = [at.protocol.saturating_add(2), at.dport + 2, at.family.saturating_add(2)];
-        let span = ends.into_iter().chain(more).chain([at.saddr_v6 + 16, at.daddr_v6 + 16]).filter(|&e| e < ABSENT).max();
+        let span =
+            ends.into_iter().chain(more).chain([at.saddr_v6 + 16, at.daddr_v6 + 16]).filter(|&e| e < ABSENT).max();
         at.span = span.unwrap_or(0);
         if at.span > SPAN_MAX {
             return Err(FormatError::Span(at.span));
@@ -221,7 +222,10 @@ mod tests {
     fn tcp_records_of_5_10_have_no_family_and_everything_after_dport_moves() {
         let old = Record::RetransmitSkb.layout(&fixture("5.10.0-32-amd64", "tcp_retransmit_skb.format")).unwrap();
         assert_eq!(old.family, ABSENT);
-        assert_eq!((old.skaddr, old.old_state, old.sport, old.dport, old.saddr_v6, old.daddr_v6), (16, 24, 28, 30, 40, 56));
+        assert_eq!(
+            (old.skaddr, old.old_state, old.sport, old.dport, old.saddr_v6, old.daddr_v6),
+            (16, 24, 28, 30, 40, 56)
+        );
         for k in &KERNELS[1..] {
             let new = Record::RetransmitSkb.layout(&fixture(k, "tcp_retransmit_skb.format")).unwrap();
             assert_eq!((new.family, new.saddr_v6, new.daddr_v6), (32, 42, 58), "{k}");
@@ -230,7 +234,8 @@ mod tests {
         assert_eq!((reset.family, reset.saddr_v6, reset.daddr_v6), (ABSENT, 28, 44));
         let reset = Record::ReceiveReset.layout(&fixture("6.1.0-56-amd64", "tcp_receive_reset.format")).unwrap();
         assert_eq!((reset.family, reset.saddr_v6, reset.daddr_v6), (20, 30, 46));
-        let synack = Record::RetransmitSynack.layout(&fixture("5.10.0-32-amd64", "tcp_retransmit_synack.format")).unwrap();
+        let synack =
+            Record::RetransmitSynack.layout(&fixture("5.10.0-32-amd64", "tcp_retransmit_synack.format")).unwrap();
         assert_eq!((synack.skaddr, synack.sport, synack.saddr_v6), (8, 24, 36));
     }
 
@@ -248,10 +253,7 @@ mod tests {
         let text = "format:\n\tfield:const void * skaddr;\toffset:8;\tsize:8;\tsigned:0;\n\
                     \tfield:__u16 sport;\toffset:16;\tsize:4;\tsigned:0;\n";
         let f = Format::parse(text).unwrap();
-        assert_eq!(
-            Record::ReceiveReset.layout(&f),
-            Err(FormatError::Size { name: "sport", size: 4, expected: 2 })
-        );
+        assert_eq!(Record::ReceiveReset.layout(&f), Err(FormatError::Size { name: "sport", size: 4, expected: 2 }));
         let f = Format::parse("field:const void * skaddr;\toffset:8;\tsize:8;\tsigned:0;").unwrap();
         assert_eq!(Record::ReceiveReset.layout(&f), Err(FormatError::Missing("sport")));
         assert!(matches!(Format::parse("field:int x;\toffset:zz;\tsize:4;"), Err(FormatError::Line(_))));

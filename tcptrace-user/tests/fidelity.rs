@@ -293,7 +293,10 @@ fn missing_privileges_and_tracefs_are_explained() {
     require_root();
     let listen = ["daemon", "--listen", "127.0.0.1:0"];
     // No capability at all.
-    let (code, err) = run_failing(without_tracefs("exec setpriv --reuid=65534 --regid=65534 --clear-groups --inh-caps=-all"), &listen);
+    let (code, err) = run_failing(
+        without_tracefs("exec setpriv --reuid=65534 --regid=65534 --clear-groups --inh-caps=-all"),
+        &listen,
+    );
     assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("lacks the privileges") && err.contains("run it as root"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
@@ -327,5 +330,9 @@ fn missing_privileges_and_tracefs_are_explained() {
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
     let before = daemon.scrape().handshakes("ipv4");
     drop(TcpStream::connect(listener.local_addr().unwrap()).unwrap());
-    assert!(wait_for(deadline(Duration::from_secs(10)), || daemon.scrape().handshakes("ipv4") > before), "{}", daemon.log());
+    assert!(
+        wait_for(deadline(Duration::from_secs(10)), || daemon.scrape().handshakes("ipv4") > before),
+        "{}",
+        daemon.log()
+    );
 }

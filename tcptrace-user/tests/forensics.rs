@@ -17,9 +17,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use support::{require_root, sh, unique, wait_for, Daemon, Netns, NftTable, Scrape};
+use support::{deadline, require_root, sh, unique, wait_for, Daemon, Netns, NftTable, Scrape};
 
-const DEADLINE: Duration = Duration::from_secs(15);
+/// Deadlines before stretching for a software-emulated VM (see `support::deadline`).
+const BASE_DEADLINE: Duration = Duration::from_secs(15);
 
 fn loopback_listener() -> (TcpListener, u16) {
     let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
@@ -50,7 +51,8 @@ fn a_dropped_syn_is_one_retransmission_near_one_second_and_a_slow_log_line() {
     // The first SYN is dropped; the retransmission 1 s later passes.
     let lift = lift_after(NftTable::new(None, &[rule]), Duration::from_millis(500));
     let started = Instant::now();
-    let client = TcpStream::connect_timeout(&SocketAddr::from((Ipv4Addr::LOCALHOST, port)), DEADLINE).unwrap();
+    let client =
+        TcpStream::connect_timeout(&SocketAddr::from((Ipv4Addr::LOCALHOST, port)), deadline(BASE_DEADLINE)).unwrap();
     let took = started.elapsed();
     lift.join().unwrap();
     let (_server, _) = listener.accept().unwrap();
@@ -59,7 +61,7 @@ fn a_dropped_syn_is_one_retransmission_near_one_second_and_a_slow_log_line() {
 
     let name = "tcptrace_handshake_duration_seconds";
     let mut after = daemon.scrape();
-    assert!(wait_for(DEADLINE, || {
+    assert!(wait_for(deadline(BASE_DEADLINE), || {
         after = daemon.scrape();
         bucket(&after, name, "active", "2") > bucket(&before, name, "active", "2")
     }));
@@ -73,7 +75,7 @@ fn a_dropped_syn_is_one_retransmission_near_one_second_and_a_slow_log_line() {
     assert_eq!(subset(&after) - subset(&before), 1.0);
 
     let mut records = Vec::new();
-    assert!(wait_for(DEADLINE, || {
+    assert!(wait_for(deadline(BASE_DEADLINE), || {
         records = daemon
             .stdout_lines()
             .iter()
@@ -116,11 +118,12 @@ fn refused_and_timed_out_connects_have_their_reasons() {
 
     // Refused: nothing listens.
     let closed = loopback_listener().1;
-    let err = TcpStream::connect_timeout(&SocketAddr::from((Ipv4Addr::LOCALHOST, closed)), DEADLINE).unwrap_err();
+    let err = TcpStream::connect_timeout(&SocketAddr::from((Ipv4Addr::LOCALHOST, closed)), deadline(BASE_DEADLINE))
+        .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::ConnectionRefused);
 
     let mut after = daemon.scrape();
-    let settled = wait_for(DEADLINE, || {
+    let settled = wait_for(deadline(BASE_DEADLINE), || {
         after = daemon.scrape();
         after.failures("active", "ipv4") >= before.failures("active", "ipv4") + 2.0
     });
@@ -152,7 +155,8 @@ fn a_dropped_final_ack_makes_the_server_retransmit_its_syn_ack() {
     // server retransmits its SYN-ACK after 1 s, and the client's answer completes it.
     let rule = format!("ip daddr 127.0.0.1 tcp dport {port} tcp flags & (syn | ack | fin | rst) == ack drop");
     let lift = lift_after(NftTable::new(None, &[rule]), Duration::from_millis(500));
-    let _client = TcpStream::connect_timeout(&SocketAddr::from((Ipv4Addr::LOCALHOST, port)), DEADLINE).unwrap();
+    let _client =
+        TcpStream::connect_timeout(&SocketAddr::from((Ipv4Addr::LOCALHOST, port)), deadline(BASE_DEADLINE)).unwrap();
     let started = Instant::now();
     let (_server, _) = listener.accept().unwrap();
     let accept_wait = started.elapsed();
@@ -160,7 +164,7 @@ fn a_dropped_final_ack_makes_the_server_retransmit_its_syn_ack() {
 
     let name = "tcptrace_handshake_duration_seconds";
     let mut after = daemon.scrape();
-    assert!(wait_for(DEADLINE, || {
+    assert!(wait_for(deadline(BASE_DEADLINE), || {
         after = daemon.scrape();
         bucket(&after, name, "passive", "+Inf") > bucket(&before, name, "passive", "+Inf")
     }));
@@ -210,12 +214,12 @@ fn passive_durations_across_a_veth_pair_are_positive_and_plausible() {
             let _ = s.read(&mut [0u8; 1]);
         }
     });
-    let addr = rx.recv_timeout(DEADLINE).unwrap();
+    let addr = rx.recv_timeout(deadline(BASE_DEADLINE)).unwrap();
     let before = daemon.scrape();
     pair.a
         .run(move || {
             for _ in 0..N {
-                drop(TcpStream::connect_timeout(&addr, DEADLINE).unwrap());
+                drop(TcpStream::connect_timeout(&addr, deadline(BASE_DEADLINE)).unwrap());
             }
         })
         .join()
@@ -228,7 +232,7 @@ fn passive_durations_across_a_veth_pair_are_positive_and_plausible() {
     let sum =
         |s: &Scrape, d: &str| s.get("tcptrace_handshake_duration_seconds_sum", &[("direction", d), ("family", "ipv4")]);
     let mut after = daemon.scrape();
-    assert!(wait_for(DEADLINE, || {
+    assert!(wait_for(deadline(BASE_DEADLINE), || {
         after = daemon.scrape();
         count(&after, "passive") >= count(&before, "passive") + N as f64
     }));
@@ -313,7 +317,7 @@ fn read_json(
         }
     });
     let mut lines = Vec::new();
-    let end = Instant::now() + DEADLINE;
+    let end = Instant::now() + deadline(BASE_DEADLINE);
     while !done(&lines) {
         let Ok(line) = rx.recv_timeout(end.saturating_duration_since(Instant::now())) else { break };
         lines.push(serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}")));
@@ -415,7 +419,9 @@ fn a_dual_stack_listener_reached_over_ipv4_is_ipv4_everywhere() {
     let before = daemon.scrape();
     const N: usize = 20;
     for i in 0..N {
-        let client = TcpStream::connect_timeout(&SocketAddr::from((Ipv4Addr::LOCALHOST, port)), DEADLINE).unwrap();
+        let client =
+            TcpStream::connect_timeout(&SocketAddr::from((Ipv4Addr::LOCALHOST, port)), deadline(BASE_DEADLINE))
+                .unwrap();
         let (mut server, peer) = listener.accept().unwrap();
         assert!(peer.ip().to_string().starts_with("::ffff:"), "the child is v4-mapped: {peer}");
         if i % 2 == 0 {
@@ -426,7 +432,7 @@ fn a_dual_stack_listener_reached_over_ipv4_is_ipv4_everywhere() {
             let mut client = client;
             while client.read(&mut [0u8; 16]).map(|r| r > 0).unwrap_or(false) {}
         }
-        server.set_read_timeout(Some(support::deadline(DEADLINE))).unwrap();
+        server.set_read_timeout(Some(support::deadline(deadline(BASE_DEADLINE)))).unwrap();
         while server.read(&mut [0u8; 16]).map(|r| r > 0).unwrap_or(false) {}
     }
     let count = |s: &Scrape, d: &str, f: &str| {
@@ -434,7 +440,7 @@ fn a_dual_stack_listener_reached_over_ipv4_is_ipv4_everywhere() {
     };
     let mut after = daemon.scrape();
     let entries = |s: &Scrape, f: &str| s.get("tcptrace_time_wait_entries_total", &[("family", f)]);
-    let settled = wait_for(support::deadline(DEADLINE), || {
+    let settled = wait_for(support::deadline(deadline(BASE_DEADLINE)), || {
         after = daemon.scrape();
         count(&after, "passive", "ipv4") >= count(&before, "passive", "ipv4") + N as f64
             && count(&after, "active", "ipv4") >= count(&before, "active", "ipv4") + N as f64
@@ -480,9 +486,13 @@ fn a_dual_stack_listeners_syn_ack_retransmission_is_matched_to_its_ipv4_child() 
     // happened, so the ACK answering the retransmitted SYN-ACK (after 1 s) passes.
     let rule = format!("ip daddr 127.0.0.1 tcp dport {port} tcp flags & (syn | ack | fin | rst) == ack counter drop");
     let mut table = NftTable::new(None, &[rule]);
-    let client =
-        thread::spawn(move || TcpStream::connect_timeout(&SocketAddr::from((Ipv4Addr::LOCALHOST, port)), DEADLINE));
-    assert!(wait_for(support::deadline(DEADLINE), || table.packets() >= 1), "the final ACK was never dropped");
+    let client = thread::spawn(move || {
+        TcpStream::connect_timeout(&SocketAddr::from((Ipv4Addr::LOCALHOST, port)), deadline(BASE_DEADLINE))
+    });
+    assert!(
+        wait_for(support::deadline(deadline(BASE_DEADLINE)), || table.packets() >= 1),
+        "the final ACK was never dropped"
+    );
     table.delete();
     let (_server, _) = listener.accept().unwrap();
     let _client = client.join().unwrap().expect("connect");
@@ -490,7 +500,7 @@ fn a_dual_stack_listeners_syn_ack_retransmission_is_matched_to_its_ipv4_child() 
     let name = "tcptrace_handshake_retransmitted_duration_seconds";
     let mut after = daemon.scrape();
     assert!(
-        wait_for(support::deadline(DEADLINE), || {
+        wait_for(support::deadline(deadline(BASE_DEADLINE)), || {
             after = daemon.scrape();
             bucket(&after, name, "passive", "+Inf") > bucket(&before, name, "passive", "+Inf")
         }),

@@ -172,9 +172,8 @@ impl ProgStats {
             if !info.contains("prog_type:") {
                 continue;
             }
-            let field = |name: &str| {
-                info.lines().find_map(|l| l.strip_prefix(name)?.trim().parse::<u64>().ok()).unwrap_or(0)
-            };
+            let field =
+                |name: &str| info.lines().find_map(|l| l.strip_prefix(name)?.trim().parse::<u64>().ok()).unwrap_or(0);
             total.run_time_ns += field("run_time_ns:");
             total.runs += field("run_cnt:");
             total.misses += field("recursion_misses:");
@@ -659,7 +658,8 @@ pub fn run(args: &BenchArgs, root: &Path, bin: &Path, xtask: &Path) -> Result<St
             // The kernel's own accounting of the programs (bpf_stats): the cost the
             // CPU columns above only show mixed into the workload's time.
             let per_run = median(mine.iter().map(|r| r.prog.run_time_ns as f64 / r.prog.runs.max(1) as f64).collect());
-            let per_conn = median(mine.iter().map(|r| r.prog.run_time_ns as f64 / 1e3 / r.connections as f64).collect());
+            let per_conn =
+                median(mine.iter().map(|r| r.prog.run_time_ns as f64 / 1e3 / r.connections as f64).collect());
             let runs: u64 = mine.iter().map(|r| r.prog.runs).sum();
             let misses: u64 = mine.iter().map(|r| r.prog.misses).sum();
             let _ = write!(

@@ -19,6 +19,30 @@ pub fn require_root() {
     assert_eq!(euid, 0, "the kernel tests load eBPF programs and need root: run `cargo xtask test`");
 }
 
+/// `base` stretched for a software-emulated VM (`TCPTRACE_TEST_SLOW=1`, set by
+/// `cargo xtask vmtest`), where everything runs 5-10 times slower.
+pub fn deadline(base: Duration) -> Duration {
+    if std::env::var_os("TCPTRACE_TEST_SLOW").is_some_and(|v| v == "1") {
+        base * 6
+    } else {
+        base
+    }
+}
+
+/// Waits up to `deadline` for the child to exit; kills it past that and returns `None`.
+pub fn wait_exit(child: &mut Child, deadline: Duration) -> Option<ExitStatus> {
+    let end = Instant::now() + deadline;
+    while Instant::now() < end {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    None
+}
+
 /// Polls `cond` until it holds or `deadline` passes; returns whether it held.
 pub fn wait_for(deadline: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let end = Instant::now() + deadline;
@@ -84,7 +108,7 @@ impl Daemon {
             stdout: stdout_lines,
             conn: RefCell::new(None),
         };
-        match rx.recv_timeout(Duration::from_secs(20)) {
+        match rx.recv_timeout(deadline(Duration::from_secs(20))) {
             Ok(addr) => daemon.addr = addr.parse().expect("listen address"),
             Err(_) => panic!("daemon did not start serving within 20 s; its log:\n{}", daemon.log()),
         }
@@ -109,7 +133,7 @@ impl Daemon {
         let mut conn = self.conn.borrow_mut();
         let stream = conn.get_or_insert_with(|| {
             let s = TcpStream::connect_timeout(&self.addr, Duration::from_secs(5)).expect("connect to daemon");
-            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            s.set_read_timeout(Some(deadline(Duration::from_secs(10)))).unwrap();
             BufReader::new(s)
         });
         write!(stream.get_mut(), "GET /metrics HTTP/1.1\r\nHost: tcptrace\r\n\r\n").expect("send scrape");
@@ -152,16 +176,7 @@ impl Drop for Daemon {
 pub fn stop(child: &mut Child, signal: i32, deadline: Duration) -> Option<ExitStatus> {
     // SAFETY: kill with the pid of our own child.
     unsafe { libc::kill(child.id() as i32, signal) };
-    let end = Instant::now() + deadline;
-    while Instant::now() < end {
-        if let Ok(Some(status)) = child.try_wait() {
-            return Some(status);
-        }
-        thread::sleep(Duration::from_millis(10));
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-    None
+    wait_exit(child, deadline)
 }
 
 /// One parsed scrape: `name{labels} value` lines.
@@ -203,6 +218,11 @@ impl Scrape {
                 n == name && l.len() == labels.len() && labels.iter().all(|(k, v)| l.get(*k).is_some_and(|x| x == v))
             })
             .map_or(0.0, |(_, _, v)| *v)
+    }
+
+    /// Every series of `name`, with its labels.
+    pub fn series(&self, name: &str) -> Vec<(BTreeMap<String, String>, f64)> {
+        self.samples.iter().filter(|(n, ..)| n == name).map(|(_, l, v)| (l.clone(), *v)).collect()
     }
 
     /// Sum over every series of `name` whose labels include these.

@@ -17,7 +17,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use support::{deadline, require_root, sh, unique, wait_for, Daemon, Netns, NftTable, Scrape};
+use support::{deadline, require_root, sh, unique, wait_for, Daemon, Netns, NftTable, Scrape, DROP_FIRST};
 
 /// Deadlines before stretching for a software-emulated VM (see `support::deadline`).
 const BASE_DEADLINE: Duration = Duration::from_secs(15);
@@ -26,14 +26,6 @@ fn loopback_listener() -> (TcpListener, u16) {
     let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
     let port = l.local_addr().unwrap().port();
     (l, port)
-}
-
-/// Deletes `table` after `after`, from another thread.
-fn lift_after(mut table: NftTable, after: Duration) -> thread::JoinHandle<()> {
-    thread::spawn(move || {
-        thread::sleep(after);
-        table.delete();
-    })
 }
 
 fn bucket(s: &Scrape, name: &str, direction: &str, le: &str) -> f64 {
@@ -47,14 +39,14 @@ fn a_dropped_syn_is_one_retransmission_near_one_second_and_a_slow_log_line() {
     let daemon = Daemon::start(&["--slow-handshake", "200ms", "--log-format", "json"]);
     let (listener, port) = loopback_listener();
     let before = daemon.scrape();
-    let rule = format!("ip daddr 127.0.0.1 tcp dport {port} tcp flags & (syn | ack) == syn drop");
     // The first SYN is dropped; the retransmission 1 s later passes.
-    let lift = lift_after(NftTable::new(None, &[rule]), Duration::from_millis(500));
+    let rule = format!("ip daddr 127.0.0.1 tcp dport {port} tcp flags & (syn | ack) == syn {DROP_FIRST}");
+    let table = NftTable::new(None, &[rule]);
     let started = Instant::now();
     let client =
         TcpStream::connect_timeout(&SocketAddr::from((Ipv4Addr::LOCALHOST, port)), deadline(BASE_DEADLINE)).unwrap();
     let took = started.elapsed();
-    lift.join().unwrap();
+    assert_eq!(table.packets(), 1, "exactly the first SYN was dropped");
     let (_server, _) = listener.accept().unwrap();
     let local_port = client.local_addr().unwrap().port();
     assert!(took >= Duration::from_millis(900), "connect took {took:?}: the SYN was not dropped");
@@ -151,16 +143,16 @@ fn a_dropped_final_ack_makes_the_server_retransmit_its_syn_ack() {
     let daemon = Daemon::start(&[]);
     let (listener, port) = loopback_listener();
     let before = daemon.scrape();
-    // Drop pure ACKs to the server for 0.5 s: the client's final ACK is lost, the
+    // The first pure ACK to the server is dropped: the client's final ACK is lost, the
     // server retransmits its SYN-ACK after 1 s, and the client's answer completes it.
-    let rule = format!("ip daddr 127.0.0.1 tcp dport {port} tcp flags & (syn | ack | fin | rst) == ack drop");
-    let lift = lift_after(NftTable::new(None, &[rule]), Duration::from_millis(500));
+    let rule = format!("ip daddr 127.0.0.1 tcp dport {port} tcp flags & (syn | ack | fin | rst) == ack {DROP_FIRST}");
+    let table = NftTable::new(None, &[rule]);
     let _client =
         TcpStream::connect_timeout(&SocketAddr::from((Ipv4Addr::LOCALHOST, port)), deadline(BASE_DEADLINE)).unwrap();
     let started = Instant::now();
     let (_server, _) = listener.accept().unwrap();
     let accept_wait = started.elapsed();
-    lift.join().unwrap();
+    assert_eq!(table.packets(), 1, "exactly the final ACK was dropped");
 
     let name = "tcptrace_handshake_duration_seconds";
     let mut after = daemon.scrape();
@@ -482,19 +474,15 @@ fn a_dual_stack_listeners_syn_ack_retransmission_is_matched_to_its_ipv4_child() 
     let daemon = Daemon::start(&[]);
     let (listener, port) = dual_stack_listener();
     let before = daemon.scrape();
-    // The client's final ACK is dropped once; the drop is lifted as soon as it has
-    // happened, so the ACK answering the retransmitted SYN-ACK (after 1 s) passes.
-    let rule = format!("ip daddr 127.0.0.1 tcp dport {port} tcp flags & (syn | ack | fin | rst) == ack counter drop");
-    let mut table = NftTable::new(None, &[rule]);
+    // The client's final ACK is dropped once, so the ACK answering the
+    // retransmitted SYN-ACK (after 1 s) passes.
+    let rule = format!("ip daddr 127.0.0.1 tcp dport {port} tcp flags & (syn | ack | fin | rst) == ack {DROP_FIRST}");
+    let table = NftTable::new(None, &[rule]);
     let client = thread::spawn(move || {
         TcpStream::connect_timeout(&SocketAddr::from((Ipv4Addr::LOCALHOST, port)), deadline(BASE_DEADLINE))
     });
-    assert!(
-        wait_for(support::deadline(deadline(BASE_DEADLINE)), || table.packets() >= 1),
-        "the final ACK was never dropped"
-    );
-    table.delete();
     let (_server, _) = listener.accept().unwrap();
+    assert_eq!(table.packets(), 1, "exactly the final ACK was dropped");
     let _client = client.join().unwrap().expect("connect");
 
     let name = "tcptrace_handshake_retransmitted_duration_seconds";

@@ -338,6 +338,10 @@ pub fn kernel_socket_summary() -> String {
     format!("{sockstat}ss states: {states:?}")
 }
 
+/// An nftables rule suffix that drops only the first matching packet: a token
+/// bucket of one that refills once an hour. No timer has to race the packet.
+pub const DROP_FIRST: &str = "limit rate 1/hour burst 1 packets counter drop";
+
 /// Runs a command, panicking with its output if it fails.
 pub fn sh(program: &str, args: &[&str]) {
     let out = Command::new(program).args(args).output().unwrap_or_else(|e| panic!("{program}: {e}"));
@@ -427,8 +431,10 @@ impl Drop for Netns {
     }
 }
 
-/// An nftables table (family inet) with one output-hook chain holding `rules`,
-/// in the current namespace or in `netns`; deleted on drop (also on panic).
+/// An nftables table (family inet) with one input-hook chain holding `rules`, in
+/// the current namespace or in `netns`; deleted on drop (also on panic). The input
+/// hook, because a packet dropped on output fails locally (6.1 counts it as
+/// TCPRetransFail and never fires tcp:tcp_retransmit_skb), which is not a loss.
 pub struct NftTable {
     name: String,
     netns: Option<String>,
@@ -438,7 +444,7 @@ impl NftTable {
     pub fn new(netns: Option<&Netns>, rules: &[String]) -> Self {
         let name = unique("tctest");
         let mut script =
-            format!("table inet {name} {{\n chain out {{\n  type filter hook output priority 0; policy accept;\n");
+            format!("table inet {name} {{\n chain in {{\n  type filter hook input priority 0; policy accept;\n");
         for r in rules {
             script.push_str(&format!("  {r}\n"));
         }

@@ -42,6 +42,18 @@ macro_rules! cfg {
     };
 }
 
+/// Fills an event's 4-tuple and namespace from a classic tracepoint's record `$rec`,
+/// at the offsets of `CONFIG.$layout`.
+macro_rules! from_record {
+    ($rec:expr, $sk:expr, $layout:ident) => {
+        |ev: &mut Event| {
+            let ports = (cfg!($layout.sport), cfg!($layout.dport));
+            record_tuple(ev, $rec, ports, (cfg!($layout.saddr_v6), cfg!($layout.daddr_v6)));
+            ev.netns = netns($sk);
+        }
+    };
+}
+
 /// Every TCP state change, counted here so the common ones need not be streamed.
 #[map]
 static TRANSITIONS: PerCpuArray<TransitionCounts> = PerCpuArray::with_max_entries(1, 0);
@@ -157,11 +169,7 @@ pub fn set_state_tp(ctx: TracePointContext) -> u32 {
     ) else {
         return 0;
     };
-    state_change(sk, old as u32, new as u32, |ev| {
-        let at = (cfg!(set_state.sport), cfg!(set_state.dport));
-        record_tuple(ev, &rec, at, (cfg!(set_state.saddr_v6), cfg!(set_state.daddr_v6)));
-        ev.netns = netns(sk);
-    });
+    state_change(sk, old as u32, new as u32, from_record!(&rec, sk, set_state));
     0
 }
 
@@ -230,11 +238,7 @@ pub fn retransmit_skb_tp(ctx: TracePointContext) -> u32 {
     };
     if rec.get::<i32>(cfg!(retransmit_skb.old_state)) == Some(TcpState::SynSent as i32) {
         let sk = rec.get::<u64>(cfg!(retransmit_skb.skaddr)).unwrap_or(0);
-        rare(EventKind::SynRetransmit, sk, TcpState::SynSent as u8, |ev| {
-            let at = (cfg!(retransmit_skb.sport), cfg!(retransmit_skb.dport));
-            record_tuple(ev, &rec, at, (cfg!(retransmit_skb.saddr_v6), cfg!(retransmit_skb.daddr_v6)));
-            ev.netns = netns(sk);
-        });
+        rare(EventKind::SynRetransmit, sk, TcpState::SynSent as u8, from_record!(&rec, sk, retransmit_skb));
     }
     0
 }
@@ -257,11 +261,7 @@ pub fn retransmit_synack_tp(ctx: TracePointContext) -> u32 {
         return 0;
     };
     let sk = rec.get::<u64>(cfg!(retransmit_synack.skaddr)).unwrap_or(0);
-    rare(EventKind::SynAckRetransmit, sk, 0, |ev| {
-        let at = (cfg!(retransmit_synack.sport), cfg!(retransmit_synack.dport));
-        record_tuple(ev, &rec, at, (cfg!(retransmit_synack.saddr_v6), cfg!(retransmit_synack.daddr_v6)));
-        ev.netns = netns(sk);
-    });
+    rare(EventKind::SynAckRetransmit, sk, 0, from_record!(&rec, sk, retransmit_synack));
     0
 }
 
@@ -281,11 +281,7 @@ pub fn receive_reset_tp(ctx: TracePointContext) -> u32 {
         return 0;
     };
     let sk = rec.get::<u64>(cfg!(receive_reset.skaddr)).unwrap_or(0);
-    rare(EventKind::ResetReceived, sk, 0, |ev| {
-        let at = (cfg!(receive_reset.sport), cfg!(receive_reset.dport));
-        record_tuple(ev, &rec, at, (cfg!(receive_reset.saddr_v6), cfg!(receive_reset.daddr_v6)));
-        ev.netns = netns(sk);
-    });
+    rare(EventKind::ResetReceived, sk, 0, from_record!(&rec, sk, receive_reset));
     0
 }
 

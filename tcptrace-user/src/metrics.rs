@@ -197,8 +197,8 @@ impl Metrics {
             Opts::new(
                 "tcptrace_kernel_events_missed_total",
                 "Runs of a tcptrace program the kernel skipped because a BPF program was already running \
-                 on that CPU (the program's recursion_misses; counted by Linux 5.12+): events lost before \
-                 they reached the ring buffer.",
+                 on that CPU (the program's recursion_misses; counted for raw tracepoints from Linux 6.2, \
+                 for classic ones from 6.7): state changes neither counted nor streamed.",
             ),
             &["program"],
         )?;

@@ -230,7 +230,7 @@ pub struct LoadOptions {
 pub struct KernelCounters {
     lost: PerCpuArray<MapData, u64>,
     transitions: PerCpuArray<MapData, TransitionCounts>,
-    /// The attached programs, to read their `recursion_misses` (Linux 5.12+).
+    /// The attached programs, to read their `recursion_misses` (a field since Linux 5.12).
     programs: Vec<(&'static str, aya::programs::ProgramFd)>,
 }
 

@@ -101,6 +101,12 @@ impl Drop for FtraceCount {
     }
 }
 
+/// Whether a kernel release (`5.10.0-32-amd64`) is at least `major.minor`.
+fn kernel_at_least(release: &str, (major, minor): (u32, u32)) -> bool {
+    let mut parts = release.split(|c: char| !c.is_ascii_digit()).filter_map(|p| p.parse::<u32>().ok());
+    (parts.next().unwrap_or(0), parts.next().unwrap_or(0)) >= (major, minor)
+}
+
 /// Every `tcptrace_state_transitions_total` series of a scrape.
 fn transitions(s: &Scrape) -> BTreeMap<(String, String), u64> {
     s.series("tcptrace_state_transitions_total")
@@ -166,7 +172,12 @@ fn burst(n: usize, threads: usize) {
 #[ignore = "needs root and the real kernel: run `cargo xtask test`"]
 fn transition_counts_equal_an_ftrace_count_or_the_gap_is_exported_as_missed() {
     require_root();
+    let release = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_string();
     for attach in ["raw", "classic"] {
+        // Raw tracepoint programs have no recursion guard before 6.2 (they skip
+        // nothing) and count what their guard skips from 6.2 on; classic ones are
+        // always guarded, but the kernel counts their skips only from 6.7 on.
+        let counted = attach == "raw" || kernel_at_least(&release, (6, 7));
         let daemon = Daemon::start(&["--attach", attach]);
         let ftrace = FtraceCount::new();
         let (t0, f0, m0) = {
@@ -199,10 +210,18 @@ fn transition_counts_equal_an_ftrace_count_or_the_gap_is_exported_as_missed() {
                 skipped as f64 * 100.0 / truth_sum.max(1) as f64
             );
             let per_key_ok = truth.iter().all(|(k, &v)| seen.get(k).copied().unwrap_or(0) <= v);
-            truth_sum >= 4000 * 8 && per_key_ok && seen_sum + skipped == truth_sum
+            // Where the kernel does not count skipped runs, the gap is all it can be.
+            let exact = seen_sum + skipped == truth_sum || (!counted && seen_sum + skipped < truth_sum);
+            truth_sum >= 4000 * 8 && per_key_ok && exact
         });
         assert_eq!(ftrace.overruns(), 0, "the ftrace instance itself lost events; the comparison is void");
         assert!(settled, "{report}");
+        if !counted {
+            report.push_str(&format!(
+                "; this kernel ({release}) does not count the skipped runs of classic tracepoint programs (Linux \
+                 6.7+ does): the difference went unreported, which is why raw tracepoints are the default"
+            ));
+        }
         eprintln!("{report}");
     }
 }

@@ -424,7 +424,7 @@ fn a_dual_stack_listener_reached_over_ipv4_is_ipv4_everywhere() {
             let mut client = client;
             while client.read(&mut [0u8; 16]).map(|r| r > 0).unwrap_or(false) {}
         }
-        server.set_read_timeout(Some(support::deadline(deadline(BASE_DEADLINE)))).unwrap();
+        server.set_read_timeout(Some(deadline(BASE_DEADLINE))).unwrap();
         while server.read(&mut [0u8; 16]).map(|r| r > 0).unwrap_or(false) {}
     }
     let count = |s: &Scrape, d: &str, f: &str| {
@@ -432,7 +432,7 @@ fn a_dual_stack_listener_reached_over_ipv4_is_ipv4_everywhere() {
     };
     let mut after = daemon.scrape();
     let entries = |s: &Scrape, f: &str| s.get("tcptrace_time_wait_entries_total", &[("family", f)]);
-    let settled = wait_for(support::deadline(deadline(BASE_DEADLINE)), || {
+    let settled = wait_for(deadline(BASE_DEADLINE), || {
         after = daemon.scrape();
         count(&after, "passive", "ipv4") >= count(&before, "passive", "ipv4") + N as f64
             && count(&after, "active", "ipv4") >= count(&before, "active", "ipv4") + N as f64
@@ -488,7 +488,7 @@ fn a_dual_stack_listeners_syn_ack_retransmission_is_matched_to_its_ipv4_child() 
     let name = "tcptrace_handshake_retransmitted_duration_seconds";
     let mut after = daemon.scrape();
     assert!(
-        wait_for(support::deadline(deadline(BASE_DEADLINE)), || {
+        wait_for(deadline(BASE_DEADLINE), || {
             after = daemon.scrape();
             bucket(&after, name, "passive", "+Inf") > bucket(&before, name, "passive", "+Inf")
         }),

@@ -232,18 +232,14 @@ fn same_tuples_closing_first(server_port: u16, first_port: u16, n: u16) {
         for _ in 0..n {
             let (mut s, _) = listener.accept().expect("accept");
             accepted_tx.send(()).unwrap();
-            s.set_read_timeout(Some(support::deadline(deadline(BASE_DEADLINE)))).unwrap();
+            s.set_read_timeout(Some(deadline(BASE_DEADLINE))).unwrap();
             while s.read(&mut [0u8; 16]).map(|r| r > 0).unwrap_or(false) {}
         }
     });
     let remote = (Ipv4Addr::LOCALHOST, server_port).into();
     for port in first_port..first_port + n {
-        let s = support::connect_from(
-            (Ipv4Addr::LOCALHOST, port).into(),
-            remote,
-            support::deadline(deadline(BASE_DEADLINE)),
-        );
-        accepted.recv_timeout(support::deadline(deadline(BASE_DEADLINE))).expect("the server accepts");
+        let s = support::connect_from((Ipv4Addr::LOCALHOST, port).into(), remote, deadline(BASE_DEADLINE));
+        accepted.recv_timeout(deadline(BASE_DEADLINE)).expect("the server accepts");
         drop(s);
     }
     server.join().expect("server thread");
@@ -254,7 +250,7 @@ fn same_tuples_closing_first(server_port: u16, first_port: u16, n: u16) {
 /// show the same; returns (gauge, per-namespace counts).
 fn time_wait_agrees_across_namespaces(daemon: &Daemon, namespaces: &[&Netns], each: usize) -> (f64, Vec<usize>) {
     let mut last = (0.0, 0, Vec::new(), String::new());
-    let agree = wait_for(support::deadline(2 * deadline(BASE_DEADLINE)), || {
+    let agree = wait_for(deadline(2 * BASE_DEADLINE), || {
         let scrape = daemon.scrape();
         let counts: Vec<usize> = namespaces.iter().map(|ns| ns.sockstat_tw()).collect();
         let host = host_sockstat_tw();

@@ -423,6 +423,8 @@ struct Suite {
     failed: Vec<String>,
     /// Counts from libtest's closing line; absent when the binary died first.
     counts: Option<(usize, usize)>,
+    /// From libtest's `running N tests`, so a suite that died still shows its size.
+    total: Option<usize>,
     status: Option<i32>,
     /// The failing tests' output, or the end of the whole output when it died.
     tails: Vec<(String, String)>,
@@ -442,7 +444,8 @@ impl Suite {
         if self.counts.is_none() && passed + failed == 0 && self.status.is_none() {
             return format!("{} not run", self.name);
         }
-        let mut line = format!("{} {passed}/{} passed", self.name, passed + failed);
+        let total = self.total.unwrap_or(0).max(passed + failed);
+        let mut line = format!("{} {passed}/{total} passed", self.name);
         if self.counts.is_none() {
             let stuck = self.stuck.as_deref().map(|t| format!(" in {t}")).unwrap_or_default();
             match (self.status, self.limit) {
@@ -495,6 +498,12 @@ fn parse_libtest(name: &str, text: &str, status: Option<i32>) -> Suite {
         }
         if line == "failures:" {
             push_tail(&mut suite, section.take(), TAIL);
+            continue;
+        }
+        if let Some(n) =
+            line.strip_prefix("running ").and_then(|r| r.strip_suffix(" tests").or(r.strip_suffix(" test")))
+        {
+            suite.total = n.parse().ok();
             continue;
         }
         if let Some(rest) = line.strip_prefix("test result: ") {
@@ -586,7 +595,7 @@ impl Outcome {
     fn line(&self) -> String {
         let mut parts: Vec<String> = self.suites.iter().map(Suite::summary).collect();
         parts.extend(self.problems.iter().cloned());
-        format!("{}: {} ({})", self.kernel.release, parts.join(", "), minutes(self.wall))
+        format!("{} ({}): {} ({})", self.kernel.release, self.kernel.version, parts.join(", "), minutes(self.wall))
     }
 }
 
@@ -926,9 +935,9 @@ mod tests {
         let ok = "test a ... ok\n\ntest result: ok. 1 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out\n";
         assert!(parse_libtest("forensics", ok, Some(0)).ok());
 
-        let died = parse_libtest("kernel", "running 2 tests\ntest a ... ok\ntest b ... ", Some(137));
+        let died = parse_libtest("kernel", "running 3 tests\ntest a ... ok\ntest b ... ", Some(137));
         assert!(!died.ok());
-        assert_eq!(died.summary(), "kernel 1/2 passed (did not finish in b: exit status 137)");
+        assert_eq!(died.summary(), "kernel 1/3 passed (did not finish in b: exit status 137)");
         assert!(died.tails[0].0.contains("b (running when it died)"));
         assert_eq!(died.stuck.as_deref(), Some("b"));
         let stopped =

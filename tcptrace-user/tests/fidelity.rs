@@ -173,6 +173,8 @@ fn burst(n: usize, threads: usize) {
 fn transition_counts_equal_an_ftrace_count_or_the_gap_is_exported_as_missed() {
     require_root();
     let release = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_string();
+    // Fewer under emulation, where 4,000 take minutes; still thousands.
+    let connections = if support::deadline(Duration::from_secs(1)) > Duration::from_secs(1) { 2000 } else { 4000 };
     for attach in ["raw", "classic"] {
         // Raw tracepoint programs have no recursion guard before 6.2 (they skip
         // nothing) and count what their guard skips from 6.2 on; classic ones are
@@ -186,7 +188,7 @@ fn transition_counts_equal_an_ftrace_count_or_the_gap_is_exported_as_missed() {
             (transitions(&s), ftrace.counts(), missed(&s))
         };
         assert!(f0.values().sum::<u64>() < 50, "a quiet machine is needed: {f0:?}");
-        burst(4000, 4);
+        burst(connections, 4);
         let mut report = String::new();
         let settled = wait_for(deadline(Duration::from_secs(20)), || {
             let s = daemon.scrape();
@@ -212,7 +214,7 @@ fn transition_counts_equal_an_ftrace_count_or_the_gap_is_exported_as_missed() {
             let per_key_ok = truth.iter().all(|(k, &v)| seen.get(k).copied().unwrap_or(0) <= v);
             // Where the kernel does not count skipped runs, the gap is all it can be.
             let exact = seen_sum + skipped == truth_sum || (!counted && seen_sum + skipped < truth_sum);
-            truth_sum >= 4000 * 8 && per_key_ok && exact
+            truth_sum >= connections as u64 * 8 && per_key_ok && exact
         });
         assert_eq!(ftrace.overruns(), 0, "the ftrace instance itself lost events; the comparison is void");
         assert!(settled, "{report}");

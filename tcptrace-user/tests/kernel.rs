@@ -76,23 +76,40 @@ fn handshakes_failures_and_time_wait_entries_are_counted_exactly() {
         connect_refused(ip, M);
         let expected_active = before.handshakes(family) + N as f64;
         let mut after = daemon.scrape();
+        // A run the kernel skips (a softirq state change nesting in a running program,
+        // counted in tcptrace_kernel_events_missed_total) is the only excuse for a
+        // count to fall short: each may cost one transition.
+        let skipped = |after: &Scrape| after.missed() - before.missed();
         let settled = wait_for(deadline(BASE_DEADLINE), || {
             after = daemon.scrape();
-            after.handshakes(family) >= expected_active
-                && after.failures("active", family) >= before.failures("active", family) + M as f64
-                && after.transitions("fin_wait2", "close") >= before.transitions("fin_wait2", "close") + N as f64
+            let slack = skipped(&after);
+            after.handshakes(family) + slack >= expected_active
+                && after.failures("active", family) + slack >= before.failures("active", family) + M as f64
+                && after.transitions("fin_wait2", "close") + slack
+                    >= before.transitions("fin_wait2", "close") + N as f64
         });
         assert!(settled, "{family}: metrics did not reach the expected counts:\n{}", after.text);
+        let slack = skipped(&after);
         let delta = |f: &dyn Fn(&Scrape) -> f64| f(&after) - f(&before);
-        assert_eq!(delta(&|s| s.handshakes(family)), N as f64, "{family}: active handshakes");
-        assert_eq!(delta(&|s| s.transitions("syn_recv", "established")), N as f64, "{family}: passive completions");
-        assert_eq!(delta(&|s| s.transitions("listen", "syn_recv")), N as f64, "{family}: passive opens");
-        assert_eq!(delta(&|s| s.transitions("close", "syn_sent")), (N + M) as f64, "{family}: connects");
-        assert_eq!(delta(&|s| s.failures("active", family)), M as f64, "{family}: failed connects");
-        assert_eq!(delta(&|s| s.failures_for("active", family, "refused")), M as f64, "{family}: refused");
+        let exact = |what: &str, got: f64, want: usize| {
+            let want = want as f64;
+            assert!(
+                got <= want && got + slack >= want,
+                "{family}: {what}: {got}, expected {want} ({slack} runs skipped)"
+            );
+        };
+        exact("active handshakes", delta(&|s| s.handshakes(family)), N);
+        exact("passive completions", delta(&|s| s.transitions("syn_recv", "established")), N);
+        exact("passive opens", delta(&|s| s.transitions("listen", "syn_recv")), N);
+        exact("connects", delta(&|s| s.transitions("close", "syn_sent")), N + M);
+        exact("failed connects", delta(&|s| s.failures("active", family)), M);
+        exact("refused", delta(&|s| s.failures_for("active", family, "refused")), M);
         assert_eq!(delta(&|s| s.failures("passive", family)), 0.0, "{family}: passive failures");
         let tw = |s: &Scrape| s.get("tcptrace_time_wait_entries_total", &[("family", family)]);
-        assert_eq!(delta(&tw), N as f64, "{family}: TIME_WAIT entries");
+        exact("TIME_WAIT entries", delta(&tw), N);
+        if slack > 0.0 {
+            eprintln!("{family}: the kernel skipped {slack} runs; counts checked within that");
+        }
         let mean = delta(&|s| s.handshake_seconds(family)) / N as f64;
         assert!(mean > 0.0 && mean < 0.05, "{family}: mean loopback handshake {mean} s is implausible");
         let passive = |s: &Scrape| {
@@ -101,7 +118,7 @@ fn handshakes_failures_and_time_wait_entries_are_counted_exactly() {
         let passive_sum = |s: &Scrape| {
             s.get("tcptrace_handshake_duration_seconds_sum", &[("direction", "passive"), ("family", family)])
         };
-        assert_eq!(delta(&passive), N as f64, "{family}: passive handshake durations");
+        exact("passive handshake durations", delta(&passive), N);
         let passive_mean = delta(&passive_sum) / N as f64;
         assert!(passive_mean > 0.0 && passive_mean < 0.05, "{family}: mean SYN-ACK round trip {passive_mean} s");
         eprintln!(
@@ -140,12 +157,22 @@ fn time_wait_gauge_equals_the_kernels_count_also_after_a_restart() {
 /// tests) may be expiring meanwhile: the kernel's timer wheel ends them 60-62 s after
 /// entry, tcptrace at 61 s, so this waits for a moment when no expiry is in flight.
 fn time_wait_agrees_with_the_kernel(daemon: &Daemon, when: &str) -> usize {
-    let mut last = (0.0, 0);
+    // Each run the kernel skipped since the daemon started (counted) may be a missed
+    // entry; nothing else may make the gauge differ.
+    let mut last = (0.0, 0, 0.0);
     let agree = wait_for(2 * deadline(BASE_DEADLINE), || {
-        last = (daemon.scrape().time_wait(), kernel_time_wait());
-        last.0 == last.1 as f64
+        let scrape = daemon.scrape();
+        last = (scrape.time_wait(), kernel_time_wait(), scrape.missed());
+        last.0 <= last.1 as f64 && last.0 + last.2 >= last.1 as f64
     });
-    assert!(agree, "{when}: tcptrace_time_wait_sockets {} != kernel's {}\n{}", last.0, last.1, kernel_socket_summary());
+    assert!(
+        agree,
+        "{when}: tcptrace_time_wait_sockets {} != kernel's {} ({} runs skipped)\n{}",
+        last.0,
+        last.1,
+        last.2,
+        kernel_socket_summary()
+    );
     assert!(last.1 >= 300, "{when}: {} TIME_WAIT sockets, expected at least 300", last.1);
     last.1
 }
@@ -255,11 +282,14 @@ fn time_wait_agrees_across_namespaces(daemon: &Daemon, namespaces: &[&Netns], ea
         let counts: Vec<usize> = namespaces.iter().map(|ns| ns.sockstat_tw()).collect();
         let host = host_sockstat_tw();
         last = (scrape.time_wait(), host, counts.clone(), scrape.text.clone());
+        // Runs the kernel skipped (counted) are the only allowed shortfall.
+        let slack = scrape.missed();
+        let near = |got: f64, want: usize| got <= want as f64 && got + slack >= want as f64;
         let own_series = namespaces
             .iter()
             .zip(&counts)
-            .all(|(ns, &n)| scrape.netns_time_wait(&ns.inode().to_string()).is_some_and(|(v, _)| v == n as f64));
-        counts.iter().all(|&n| n == each) && last.0 == (host + counts.iter().sum::<usize>()) as f64 && own_series
+            .all(|(ns, &n)| scrape.netns_time_wait(&ns.inode().to_string()).is_some_and(|(v, _)| near(v, n)));
+        counts.iter().all(|&n| n == each) && near(last.0, host + counts.iter().sum::<usize>()) && own_series
     });
     let (gauge, host, counts, text) = last;
     let series: Vec<&str> = text.lines().filter(|l| l.starts_with("tcptrace_netns_time_wait_sockets")).collect();

@@ -234,6 +234,11 @@ impl Scrape {
             .sum()
     }
 
+    /// Runs of tcptrace's programs the kernel skipped (and counted), all programs.
+    pub fn missed(&self) -> f64 {
+        self.sum("tcptrace_kernel_events_missed_total", &[])
+    }
+
     pub fn transitions(&self, old: &str, new: &str) -> f64 {
         self.get("tcptrace_state_transitions_total", &[("old_state", old), ("new_state", new)])
     }

@@ -542,9 +542,10 @@ fn push_tail(suite: &mut Suite, section: Option<(String, Vec<&str>)>, keep: usiz
     }
 }
 
-/// The last `keep` lines without backtraces (RUST_BACKTRACE=1 in the guest), which
-/// would otherwise push the panic message itself out of a short tail; the full
-/// output stays in the results directory.
+/// At most `keep` lines of a test's output: from its panic message on when it has
+/// one (assertions put the point first and may go on with a whole scrape), else
+/// the last lines. Backtraces (RUST_BACKTRACE=1 in the guest) are left out; the
+/// full output stays in the results directory.
 fn tail(lines: &[&str], keep: usize) -> String {
     let mut kept = Vec::new();
     let mut in_backtrace = false;
@@ -562,7 +563,17 @@ fn tail(lines: &[&str], keep: usize) -> String {
         }
         kept.push(*line);
     }
-    kept[kept.len().saturating_sub(keep)..].join("\n").trim().to_owned()
+    match kept.iter().position(|l| l.contains("panicked at")) {
+        Some(start) => {
+            let end = kept.len().min(start + keep);
+            let mut text = kept[start..end].join("\n").trim_end().to_owned();
+            if end < kept.len() {
+                text.push_str(&format!("\n[... {} more lines]", kept.len() - end));
+            }
+            text
+        }
+        None => kept[kept.len().saturating_sub(keep)..].join("\n").trim().to_owned(),
+    }
 }
 
 /// `N word` out of `ok. 3 passed; 1 failed; 0 ignored; ...`.
@@ -626,13 +637,13 @@ pub fn run_matrix(root: &Path, kernels: &[Kernel], binaries: &[PathBuf], deadlin
     for outcome in outcomes.iter().filter(|o| !o.ok()) {
         for suite in &outcome.suites {
             for (test, tail) in &suite.tails {
-                let short: Vec<&str> = tail.lines().collect();
-                let start = short.len().saturating_sub(12);
+                let lines: Vec<&str> = tail.lines().collect();
+                let more = if lines.len() > 12 { "\n[... more in the summary]" } else { "" };
                 eprintln!(
-                    "--- {} {} {test} (last lines):\n{}",
+                    "--- {} {} {test}:\n{}{more}",
                     outcome.kernel.release,
                     suite.name,
-                    short[start..].join("\n")
+                    lines[..lines.len().min(12)].join("\n")
                 );
             }
         }
@@ -928,7 +939,15 @@ mod tests {
         assert_eq!(suite.failed, ["b", "c"]);
         assert_eq!(suite.counts, Some((1, 2)));
         assert_eq!(suite.tails.len(), 2);
-        assert!(suite.tails[0].1.ends_with("verifier said no"), "{}", suite.tails[0].1);
+        assert_eq!(suite.tails[0].1, "thread 'b' panicked at x.rs:1:1:\nverifier said no");
+        let long: Vec<String> = (0..50).map(|i| format!("line {i}")).collect();
+        let mut lines: Vec<&str> = vec!["before", "thread 't' panicked at x.rs:1:1:"];
+        lines.extend(long.iter().map(String::as_str));
+        let excerpt = tail(&lines, 5);
+        assert!(
+            excerpt.starts_with("thread 't' panicked") && excerpt.ends_with("line 3\n[... 46 more lines]"),
+            "{excerpt}"
+        );
         assert_eq!(suite.summary(), "kernel 1/3 passed");
         assert!(!suite.ok());
 

@@ -51,14 +51,14 @@ enum Cmd {
         #[arg(long)]
         no_vm: bool,
     },
-    /// Run both root test suites inside VMs booted with other kernels (qemu software
+    /// Run the root test suites inside VMs booted with other kernels (qemu software
     /// emulation via virtme-ng, all installed when missing). Writes target/vm/summary.md.
     Vmtest {
         /// An alias (5.10, 6.1, 6.12: the newest Debian kernel of that series) or a
         /// Debian kernel release (6.1.0-56-amd64). Repeatable; default: all three aliases.
         #[arg(long = "kernel", value_name = "KVER_OR_ALIAS")]
         kernels: Vec<String>,
-        /// Seconds one VM may take (boot, both suites, power-off) before qemu is
+        /// Seconds one VM may take (boot, the root suites, power-off) before qemu is
         /// killed and that kernel counts as failed.
         #[arg(long, value_name = "SECONDS", default_value_t = vm::DEADLINE.as_secs())]
         timeout: u64,

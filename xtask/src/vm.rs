@@ -1,4 +1,4 @@
-//! The kernel matrix: both root test suites inside VMs booted with the kernels
+//! The kernel matrix: the root test suites inside VMs booted with the kernels
 //! tcptrace's users run (Debian 11's 5.10, Debian 12's 6.1 and the 6.12 LTS kernel
 //! from Debian 12's security archive), not only this machine's.
 //!
@@ -36,7 +36,7 @@ pub const SLOW_ENV: &str = "TCPTRACE_TEST_SLOW";
 /// flags or the guest's mounts.
 const VIRTME_NG: &str = "1.42";
 
-/// One VM's whole life: boot, both suites, power-off. Measured at 2-3 minutes per
+/// One VM's whole life: boot, every root suite, power-off. Measured at 2-3 minutes per
 /// kernel; the deadline only catches a hung guest.
 pub const DEADLINE: Duration = Duration::from_secs(12 * 60);
 
@@ -619,7 +619,7 @@ fn minutes(d: Duration) -> String {
     }
 }
 
-/// Runs both suites on every kernel, one VM at a time (two cores), prints and
+/// Runs the root suites on every kernel, one VM at a time (two cores), prints and
 /// writes `target/vm/summary.md`, and fails if anything failed on any kernel, after
 /// all of them ran.
 pub fn run_matrix(root: &Path, kernels: &[Kernel], binaries: &[PathBuf], deadline: Duration) -> Result<()> {
@@ -845,8 +845,7 @@ fn descendants(pid: u32) -> Vec<u32> {
 
 fn summary(outcomes: &[Outcome]) -> String {
     let mut md = String::from("# Root tests in VMs\n\n");
-    let _ =
-        writeln!(md, "Both root suites (`--ignored --test-threads=1`) per kernel, under qemu software emulation.\n");
+    let _ = writeln!(md, "The root suites (`--ignored --test-threads=1`) per kernel, under qemu software emulation.\n");
     let _ = writeln!(md, "| kernel | package | result | time |\n| --- | --- | --- | --- |");
     for o in outcomes {
         let mut parts: Vec<String> = o.suites.iter().map(Suite::summary).collect();

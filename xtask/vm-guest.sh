@@ -9,6 +9,9 @@
 #   mounts                           debugfs/tracefs mounts left when the tests start
 #   NAME.out, NAME.status            each test binary's output and exit status
 #                                    (124 or 137: it ran out of its SECONDS)
+#   heartbeat                        rewritten every 20 s: uptime, load and the
+#                                    newest processes with where they wait, so a
+#                                    guest that stops is told from a slow one
 #   finished                         written last: the guest got to the end
 set -u
 
@@ -32,6 +35,16 @@ umount /sys/kernel/debug/tracing 2>/dev/null
 umount /sys/kernel/debug 2>/dev/null
 grep -E ' (debugfs|tracefs) ' /proc/mounts >"$results/mounts"
 
+(
+    while sleep 20; do
+        {
+            echo "uptime $(cut -d' ' -f1 /proc/uptime) s, load $(cut -d' ' -f1-3 /proc/loadavg)"
+            ps -eo pid,stat,etime,wchan:24,args --sort=start_time | tail -n 6
+        } >"$results/heartbeat.new" 2>&1 && mv "$results/heartbeat.new" "$results/heartbeat"
+    done
+) &
+heartbeat=$!
+
 # The native run starts the binaries from the workspace root; do the same.
 cd "$workdir" || exit 1
 
@@ -45,5 +58,6 @@ for pair in "$@"; do
     echo $? >"$results/$name.status"
 done
 
+kill "$heartbeat" 2>/dev/null
 echo done >"$results/finished"
 sync

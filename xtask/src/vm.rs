@@ -596,6 +596,8 @@ struct Outcome {
     suites: Vec<Suite>,
     /// What went wrong around the tests: a hung guest, a mount left, a missing file.
     problems: Vec<String>,
+    /// The guest's last heartbeat, kept when the VM had to be killed.
+    heartbeat: Option<String>,
 }
 
 impl Outcome {
@@ -647,6 +649,10 @@ pub fn run_matrix(root: &Path, kernels: &[Kernel], binaries: &[PathBuf], deadlin
                 );
             }
         }
+    }
+    for outcome in outcomes.iter().filter(|o| o.heartbeat.is_some()) {
+        let heartbeat = outcome.heartbeat.as_deref().unwrap_or_default();
+        eprintln!("--- {} was killed; the guest's last heartbeat:\n{}", outcome.kernel.release, heartbeat.trim_end());
     }
     step("kernel matrix:");
     for outcome in &outcomes {
@@ -726,7 +732,16 @@ fn run_one(root: &Path, kernel: &Kernel, suites: &[(String, PathBuf)], deadline:
 
     let mut problems = Vec::new();
     if timed_out {
-        problems.push(format!("timed out after {}: qemu killed", minutes(deadline)));
+        // The guest rewrites its heartbeat every 20 s: an old one means the guest
+        // itself stopped, not only a test.
+        let silent = fs::metadata(results.join("heartbeat"))
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .filter(|age| *age > Duration::from_secs(60))
+            .map(|age| format!(", the guest silent for its last {}", minutes(age)))
+            .unwrap_or_default();
+        problems.push(format!("timed out after {}: qemu killed{silent}", minutes(deadline)));
     }
     let read = |name: &str| fs::read_to_string(results.join(name)).ok();
     let booted = read("proc-version").map(|v| v.trim().to_owned());
@@ -755,7 +770,8 @@ fn run_one(root: &Path, kernel: &Kernel, suites: &[(String, PathBuf)], deadline:
     if booted.is_some() && read("finished").is_none() && !timed_out {
         problems.push("the guest stopped before the end (see console.log)".to_owned());
     }
-    Ok(Outcome { kernel: kernel.clone(), booted, wall, suites: outcome_suites, problems })
+    let heartbeat = if timed_out { read("heartbeat") } else { None };
+    Ok(Outcome { kernel: kernel.clone(), booted, wall, suites: outcome_suites, problems, heartbeat })
 }
 
 /// Each suite's share of the VM's deadline, after about two minutes for booting and
@@ -874,6 +890,9 @@ fn summary(outcomes: &[Outcome]) -> String {
             let _ = writeln!(md, "- {problem}");
         }
         md.push('\n');
+        if let Some(heartbeat) = &o.heartbeat {
+            let _ = writeln!(md, "The guest's last heartbeat:\n\n```\n{}\n```\n", heartbeat.trim_end());
+        }
         for suite in &o.suites {
             for (test, tail) in &suite.tails {
                 let _ = writeln!(md, "### {} {test}\n\n```\n{tail}\n```\n", suite.name);

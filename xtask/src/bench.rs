@@ -162,18 +162,20 @@ struct ProgStats {
 }
 
 impl ProgStats {
-    /// Sums the fdinfo of every BPF program the process holds open.
+    /// Sums the fdinfo of every BPF program the process holds open, each program
+    /// once (a process may hold several descriptors of one).
     fn of(pid: u32) -> Self {
         let mut total = Self::default();
+        let mut seen = std::collections::HashSet::new();
         let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fd")) else { return total };
         for fd in fds.flatten() {
             let path = format!("/proc/{pid}/fdinfo/{}", fd.file_name().to_string_lossy());
             let info = fs::read_to_string(path).unwrap_or_default();
-            if !info.contains("prog_type:") {
-                continue;
-            }
             let field =
                 |name: &str| info.lines().find_map(|l| l.strip_prefix(name)?.trim().parse::<u64>().ok()).unwrap_or(0);
+            if !info.contains("prog_type:") || !seen.insert(field("prog_id:")) {
+                continue;
+            }
             total.run_time_ns += field("run_time_ns:");
             total.runs += field("run_cnt:");
             total.misses += field("recursion_misses:");

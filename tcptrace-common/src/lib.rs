@@ -186,7 +186,7 @@ pub struct Config {
     /// transitions that pair into handshakes and TIME_WAIT entries, and the rest are
     /// only counted in [`TRANSITIONS_MAP`].
     pub stream_all: u8,
-    pub _pad: [u8; 5],
+    pub _pad: [u8; 9],
 }
 
 impl Config {
@@ -199,7 +199,7 @@ impl Config {
         retransmit_synack: RecordLayout::ABSENT,
         receive_reset: RecordLayout::ABSENT,
         stream_all: 1,
-        _pad: [0; 5],
+        _pad: [0; 9],
     };
 }
 
@@ -456,7 +456,7 @@ mod tests {
     fn event_has_no_hidden_padding() {
         let e = Event::zeroed();
         let fields = 8 + 8 + 8 + 4 + 4 + 16 + 16 + 2 + 2 + 2 + 1 + 1 + 1 + 3 + 4 + 4 + 4 + 16;
-        let config = 8 + 15 * 2 + 4 * 10 * 2 + 1 + 5;
+        let config = 8 + 15 * 2 + 4 * 10 * 2 + 1 + 9;
         assert_eq!(core::mem::size_of::<Config>(), config);
         assert_eq!(core::mem::size_of_val(&e), fields);
     }

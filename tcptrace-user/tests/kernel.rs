@@ -272,9 +272,16 @@ fn same_tuples_closing_first(server_port: u16, first_port: u16, n: u16) {
     server.join().expect("server thread");
 }
 
+/// Most time-wait sockets per namespace the kernel may kill without any event: on
+/// loopback a late duplicate ACK can draw a reset that ends one (README, "How exact";
+/// seen in a 5.10 VM, one per namespace now and then). The model keeps those until
+/// their timer, so such a namespace shows one more than the kernel, and says so.
+const INVISIBLE_KILLS: usize = 2;
+
 /// Waits until the gauge equals the kernel's time-wait count summed over the host
-/// and `namespaces`, each of which must hold `each`, and their per-namespace series
-/// show the same; returns (gauge, per-namespace counts).
+/// and `namespaces`, each of which must hold `each` (less any the kernel killed
+/// unseen), and their per-namespace series show them; returns (gauge, per-namespace
+/// counts).
 fn time_wait_agrees_across_namespaces(daemon: &Daemon, namespaces: &[&Netns], each: usize) -> (f64, Vec<usize>) {
     let mut last = (0.0, 0, Vec::new(), String::new());
     let agree = wait_for(deadline(2 * BASE_DEADLINE), || {
@@ -282,14 +289,23 @@ fn time_wait_agrees_across_namespaces(daemon: &Daemon, namespaces: &[&Netns], ea
         let counts: Vec<usize> = namespaces.iter().map(|ns| ns.sockstat_tw()).collect();
         let host = host_sockstat_tw();
         last = (scrape.time_wait(), host, counts.clone(), scrape.text.clone());
-        // Runs the kernel skipped (counted) are the only allowed shortfall.
+        // Runs the kernel skipped (counted) may make tcptrace short; sockets the
+        // kernel killed unseen may make it long, by as many as the kernel lacks.
         let slack = scrape.missed();
-        let near = |got: f64, want: usize| got <= want as f64 && got + slack >= want as f64;
-        let own_series = namespaces
+        let near = |got: f64, kernel: usize| {
+            let unseen = each.saturating_sub(kernel) as f64;
+            got <= kernel as f64 + unseen && got + slack >= kernel as f64
+        };
+        let series: Vec<f64> = namespaces
             .iter()
-            .zip(&counts)
-            .all(|(ns, &n)| scrape.netns_time_wait(&ns.inode().to_string()).is_some_and(|(v, _)| near(v, n)));
-        counts.iter().all(|&n| n == each) && near(last.0, host + counts.iter().sum::<usize>()) && own_series
+            .map(|ns| scrape.netns_time_wait(&ns.inode().to_string()).map_or(-1.0, |(v, _)| v))
+            .collect();
+        let own_series = series.iter().zip(&counts).all(|(&v, &n)| v >= 0.0 && near(v, n));
+        let whole = scrape.time_wait() - series.iter().sum::<f64>();
+        counts.iter().all(|&n| n <= each && n + INVISIBLE_KILLS >= each)
+            && own_series
+            && whole <= host as f64
+            && whole + slack >= host as f64
     });
     let (gauge, host, counts, text) = last;
     let series: Vec<&str> = text.lines().filter(|l| l.starts_with("tcptrace_netns_time_wait_sockets")).collect();
@@ -299,6 +315,10 @@ fn time_wait_agrees_across_namespaces(daemon: &Daemon, namespaces: &[&Netns], ea
          per-namespace series: {series:#?}\n{}",
         kernel_socket_summary()
     );
+    let killed: usize = counts.iter().map(|&n| each - n).sum();
+    if killed > 0 {
+        eprintln!("the kernel ended {killed} time-wait sockets without an event; the model keeps them to their timer");
+    }
     (gauge, counts)
 }
 

@@ -144,7 +144,7 @@ fn time_wait_gauge_equals_the_kernels_count_also_after_a_restart() {
     connect_and_close(Ipv4Addr::LOCALHOST.into(), 200);
     connect_and_close(Ipv6Addr::LOCALHOST.into(), 100);
     let count = time_wait_agrees_with_the_kernel(&daemon, "after the burst");
-    eprintln!("TIME_WAIT after the burst: tcptrace = kernel = {count}");
+    eprintln!("TIME_WAIT after the burst: kernel {count}, tcptrace agrees");
     drop(daemon);
 
     // A restarted daemon reads the existing time-wait sockets from the kernel.
@@ -158,12 +158,15 @@ fn time_wait_gauge_equals_the_kernels_count_also_after_a_restart() {
 /// entry, tcptrace at 61 s, so this waits for a moment when no expiry is in flight.
 fn time_wait_agrees_with_the_kernel(daemon: &Daemon, when: &str) -> usize {
     // Each run the kernel skipped since the daemon started (counted) may be a missed
-    // entry; nothing else may make the gauge differ.
+    // entry, each socket the kernel ended unseen one too many (at most
+    // INVISIBLE_KILLS); nothing else may make the gauge differ. Checked while the
+    // burst's sockets live, not once they have expired to 0 = 0.
     let mut last = (0.0, 0, 0.0);
     let agree = wait_for(2 * deadline(BASE_DEADLINE), || {
         let scrape = daemon.scrape();
         last = (scrape.time_wait(), kernel_time_wait(), scrape.missed());
-        last.0 <= last.1 as f64 && last.0 + last.2 >= last.1 as f64
+        let (gauge, kernel, slack) = (last.0, last.1 as f64, last.2);
+        kernel + INVISIBLE_KILLS as f64 >= 300.0 && gauge <= kernel + INVISIBLE_KILLS as f64 && gauge + slack >= kernel
     });
     assert!(
         agree,
@@ -173,7 +176,9 @@ fn time_wait_agrees_with_the_kernel(daemon: &Daemon, when: &str) -> usize {
         last.2,
         kernel_socket_summary()
     );
-    assert!(last.1 >= 300, "{when}: {} TIME_WAIT sockets, expected at least 300", last.1);
+    if last.0 > last.1 as f64 {
+        eprintln!("{when}: the kernel ended {} time-wait sockets without an event", last.0 - last.1 as f64);
+    }
     last.1
 }
 

@@ -34,19 +34,26 @@ const BASE_DEADLINE: Duration = Duration::from_secs(10);
 fn connect_and_close(ip: std::net::IpAddr, n: usize) {
     let listener = TcpListener::bind((ip, 0)).expect("bind loopback listener");
     let addr = listener.local_addr().unwrap();
+    lockstep_close(listener, n, |_| {
+        TcpStream::connect_timeout(&addr, deadline(BASE_DEADLINE)).expect("connect over loopback")
+    });
+}
+
+/// `n` connections made by `connect(i)` to `listener`, each closed by the client once
+/// the server has accepted it; the server closes after the client's FIN (CLOSE_WAIT
+/// -> LAST_ACK). Returns once the server saw every EOF.
+fn lockstep_close<T>(listener: TcpListener, n: usize, mut connect: impl FnMut(usize) -> T) {
     let (accepted_tx, accepted) = std::sync::mpsc::channel();
     let server = thread::spawn(move || {
         for _ in 0..n {
             let (mut s, _) = listener.accept().expect("accept");
             accepted_tx.send(()).unwrap();
             s.set_read_timeout(Some(deadline(BASE_DEADLINE))).unwrap();
-            let mut buf = [0u8; 16];
-            // Wait for the client's FIN, then close: the server side goes CLOSE_WAIT -> LAST_ACK.
-            while s.read(&mut buf).map(|r| r > 0).unwrap_or(false) {}
+            while s.read(&mut [0u8; 16]).map(|r| r > 0).unwrap_or(false) {}
         }
     });
-    for _ in 0..n {
-        let s = TcpStream::connect_timeout(&addr, deadline(BASE_DEADLINE)).expect("connect over loopback");
+    for i in 0..n {
+        let s = connect(i);
         accepted.recv_timeout(deadline(BASE_DEADLINE)).expect("the server accepts");
         drop(s);
     }
@@ -259,22 +266,11 @@ fn promtool_accepts_a_real_scrape() {
 /// first (a time-wait socket each), in lockstep like [`connect_and_close`].
 fn same_tuples_closing_first(server_port: u16, first_port: u16, n: u16) {
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, server_port)).expect("bind the listener");
-    let (accepted_tx, accepted) = std::sync::mpsc::channel();
-    let server = thread::spawn(move || {
-        for _ in 0..n {
-            let (mut s, _) = listener.accept().expect("accept");
-            accepted_tx.send(()).unwrap();
-            s.set_read_timeout(Some(deadline(BASE_DEADLINE))).unwrap();
-            while s.read(&mut [0u8; 16]).map(|r| r > 0).unwrap_or(false) {}
-        }
-    });
     let remote = (Ipv4Addr::LOCALHOST, server_port).into();
-    for port in first_port..first_port + n {
-        let s = support::connect_from((Ipv4Addr::LOCALHOST, port).into(), remote, deadline(BASE_DEADLINE));
-        accepted.recv_timeout(deadline(BASE_DEADLINE)).expect("the server accepts");
-        drop(s);
-    }
-    server.join().expect("server thread");
+    lockstep_close(listener, n.into(), |i| {
+        let local = (Ipv4Addr::LOCALHOST, first_port + i as u16).into();
+        support::connect_from(local, remote, deadline(BASE_DEADLINE))
+    });
 }
 
 /// Most time-wait sockets per namespace the kernel may kill without any event: on

@@ -11,10 +11,9 @@ use std::{
 
 use tcptrace_common::{Event, EventKind, TcpState, AF_INET, AF_INET6};
 use tcptrace_user::{
-    events,
+    events::{self, KernelTotals},
     metrics::{render, Metrics, MetricsConfig, PortLabels},
     pipeline::Pipeline,
-    probe::KernelTotals,
     tracker::{Limits, Tracker},
 };
 
@@ -168,7 +167,7 @@ fn main() {
         for e in &max_records {
             p.event(e);
         }
-        p.refresh(1, &KernelTotals::default()); // Promotes the busiest ports and commands to labels.
+        p.refresh(1, &KernelTotals::default());
     }
     let (med, p99, bytes) = render_times(&p, 100);
     let series = render(p.metrics().registry()).lines().filter(|l| !l.starts_with('#')).count();

@@ -6,10 +6,11 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use ipnet::IpNet;
 use tcptrace_common::DEFAULT_RING_BYTES;
 
-use crate::{metrics::PortLabels, probe::AttachMode};
+use crate::{metrics::PortLabels, probe::AttachMode, report::LogFormat};
 
-/// Default `--listen`: all IPv4 interfaces, so Prometheus can scrape the host.
-pub const DEFAULT_LISTEN: &str = "0.0.0.0:9931";
+/// Default `--listen`: loopback. tcptrace runs as root and its endpoint can name
+/// ports and commands; exposing it to the network is a choice made with the flag.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:9931";
 
 #[derive(Debug, Parser)]
 #[command(
@@ -34,16 +35,6 @@ pub enum Command {
     /// change (like tcpstates), or with --handshakes one line per completed or failed
     /// handshake. Stops on Ctrl-C or when stdout closes (`tcptrace watch | head`).
     Watch(WatchArgs),
-}
-
-/// How records (slow log, `watch`) are written.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    /// `key=value` pairs, one record per line.
-    #[default]
-    Text,
-    /// One JSON object per line.
-    Json,
 }
 
 /// `--family` filter values.
@@ -95,9 +86,27 @@ pub struct WatchArgs {
 
 #[derive(Debug, Args)]
 pub struct DaemonArgs {
-    /// Address to serve /metrics on, as IP:PORT (use [::]:9931 for IPv6, port 0 for any free port).
+    /// Address to serve /metrics on, as IP:PORT. The default is loopback only: pass
+    /// 0.0.0.0:9931 (or [::]:9931) for a Prometheus on another host to scrape it, and
+    /// restrict who can reach the port. Port 0 picks any free port.
     #[arg(long, default_value = DEFAULT_LISTEN, value_name = "ADDR", value_parser = parse_listen)]
     pub listen: SocketAddr,
+
+    /// Most connections to the metrics endpoint at once; more are closed at once and
+    /// counted in tcptrace_http_connections_rejected_total.
+    #[arg(long = "web.max-connections", default_value_t = 64, value_name = "N",
+          value_parser = clap::value_parser!(u16).range(1..))]
+    pub web_max_connections: u16,
+
+    /// Close a connection whose request head is not complete this long after its
+    /// first byte (slow or stuck clients).
+    #[arg(long = "web.header-timeout", default_value = "10s", value_name = "DURATION", value_parser = parse_duration)]
+    pub web_header_timeout: Duration,
+
+    /// Close a connection with no request for this long. Longer than the scrape
+    /// interval keeps Prometheus's keep-alive connection open.
+    #[arg(long = "web.idle-timeout", default_value = "2m", value_name = "DURATION", value_parser = parse_duration)]
+    pub web_idle_timeout: Duration,
 
     /// Kernel ring buffer size between the eBPF programs and the daemon: a power of two
     /// of at least 4KiB, e.g. 256KiB, 1MiB, 16MiB. Each event takes 112 bytes; a full

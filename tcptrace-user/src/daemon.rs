@@ -2,29 +2,28 @@
 
 use std::{
     fs,
-    os::fd::{AsRawFd, RawFd},
+    os::fd::AsRawFd,
     sync::{Arc, Mutex, MutexGuard, PoisonError},
     time::Duration,
 };
 
 use aya::maps::{MapData, RingBuf};
 use log::{info, warn};
-use tokio::{
-    io::{unix::AsyncFd, Interest},
-    net::TcpListener,
-    sync::watch,
-};
+use tokio::{net::TcpListener, sync::watch};
 
 use crate::{
     cli::DaemonArgs,
+    clock::monotonic_ns,
     error::{Error, Result},
+    lines::LineQueue,
     metrics::{self, Metrics, MetricsConfig},
-    pipeline::{monotonic_ns, Pipeline},
+    pipeline::Pipeline,
     probe::{KernelCounters, LoadOptions, Probe},
     procnet,
+    reader::{Consumer, Pace, Reader},
     report::SlowLog,
     server, shutdown,
-    tracker::{syn_sent_lifetime_ns, Limits, Sink as _, Tracker},
+    tracker::{syn_sent_lifetime_ns, Eviction, Limits, Sink as _, Tracker},
 };
 
 /// How often the ring buffer is drained when the kernel has not woken the reader:
@@ -41,6 +40,10 @@ const RENAME_NETNS_EVERY: u32 = 15;
 /// Most record bytes held back while seeding (about 320,000 events); beyond it the
 /// ring buffer fills and the kernel counts what it drops, as without holding.
 const HOLD_MAX_BYTES: usize = 32 << 20;
+/// Slow-log records waiting for stdout; beyond it they are dropped and counted.
+const SLOW_LOG_QUEUE: usize = 8192;
+/// How often the daemon checks that its reader thread still runs.
+const READER_CHECK_EVERY: Duration = Duration::from_millis(500);
 
 /// Everything the reader and the scrapes share, behind one lock.
 struct State {
@@ -109,13 +112,15 @@ fn lock(s: &Mutex<State>) -> MutexGuard<'_, State> {
     s.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// The ring buffer's file descriptor, registered for readiness while the ring
-/// buffer itself lives in [`State`] (scrapes drain it too).
-struct RingFd(RawFd);
+/// The reader thread's view of [`State`].
+struct Drainer(Shared);
 
-impl AsRawFd for RingFd {
-    fn as_raw_fd(&self) -> RawFd {
-        self.0
+impl Consumer for Drainer {
+    fn drain(&mut self) {
+        lock(&self.0).drain();
+    }
+    fn tick(&mut self) {
+        lock(&self.0).refresh();
     }
 }
 
@@ -133,7 +138,7 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
         attach: args.attach,
     })?;
     let ring = probe.take_events()?;
-    let ring_fd = watch_readable(RingFd(ring.as_raw_fd()))?;
+    let ring_fd = ring.as_raw_fd();
     let counters = probe.take_counters()?;
 
     let limits = Limits {
@@ -160,17 +165,22 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
     let programs: Vec<_> = probe.programs.iter().map(|p| (p.tracepoint, p.attached)).collect();
     pipeline.parts().1.set_probe(&probe.mode.to_string(), probe.btf, &programs);
     if let Some(threshold) = args.slow_handshake {
-        let out = std::io::LineWriter::new(std::io::stdout());
+        let dropped = pipeline.metrics().slow_log_dropped();
+        let out = LineQueue::spawn("slow-handshake log (stdout)", SLOW_LOG_QUEUE, std::io::stdout())?
+            .on_drop(move |n| dropped.inc_by(n));
         pipeline = pipeline.with_slow_log(SlowLog::new(threshold, args.log_format, out));
     }
     let registry = pipeline.metrics().registry().clone();
+    let web = pipeline.metrics().web_counters();
     let held = Some(Held::default());
     let shared: Shared = Arc::new(Mutex::new(State { pipeline, ring, counters, held }));
 
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let mut reader = tokio::spawn(read_events(ring_fd, shared.clone(), stop_rx.clone()));
+    // Drain from now on: the programs are attached and the ring buffer fills.
+    let pace = Pace { drain_every: DRAIN_EVERY, tick_every: REFRESH_EVERY };
+    let reader = Reader::spawn(ring_fd, pace, Drainer(shared.clone()))?;
     // Events carry their namespace when BTF gave its offsets; seeds must match them.
     seed_time_wait(&shared, probe.netns, max_time_wait).await;
+    let (stop_tx, stop_rx) = watch::channel(false);
     if netns_labels > 0 {
         tokio::spawn(name_namespaces(shared.clone(), stop_rx.clone()));
     }
@@ -178,30 +188,42 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
         lock(&shared).refresh();
         metrics::render(&registry)
     });
-    let mut server = tokio::spawn(server::serve(listener, render, stop_rx));
+    let limits = server::Limits {
+        max_connections: usize::from(args.web_max_connections),
+        header_timeout: args.web_header_timeout,
+        idle_timeout: args.web_idle_timeout,
+    };
+    let mut server = tokio::spawn(server::serve(listener, render, limits, web, stop_rx));
+    if addr.ip().is_unspecified() {
+        warn!(
+            "serving on all interfaces ({addr}): anyone who can reach this port reads these metrics; \
+             pass --listen one address (the default is loopback) or firewall the port to restrict it"
+        );
+    }
     info!("serving metrics at http://{addr}/metrics");
 
+    let mut check = tokio::time::interval(READER_CHECK_EVERY);
+    let reader_ended = async {
+        loop {
+            check.tick().await;
+            if reader.is_finished() {
+                break;
+            }
+        }
+    };
     let outcome = tokio::select! {
         sig = shutdown::signal_received() => sig.map(|s| info!("{s} received: detaching and exiting")).map_err(Error::from),
-        r = &mut reader => Err(Error::Io(std::io::Error::other(format!("the event reader stopped: {}", join_msg(r))))),
+        () = reader_ended => Err(Error::Io(std::io::Error::other("the event reader stopped"))),
         r = &mut server => Err(Error::Io(std::io::Error::other(format!("the metrics server stopped: {}", join_msg(r))))),
     };
     let _ = stop_tx.send(true);
-    let _ = tokio::time::timeout(Duration::from_millis(1500), async {
-        let _ = (&mut reader).await;
-        let _ = (&mut server).await;
-    })
-    .await;
+    let outcome = match (outcome, reader.stop()) {
+        (Err(_), Err(err)) => Err(Error::Io(std::io::Error::other(format!("the event reader failed: {err}")))),
+        (outcome, _) => outcome,
+    };
+    let _ = tokio::time::timeout(Duration::from_millis(1500), &mut server).await;
     drop(probe); // Detaches every program.
     outcome
-}
-
-/// Registers a map's file descriptor with the runtime for read readiness.
-pub(crate) fn watch_readable<T: std::os::fd::AsRawFd>(inner: T) -> std::io::Result<AsyncFd<T>> {
-    // SAFETY: the descriptors stay open and unchanged while the AsyncFd exists: a
-    // RingFd's ring buffer lives in State, which outlives the reader task that holds
-    // the AsyncFd; `watch` keeps its ring buffer beside its AsyncFd.
-    unsafe { AsyncFd::register_with_interest(inner, Interest::READABLE) }.map_err(Into::into)
 }
 
 fn join_msg<T: std::fmt::Debug>(r: std::result::Result<T, tokio::task::JoinError>) -> String {
@@ -230,7 +252,7 @@ async fn seed_time_wait(shared: &Shared, tag_netns: bool, cap: usize) {
             );
             let (tracker, metrics) = state.pipeline.parts();
             if seeds.dropped > 0 {
-                metrics.evicted(seeds.dropped as u64);
+                metrics.evicted(Eviction::TimeWaitCap, seeds.dropped as u64);
             }
             tracker.seed_time_wait(seeds.sockets, metrics);
         }
@@ -270,31 +292,4 @@ async fn name_namespaces(shared: Shared, mut stop: watch::Receiver<bool>) {
 /// net.ipv4.tcp_syn_retries of the daemon's namespace (the kernel default, 6, if unreadable).
 fn syn_retries() -> u32 {
     fs::read_to_string("/proc/sys/net/ipv4/tcp_syn_retries").ok().and_then(|s| s.trim().parse().ok()).unwrap_or(6)
-}
-
-/// Drains the ring buffer when the kernel signals data and every [`DRAIN_EVERY`],
-/// and runs expiry every [`REFRESH_EVERY`]. Never polls: it sleeps in epoll until
-/// one of them is due.
-async fn read_events(
-    mut ring: AsyncFd<RingFd>,
-    shared: Shared,
-    mut stop: watch::Receiver<bool>,
-) -> std::io::Result<()> {
-    let mut drain = tokio::time::interval(DRAIN_EVERY);
-    let mut refresh = tokio::time::interval(REFRESH_EVERY);
-    for t in [&mut drain, &mut refresh] {
-        t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    }
-    loop {
-        tokio::select! {
-            guard = ring.readable_mut() => {
-                let mut guard = guard?;
-                lock(&shared).drain();
-                guard.clear_ready();
-            }
-            _ = drain.tick() => lock(&shared).drain(),
-            _ = refresh.tick() => lock(&shared).refresh(),
-            _ = shutdown::stopped(&mut stop) => return Ok(()),
-        }
-    }
 }

@@ -2,7 +2,7 @@
 
 use std::borrow::Cow;
 
-use tcptrace_common::{comm_bytes, Event, AF_INET, AF_INET6};
+use tcptrace_common::{comm_bytes, Event, TransitionCounts, AF_INET, AF_INET6};
 
 /// A task's `comm` as text (lossy: the kernel does not promise UTF-8).
 pub fn comm(raw: &[u8; 16]) -> Cow<'_, str> {
@@ -79,6 +79,16 @@ pub fn canonical(family: u16, saddr: [u8; 16], daddr: [u8; 16]) -> (u16, [u8; 16
         }
         _ => (family, saddr, daddr),
     }
+}
+
+/// The kernel-side counts of events that never reached the ring buffer reader,
+/// and of every transition. `probe::KernelCounters::read` returns; `None` where a map could not be read.
+#[derive(Clone, Debug, Default)]
+pub struct KernelTotals {
+    pub lost: Option<u64>,
+    pub transitions: Option<Box<TransitionCounts>>,
+    /// Runs the kernel skipped, by tracepoint (its program's `recursion_misses`).
+    pub missed: Vec<(&'static str, u64)>,
 }
 
 #[cfg(test)]

@@ -7,13 +7,16 @@
 
 pub mod btf;
 pub mod cli;
+pub mod clock;
 pub mod daemon;
 pub mod error;
 pub mod events;
+pub mod lines;
 pub mod metrics;
 pub mod pipeline;
 pub mod probe;
 pub mod procnet;
+pub mod reader;
 pub mod report;
 pub mod server;
 pub mod shutdown;

@@ -13,11 +13,15 @@ use prometheus::{
 };
 use tcptrace_common::{TcpState, TransitionCounts};
 
-use self::{comms::CommLabeler, netns::NetnsGauge, ports::PortLabeler};
+use self::{
+    comms::CommLabeler,
+    netns::NetnsGauge,
+    ports::{PortLabeler, OTHER},
+};
 pub use self::{netns::MAX_NETNS_LABELS, ports::PortLabels};
 use crate::{
     events::Family,
-    tracker::{Direction, Failure, FailureReason, Handshake, Sink, Tracker},
+    tracker::{Direction, Eviction, Failure, FailureReason, Handshake, Sink, Tracker},
 };
 
 /// Handshake duration buckets in seconds. The low end resolves loopback handshakes
@@ -45,7 +49,8 @@ pub struct MetricsConfig {
     pub host_netns: Option<u32>,
 }
 
-/// Lazily created label handles, indexed densely.
+/// Label handles, indexed densely: those of `other` (slot 0) made at start, so
+/// every series that can exist does from the first scrape, the rest on first use.
 struct Handles<T> {
     slots: Vec<Option<T>>,
 }
@@ -60,16 +65,26 @@ impl<T: Clone> Handles<T> {
     }
 }
 
+/// The HTTP server's own counters.
+#[derive(Clone)]
+pub struct WebCounters {
+    /// Connections closed at once because the cap was reached.
+    pub rejected: IntCounter,
+    pub header_timeouts: IntCounter,
+    pub idle_timeouts: IntCounter,
+}
+
 /// Every tcptrace metric, registered in its own registry (never the global one).
 pub struct Metrics {
     registry: Registry,
     ports: PortLabeler,
+    handshakes_vec: IntCounterVec,
     handshake_vec: HistogramVec,
     retransmitted_vec: HistogramVec,
     failures_vec: IntCounterVec,
     transitions_vec: IntCounterVec,
-    /// `[direction][family][port slot]`, created on first observation so that what
-    /// has produced nothing yet exports no empty series.
+    /// `[direction][family][port slot]`.
+    handshakes: Handles<IntCounter>,
     handshake: Handles<Histogram>,
     retransmitted: Handles<Histogram>,
     /// `[direction][family][reason][port slot]`.
@@ -90,7 +105,10 @@ pub struct Metrics {
     events_lost: IntCounter,
     events_malformed: IntCounter,
     tracked_sockets: IntGauge,
-    evicted: IntCounter,
+    /// By [`Eviction`].
+    evicted: Vec<IntCounter>,
+    slow_log_dropped: IntCounter,
+    web: WebCounters,
     /// Last kernel-side lost count seen, so the counter can be advanced by the delta.
     lost_seen: u64,
     /// Runs the kernel skipped, by tracepoint, with the last total seen of each.
@@ -108,6 +126,15 @@ impl Metrics {
         let port_label: &[&str] = if ports.enabled() { &["port"] } else { &[] };
         let labels = |base: &[&'static str]| -> Vec<&str> { base.iter().chain(port_label).copied().collect() };
 
+        let handshakes_vec = IntCounterVec::new(
+            Opts::new(
+                "tcptrace_handshakes_total",
+                "Completed TCP handshakes, timed or not (SYN_SENT->ESTABLISHED, SYN_RECV->ESTABLISHED): \
+                 the denominator for failure ratios. The duration histogram holds those that could be timed.",
+            ),
+            &labels(&["direction", "family"]),
+        )?;
+        reg(Box::new(handshakes_vec.clone()))?;
         let histogram = |name: &str, help: &str| -> prometheus::Result<HistogramVec> {
             let h = HistogramVec::new(
                 HistogramOpts::new(name, help).buckets(HANDSHAKE_BUCKETS.to_vec()),
@@ -119,7 +146,8 @@ impl Metrics {
         let handshake_vec = histogram(
             "tcptrace_handshake_duration_seconds",
             "TCP handshake duration. active: connect() (CLOSE->SYN_SENT) to ESTABLISHED; passive: \
-             the SYN-ACK round trip of an accepted connection, plus any SYN-ACK retransmission delay.",
+             the SYN-ACK round trip of an accepted connection, plus any SYN-ACK retransmission delay. \
+             Only handshakes whose start was seen (or, passive, whose round trip BTF let tcptrace read).",
         )?;
         let retransmitted_vec = histogram(
             "tcptrace_handshake_retransmitted_duration_seconds",
@@ -183,13 +211,46 @@ impl Metrics {
             "tcptrace_events_malformed_total",
             "Ring buffer records of the wrong size (an eBPF object from another build).",
         )?;
-        let evicted = counter(
-            "tcptrace_tracked_sockets_evicted_total",
-            "Per-socket entries dropped before their outcome was seen: caps reached or handshake timeout.",
+        let evicted_vec = IntCounterVec::new(
+            Opts::new(
+                "tcptrace_tracked_sockets_evicted_total",
+                "Entries tcptrace dropped before their natural end, by table and reason. handshakes: an \
+                 active open's start (cap: --max-tracked-sockets; timeout: no outcome within the SYN \
+                 retry time; replaced: its end was missed), its end then counts untimed. time_wait: a \
+                 modelled time-wait socket (cap: --max-time-wait-sockets), the gauge undercounts until it \
+                 would have expired. synack, resets: records that attribute retransmissions and reasons.",
+            ),
+            &["table", "reason"],
         )?;
+        reg(Box::new(evicted_vec.clone()))?;
+        let evicted = Eviction::ALL.iter().map(|e| evicted_vec.with_label_values(&e.labels())).collect();
+        let slow_log_dropped = counter(
+            "tcptrace_slow_log_dropped_total",
+            "Slow-handshake records (--slow-handshake) dropped because stdout did not keep up; the \
+             metrics still count those handshakes.",
+        )?;
+        let web_rejected = counter(
+            "tcptrace_http_connections_rejected_total",
+            "Connections to the metrics endpoint closed at once because --web.max-connections were open.",
+        )?;
+        let web_timeouts = IntCounterVec::new(
+            Opts::new(
+                "tcptrace_http_connections_timed_out_total",
+                "Connections to the metrics endpoint closed by a timeout: `header` (a request not complete \
+                 within --web.header-timeout) or `idle` (no request for --web.idle-timeout).",
+            ),
+            &["timeout"],
+        )?;
+        reg(Box::new(web_timeouts.clone()))?;
+        let web = WebCounters {
+            rejected: web_rejected,
+            header_timeouts: web_timeouts.with_label_values(&["header"]),
+            idle_timeouts: web_timeouts.with_label_values(&["idle"]),
+        };
         let tracked_sockets = IntGauge::new(
             "tcptrace_tracked_sockets",
-            "Sockets with a handshake in progress that tcptrace holds state for.",
+            "Active opens in SYN_SENT that tcptrace holds a start time for (capped by \
+             --max-tracked-sockets); the TIME_WAIT model is tcptrace_time_wait_sockets.",
         )?;
         reg(Box::new(tracked_sockets.clone()))?;
 
@@ -255,7 +316,8 @@ impl Metrics {
         };
 
         let port_slots = ports.slots();
-        Ok(Self {
+        let mut metrics = Self {
+            handshakes: Handles::new(4 * port_slots),
             handshake: Handles::new(4 * port_slots),
             retransmitted: Handles::new(4 * port_slots),
             failures: Handles::new(4 * FailureReason::ALL.len() * port_slots),
@@ -265,6 +327,7 @@ impl Metrics {
             comms,
             process_handshakes,
             process_failures,
+            handshakes_vec,
             handshake_vec,
             retransmitted_vec,
             failures_vec,
@@ -279,13 +342,81 @@ impl Metrics {
             events_malformed,
             tracked_sockets,
             evicted,
+            slow_log_dropped,
+            web,
             lost_seen: 0,
             missed: Vec::new(),
             missed_vec,
             probe_attached,
             kernel_btf,
             registry,
-        })
+        };
+        metrics.create_other_series();
+        Ok(metrics)
+    }
+
+    /// Creates, at 0, every series of the `other` port and command (all series when
+    /// those labels are off), so that rates and ratios exist before the first event.
+    fn create_other_series(&mut self) {
+        for direction in [Direction::Active, Direction::Passive] {
+            for family in Family::ALL {
+                self.handshake_series(direction, family, 0);
+                for reason in FailureReason::ALL {
+                    self.failure_series(direction, family, reason, 0);
+                }
+            }
+        }
+        if let Some((vec, handles)) = &mut self.process_handshakes {
+            handles.get(0, || vec.with_label_values(&[OTHER]));
+        }
+        if let Some((vec, handles)) = &mut self.process_failures {
+            let slots = self.comms.slots();
+            for reason in FailureReason::ALL {
+                handles.get(reason as usize * slots, || vec.with_label_values(&[OTHER, reason.label()]));
+            }
+        }
+    }
+
+    /// The counter and histograms of one direction, family and port slot.
+    fn handshake_series(
+        &mut self,
+        direction: Direction,
+        family: Family,
+        slot: usize,
+    ) -> (&IntCounter, &Histogram, &Histogram) {
+        let index = (direction as usize * 2 + family as usize) * self.ports.slots() + slot;
+        let port = self.ports.label(slot);
+        let values = [direction.label(), family.label(), &port];
+        let values = &values[..2 + usize::from(self.ports.enabled())];
+        (
+            self.handshakes.get(index, || self.handshakes_vec.with_label_values(values)),
+            self.handshake.get(index, || self.handshake_vec.with_label_values(values)),
+            self.retransmitted.get(index, || self.retransmitted_vec.with_label_values(values)),
+        )
+    }
+
+    fn failure_series(
+        &mut self,
+        direction: Direction,
+        family: Family,
+        reason: FailureReason,
+        slot: usize,
+    ) -> &IntCounter {
+        let combo = (direction as usize * 2 + family as usize) * FailureReason::ALL.len() + reason as usize;
+        let port = self.ports.label(slot);
+        let values = [direction.label(), family.label(), reason.label(), &port];
+        let values = &values[..3 + usize::from(self.ports.enabled())];
+        self.failures.get(combo * self.ports.slots() + slot, || self.failures_vec.with_label_values(values))
+    }
+
+    /// The HTTP server's counters.
+    pub fn web_counters(&self) -> WebCounters {
+        self.web.clone()
+    }
+
+    /// The counter of slow-log records dropped, for the slow log's writer.
+    pub fn slow_log_dropped(&self) -> IntCounter {
+        self.slow_log_dropped.clone()
     }
 
     /// The registry, to gather from without holding the tracker.
@@ -346,7 +477,7 @@ impl Metrics {
         }
     }
 
-    /// Copies the tracker's gauges and gives busy ports their labels (top-N mode).
+    /// Copies the tracker's gauges.
     pub fn refresh(&mut self, tracker: &Tracker) {
         for f in Family::ALL {
             self.time_wait_sockets[f as usize].set(tracker.time_wait_sockets(f) as i64);
@@ -355,10 +486,6 @@ impl Metrics {
             g.refresh(tracker.netns_time_wait_sockets());
         }
         self.tracked_sockets.set(tracker.tracked_sockets() as i64);
-        self.ports.promote();
-        if self.comms.enabled() {
-            self.comms.promote();
-        }
     }
 
     /// Network namespaces the per-namespace breakdown needs names for (none when
@@ -399,16 +526,13 @@ pub fn render(registry: &Registry) -> String {
 impl Sink for Metrics {
     fn handshake(&mut self, h: &Handshake) {
         let slot = self.port_slot(h.direction, &h.tuple);
-        let index = (h.direction as usize * 2 + h.family as usize) * self.ports.slots() + slot;
-        let (ports, secs) = (&self.ports, h.duration_ns as f64 * 1e-9);
-        let make = |vec: &HistogramVec| {
-            let port = ports.label(slot);
-            let values = [h.direction.label(), h.family.label(), &port];
-            vec.with_label_values(&values[..2 + usize::from(ports.enabled())])
-        };
-        self.handshake.get(index, || make(&self.handshake_vec)).observe(secs);
-        if h.retransmits > 0 {
-            self.retransmitted.get(index, || make(&self.retransmitted_vec)).observe(secs);
+        let (completed, duration, retransmitted) = self.handshake_series(h.direction, h.family, slot);
+        completed.inc();
+        if let Some(ns) = h.duration_ns {
+            duration.observe(ns as f64 * 1e-9);
+            if h.retransmits > 0 {
+                retransmitted.observe(ns as f64 * 1e-9);
+            }
         }
         if let (Some((vec, handles)), Some(origin)) = (&mut self.process_handshakes, &h.origin) {
             let slot = self.comms.slot(&origin.comm);
@@ -419,17 +543,7 @@ impl Sink for Metrics {
 
     fn handshake_failed(&mut self, f: &Failure) {
         let slot = self.port_slot(f.direction, &f.tuple);
-        let reasons = FailureReason::ALL.len();
-        let combo = (f.direction as usize * 2 + f.family as usize) * reasons + f.reason as usize;
-        let ports = &self.ports;
-        let vec = &self.failures_vec;
-        self.failures
-            .get(combo * ports.slots() + slot, || {
-                let port = ports.label(slot);
-                let values = [f.direction.label(), f.family.label(), f.reason.label(), &port];
-                vec.with_label_values(&values[..3 + usize::from(ports.enabled())])
-            })
-            .inc();
+        self.failure_series(f.direction, f.family, f.reason, slot).inc();
         if let (Some((vec, handles)), Some(origin)) = (&mut self.process_failures, &f.origin) {
             let slot = self.comms.slot(&origin.comm);
             let comms = &self.comms;
@@ -450,8 +564,8 @@ impl Sink for Metrics {
         self.time_wait_entries[family as usize].inc();
     }
 
-    fn evicted(&mut self, count: u64) {
-        self.evicted.inc_by(count);
+    fn evicted(&mut self, what: Eviction, count: u64) {
+        self.evicted[what as usize].inc_by(count);
     }
 }
 

@@ -6,17 +6,16 @@ use log::warn;
 use tcptrace_common::Event;
 
 use crate::{
-    events::{self, Family},
+    events::{self, Family, KernelTotals},
     metrics::Metrics,
-    probe::KernelTotals,
-    report::StdoutSlowLog,
-    tracker::{Failure, Handshake, Sink, Tracker},
+    report::QueuedSlowLog,
+    tracker::{Eviction, Failure, Handshake, Sink, Tracker},
 };
 
 pub struct Pipeline {
     tracker: Tracker,
     metrics: Metrics,
-    slow_log: Option<StdoutSlowLog>,
+    slow_log: Option<QueuedSlowLog>,
     /// Events handled since the last refresh: counted here, not with an atomic
     /// increment per event, and added to the counter before every scrape.
     unreported: u64,
@@ -29,7 +28,7 @@ impl Pipeline {
     }
 
     /// Also write slow and failed handshakes as records.
-    pub fn with_slow_log(mut self, log: StdoutSlowLog) -> Self {
+    pub fn with_slow_log(mut self, log: QueuedSlowLog) -> Self {
         self.slow_log = Some(log);
         self
     }
@@ -68,6 +67,12 @@ impl Pipeline {
             self.metrics.set_transitions(transitions);
         }
         self.metrics.set_missed(&kernel.missed);
+        if let Some(ended) = self.slow_log.as_mut().and_then(|log| log.output().ended()) {
+            // A closed stdout must not take the daemon down; say it once.
+            let why = ended.map_or_else(|| "stdout closed".to_string(), |e| e.to_string());
+            warn!("slow-handshake log stopped: {why}; the metrics keep counting");
+            self.slow_log = None;
+        }
     }
 
     pub fn metrics(&self) -> &Metrics {
@@ -84,7 +89,7 @@ impl Pipeline {
 /// failed handshakes also to the slow log when there is one.
 struct Outputs<'a> {
     metrics: &'a mut Metrics,
-    slow_log: Option<&'a mut StdoutSlowLog>,
+    slow_log: Option<&'a mut QueuedSlowLog>,
 }
 
 impl Sink for Outputs<'_> {
@@ -109,18 +114,9 @@ impl Sink for Outputs<'_> {
     fn time_wait_entered(&mut self, family: Family) {
         self.metrics.time_wait_entered(family);
     }
-    fn evicted(&mut self, count: u64) {
-        self.metrics.evicted(count);
+    fn evicted(&mut self, what: Eviction, count: u64) {
+        self.metrics.evicted(what, count);
     }
-}
-
-/// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns`, so event times
-/// and "now" compare directly.
-pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: clock_gettime writes the timespec we own; CLOCK_MONOTONIC always exists.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 #[cfg(test)]
@@ -148,11 +144,5 @@ mod tests {
         assert!(text.contains("\ntcptrace_events_total 1\n"));
         assert!(text.contains("\ntcptrace_events_lost_total 4\n"));
         assert!(text.contains("\ntcptrace_events_malformed_total 1\n"));
-    }
-
-    #[test]
-    fn monotonic_clock_moves_forward() {
-        let a = monotonic_ns();
-        assert!(monotonic_ns() >= a && a > 0);
     }
 }

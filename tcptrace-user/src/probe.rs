@@ -20,6 +20,7 @@ use tcptrace_common::{
 use crate::{
     btf::Btf,
     error::{Error, Result},
+    events::KernelTotals,
     tracefs::{self, Record},
 };
 
@@ -232,15 +233,6 @@ pub struct KernelCounters {
     transitions: PerCpuArray<MapData, TransitionCounts>,
     /// The attached programs, to read their `recursion_misses` (a field since Linux 5.12).
     programs: Vec<(&'static str, aya::programs::ProgramFd)>,
-}
-
-/// What [`KernelCounters::read`] returns; `None` where a map could not be read.
-#[derive(Clone, Debug, Default)]
-pub struct KernelTotals {
-    pub lost: Option<u64>,
-    pub transitions: Option<Box<TransitionCounts>>,
-    /// Runs the kernel skipped, by tracepoint (its program's `recursion_misses`).
-    pub missed: Vec<(&'static str, u64)>,
 }
 
 impl KernelCounters {

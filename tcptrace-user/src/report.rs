@@ -1,20 +1,27 @@
 //! One-line records of handshakes, failures and transitions, as `key=value` text or
 //! JSON: the slow log and `tcptrace watch` write the same records.
 
-use std::{
-    io::{self, Write},
-    time::{Duration, SystemTime},
-};
+use std::time::{Duration, SystemTime};
 
 use serde_json::{Map, Value};
 use tcptrace_common::{Event, TcpState};
 
 use crate::{
-    cli::LogFormat,
+    clock::monotonic_ns,
     events::{self, Family},
-    pipeline::monotonic_ns,
+    lines::{LineQueue, LineSink},
     tracker::{Failure, Handshake, Origin, Sink, Tuple},
 };
+
+/// How records (slow log, `watch`) are written.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// `key=value` pairs, one record per line.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
 
 /// Wall-clock time of a CLOCK_MONOTONIC event timestamp.
 fn wall_time(ts_ns: u64) -> SystemTime {
@@ -85,13 +92,12 @@ impl Record {
 }
 
 pub fn handshake(h: &Handshake, format: LogFormat) -> String {
-    Record::new(h.ts_ns, "handshake")
-        .field("direction", h.direction.label())
-        .tuple(Some(h.family), &h.tuple)
-        .field("duration_ms", millis(h.duration_ns))
-        .field("retransmits", h.retransmits)
-        .origin(h.origin.as_ref())
-        .render(format)
+    let mut r =
+        Record::new(h.ts_ns, "handshake").field("direction", h.direction.label()).tuple(Some(h.family), &h.tuple);
+    if let Some(ns) = h.duration_ns {
+        r = r.field("duration_ms", millis(ns));
+    }
+    r.field("retransmits", h.retransmits).origin(h.origin.as_ref()).render(format)
 }
 
 pub fn failure(f: &Failure, format: LogFormat) -> String {
@@ -120,50 +126,38 @@ pub fn transition(ev: &Event, in_previous_ns: Option<u64>, format: LogFormat) ->
         .render(format)
 }
 
-/// `--slow-handshake`: writes a record for every slow handshake and every failure.
-pub struct SlowLog<W: Write> {
+/// `--slow-handshake`: a record for every slow handshake and every failure.
+pub struct SlowLog<O: LineSink> {
     threshold_ns: u64,
     format: LogFormat,
-    out: W,
-    broken: bool,
+    out: O,
 }
 
-impl<W: Write> SlowLog<W> {
-    pub fn new(threshold: Duration, format: LogFormat, out: W) -> Self {
+impl<O: LineSink> SlowLog<O> {
+    pub fn new(threshold: Duration, format: LogFormat, out: O) -> Self {
         let threshold_ns = u64::try_from(threshold.as_nanos()).unwrap_or(u64::MAX);
-        Self { threshold_ns, format, out, broken: false }
+        Self { threshold_ns, format, out }
     }
 
-    pub fn into_inner(self) -> W {
-        self.out
-    }
-
-    fn write(&mut self, line: String) {
-        if self.broken {
-            return;
-        }
-        if let Err(err) = writeln!(self.out, "{line}").and_then(|()| self.out.flush()) {
-            // A closed stdout must not take the daemon down; say it once.
-            self.broken = true;
-            log::warn!("slow-handshake log stopped: {err}");
-        }
+    pub fn output(&mut self) -> &mut O {
+        &mut self.out
     }
 }
 
-impl<W: Write> Sink for SlowLog<W> {
+impl<O: LineSink> Sink for SlowLog<O> {
     fn handshake(&mut self, h: &Handshake) {
-        if h.duration_ns >= self.threshold_ns {
-            self.write(handshake(h, self.format));
+        if h.duration_ns.is_some_and(|ns| ns >= self.threshold_ns) {
+            self.out.line(handshake(h, self.format));
         }
     }
 
     fn handshake_failed(&mut self, f: &Failure) {
-        self.write(failure(f, self.format));
+        self.out.line(failure(f, self.format));
     }
 }
 
-/// The daemon's slow log goes to stdout (its own log goes to stderr).
-pub type StdoutSlowLog = SlowLog<io::LineWriter<io::Stdout>>;
+/// The daemon's slow log: stdout (its own log goes to stderr), through a queue.
+pub type QueuedSlowLog = SlowLog<LineQueue>;
 
 #[cfg(test)]
 pub(crate) mod tests {
@@ -191,7 +185,7 @@ pub(crate) mod tests {
         Handshake {
             direction: Direction::Active,
             family: Family::Ipv6,
-            duration_ns: ms * 1_000_000 + 123_456,
+            duration_ns: Some(ms * 1_000_000 + 123_456),
             retransmits: 1,
             tuple: tuple6(),
             origin: Some(origin()),
@@ -227,6 +221,7 @@ pub(crate) mod tests {
         let mut log = SlowLog::new(Duration::from_millis(200), LogFormat::Text, Vec::new());
         log.handshake(&slow(199));
         log.handshake(&slow(200));
+        log.handshake(&Handshake { duration_ns: None, ..slow(300) });
         let mut t = tuple6();
         t.family = AF_INET;
         log.handshake_failed(&Failure {
@@ -239,33 +234,32 @@ pub(crate) mod tests {
             elapsed_ns: None,
             ts_ns: monotonic_ns(),
         });
-        let text = String::from_utf8(log.into_inner()).unwrap();
-        let lines: Vec<&str> = text.lines().collect();
-        assert_eq!(lines.len(), 2, "{text}");
+        let lines = log.output();
+        assert_eq!(lines.len(), 2, "{lines:?}");
         assert!(lines[0].contains("duration_ms=200.123"));
         assert!(
             lines[1].contains("handshake_failed direction=passive family=ipv4") && lines[1].contains("reason=reset")
         );
     }
 
+    #[test]
+    fn untimed_handshakes_have_no_duration_field() {
+        let line = handshake(&Handshake { duration_ns: None, ..slow(1) }, LogFormat::Text);
+        assert!(!line.contains("duration_ms") && line.contains(" retransmits=1"), "{line}");
+    }
+
+    use std::io;
+
     /// An output whose reader has gone, like stdout piped into `head`.
     pub(crate) struct ClosedPipe;
 
-    impl Write for ClosedPipe {
+    impl io::Write for ClosedPipe {
         fn write(&mut self, _: &[u8]) -> io::Result<usize> {
             Err(io::ErrorKind::BrokenPipe.into())
         }
         fn flush(&mut self) -> io::Result<()> {
             Ok(())
         }
-    }
-
-    #[test]
-    fn a_closed_output_stops_the_log_quietly() {
-        let mut log = SlowLog::new(Duration::ZERO, LogFormat::Json, ClosedPipe);
-        log.handshake(&slow(1));
-        log.handshake(&slow(1));
-        assert!(log.broken);
     }
 
     #[test]

@@ -3,7 +3,16 @@
 //! hyper directly (HTTP/1.1 only) rather than a web framework: one route does not
 //! justify a router's dependency tree.
 
-use std::{convert::Infallible, sync::Arc, time::Duration};
+use std::{
+    convert::Infallible,
+    pin::Pin,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    task::{Context, Poll},
+    time::{Duration, Instant},
+};
 
 use http_body_util::Full;
 use hyper::{
@@ -14,8 +23,14 @@ use hyper::{
     Method, Request, Response, StatusCode,
 };
 use hyper_util::{rt::TokioIo, server::graceful::GracefulShutdown};
-use log::debug;
-use tokio::{net::TcpListener, sync::watch};
+use log::{debug, warn};
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::{TcpListener, TcpStream},
+    sync::{watch, Semaphore},
+};
+
+use crate::metrics::WebCounters;
 
 /// Produces the metrics text for one scrape.
 pub type Render = Arc<dyn Fn() -> String + Send + Sync>;
@@ -24,32 +39,77 @@ pub type Render = Arc<dyn Fn() -> String + Send + Sync>;
 const EXPOSITION: &str = "text/plain; version=0.0.4; charset=utf-8";
 /// How long in-flight scrapes may take to finish at shutdown.
 const DRAIN: Duration = Duration::from_secs(1);
+/// Renders at most this often: a scrape storm is answered from one render.
+const MIN_RENDER_INTERVAL: Duration = Duration::from_millis(200);
+/// Most accept-error warnings: one per this long (EMFILE comes in floods).
+const WARN_EVERY: Duration = Duration::from_secs(10);
+
+/// What one client may hold.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Connections served at once; more are closed at once and counted.
+    pub max_connections: usize,
+    /// From a request's first byte to its complete head.
+    pub header_timeout: Duration,
+    /// A connection with no request in progress is closed after this long.
+    pub idle_timeout: Duration,
+}
 
 /// Serves until `shutdown` turns true, then lets in-flight requests finish (up to 1 s).
-pub async fn serve(listener: TcpListener, render: Render, mut shutdown: watch::Receiver<bool>) {
+pub async fn serve(
+    listener: TcpListener,
+    render: Render,
+    limits: Limits,
+    counters: WebCounters,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let graceful = GracefulShutdown::new();
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let cache = Arc::new(Cache { render, last: tokio::sync::Mutex::new(None) });
+    let mut accept_errors = RateLimited::default();
     loop {
         let stream = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => stream,
                 Err(err) => {
                     // Usually EMFILE: back off briefly instead of spinning.
-                    log::warn!("accepting a scrape connection failed: {err}");
+                    accept_errors.warn(|n| format!("accepting a scrape connection failed {n} times: {err}"));
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
             },
             _ = crate::shutdown::stopped(&mut shutdown) => break,
         };
-        let render = render.clone();
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            counters.rejected.inc();
+            // A reset, so that refusing leaves no TIME_WAIT socket behind here.
+            let _ = stream.set_zero_linger();
+            continue;
+        };
+        let activity = Arc::new(Activity::new());
+        let io = TokioIo::new(Tracked { inner: stream, activity: activity.clone() });
+        let (cache, on_request) = (cache.clone(), activity.clone());
         let service = service_fn(move |req| {
-            let render = render.clone();
-            async move { Ok::<_, Infallible>(respond(&req, &render)) }
+            on_request.request_read();
+            let cache = cache.clone();
+            async move { Ok::<_, Infallible>(respond(&req, &cache).await) }
         });
-        let conn = graceful.watch(http1::Builder::new().serve_connection(TokioIo::new(stream), service));
+        let conn = graceful.watch(http1::Builder::new().serve_connection(io, service));
+        let counters = counters.clone();
         tokio::spawn(async move {
-            if let Err(err) = conn.await {
-                debug!("scrape connection: {err}");
+            let _permit = permit;
+            tokio::select! {
+                r = conn => if let Err(err) = r {
+                    debug!("scrape connection: {err}");
+                },
+                timeout = activity.expired(limits) => {
+                    let counter = match timeout {
+                        Timeout::Header => &counters.header_timeouts,
+                        Timeout::Idle => &counters.idle_timeouts,
+                    };
+                    counter.inc();
+                    debug!("closing a scrape connection: {timeout:?} timeout");
+                }
             }
         });
     }
@@ -59,7 +119,144 @@ pub async fn serve(listener: TcpListener, render: Render, mut shutdown: watch::R
     }
 }
 
-fn respond(req: &Request<Incoming>, render: &Render) -> Response<Full<Bytes>> {
+/// At most one warning per [`WARN_EVERY`], with how many were held back.
+#[derive(Default)]
+struct RateLimited {
+    last: Option<Instant>,
+    count: u64,
+}
+
+impl RateLimited {
+    fn warn(&mut self, msg: impl FnOnce(u64) -> String) {
+        self.count += 1;
+        if self.last.is_none_or(|t| t.elapsed() >= WARN_EVERY) {
+            warn!("{}", msg(self.count));
+            self.last = Some(Instant::now());
+            self.count = 0;
+        }
+    }
+}
+
+/// Which of a connection's timeouts fired.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Timeout {
+    Header,
+    Idle,
+}
+
+/// When a connection last started a request and last finished reading one, in ms
+/// since `base`; `NONE` while not in that phase.
+struct Activity {
+    base: Instant,
+    request_since: AtomicU64,
+    idle_since: AtomicU64,
+}
+
+const NONE: u64 = u64::MAX;
+
+impl Activity {
+    fn new() -> Self {
+        Self { base: Instant::now(), request_since: AtomicU64::new(NONE), idle_since: AtomicU64::new(0) }
+    }
+
+    fn now(&self) -> u64 {
+        self.base.elapsed().as_millis() as u64
+    }
+
+    /// Bytes arrived: a request starts unless one is already being read.
+    fn bytes_read(&self) {
+        if self.request_since.load(Ordering::Relaxed) == NONE {
+            self.request_since.store(self.now(), Ordering::Relaxed);
+            self.idle_since.store(NONE, Ordering::Relaxed);
+        }
+    }
+
+    /// A complete request head was read: idle again from here.
+    fn request_read(&self) {
+        self.request_since.store(NONE, Ordering::Relaxed);
+        self.idle_since.store(self.now(), Ordering::Relaxed);
+    }
+
+    /// Resolves when either timeout passes.
+    async fn expired(&self, limits: Limits) -> Timeout {
+        let check = (limits.header_timeout.min(limits.idle_timeout) / 4)
+            .clamp(Duration::from_millis(10), Duration::from_secs(1));
+        let ms = |d: Duration| d.as_millis() as u64;
+        loop {
+            tokio::time::sleep(check).await;
+            let now = self.now();
+            let since = |at: &AtomicU64| match at.load(Ordering::Relaxed) {
+                NONE => 0,
+                t => now.saturating_sub(t),
+            };
+            if since(&self.request_since) >= ms(limits.header_timeout) {
+                return Timeout::Header;
+            }
+            if since(&self.idle_since) >= ms(limits.idle_timeout) {
+                return Timeout::Idle;
+            }
+        }
+    }
+}
+
+/// A connection's stream, noting when request bytes arrive.
+struct Tracked {
+    inner: TcpStream,
+    activity: Arc<Activity>,
+}
+
+impl AsyncRead for Tracked {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let poll = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.activity.bytes_read();
+        }
+        poll
+    }
+}
+
+impl AsyncWrite for Tracked {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// The last render and when it started.
+struct Cache {
+    render: Render,
+    last: tokio::sync::Mutex<Option<(Instant, Bytes)>>,
+}
+
+impl Cache {
+    /// A render that started after the request arrived (never stale), shared by the
+    /// requests waiting for it; at most one per [`MIN_RENDER_INTERVAL`].
+    async fn get(&self) -> Option<Bytes> {
+        let arrived = Instant::now();
+        let mut last = self.last.lock().await;
+        if let Some((started, body)) = &*last {
+            if *started >= arrived {
+                return Some(body.clone());
+            }
+            tokio::time::sleep_until((*started + MIN_RENDER_INTERVAL).into()).await;
+        }
+        let started = Instant::now();
+        let render = self.render.clone();
+        // Rendering takes the tracker's lock: off the runtime, so other clients and
+        // the timeouts keep running meanwhile.
+        let body = Bytes::from(tokio::task::spawn_blocking(move || render()).await.ok()?);
+        *last = Some((started, body.clone()));
+        Some(body)
+    }
+}
+
+async fn respond(req: &Request<Incoming>, cache: &Cache) -> Response<Full<Bytes>> {
     let head = req.method() == Method::HEAD;
     if req.method() != Method::GET && !head {
         return text(StatusCode::METHOD_NOT_ALLOWED, "only GET and HEAD\n".into(), "text/plain")
@@ -70,16 +267,19 @@ fn respond(req: &Request<Incoming>, render: &Render) -> Response<Full<Bytes>> {
             .unwrap_or_else(|_| Response::new(Full::default()));
     }
     let (status, body, kind) = match req.uri().path() {
-        "/metrics" => (StatusCode::OK, render(), EXPOSITION),
+        "/metrics" => match cache.get().await {
+            Some(body) => (StatusCode::OK, body, EXPOSITION),
+            None => (StatusCode::INTERNAL_SERVER_ERROR, "rendering failed; see the log\n".into(), "text/plain"),
+        },
         "/" => (StatusCode::OK, "tcptrace: metrics are at /metrics\n".into(), "text/plain"),
         _ => (StatusCode::NOT_FOUND, "not found; metrics are at /metrics\n".into(), "text/plain"),
     };
-    let body = if head { String::new() } else { body };
+    let body = if head { Bytes::new() } else { body };
     text(status, body, kind).unwrap_or_else(|_| Response::new(Full::default()))
 }
 
-fn text(status: StatusCode, body: String, kind: &'static str) -> hyper::http::Result<Response<Full<Bytes>>> {
-    Response::builder().status(status).header(CONTENT_TYPE, kind).body(Full::new(Bytes::from(body)))
+fn text(status: StatusCode, body: Bytes, kind: &'static str) -> hyper::http::Result<Response<Full<Bytes>>> {
+    Response::builder().status(status).header(CONTENT_TYPE, kind).body(Full::new(body))
 }
 
 #[cfg(test)]
@@ -87,6 +287,106 @@ mod tests {
     use std::io::{Read, Write};
 
     use super::*;
+
+    const LIMITS: Limits = Limits {
+        max_connections: 4,
+        header_timeout: Duration::from_millis(300),
+        idle_timeout: Duration::from_millis(600),
+    };
+
+    fn counters() -> WebCounters {
+        let c = |name: &str| prometheus::IntCounter::new(name, "test").unwrap();
+        WebCounters { rejected: c("r"), header_timeouts: c("h"), idle_timeouts: c("i") }
+    }
+
+    /// Reads until the server closes the connection; how long that took.
+    fn closed_after(mut s: std::net::TcpStream) -> Duration {
+        let start = std::time::Instant::now();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut buf = [0u8; 4096];
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) => return start.elapsed(),
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return start.elapsed(),
+                Err(e) => panic!("not closed: {e}"),
+            }
+        }
+    }
+
+    async fn start(render: Render) -> (std::net::SocketAddr, WebCounters, watch::Sender<bool>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = watch::channel(false);
+        let c = counters();
+        tokio::spawn(serve(listener, render, LIMITS, c.clone(), rx));
+        (addr, c, tx)
+    }
+
+    #[tokio::test]
+    async fn slow_idle_and_excess_connections_are_closed_and_counted() {
+        let (addr, c, _stop) = start(Arc::new(|| "x 1\n".to_string())).await;
+        let c2 = c.clone();
+        let results = tokio::task::spawn_blocking(move || {
+            let connect = || std::net::TcpStream::connect(addr).unwrap();
+            let idle = connect();
+            let mut half = connect();
+            half.write_all(b"GET /metrics HTTP/1.1\r\nHo").unwrap();
+            let (idle_t, half_t) = std::thread::scope(|s| {
+                let i = s.spawn(|| closed_after(idle));
+                let h = s.spawn(|| closed_after(half));
+                (i.join().unwrap(), h.join().unwrap())
+            });
+            // Fill every slot, then one more: it is closed at once.
+            let held: Vec<_> = (0..LIMITS.max_connections).map(|_| connect()).collect();
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            let mut extra_t = Duration::MAX;
+            while c2.rejected.get() == 0 && std::time::Instant::now() < deadline {
+                extra_t = closed_after(connect());
+            }
+            drop(held);
+            (idle_t, half_t, extra_t)
+        });
+        let (idle_t, half_t, extra_t) = results.await.unwrap();
+        assert!(
+            half_t >= LIMITS.header_timeout && half_t < LIMITS.idle_timeout,
+            "half-sent request closed after {half_t:?}"
+        );
+        assert!(
+            idle_t >= LIMITS.idle_timeout && idle_t < Duration::from_secs(3),
+            "idle connection closed after {idle_t:?}"
+        );
+        assert!(extra_t < LIMITS.header_timeout, "excess connection closed after {extra_t:?}");
+        assert_eq!((c.header_timeouts.get(), c.idle_timeouts.get()), (1, 1));
+        assert!(c.rejected.get() >= 1);
+    }
+
+    #[tokio::test]
+    async fn a_scrape_storm_renders_a_few_times_a_second_and_never_stale() {
+        let renders = Arc::new(AtomicU64::new(0));
+        let r = renders.clone();
+        let render: Render = Arc::new(move || format!("renders {}\n", r.fetch_add(1, Ordering::SeqCst) + 1));
+        let (addr, _c, _stop) = start(render).await;
+        let request = "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+        let start = std::time::Instant::now();
+        let replies = tokio::task::spawn_blocking(move || {
+            std::thread::scope(|s| {
+                let clients: Vec<_> =
+                    (0..3).map(|_| s.spawn(move || (0..10).map(|_| get(addr, request)).collect::<Vec<_>>())).collect();
+                clients.into_iter().flat_map(|c| c.join().unwrap()).collect::<Vec<_>>()
+            })
+        })
+        .await
+        .unwrap();
+        let elapsed = start.elapsed().as_secs_f64();
+        let n = renders.load(Ordering::SeqCst) as f64;
+        assert!(replies.iter().all(|r| r.starts_with("HTTP/1.1 200")), "{replies:?}");
+        assert!(n < 30.0 && n <= elapsed / MIN_RENDER_INTERVAL.as_secs_f64() + 2.0, "{n} renders in {elapsed:.2}s");
+        // A request after the last render gets a new one.
+        let before = renders.load(Ordering::SeqCst);
+        let reply = tokio::task::spawn_blocking(move || get(addr, request)).await.unwrap();
+        assert!(reply.ends_with(&format!("renders {}\n", before + 1)), "{reply}");
+    }
 
     fn get(addr: std::net::SocketAddr, request: &str) -> String {
         let mut s = std::net::TcpStream::connect(addr).unwrap();
@@ -103,7 +403,7 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = watch::channel(false);
         let render: Render = Arc::new(|| "tcptrace_events_total 7\n".to_string());
-        let server = tokio::spawn(serve(listener, render, rx));
+        let server = tokio::spawn(serve(listener, render, LIMITS, counters(), rx));
 
         let replies = tokio::task::spawn_blocking(move || {
             [

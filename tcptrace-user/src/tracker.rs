@@ -125,12 +125,14 @@ impl Origin {
     }
 }
 
-/// A completed handshake whose start was seen.
+/// A completed handshake.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Handshake {
     pub direction: Direction,
     pub family: Family,
-    pub duration_ns: u64,
+    /// `None` when it cannot be timed: an active open whose start was not seen
+    /// (evicted, or begun before tcptrace), a passive one without BTF.
+    pub duration_ns: Option<u64>,
     /// SYN (active) or SYN-ACK (passive) retransmissions it needed.
     pub retransmits: u32,
     /// 4-tuple as the local socket sees it.
@@ -162,8 +164,52 @@ pub trait Sink {
     fn syn_retransmit(&mut self, _family: Family) {}
     fn synack_retransmit(&mut self, _family: Family) {}
     fn time_wait_entered(&mut self, _family: Family) {}
-    /// Entries dropped before their natural end (cap reached, or outcome never seen).
-    fn evicted(&mut self, _count: u64) {}
+    /// Entries dropped before their natural end.
+    fn evicted(&mut self, _what: Eviction, _count: u64) {}
+}
+
+/// Which table dropped an entry before its natural end, and why.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Eviction {
+    /// An active open's start, to make room (`--max-tracked-sockets`): its end will
+    /// count, untimed.
+    HandshakeCap = 0,
+    /// An active open's start whose end never came within the SYN_SENT lifetime.
+    HandshakeTimeout = 1,
+    /// An active open's start whose end was missed: the kernel reused the socket's
+    /// address for another connect(), or the end named another peer.
+    HandshakeReplaced = 2,
+    /// A modelled time-wait socket, to make room (`--max-time-wait-sockets`): the
+    /// TIME_WAIT gauge undercounts by as many until they would have expired.
+    TimeWaitCap = 3,
+    /// A listener's SYN-ACK retransmission record, to make room.
+    SynAckCap = 4,
+    /// A received reset waiting for its socket's CLOSE, to make room: that failure's
+    /// reason may read `aborted` or `unknown` instead of `refused`/`reset`.
+    ResetCap = 5,
+}
+
+impl Eviction {
+    pub const ALL: [Self; 6] = [
+        Self::HandshakeCap,
+        Self::HandshakeTimeout,
+        Self::HandshakeReplaced,
+        Self::TimeWaitCap,
+        Self::SynAckCap,
+        Self::ResetCap,
+    ];
+
+    /// The `table` and `reason` labels.
+    pub const fn labels(self) -> [&'static str; 2] {
+        match self {
+            Self::HandshakeCap => ["handshakes", "cap"],
+            Self::HandshakeTimeout => ["handshakes", "timeout"],
+            Self::HandshakeReplaced => ["handshakes", "replaced"],
+            Self::TimeWaitCap => ["time_wait", "cap"],
+            Self::SynAckCap => ["synack", "cap"],
+            Self::ResetCap => ["resets", "cap"],
+        }
+    }
 }
 
 /// Limits that keep the tracker's memory bounded whatever the traffic.
@@ -336,7 +382,7 @@ impl Tracker {
             Some(EventKind::ResetReceived) => {
                 let key = (ev.skaddr, Tuple::of(ev));
                 if let (_, Some(())) = self.reset.insert(key, (), ev.ts_ns + RESET_MEMORY_NS) {
-                    sink.evicted(1);
+                    sink.evicted(Eviction::ResetCap, 1);
                 }
             }
             Some(EventKind::SynRetransmit) => {
@@ -358,7 +404,7 @@ impl Tracker {
                         let entry = SynAck { first_ns: ev.ts_ns, retransmits: 1 };
                         let deadline = ev.ts_ns + self.handshake_timeout_ns;
                         if let (_, Some(_)) = self.synack.insert(tuple, entry, deadline) {
-                            sink.evicted(1);
+                            sink.evicted(Eviction::SynAckCap, 1);
                         }
                     }
                 }
@@ -390,9 +436,12 @@ impl Tracker {
             (TcpState::Close, TcpState::SynSent) => {
                 let p = Pending { since_ns: ev.ts_ns, retransmits: 0, origin: Origin::of(ev), start: tuple };
                 // The same address again means the earlier socket's end was never seen.
-                match self.pending.insert(ev.skaddr, p, ev.ts_ns + self.handshake_timeout_ns) {
-                    (None, None) => {}
-                    _ => sink.evicted(1),
+                let (replaced, evicted) = self.pending.insert(ev.skaddr, p, ev.ts_ns + self.handshake_timeout_ns);
+                if replaced.is_some() {
+                    sink.evicted(Eviction::HandshakeReplaced, 1);
+                }
+                if evicted.is_some() {
+                    sink.evicted(Eviction::HandshakeCap, 1);
                 }
             }
             (TcpState::SynSent, _) => {
@@ -401,7 +450,7 @@ impl Tracker {
                     // Another socket's start at this address, whose end was missed:
                     // pairing them would time the wrong connection.
                     Some(_) => {
-                        sink.evicted(1);
+                        sink.evicted(Eviction::HandshakeReplaced, 1);
                         None
                     }
                     None => None,
@@ -409,17 +458,17 @@ impl Tracker {
                 let origin = started.map(|p| p.origin);
                 let retransmits = started.map_or(0, |p| p.retransmits);
                 let elapsed_ns = started.map(|p| ev.ts_ns.saturating_sub(p.since_ns));
-                match (new, elapsed_ns) {
-                    (TcpState::Established, Some(duration_ns)) => sink.handshake(&Handshake {
+                match new {
+                    TcpState::Established => sink.handshake(&Handshake {
                         direction: Direction::Active,
                         family,
-                        duration_ns,
+                        duration_ns: elapsed_ns,
                         retransmits,
                         tuple,
                         origin,
                         ts_ns: ev.ts_ns,
                     }),
-                    (TcpState::Close, _) => sink.handshake_failed(&Failure {
+                    TcpState::Close => sink.handshake_failed(&Failure {
                         direction: Direction::Active,
                         family,
                         reason: FailureReason::classify(Direction::Active, reset_received, ev.sk_err),
@@ -454,17 +503,15 @@ impl Tracker {
                     None if ev.srtt_us > 0 => Some(u64::from(ev.srtt_us) * 125),
                     None => None,
                 };
-                if let Some(duration_ns) = duration_ns {
-                    sink.handshake(&Handshake {
-                        direction: Direction::Passive,
-                        family,
-                        duration_ns,
-                        retransmits,
-                        tuple,
-                        origin: None,
-                        ts_ns: ev.ts_ns,
-                    });
-                }
+                sink.handshake(&Handshake {
+                    direction: Direction::Passive,
+                    family,
+                    duration_ns,
+                    retransmits,
+                    tuple,
+                    origin: None,
+                    ts_ns: ev.ts_ns,
+                });
             }
             // A reset (seen by its tracepoint, or as the socket's error) leaves no
             // time-wait socket behind.
@@ -488,7 +535,7 @@ impl Tracker {
         self.synack.expire(now_ns, |_, _| {});
         self.reset.expire(now_ns, |_, _| {});
         if expired > 0 {
-            sink.evicted(expired);
+            sink.evicted(Eviction::HandshakeTimeout, expired);
         }
     }
 
@@ -499,7 +546,7 @@ impl Tracker {
             forget_time_wait(&mut self.time_wait_count, &mut self.netns_time_wait, gone);
         }
         if evicted.is_some() {
-            sink.evicted(1);
+            sink.evicted(Eviction::TimeWaitCap, 1);
         }
         self.time_wait_count[family as usize] += 1;
         if let Some(per_netns) = &mut self.netns_time_wait {

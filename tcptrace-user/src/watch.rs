@@ -1,19 +1,27 @@
 //! `tcptrace watch`: the live view. Same kernel programs and decoder as the daemon;
 //! records go to stdout instead of metrics.
 
-use std::io::{self, BufWriter, Write};
+use std::{
+    io,
+    os::fd::AsRawFd,
+    sync::{Arc, Mutex, PoisonError},
+    time::Duration,
+};
 
+use aya::maps::{MapData, RingBuf};
 use ipnet::IpNet;
 use tcptrace_common::{Event, EventKind, TcpState};
 
 use crate::{
-    cli::{FamilyArg, LogFormat, WatchArgs},
-    daemon::watch_readable,
+    cli::{FamilyArg, WatchArgs},
+    clock::monotonic_ns,
     error::Result,
-    events::{self, Family},
-    pipeline::monotonic_ns,
-    probe::{KernelTotals, LoadOptions, Probe},
-    report, shutdown,
+    events::{self, Family, KernelTotals},
+    lines::{LineQueue, LineSink},
+    probe::{KernelCounters, LoadOptions, Probe},
+    reader::{Consumer, Pace, Reader},
+    report::{self, LogFormat},
+    shutdown,
     tracker::{expiring::ExpiringMap, Failure, Handshake, Limits, Sink, Tracker, Tuple},
 };
 
@@ -22,6 +30,10 @@ use crate::{
 const REMEMBERED_SOCKETS: usize = 65_536;
 /// A socket idle for longer than this is forgotten (its next line has no previous time).
 const REMEMBER_NS: u64 = 24 * 3600 * 1_000_000_000;
+/// Records waiting for stdout; beyond it they are dropped and reported on stderr.
+const OUTPUT_QUEUE: usize = 65_536;
+/// How often losses are reported and the handshake view expires its state.
+const TICK_EVERY: Duration = Duration::from_secs(1);
 
 /// Which sockets to show.
 #[derive(Clone, Debug, Default)]
@@ -55,25 +67,20 @@ impl Filter {
     }
 }
 
-/// Writes handshake records that pass the filter; remembers a write error.
-struct Printer<W: Write> {
+/// Writes handshake records that pass the filter.
+struct Printer<O: LineSink> {
     filter: Filter,
     format: LogFormat,
-    out: W,
-    error: Option<io::Error>,
+    out: O,
 }
 
-impl<W: Write> Printer<W> {
+impl<O: LineSink> Printer<O> {
     fn line(&mut self, line: String) {
-        if self.error.is_none() {
-            if let Err(err) = writeln!(self.out, "{line}") {
-                self.error = Some(err);
-            }
-        }
+        self.out.line(line);
     }
 }
 
-impl<W: Write> Sink for Printer<W> {
+impl<O: LineSink> Sink for Printer<O> {
     fn handshake(&mut self, h: &Handshake) {
         if self.filter.matches(Some(h.family), &h.tuple, h.origin.map(|o| o.tgid)) {
             self.line(report::handshake(h, self.format));
@@ -88,16 +95,16 @@ impl<W: Write> Sink for Printer<W> {
 }
 
 /// The two views, fed one event at a time.
-enum View<W: Write> {
+enum View<O: LineSink> {
     /// Every state change with the time spent in the previous state.
-    Transitions { printer: Printer<W>, last: ExpiringMap<u64, u64> },
+    Transitions { printer: Printer<O>, last: ExpiringMap<u64, u64> },
     /// One line per completed or failed handshake.
-    Handshakes { printer: Printer<W>, tracker: Box<Tracker> },
+    Handshakes { printer: Printer<O>, tracker: Box<Tracker> },
 }
 
-impl<W: Write> View<W> {
-    pub fn new(handshakes: bool, filter: Filter, format: LogFormat, out: W) -> Self {
-        let printer = Printer { filter, format, out, error: None };
+impl<O: LineSink> View<O> {
+    pub fn new(handshakes: bool, filter: Filter, format: LogFormat, out: O) -> Self {
+        let printer = Printer { filter, format, out };
         if handshakes {
             Self::Handshakes { printer, tracker: Box::new(Tracker::new(Limits::default())) }
         } else {
@@ -135,25 +142,61 @@ impl<W: Write> View<W> {
         }
     }
 
-    fn printer(&mut self) -> &mut Printer<W> {
+    fn output(&mut self) -> &mut O {
         match self {
-            Self::Transitions { printer, .. } | Self::Handshakes { printer, .. } => printer,
+            Self::Transitions { printer, .. } | Self::Handshakes { printer, .. } => &mut printer.out,
         }
-    }
-
-    /// Flushes; returns the first write error (a closed pipe ends `watch`).
-    pub fn flush(&mut self) -> io::Result<()> {
-        let p = self.printer();
-        if let Some(err) = p.error.take() {
-            return Err(err);
-        }
-        p.out.flush()
     }
 
     #[cfg(test)]
-    fn into_output(self) -> W {
+    fn into_output(self) -> O {
         match self {
             Self::Transitions { printer, .. } | Self::Handshakes { printer, .. } => printer.out,
+        }
+    }
+}
+
+/// The reader thread's side of `watch`: the ring buffer, the view and its output.
+struct Watcher {
+    ring: RingBuf<MapData>,
+    counters: KernelCounters,
+    view: View<LineQueue>,
+    losses: Losses,
+    /// Loss reports, on stderr: a stuck terminal must not stall the reader either.
+    notes: LineQueue,
+    /// How `watch` ended, for `run` to return: the output's error, if any.
+    ended: Arc<Mutex<Option<io::Error>>>,
+}
+
+impl Consumer for Watcher {
+    fn drain(&mut self) {
+        while let Some(item) = self.ring.next() {
+            match events::decode(&item) {
+                Ok(ev) => self.view.event(&ev),
+                Err(err) => self.notes.line(format!("tcptrace watch: {err}")),
+            }
+        }
+    }
+
+    fn tick(&mut self) {
+        self.view.tick(monotonic_ns());
+        // Once a second at most, like tcpstates' "Possibly lost N samples".
+        let dropped = self.view.output().dropped();
+        if let Some(news) = self.losses.update(&self.counters.read(), dropped) {
+            self.notes.line(format!("tcptrace watch: {news}"));
+        }
+    }
+
+    fn done(&mut self) -> bool {
+        self.view.output().is_ended()
+    }
+
+    fn finish(&mut self) {
+        let dropped = self.view.output().dropped();
+        self.losses.update(&self.counters.read(), dropped);
+        self.notes.line(format!("tcptrace watch: {} in all", self.losses.total()));
+        if let Some(Some(err)) = self.view.output().ended() {
+            *self.ended.lock().unwrap_or_else(PoisonError::into_inner) = Some(err);
         }
     }
 }
@@ -165,73 +208,77 @@ pub async fn run(args: WatchArgs) -> Result<()> {
         wakeup_bytes: 0, // A live view: every event at once.
         attach: args.attach,
     })?;
-    let mut ring = watch_readable(probe.take_events()?)?;
-    let counters = probe.take_counters()?;
-    let mut losses = Losses::default();
+    let ring = probe.take_events()?;
+    let fd = ring.as_raw_fd();
     let format = if args.json { LogFormat::Json } else { LogFormat::Text };
-    let mut view = View::new(args.handshakes, Filter::from_args(&args), format, BufWriter::new(io::stdout()));
-    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    let out = LineQueue::spawn("watch output (stdout)", OUTPUT_QUEUE, io::stdout())?;
+    let ended = Arc::new(Mutex::new(None));
+    let watcher = Watcher {
+        ring,
+        counters: probe.take_counters()?,
+        view: View::new(args.handshakes, Filter::from_args(&args), format, out),
+        losses: Losses::default(),
+        notes: LineQueue::spawn("watch notes (stderr)", 1024, io::stderr())?,
+        ended: ended.clone(),
+    };
+    let pace = Pace { drain_every: TICK_EVERY, tick_every: TICK_EVERY };
+    let reader = Reader::spawn(fd, pace, watcher)?;
+    let mut check = tokio::time::interval(Duration::from_millis(100));
     let stop = shutdown::signal_received();
     tokio::pin!(stop);
     loop {
         tokio::select! {
-            guard = ring.readable_mut() => {
-                let mut guard = guard?;
-                while let Some(item) = guard.get_inner_mut().next() {
-                    match events::decode(&item) {
-                        Ok(ev) => view.event(&ev),
-                        Err(err) => log::warn!("{err}"),
-                    }
-                }
-                guard.clear_ready();
-            }
-            _ = tick.tick() => {
-                view.tick(monotonic_ns());
-                // Once a second at most, like tcpstates' "Possibly lost N samples".
-                if let Some(news) = losses.update(&counters.read()) {
-                    eprintln!("tcptrace watch: {news}");
-                }
-            }
+            _ = check.tick() => if reader.is_finished() { break },
             _ = &mut stop => break,
         }
-        match view.flush() {
-            Ok(()) => {}
-            // `tcptrace watch | head`: the reader is gone, which is a normal end.
-            Err(err) if err.kind() == io::ErrorKind::BrokenPipe => break,
-            Err(err) => return Err(err.into()),
-        }
     }
-    losses.update(&counters.read());
-    eprintln!("tcptrace watch: {} in all", losses.total());
+    let result = reader.stop();
     drop(probe);
-    Ok(())
+    let ended = ended.lock().unwrap_or_else(PoisonError::into_inner).take();
+    match ended {
+        // `tcptrace watch | head`: the reader is gone, which is a normal end.
+        Some(err) if err.kind() == io::ErrorKind::BrokenPipe => Ok(()),
+        Some(err) => Err(err.into()),
+        None => Ok(result?),
+    }
 }
 
 /// What the kernel dropped (ring buffer full) or skipped (a program already running
-/// on that CPU), so the live view never hides a gap.
+/// on that CPU), and the records stdout could not take, so the live view never hides
+/// a gap.
 #[derive(Debug, Default)]
 struct Losses {
     lost: u64,
     missed: u64,
+    dropped: u64,
 }
 
 impl Losses {
-    /// Takes the kernel's running totals; says what is new since the last call.
-    fn update(&mut self, totals: &KernelTotals) -> Option<String> {
+    /// Takes the running totals; says what is new since the last call.
+    fn update(&mut self, totals: &KernelTotals, dropped: u64) -> Option<String> {
         let lost = totals.lost.unwrap_or(self.lost).max(self.lost);
         let missed = totals.missed.iter().map(|(_, n)| n).sum::<u64>().max(self.missed);
-        let (new_lost, new_missed) = (lost - self.lost, missed - self.missed);
-        (self.lost, self.missed) = (lost, missed);
-        (new_lost + new_missed > 0).then(|| {
-            format!(
+        let dropped = dropped.max(self.dropped);
+        let (new_lost, new_missed, new_dropped) = (lost - self.lost, missed - self.missed, dropped - self.dropped);
+        (self.lost, self.missed, self.dropped) = (lost, missed, dropped);
+        let mut news = Vec::new();
+        if new_lost + new_missed > 0 {
+            news.push(format!(
                 "possibly lost {new_lost} events (ring buffer full: raise --ring-buffer-size) and {new_missed} \
                  skipped by the kernel (a BPF program was already running on that CPU)"
-            )
-        })
+            ));
+        }
+        if new_dropped > 0 {
+            news.push(format!("dropped {new_dropped} records: stdout is not keeping up"));
+        }
+        (!news.is_empty()).then(|| news.join("; "))
     }
 
     fn total(&self) -> String {
-        format!("{} events lost (ring buffer full), {} skipped by the kernel", self.lost, self.missed)
+        format!(
+            "{} events lost (ring buffer full), {} skipped by the kernel, {} records dropped (stdout too slow)",
+            self.lost, self.missed, self.dropped
+        )
     }
 }
 
@@ -252,9 +299,8 @@ mod tests {
         e
     }
 
-    fn lines(view: View<Vec<u8>>) -> Vec<serde_json::Value> {
-        let out = String::from_utf8(view.into_output()).unwrap();
-        out.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    fn lines(view: View<Vec<String>>) -> Vec<serde_json::Value> {
+        view.into_output().iter().map(|l| serde_json::from_str(l).unwrap()).collect()
     }
 
     #[test]
@@ -265,14 +311,18 @@ mod tests {
             missed: vec![("inet_sock_set_state", missed), ("tcp_receive_reset", 1)],
             ..KernelTotals::default()
         };
-        let first = losses.update(&totals(3, 4)).unwrap();
+        let first = losses.update(&totals(3, 4), 0).unwrap();
         assert!(first.contains("lost 3 events") && first.contains("5 skipped"), "{first}");
-        assert_eq!(losses.update(&totals(3, 4)), None, "nothing new, nothing said");
-        let next = losses.update(&totals(10, 4)).unwrap();
+        assert_eq!(losses.update(&totals(3, 4), 0), None, "nothing new, nothing said");
+        let next = losses.update(&totals(10, 4), 0).unwrap();
         assert!(next.contains("lost 7 events") && next.contains("0 skipped"), "{next}");
         // A map that cannot be read never makes the totals go backwards.
-        assert_eq!(losses.update(&KernelTotals::default()), None);
-        assert_eq!(losses.total(), "10 events lost (ring buffer full), 5 skipped by the kernel");
+        assert_eq!(losses.update(&KernelTotals::default(), 0), None);
+        assert_eq!(losses.update(&totals(10, 4), 2).unwrap(), "dropped 2 records: stdout is not keeping up");
+        assert_eq!(
+            losses.total(),
+            "10 events lost (ring buffer full), 5 skipped by the kernel, 2 records dropped (stdout too slow)"
+        );
     }
 
     #[test]
@@ -345,12 +395,5 @@ mod tests {
         let mut view = View::new(false, v6_only, LogFormat::Json, Vec::new());
         view.event(&decoded(&child));
         assert!(lines(view).is_empty());
-    }
-
-    #[test]
-    fn a_closed_pipe_is_reported_by_flush() {
-        let mut view = View::new(false, Filter::default(), LogFormat::Text, crate::report::tests::ClosedPipe);
-        view.event(&ev(1, 1, TcpState::Close, TcpState::SynSent, 80));
-        assert_eq!(view.flush().unwrap_err().kind(), io::ErrorKind::BrokenPipe);
     }
 }

@@ -7,12 +7,13 @@ use foldhash::fast::RandomState;
 
 use super::ports::OTHER;
 
-/// Distinct commands counted while looking for the busiest; beyond it new names are
-/// not counted (they stay `other`), so memory stays bounded.
+/// Distinct commands counted while looking for busy ones; memory stays bounded.
 const MAX_COUNTED: usize = 4096;
 /// A command needs this many connects before it gets a label.
 const MIN_CONNECTS_TO_PROMOTE: u32 = 5;
 
+/// Like ports in top-N mode: a command gets its slot on the connect that qualifies
+/// it; its connects before stay counted under `other`.
 pub struct CommLabeler {
     max: usize,
     counts: HashMap<[u8; 16], u32, RandomState>,
@@ -34,40 +35,45 @@ impl CommLabeler {
         self.max + 1
     }
 
-    /// The slot of a command, counting it.
+    /// The slot of a command, counting it and labelling it once it qualifies.
     pub fn slot(&mut self, comm: &[u8; 16]) -> usize {
         if let Some(&slot) = self.slot_of.get(comm) {
             return slot;
         }
-        if let Some(c) = self.counts.get_mut(comm) {
-            *c = c.saturating_add(1);
-        } else if self.counts.len() < MAX_COUNTED && self.names.len() < self.max {
-            self.counts.insert(*comm, 1);
+        if self.names.len() >= self.max {
+            return 0;
         }
-        0
+        let count = match self.counts.get_mut(comm) {
+            Some(c) => {
+                *c += 1;
+                *c
+            }
+            None => {
+                if self.counts.len() >= MAX_COUNTED {
+                    // Full of names seen a few times: halve every count, so one-off
+                    // commands make room and a new busy one can still qualify.
+                    self.counts.retain(|_, c| {
+                        *c /= 2;
+                        *c > 0
+                    });
+                }
+                *self.counts.entry(*comm).or_insert(1)
+            }
+        };
+        if count < MIN_CONNECTS_TO_PROMOTE {
+            return 0;
+        }
+        self.counts.remove(comm);
+        self.names.push(crate::events::comm(comm).into_owned());
+        self.slot_of.insert(*comm, self.names.len());
+        if self.names.len() >= self.max {
+            self.counts = HashMap::default(); // Nothing more to label.
+        }
+        self.names.len()
     }
 
     pub fn label(&self, slot: usize) -> &str {
         slot.checked_sub(1).and_then(|i| self.names.get(i)).map_or(OTHER, String::as_str)
-    }
-
-    /// Gives the busiest unlabelled commands a slot while slots remain.
-    pub fn promote(&mut self) {
-        while self.names.len() < self.max {
-            let best = self
-                .counts
-                .iter()
-                .filter(|&(_, &c)| c >= MIN_CONNECTS_TO_PROMOTE)
-                .max_by_key(|&(_, &c)| c)
-                .map(|(comm, _)| *comm);
-            let Some(comm) = best else { break };
-            self.counts.remove(&comm);
-            self.names.push(crate::events::comm(&comm).into_owned());
-            self.slot_of.insert(comm, self.names.len());
-        }
-        if self.names.len() >= self.max {
-            self.counts = HashMap::default(); // Nothing more to promote.
-        }
     }
 }
 
@@ -82,19 +88,17 @@ mod tests {
     }
 
     #[test]
-    fn busiest_commands_get_labels_and_the_rest_is_other() {
+    fn commands_get_labels_once_they_qualify_and_the_rest_is_other() {
         let mut l = CommLabeler::new(2);
-        for _ in 0..10 {
-            l.slot(&comm("curl"));
-            l.slot(&comm("nginx"));
-        }
+        let curl: Vec<usize> = (0..10).map(|_| l.slot(&comm("curl"))).collect();
+        let first = MIN_CONNECTS_TO_PROMOTE as usize - 1;
+        assert!(curl[..first].iter().all(|&s| s == 0) && curl[first..].iter().all(|&s| s == 1), "{curl:?}");
+        assert_eq!(l.label(1), "curl");
         for i in 0..10_000 {
             l.slot(&comm(&format!("job{i}")));
         }
-        l.promote();
-        let curl = l.slot(&comm("curl"));
-        assert!(curl > 0 && l.label(curl) == "curl");
-        let nginx = l.slot(&comm("nginx"));
+        assert!(l.counts.len() <= MAX_COUNTED, "counting is bounded");
+        let nginx = (0..10).map(|_| l.slot(&comm("nginx"))).last().unwrap();
         assert_eq!(l.label(nginx), "nginx");
         let job = l.slot(&comm("job1"));
         assert_eq!(l.label(job), OTHER);

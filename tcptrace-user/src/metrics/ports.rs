@@ -61,7 +61,10 @@ impl fmt::Display for PortLabels {
 }
 
 /// Maps a port to a label slot: 0 is `other`, 1..=N a port of its own. Slots are
-/// never reassigned, so a label's series never changes meaning.
+/// never reassigned, so a label's series never changes meaning. In top-N mode a
+/// port gets its slot on the handshake that qualifies it (its
+/// [`MIN_HANDSHAKES_TO_PROMOTE`]th) while slots remain; the handshakes before stay
+/// counted under `other`.
 pub struct PortLabeler {
     max: usize,
     /// By port: its slot (0 = other). Empty when labels are off.
@@ -107,11 +110,18 @@ impl PortLabeler {
         self.slot_of[usize::from(port)] = self.ports.len() as u16;
     }
 
-    /// The slot for a handshake on `port`, counting it in top-N mode.
+    /// The slot for a handshake on `port`; in top-N mode counts it and gives the
+    /// port its own slot once it qualifies.
     pub fn slot(&mut self, port: u16) -> usize {
         let Some(&slot) = self.slot_of.get(usize::from(port)) else { return 0 };
-        if let Some(c) = self.counts.get_mut(usize::from(port)) {
-            *c = c.saturating_add(1);
+        if slot == 0 && self.ports.len() < self.max {
+            if let Some(c) = self.counts.get_mut(usize::from(port)) {
+                *c += 1;
+                if *c >= MIN_HANDSHAKES_TO_PROMOTE {
+                    self.assign(port);
+                    return self.ports.len();
+                }
+            }
         }
         usize::from(slot)
     }
@@ -121,19 +131,6 @@ impl PortLabeler {
         match slot.checked_sub(1).and_then(|i| self.ports.get(i)) {
             Some(port) => port.to_string(),
             None => OTHER.to_string(),
-        }
-    }
-
-    /// Top-N mode: gives the busiest unlabelled ports a slot while slots remain.
-    pub fn promote(&mut self) {
-        while !self.counts.is_empty() && self.ports.len() < self.max {
-            let best = (0..self.counts.len())
-                .filter(|&p| self.slot_of[p] == 0 && self.counts[p] >= MIN_HANDSHAKES_TO_PROMOTE)
-                .max_by_key(|&p| self.counts[p]);
-            match best {
-                Some(port) => self.assign(port as u16),
-                None => break,
-            }
         }
     }
 }
@@ -169,20 +166,20 @@ mod tests {
     }
 
     #[test]
-    fn top_n_promotes_the_busiest_and_never_exceeds_n() {
+    fn top_n_labels_a_port_once_it_qualifies_and_never_exceeds_n() {
         let mut l = PortLabeler::new(PortLabels::Top(2));
+        let slots: Vec<usize> = (0..20).map(|_| l.slot(8080)).collect();
+        let first = MIN_HANDSHAKES_TO_PROMOTE as usize - 1;
+        assert!(slots[..first].iter().all(|&s| s == 0), "before qualifying: other");
+        assert!(slots[first..].iter().all(|&s| s == 1), "from the qualifying handshake on: its own");
+        assert_eq!(l.label(1), "8080");
         for port in 1000..2000u16 {
-            for _ in 0..(if port % 100 == 0 { 20 } else { 6 }) {
+            for _ in 0..6 {
                 l.slot(port);
             }
         }
-        l.slot(1);
-        l.promote();
-        let labels: Vec<String> = (1..=2).map(|s| l.label(s)).collect();
-        assert!(labels.iter().all(|p| p.parse::<u16>().unwrap() % 100 == 0), "{labels:?}");
-        assert_eq!(l.slot(1), 0, "one handshake is not enough for a label");
-        l.promote();
-        assert_eq!(l.ports.len(), 2);
+        assert_eq!((l.label(2), l.ports.len()), ("1000".into(), 2), "the first to qualify takes the last slot");
         assert!((0..65535u16).map(|p| l.slot(p)).max().unwrap() <= 2);
+        assert_eq!(l.slot(1999), 0);
     }
 }

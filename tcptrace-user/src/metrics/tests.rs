@@ -21,7 +21,7 @@ fn handshake(direction: Direction, family: Family, duration_ns: u64, retransmits
         Direction::Active => tuple(raw, 40000, port),
         Direction::Passive => tuple(raw, port, 40000),
     };
-    Handshake { direction, family, duration_ns, retransmits, tuple, origin: None, ts_ns: 0 }
+    Handshake { direction, family, duration_ns: Some(duration_ns), retransmits, tuple, origin: None, ts_ns: 0 }
 }
 
 fn failure(direction: Direction, family: Family, reason: FailureReason, port: u16) -> Failure {
@@ -47,12 +47,13 @@ fn comm_labels_count_connects_per_command() {
     }
     m.refresh(&tracker);
     m.handshake(&h);
+    // The fifth connect qualified curl: the four before stay under `other`.
     let mut f = failure(Direction::Active, Family::Ipv4, FailureReason::Timeout, 443);
     f.origin = Some(origin);
     m.handshake_failed(&f);
     let text = render(m.registry());
-    assert_eq!(sample(&text, r#"tcptrace_process_handshakes_total{comm="other"}"#), Some(5.0));
-    assert_eq!(sample(&text, r#"tcptrace_process_handshakes_total{comm="curl"}"#), Some(1.0));
+    assert_eq!(sample(&text, r#"tcptrace_process_handshakes_total{comm="other"}"#), Some(4.0));
+    assert_eq!(sample(&text, r#"tcptrace_process_handshakes_total{comm="curl"}"#), Some(2.0));
     assert_eq!(sample(&text, r#"tcptrace_process_handshake_failures_total{comm="curl",reason="timeout"}"#), Some(1.0));
     assert!(!render(metrics(PortLabels::Off).registry()).contains("tcptrace_process_"), "off by default");
 }
@@ -75,7 +76,8 @@ fn sink_calls_land_in_the_exposition() {
     m.syn_retransmit(Family::Ipv4);
     m.synack_retransmit(Family::Ipv6);
     m.time_wait_entered(Family::Ipv6);
-    m.evicted(3);
+    m.evicted(Eviction::TimeWaitCap, 3);
+    m.evicted(Eviction::HandshakeTimeout, 1);
     m.set_events_lost(5);
     m.set_events_lost(5);
     m.set_events_lost(7);
@@ -101,7 +103,12 @@ fn sink_calls_land_in_the_exposition() {
     assert_eq!(t(r#"tcptrace_syn_retransmits_total{family="ipv4"}"#), Some(1.0));
     assert_eq!(t(r#"tcptrace_synack_retransmits_total{family="ipv6"}"#), Some(1.0));
     assert_eq!(t(r#"tcptrace_time_wait_entries_total{family="ipv6"}"#), Some(1.0));
-    assert_eq!(t("tcptrace_tracked_sockets_evicted_total"), Some(3.0));
+    let evicted = |table: &str, reason: &str| {
+        t(&format!(r#"tcptrace_tracked_sockets_evicted_total{{reason="{reason}",table="{table}"}}"#))
+    };
+    assert_eq!((evicted("time_wait", "cap"), evicted("handshakes", "timeout")), (Some(3.0), Some(1.0)));
+    assert_eq!((evicted("handshakes", "cap"), evicted("resets", "cap")), (Some(0.0), Some(0.0)));
+    assert_eq!(t(r#"tcptrace_handshakes_total{direction="active",family="ipv4"}"#), Some(2.0));
     assert_eq!(t("tcptrace_events_lost_total"), Some(7.0));
     assert_eq!(t("tcptrace_events_total"), Some(9.0));
     assert_eq!(t(&format!(r#"tcptrace_build_info{{version="{}"}}"#, env!("CARGO_PKG_VERSION"))), Some(1.0));
@@ -194,4 +201,52 @@ fn netns_breakdown_follows_the_tracker_and_is_off_by_default() {
     assert_eq!(series(r#"cgroup="",netns="other""#), Some(1.0));
     assert_eq!(sample(&text, r#"tcptrace_time_wait_sockets{family="ipv4"}"#), Some(4.0), "all namespaces");
     assert!(!render(metrics(PortLabels::Off).registry()).contains("tcptrace_netns_"), "off by default");
+}
+
+#[test]
+fn every_series_exists_from_the_start() {
+    let m = Metrics::new(MetricsConfig { ports: PortLabels::Top(3), comms: 2, ..MetricsConfig::default() }).unwrap();
+    let text = render(m.registry());
+    let t = |s: &str| sample(&text, s);
+    for direction in ["active", "passive"] {
+        for family in ["ipv4", "ipv6"] {
+            let labels = format!(r#"direction="{direction}",family="{family}",port="other""#);
+            assert_eq!(t(&format!("tcptrace_handshakes_total{{{labels}}}")), Some(0.0), "{labels}");
+            for histogram in ["handshake_duration_seconds", "handshake_retransmitted_duration_seconds"] {
+                assert_eq!(t(&format!("tcptrace_{histogram}_count{{{labels}}}")), Some(0.0), "{histogram} {labels}");
+            }
+            for reason in FailureReason::ALL {
+                let series = format!(
+                    r#"tcptrace_handshake_failures_total{{direction="{direction}",family="{family}",port="other",reason="{}"}}"#,
+                    reason.label()
+                );
+                assert_eq!(t(&series), Some(0.0), "{series}");
+            }
+        }
+    }
+    for e in Eviction::ALL {
+        let [table, reason] = e.labels();
+        assert_eq!(
+            t(&format!(r#"tcptrace_tracked_sockets_evicted_total{{reason="{reason}",table="{table}"}}"#)),
+            Some(0.0)
+        );
+    }
+    assert_eq!(t(r#"tcptrace_process_handshakes_total{comm="other"}"#), Some(0.0));
+    assert_eq!(t(r#"tcptrace_process_handshake_failures_total{comm="other",reason="refused"}"#), Some(0.0));
+    assert_eq!(t("tcptrace_slow_log_dropped_total"), Some(0.0));
+    assert_eq!(t("tcptrace_http_connections_rejected_total"), Some(0.0));
+    assert_eq!(t(r#"tcptrace_http_connections_timed_out_total{timeout="idle"}"#), Some(0.0));
+}
+
+#[test]
+fn untimed_handshakes_count_but_are_not_observed() {
+    let mut m = metrics(PortLabels::Off);
+    let mut h = handshake(Direction::Passive, Family::Ipv4, 0, 0, 80);
+    h.duration_ns = None;
+    m.handshake(&h);
+    m.handshake(&handshake(Direction::Passive, Family::Ipv4, 10_000, 0, 80));
+    let text = render(m.registry());
+    let labels = r#"{direction="passive",family="ipv4"}"#;
+    assert_eq!(sample(&text, &format!("tcptrace_handshakes_total{labels}")), Some(2.0));
+    assert_eq!(sample(&text, &format!("tcptrace_handshake_duration_seconds_count{labels}")), Some(1.0));
 }

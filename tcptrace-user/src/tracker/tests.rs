@@ -6,7 +6,9 @@ use super::*;
 
 #[derive(Default, Debug)]
 struct Seen {
+    /// Timed handshakes.
     handshakes: Vec<(Direction, Family, u64)>,
+    untimed: Vec<(Direction, Family)>,
     full: Vec<Handshake>,
     failures: Vec<(Direction, Family)>,
     reasons: Vec<FailureReason>,
@@ -15,11 +17,15 @@ struct Seen {
     synack_rtx: u32,
     time_wait_entered: Vec<Family>,
     evicted: u64,
+    evictions: Vec<Eviction>,
 }
 
 impl Sink for Seen {
     fn handshake(&mut self, h: &Handshake) {
-        self.handshakes.push((h.direction, h.family, h.duration_ns));
+        match h.duration_ns {
+            Some(ns) => self.handshakes.push((h.direction, h.family, ns)),
+            None => self.untimed.push((h.direction, h.family)),
+        }
         self.full.push(*h);
     }
     fn handshake_failed(&mut self, f: &Failure) {
@@ -36,8 +42,9 @@ impl Sink for Seen {
     fn time_wait_entered(&mut self, family: Family) {
         self.time_wait_entered.push(family);
     }
-    fn evicted(&mut self, count: u64) {
+    fn evicted(&mut self, what: Eviction, count: u64) {
         self.evicted += count;
+        self.evictions.extend(std::iter::repeat_n(what, count as usize));
     }
 }
 
@@ -158,6 +165,7 @@ fn passive_open_without_srtt_has_no_latency() {
     t.handle(&ev(child, S, Listen, SynRecv), &mut seen);
     t.handle(&ev(child, S + 3_000, SynRecv, Established), &mut seen);
     assert!(seen.handshakes.is_empty(), "SYN_RECV->ESTABLISHED of the child is not handshake time");
+    assert_eq!(seen.untimed, vec![(Direction::Passive, Family::Ipv4)], "but it is a completed handshake");
     assert_eq!(t.tracked_sockets(), 0);
 }
 
@@ -176,6 +184,7 @@ fn unseen_start_counts_the_failure_but_no_latency() {
     t.handle(&ev(client(9, 40000), S, SynSent, Established), &mut seen);
     t.handle(&ev(client(10, 40001), S, SynSent, Close), &mut seen);
     assert!(seen.handshakes.is_empty());
+    assert_eq!(seen.untimed, vec![(Direction::Active, Family::Ipv4)], "counted, so ratios stay honest");
     assert_eq!(seen.failures, vec![(Direction::Active, Family::Ipv4)]);
 }
 
@@ -331,10 +340,11 @@ fn syn_sent_expires_after_the_retry_sequence() {
     assert_eq!(t.tracked_sockets(), 1);
     t.advance(131 * S, &mut seen);
     assert_eq!(t.tracked_sockets(), 0);
-    assert_eq!(seen.evicted, 1);
+    assert_eq!(seen.evictions, vec![Eviction::HandshakeTimeout]);
     // Its late outcome produces no latency.
     t.handle(&ev(client(1, 40000), 132 * S, SynSent, Established), &mut seen);
     assert!(seen.handshakes.is_empty());
+    assert_eq!(seen.untimed.len(), 1);
 }
 
 #[test]
@@ -355,7 +365,7 @@ fn pending_is_capped_oldest_first() {
         t.handle(&ev(client(100 + i, 0), S + i, Close, SynSent), &mut seen);
     }
     assert_eq!(t.tracked_sockets(), 3);
-    assert_eq!(seen.evicted, 2);
+    assert_eq!(seen.evictions, vec![Eviction::HandshakeCap; 2]);
     // The two oldest are gone: their completion has no latency; the newest has.
     t.handle(&ev(client(100, 1), 2 * S, SynSent, Established), &mut seen);
     t.handle(&ev(client(104, 1), 2 * S, SynSent, Established), &mut seen);
@@ -371,7 +381,7 @@ fn time_wait_is_capped_oldest_first() {
         active_close(&mut t, &mut seen, client(u64::from(port), 40000 + port), S * u64::from(port + 1));
     }
     assert_eq!(t.time_wait_sockets(Family::Ipv4), 2);
-    assert_eq!(seen.evicted, 2);
+    assert_eq!(seen.evictions, vec![Eviction::TimeWaitCap; 2]);
     assert_eq!(seen.time_wait_entered.len(), 4, "entries are counted even when the model is full");
 }
 
@@ -444,7 +454,7 @@ fn syn_retransmissions_are_attributed_to_their_handshake() {
     t.handle(&kind(ev(sock, 2 * S, SynSent, SynSent), EventKind::SynRetransmit), &mut seen);
     t.handle(&ev(sock, 2 * S + 50_000, SynSent, Established), &mut seen);
     let h = seen.full[0];
-    assert_eq!((h.retransmits, h.duration_ns), (1, S + 50_000));
+    assert_eq!((h.retransmits, h.duration_ns), (1, Some(S + 50_000)));
     assert_eq!(h.tuple.remote().port(), 80);
     // A retransmission of a socket we never saw start is still counted.
     t.handle(&kind(ev(client(9, 1), 3 * S, SynSent, SynSent), EventKind::SynRetransmit), &mut seen);
@@ -591,15 +601,17 @@ fn a_start_never_pairs_with_another_sockets_end() {
     t.handle(&ev(client(1, 0), 5 * S, Close, SynSent), &mut seen);
     t.handle(&ev(in_netns(client(1, 40000), 77), 6 * S, SynSent, Established), &mut seen);
     assert!(seen.handshakes.is_empty());
-    assert_eq!(seen.evicted, 3);
+    assert_eq!(seen.evictions, vec![Eviction::HandshakeReplaced; 3]);
+    assert_eq!(seen.untimed.len(), 2, "the ends still count as completed handshakes");
 
     // The matching end still pairs, and SYN retransmissions of another socket at
     // the address are not attributed to the start.
     t.handle(&ev(client(1, 0), 7 * S, Close, SynSent), &mut seen);
     t.handle(&kind(ev(elsewhere, 8 * S, SynSent, SynSent), EventKind::SynRetransmit), &mut seen);
     t.handle(&ev(client(1, 40000), 7 * S + 30, SynSent, Established), &mut seen);
-    assert_eq!(seen.full.len(), 1);
-    assert_eq!((seen.full[0].duration_ns, seen.full[0].retransmits), (30, 0));
+    let timed: Vec<_> = seen.full.iter().filter(|h| h.duration_ns.is_some()).collect();
+    assert_eq!(timed.len(), 1);
+    assert_eq!((timed[0].duration_ns, timed[0].retransmits), (Some(30), 0));
     assert_eq!(seen.syn_rtx, 1, "still counted as a retransmission");
 }
 

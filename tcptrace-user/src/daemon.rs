@@ -125,6 +125,7 @@ impl Consumer for Drainer {
 }
 
 pub async fn run(args: DaemonArgs) -> Result<()> {
+    let mut signals = shutdown::Signals::install()?;
     // Bind first so a taken port fails fast, but accept only once events flow.
     let listener =
         TcpListener::bind(args.listen).await.map_err(|source| Error::Listen { addr: args.listen, source })?;
@@ -212,7 +213,10 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
         }
     };
     let outcome = tokio::select! {
-        sig = shutdown::signal_received() => sig.map(|s| info!("{s} received: detaching and exiting")).map_err(Error::from),
+        sig = signals.stop_requested() => {
+            info!("{sig} received: detaching and exiting");
+            Ok(())
+        }
         () = reader_ended => Err(Error::Io(std::io::Error::other("the event reader stopped"))),
         r = &mut server => Err(Error::Io(std::io::Error::other(format!("the metrics server stopped: {}", join_msg(r))))),
     };

@@ -3,28 +3,44 @@
 use std::io;
 
 use tokio::{
-    signal::unix::{signal, SignalKind},
+    signal::unix::{signal, Signal, SignalKind},
     sync::watch,
 };
 
-/// Resolves on SIGINT, SIGTERM or SIGQUIT with the signal's name. SIGHUP (a closed
-/// terminal, or an operator's habit of "reload") is logged and ignored: tcptrace has
-/// no configuration file to reload, and a daemon must not die of it.
-pub async fn signal_received() -> io::Result<&'static str> {
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    let mut quit = signal(SignalKind::quit())?;
-    let mut hup = signal(SignalKind::hangup())?;
-    loop {
-        return Ok(tokio::select! {
-            _ = term.recv() => "SIGTERM",
-            _ = int.recv() => "SIGINT",
-            _ = quit.recv() => "SIGQUIT",
-            _ = hup.recv() => {
-                log::info!("SIGHUP received: nothing to reload, ignored (SIGTERM stops tcptrace)");
-                continue;
-            }
-        });
+/// The signals that stop tcptrace, installed once at start: a signal that came
+/// before the handlers would otherwise kill the process without a word.
+pub struct Signals {
+    term: Signal,
+    int: Signal,
+    quit: Signal,
+    hup: Signal,
+}
+
+impl Signals {
+    pub fn install() -> io::Result<Self> {
+        Ok(Self {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            quit: signal(SignalKind::quit())?,
+            hup: signal(SignalKind::hangup())?,
+        })
+    }
+
+    /// Resolves on SIGINT, SIGTERM or SIGQUIT with the signal's name. SIGHUP (a
+    /// closed terminal, or an operator's habit of "reload") is logged and ignored:
+    /// tcptrace has no configuration file to reload, and must not die of it.
+    pub async fn stop_requested(&mut self) -> &'static str {
+        loop {
+            return tokio::select! {
+                _ = self.term.recv() => "SIGTERM",
+                _ = self.int.recv() => "SIGINT",
+                _ = self.quit.recv() => "SIGQUIT",
+                _ = self.hup.recv() => {
+                    log::info!("SIGHUP received: nothing to reload, ignored (SIGTERM stops tcptrace)");
+                    continue;
+                }
+            };
+        }
     }
 }
 

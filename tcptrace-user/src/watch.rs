@@ -202,6 +202,7 @@ impl Consumer for Watcher {
 }
 
 pub async fn run(args: WatchArgs) -> Result<()> {
+    let mut signals = shutdown::Signals::install()?;
     let mut probe = Probe::load(LoadOptions {
         ring_bytes: args.ring_buffer_size.0,
         stream_all: !args.handshakes,
@@ -224,12 +225,10 @@ pub async fn run(args: WatchArgs) -> Result<()> {
     let pace = Pace { drain_every: TICK_EVERY, tick_every: TICK_EVERY };
     let reader = Reader::spawn(fd, pace, watcher)?;
     let mut check = tokio::time::interval(Duration::from_millis(100));
-    let stop = shutdown::signal_received();
-    tokio::pin!(stop);
     loop {
         tokio::select! {
             _ = check.tick() => if reader.is_finished() { break },
-            _ = &mut stop => break,
+            _ = signals.stop_requested() => break,
         }
     }
     let result = reader.stop();

@@ -6,7 +6,7 @@ use std::{
     collections::BTreeMap,
     io::{BufRead, BufReader, Read, Write},
     net::{SocketAddr, TcpStream},
-    process::{Child, Command, ExitStatus, Stdio},
+    process::{Child, ChildStdout, Command, ExitStatus, Stdio},
     sync::{Arc, Mutex},
     thread,
     time::{Duration, Instant},
@@ -19,10 +19,24 @@ pub fn require_root() {
     assert_eq!(euid, 0, "the kernel tests load eBPF programs and need root: run `cargo xtask test`");
 }
 
+/// Whether the tests run in a software-emulated VM (`cargo xtask vmtest`).
+pub fn slow() -> bool {
+    std::env::var_os("TCPTRACE_TEST_SLOW").is_some_and(|v| v == "1")
+}
+
+/// A load size: `native`, or `emulated` in a software-emulated VM.
+pub fn scaled(native: usize, emulated: usize) -> usize {
+    if slow() {
+        emulated
+    } else {
+        native
+    }
+}
+
 /// `base` stretched for a software-emulated VM (`TCPTRACE_TEST_SLOW=1`, set by
 /// `cargo xtask vmtest`), where everything runs 5-10 times slower.
 pub fn deadline(base: Duration) -> Duration {
-    if std::env::var_os("TCPTRACE_TEST_SLOW").is_some_and(|v| v == "1") {
+    if slow() {
         base * 6
     } else {
         base
@@ -76,18 +90,34 @@ impl Daemon {
     }
 
     /// Like [`Daemon::start`] with a prepared command (e.g. a wrapper like `unshare`).
-    pub fn start_with(mut cmd: Command, extra: &[&str]) -> Self {
-        cmd.args(["daemon", "--listen", "127.0.0.1:0"]).args(extra);
-        let mut child = cmd.stderr(Stdio::piped()).stdout(Stdio::piped()).spawn().expect("spawn tcptrace");
-        let stderr = child.stderr.take().expect("stderr");
-        let stdout_lines = Arc::new(Mutex::new(Vec::new()));
-        let out = stdout_lines.clone();
-        let stdout = child.stdout.take().expect("stdout");
+    pub fn start_with(cmd: Command, extra: &[&str]) -> Self {
+        let (mut daemon, stdout) = Self::spawn(cmd, extra);
+        daemon.read_stdout(stdout);
+        daemon
+    }
+
+    /// Like [`Daemon::start`], but nobody reads the daemon's stdout (a stuck pipe)
+    /// until the test calls [`Daemon::read_stdout`] with it.
+    pub fn start_unread_stdout(extra: &[&str]) -> (Self, ChildStdout) {
+        Self::spawn(Command::new(env!("CARGO_BIN_EXE_tcptrace")), extra)
+    }
+
+    /// Collects stdout's lines from now on (see [`Daemon::stdout_lines`]).
+    pub fn read_stdout(&mut self, stdout: ChildStdout) {
+        let out = self.stdout.clone();
         thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
                 out.lock().unwrap().push(line);
             }
         });
+    }
+
+    fn spawn(mut cmd: Command, extra: &[&str]) -> (Self, ChildStdout) {
+        cmd.args(["daemon", "--listen", "127.0.0.1:0"]).args(extra);
+        let mut child = cmd.stderr(Stdio::piped()).stdout(Stdio::piped()).spawn().expect("spawn tcptrace");
+        let stderr = child.stderr.take().expect("stderr");
+        let stdout_lines = Arc::new(Mutex::new(Vec::new()));
+        let stdout = child.stdout.take().expect("stdout");
         let log = Arc::new(Mutex::new(String::new()));
         let (tx, rx) = std::sync::mpsc::channel();
         let sink = log.clone();
@@ -112,7 +142,28 @@ impl Daemon {
             Ok(addr) => daemon.addr = addr.parse().expect("listen address"),
             Err(_) => panic!("daemon did not start serving within 20 s; its log:\n{}", daemon.log()),
         }
-        daemon
+        (daemon, stdout)
+    }
+
+    /// The daemon's resident memory in KiB (VmRSS).
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).expect("daemon status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .expect("VmRSS")
+    }
+
+    /// Sends `signal` to the daemon.
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: kill with the pid of our own child.
+        unsafe { libc::kill(self.pid() as i32, signal) };
+    }
+
+    /// Whether the daemon exited, and how.
+    pub fn try_exit(&mut self) -> Option<ExitStatus> {
+        self.child.as_mut()?.try_wait().ok().flatten()
     }
 
     pub fn log(&self) -> String {
@@ -130,20 +181,43 @@ impl Daemon {
 
     /// GET /metrics over the daemon's keep-alive connection (opened on first use).
     pub fn scrape(&self) -> Scrape {
+        match self.try_scrape() {
+            Ok(s) => s,
+            Err(err) => panic!("scrape failed: {err}; the daemon's log:\n{}", self.log()),
+        }
+    }
+
+    /// [`Daemon::scrape`], with failures as errors; a connection the daemon closed
+    /// (its idle timeout) is opened again once.
+    pub fn try_scrape(&self) -> std::io::Result<Scrape> {
+        match self.scrape_once() {
+            Ok(s) => Ok(s),
+            Err(_) => {
+                self.conn.borrow_mut().take();
+                self.scrape_once()
+            }
+        }
+    }
+
+    fn scrape_once(&self) -> std::io::Result<Scrape> {
         let mut conn = self.conn.borrow_mut();
-        let stream = conn.get_or_insert_with(|| {
-            let s = TcpStream::connect_timeout(&self.addr, Duration::from_secs(5)).expect("connect to daemon");
-            s.set_read_timeout(Some(deadline(Duration::from_secs(10)))).unwrap();
-            BufReader::new(s)
-        });
-        write!(stream.get_mut(), "GET /metrics HTTP/1.1\r\nHost: tcptrace\r\n\r\n").expect("send scrape");
+        if conn.is_none() {
+            let s = TcpStream::connect_timeout(&self.addr, Duration::from_secs(5))?;
+            s.set_read_timeout(Some(deadline(Duration::from_secs(10))))?;
+            *conn = Some(BufReader::new(s));
+        }
+        let stream = conn.as_mut().expect("just connected");
+        write!(stream.get_mut(), "GET /metrics HTTP/1.1\r\nHost: tcptrace\r\n\r\n")?;
         let mut status = String::new();
-        stream.read_line(&mut status).expect("read status");
-        assert!(status.starts_with("HTTP/1.1 200"), "scrape failed: {status}");
+        stream.read_line(&mut status)?;
+        if !status.starts_with("HTTP/1.1 200") {
+            *conn = None;
+            return Err(std::io::Error::other(format!("status line {status:?}")));
+        }
         let mut length = None;
         loop {
             let mut header = String::new();
-            stream.read_line(&mut header).expect("read header");
+            stream.read_line(&mut header)?;
             let header = header.trim_end();
             if header.is_empty() {
                 break;
@@ -155,8 +229,8 @@ impl Daemon {
             }
         }
         let mut body = vec![0; length.expect("the daemon sends Content-Length")];
-        stream.read_exact(&mut body).expect("read body");
-        Scrape::parse(&String::from_utf8(body).expect("UTF-8 exposition"))
+        stream.read_exact(&mut body)?;
+        Ok(Scrape::parse(&String::from_utf8(body).expect("UTF-8 exposition")))
     }
 
     /// Sends SIGTERM and waits up to `deadline` for the exit; kills it past that.
@@ -212,12 +286,17 @@ impl Scrape {
 
     /// The sample with exactly these labels (0 when the series does not exist yet).
     pub fn get(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        self.find(name, labels).unwrap_or(0.0)
+    }
+
+    /// The sample with exactly these labels, if the series exists.
+    pub fn find(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
         self.samples
             .iter()
             .find(|(n, l, _)| {
                 n == name && l.len() == labels.len() && labels.iter().all(|(k, v)| l.get(*k).is_some_and(|x| x == v))
             })
-            .map_or(0.0, |(_, _, v)| *v)
+            .map(|(_, _, v)| *v)
     }
 
     /// Every series of `name`, with its labels.

@@ -1,0 +1,467 @@
+//! Root tests of the daemon under a hostile client, a stuck output and a start in
+//! the middle of a flood: it never stalls, never grows, and counts what it drops.
+//! Run by `cargo xtask test` (natively and in the kernel VMs).
+
+mod support;
+
+use std::{
+    io::{ErrorKind, Read, Write},
+    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    sync::{
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+        Arc,
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use support::*;
+
+const BASE_DEADLINE: Duration = Duration::from_secs(10);
+
+fn listener() -> (TcpListener, SocketAddr) {
+    let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+    let addr = l.local_addr().unwrap();
+    (l, addr)
+}
+
+/// A loopback port nothing listens on.
+fn closed_port() -> SocketAddr {
+    listener().1
+}
+
+/// Accepts and closes every connection until the listener errs (never, in a test)
+/// or the process ends: a server for load that needs no answer.
+fn accept_and_close(l: TcpListener) {
+    thread::spawn(move || {
+        for s in l.incoming() {
+            drop(s);
+        }
+    });
+}
+
+/// One scrape on a connection of its own; how long it took.
+fn timed_scrape(addr: SocketAddr) -> std::io::Result<(Duration, String)> {
+    let start = Instant::now();
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    if !out.starts_with("HTTP/1.1 200") {
+        return Err(std::io::Error::other(format!("{:?}", out.lines().next())));
+    }
+    Ok((start.elapsed(), out))
+}
+
+/// Whether the server has closed `s` (EOF or reset); reads nothing otherwise.
+fn closed_by_peer(s: &mut TcpStream) -> bool {
+    s.set_nonblocking(true).unwrap();
+    let mut buf = [0u8; 256];
+    match s.read(&mut buf) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) if e.kind() == ErrorKind::WouldBlock => false,
+        Err(_) => true,
+    }
+}
+
+#[test]
+#[ignore = "needs root and the real kernel: run `cargo xtask test`"]
+fn every_series_exists_in_the_first_scrape() {
+    require_root();
+    let daemon = Daemon::start(&[
+        "--port-labels",
+        "top:3",
+        "--comm-labels",
+        "2",
+        "--slow-handshake",
+        "1s",
+        "--netns-labels",
+        "2",
+    ]);
+    let first = daemon.scrape();
+    let mut missing = Vec::new();
+    let mut expect = |name: &str, labels: &[(&str, &str)]| {
+        if first.find(name, labels).is_none() {
+            missing.push(format!("{name}{labels:?}"));
+        }
+    };
+    for direction in ["active", "passive"] {
+        for family in ["ipv4", "ipv6"] {
+            let labels = [("direction", direction), ("family", family), ("port", "other")];
+            expect("tcptrace_handshakes_total", &labels);
+            expect("tcptrace_handshake_duration_seconds_count", &labels);
+            expect("tcptrace_handshake_retransmitted_duration_seconds_count", &labels);
+            for reason in ["refused", "timeout", "aborted", "reset", "unreachable", "unknown"] {
+                let labels = [("direction", direction), ("family", family), ("port", "other"), ("reason", reason)];
+                expect("tcptrace_handshake_failures_total", &labels);
+            }
+        }
+    }
+    for family in ["ipv4", "ipv6"] {
+        for name in [
+            "tcptrace_syn_retransmits_total",
+            "tcptrace_synack_retransmits_total",
+            "tcptrace_time_wait_entries_total",
+            "tcptrace_time_wait_sockets",
+        ] {
+            expect(name, &[("family", family)]);
+        }
+    }
+    for (table, reason) in [
+        ("handshakes", "cap"),
+        ("handshakes", "timeout"),
+        ("handshakes", "replaced"),
+        ("time_wait", "cap"),
+        ("synack", "cap"),
+        ("resets", "cap"),
+    ] {
+        expect("tcptrace_tracked_sockets_evicted_total", &[("table", table), ("reason", reason)]);
+    }
+    expect("tcptrace_process_handshakes_total", &[("comm", "other")]);
+    for reason in ["refused", "timeout", "aborted", "reset", "unreachable", "unknown"] {
+        expect("tcptrace_process_handshake_failures_total", &[("comm", "other"), ("reason", reason)]);
+    }
+    for name in [
+        "tcptrace_events_total",
+        "tcptrace_events_lost_total",
+        "tcptrace_events_malformed_total",
+        "tcptrace_slow_log_dropped_total",
+        "tcptrace_http_connections_rejected_total",
+        "tcptrace_tracked_sockets",
+        "tcptrace_kernel_btf_available",
+    ] {
+        expect(name, &[]);
+    }
+    for timeout in ["header", "idle"] {
+        expect("tcptrace_http_connections_timed_out_total", &[("timeout", timeout)]);
+    }
+    assert!(!first.series("tcptrace_kernel_events_missed_total").is_empty());
+    assert!(!first.series("tcptrace_probe_attached").is_empty());
+    assert!(missing.is_empty(), "missing from the first scrape: {missing:#?}\n{}", first.text);
+}
+
+#[test]
+#[ignore = "needs root and the real kernel: run `cargo xtask test`"]
+fn a_stuck_stdout_never_stalls_counting_or_scrapes() {
+    require_root();
+    // Nobody reads the slow log: the pipe fills after a few hundred records.
+    let (mut daemon, stdout) = Daemon::start_unread_stdout(&["--slow-handshake", "1ms"]);
+    let n = scaled(12_000, 10_000); // More than the daemon queues (8192) plus the pipe.
+    let before = daemon.scrape();
+    let refused = closed_port();
+    let addr = daemon.addr;
+    let done = Arc::new(AtomicBool::new(false));
+    let stop = done.clone();
+    // Scrapes on their own connections all along, each timed.
+    let scraper = thread::spawn(move || {
+        let mut worst = Duration::ZERO;
+        let mut count = 0;
+        while !stop.load(Ordering::Relaxed) {
+            let (took, _) = timed_scrape(addr).expect("a scrape while stdout is stuck");
+            worst = worst.max(took);
+            count += 1;
+            thread::sleep(Duration::from_millis(100));
+        }
+        (worst, count)
+    });
+    for _ in 0..n {
+        let err = TcpStream::connect_timeout(&refused, deadline(BASE_DEADLINE)).expect_err("nothing listens");
+        assert_eq!(err.kind(), ErrorKind::ConnectionRefused);
+    }
+    let failures =
+        |s: &Scrape| s.failures_for("active", "ipv4", "refused") - before.failures_for("active", "ipv4", "refused");
+    let mut after = daemon.scrape();
+    let counted = wait_for(deadline(BASE_DEADLINE), || {
+        after = daemon.scrape();
+        failures(&after) >= n as f64 && after.get("tcptrace_slow_log_dropped_total", &[]) > 0.0
+    });
+    done.store(true, Ordering::Relaxed);
+    let (worst, scrapes) = scraper.join().unwrap();
+    let dropped = after.get("tcptrace_slow_log_dropped_total", &[]);
+    eprintln!("stuck stdout: {n} refused, {dropped} records dropped, {scrapes} scrapes, slowest {worst:?}");
+    assert!(counted, "failures {} of {n}, dropped {dropped}; log:\n{}", failures(&after), daemon.log());
+    assert_eq!(failures(&after), n as f64, "every failure counted exactly");
+    assert_eq!(after.get("tcptrace_events_lost_total", &[]), 0.0);
+    assert!(worst < deadline(Duration::from_secs(1)), "a scrape took {worst:?} while stdout was stuck");
+    assert!(daemon.log().contains("slow-handshake log (stdout): the output is not keeping up"), "{}", daemon.log());
+
+    // Once stdout is read again, what was queued arrives: written + dropped = all.
+    daemon.read_stdout(stdout);
+    let all = wait_for(deadline(BASE_DEADLINE), || daemon.stdout_lines().len() as f64 + dropped >= n as f64);
+    let written = daemon.stdout_lines().len();
+    assert!(all && written as f64 + dropped == n as f64, "{written} written + {dropped} dropped != {n}");
+    assert!(daemon.try_exit().is_none(), "the daemon is still running");
+}
+
+#[test]
+#[ignore = "needs root and the real kernel: run `cargo xtask test`"]
+fn idle_and_half_sent_http_connections_are_closed_by_the_timeouts() {
+    require_root();
+    let (header, idle) = (deadline(Duration::from_secs(2)), deadline(Duration::from_secs(4)));
+    let (h, i) = (format!("{}ms", header.as_millis()), format!("{}ms", idle.as_millis()));
+    let daemon =
+        Daemon::start(&["--web.max-connections", "1100", "--web.header-timeout", &h, "--web.idle-timeout", &i]);
+    let rss_before = daemon.rss_kib();
+    let opened = Instant::now();
+    let mut idle_conns: Vec<TcpStream> = (0..1000).map(|_| TcpStream::connect(daemon.addr).unwrap()).collect();
+    let mut half_sent: Vec<TcpStream> = (0..50)
+        .map(|_| {
+            let mut s = TcpStream::connect(daemon.addr).unwrap();
+            s.write_all(b"GET /metrics HTTP/1.1\r\nHost: slow").unwrap();
+            s
+        })
+        .collect();
+
+    // A scrape in between answers at once, and its counts are exact.
+    let (l, server) = listener();
+    accept_and_close(l);
+    let (took, _) = timed_scrape(daemon.addr).expect("a scrape among 1,050 held connections");
+    let before = daemon.scrape();
+    for _ in 0..20 {
+        drop(TcpStream::connect(server).unwrap());
+    }
+    let completed = |s: &Scrape| {
+        s.get("tcptrace_handshakes_total", &[("direction", "active"), ("family", "ipv4")])
+            - before.get("tcptrace_handshakes_total", &[("direction", "active"), ("family", "ipv4")])
+    };
+    let mut after = daemon.scrape();
+    wait_for(deadline(BASE_DEADLINE), || {
+        after = daemon.scrape();
+        completed(&after) >= 20.0
+    });
+    assert_eq!(completed(&after), 20.0, "the 20 handshakes made among the held connections");
+    let rss_during = daemon.rss_kib();
+
+    // Then the timeouts close every held connection.
+    let all_closed = wait_for(idle + deadline(BASE_DEADLINE), || {
+        idle_conns.retain_mut(|s| !closed_by_peer(s));
+        half_sent.retain_mut(|s| !closed_by_peer(s));
+        idle_conns.is_empty() && half_sent.is_empty()
+    });
+    let closed_after = opened.elapsed();
+    assert!(all_closed, "{} idle and {} half-sent still open", idle_conns.len(), half_sent.len());
+    assert!(closed_after >= header, "closed after {closed_after:?}, before any timeout");
+    let s = daemon.scrape();
+    let timed_out = |t: &str| s.get("tcptrace_http_connections_timed_out_total", &[("timeout", t)]);
+    let rss_after = daemon.rss_kib();
+    eprintln!(
+        "1000 idle + 50 half-sent: scrape in between {took:?}; all closed after {closed_after:?}; RSS {rss_before} -> \
+         {rss_during} -> {rss_after} KiB; timed out: header {}, idle {}",
+        timed_out("header"),
+        timed_out("idle")
+    );
+    assert!(took < deadline(Duration::from_secs(1)), "scrape took {took:?}");
+    assert_eq!(timed_out("header"), 50.0);
+    assert!(timed_out("idle") >= 1000.0);
+}
+
+#[test]
+#[ignore = "needs root and the real kernel: run `cargo xtask test`"]
+fn excess_connections_are_closed_at_once_and_memory_stays_flat() {
+    require_root();
+    let daemon = Daemon::start(&[]); // --web.max-connections 64
+    let before = daemon.scrape(); // Holds one of the 64 slots for the scrapes below.
+    let rss_before = daemon.rss_kib();
+    // Nearly this process's whole file descriptor limit (20,000 here).
+    let n = scaled(19_000, 4_000);
+    // A connect the daemon refused may already read as reset when it returns.
+    let held: Vec<TcpStream> = (0..n)
+        .filter_map(|_| match TcpStream::connect_timeout(&daemon.addr, deadline(BASE_DEADLINE)) {
+            Ok(s) => Some(s),
+            Err(e) if e.kind() == ErrorKind::ConnectionReset => None,
+            Err(e) => panic!("connect to the daemon: {e}"),
+        })
+        .collect();
+    let rejected = |s: &Scrape| {
+        s.get("tcptrace_http_connections_rejected_total", &[])
+            - before.get("tcptrace_http_connections_rejected_total", &[])
+    };
+    let mut during = daemon.scrape();
+    let all_refused = wait_for(deadline(BASE_DEADLINE), || {
+        during = daemon.scrape();
+        rejected(&during) >= (n - 63) as f64
+    });
+    let fds = std::fs::read_dir(format!("/proc/{}/fd", daemon.pid())).unwrap().count();
+    let rss_during = daemon.rss_kib();
+    drop(held);
+    let settled =
+        wait_for(deadline(BASE_DEADLINE), || daemon.scrape().get("process_open_fds", &[]) < fds as f64 - 50.0);
+    // Let the allocator settle, then compare.
+    let rss_after = daemon.rss_kib();
+    eprintln!(
+        "{n} connections against a cap of 64: {} rejected, daemon fds {fds}, RSS {rss_before} -> {rss_during} -> \
+         {rss_after} KiB",
+        rejected(&during)
+    );
+    assert!(all_refused, "{} of {} excess connections refused", rejected(&during), n - 63);
+    assert!(fds < 64 + 64, "the daemon holds {fds} descriptors");
+    assert!(settled, "the held connections were not released");
+    assert!(rss_during < rss_before + 16 * 1024, "RSS grew from {rss_before} to {rss_during} KiB");
+    assert!(rss_after < rss_before + 8 * 1024, "RSS stayed at {rss_after} KiB (from {rss_before})");
+}
+
+#[test]
+#[ignore = "needs root and the real kernel: run `cargo xtask test`"]
+fn failure_ratios_stay_honest_when_starts_are_evicted() {
+    require_root();
+    let daemon = Daemon::start(&["--max-tracked-sockets", "1"]);
+    let (l, server) = listener();
+    accept_and_close(l);
+    // Every SYN to the server is dropped until the table goes: ten connects wait in
+    // SYN_SENT together, and a cap of one keeps only the last start.
+    let mut drop_syns =
+        NftTable::new(None, &[format!("tcp dport {} tcp flags & (syn | ack) == syn counter drop", server.port())]);
+    let before = daemon.scrape();
+    let clients: Vec<_> = (0..10)
+        .map(|i| {
+            thread::sleep(Duration::from_millis(if i == 0 { 0 } else { 20 }));
+            thread::spawn(move || TcpStream::connect_timeout(&server, deadline(BASE_DEADLINE)).map(drop))
+        })
+        .collect();
+    assert!(wait_for(deadline(BASE_DEADLINE), || drop_syns.packets() >= 10), "ten SYNs dropped");
+    drop_syns.delete();
+    for c in clients {
+        c.join().unwrap().expect("each connect completes after its SYN retransmission");
+    }
+    let refused = closed_port();
+    for _ in 0..5 {
+        TcpStream::connect(refused).expect_err("refused");
+    }
+    let delta = |s: &Scrape, name: &str, labels: &[(&str, &str)]| s.get(name, labels) - before.get(name, labels);
+    let active = [("direction", "active"), ("family", "ipv4")];
+    let mut after = daemon.scrape();
+    wait_for(deadline(BASE_DEADLINE), || {
+        after = daemon.scrape();
+        delta(&after, "tcptrace_handshakes_total", &active) >= 10.0
+            && after.failures_for("active", "ipv4", "refused") - before.failures_for("active", "ipv4", "refused") >= 5.0
+    });
+    let completed = delta(&after, "tcptrace_handshakes_total", &active);
+    let timed = delta(&after, "tcptrace_handshake_duration_seconds_count", &active);
+    let failed = after.failures_for("active", "ipv4", "refused") - before.failures_for("active", "ipv4", "refused");
+    let evicted =
+        delta(&after, "tcptrace_tracked_sockets_evicted_total", &[("table", "handshakes"), ("reason", "cap")]);
+    eprintln!("cap 1: {completed} completed, {timed} timed, {evicted} starts evicted, {failed} refused");
+    assert_eq!((completed, failed), (10.0, 5.0), "every outcome counted, timed or not");
+    assert_eq!(failed / (failed + completed), 5.0 / 15.0, "the failure ratio is the true one");
+    assert_eq!(evicted, 9.0, "nine of ten starts made room for the next");
+    assert_eq!(timed, 1.0, "only the start still held is timed");
+}
+
+/// `n` time-wait sockets in `ns`, made as fast as loopback allows: two workers,
+/// each with its own listener, connecting from explicit ports (a port search through
+/// 100,000 time-wait sockets would be slow) and accepting each connection itself
+/// (no accept backlog to overflow); the client closes first, so its side waits.
+fn fill_time_wait(ns: &Netns, n: usize) {
+    ns.exec("sysctl", &["-q", "-w", "net.ipv4.tcp_max_tw_buckets=400000"]);
+    ns.exec("sysctl", &["-q", "-w", "net.ipv4.tcp_tw_reuse=0"]);
+    let per_worker = n.div_ceil(2);
+    ns.run(move || {
+        let workers: Vec<_> = (0..2)
+            .map(|_| {
+                let (l, server) = listener();
+                thread::spawn(move || {
+                    for port in 10_000..10_000 + per_worker as u16 {
+                        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+                        s.set_reuse_address(true).unwrap();
+                        let local: SocketAddr = (Ipv4Addr::new(127, 0, 0, 2), port).into();
+                        s.bind(&local.into()).unwrap_or_else(|e| panic!("bind {local}: {e}"));
+                        s.connect(&server.into()).unwrap_or_else(|e| panic!("connect {local} -> {server}: {e}"));
+                        let (accepted, _) = l.accept().unwrap();
+                        drop(s);
+                        let mut accepted = accepted;
+                        // The client's FIN, then the server's close.
+                        accepted.set_read_timeout(Some(deadline(BASE_DEADLINE))).unwrap();
+                        let _ = accepted.read(&mut [0u8; 1]);
+                    }
+                })
+            })
+            .collect();
+        workers.into_iter().for_each(|w| w.join().unwrap());
+    })
+    .join()
+    .unwrap();
+    let enough = wait_for(deadline(BASE_DEADLINE), || ns.sockstat_tw() >= n);
+    assert!(enough, "{} time-wait sockets of {n}", ns.sockstat_tw());
+}
+
+#[test]
+#[ignore = "needs root and the real kernel: run `cargo xtask test`"]
+fn a_start_during_a_churn_with_100k_time_wait_sockets_loses_nothing() {
+    require_root();
+    let n = scaled(100_000, 20_000);
+    let ns = Netns::new();
+    let made = Instant::now();
+    fill_time_wait(&ns, n);
+    let made = made.elapsed();
+
+    // Churn on the host's loopback, bounded in count and time, from before the
+    // daemon starts until after it serves.
+    let (l, server) = listener();
+    accept_and_close(l);
+    let stop = Arc::new(AtomicBool::new(false));
+    let churned = Arc::new(AtomicUsize::new(0));
+    let churn: Vec<_> = (0..2)
+        .map(|_| {
+            let (stop, churned) = (stop.clone(), churned.clone());
+            thread::spawn(move || {
+                let end = Instant::now() + deadline(Duration::from_secs(60));
+                while !stop.load(Ordering::Relaxed)
+                    && Instant::now() < end
+                    && churned.load(Ordering::Relaxed) < 2_000_000
+                {
+                    if TcpStream::connect(server).is_ok() {
+                        churned.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            })
+        })
+        .collect();
+    assert!(wait_for(deadline(BASE_DEADLINE), || churned.load(Ordering::Relaxed) > 1000), "the churn runs");
+    let at_start = churned.load(Ordering::Relaxed);
+    let started = Instant::now();
+    let daemon = Daemon::start(&[]);
+    let serving = started.elapsed();
+    let s = daemon.scrape();
+    let at_serving = churned.load(Ordering::Relaxed);
+    thread::sleep(Duration::from_millis(500)); // The churn goes on while it runs.
+    stop.store(true, Ordering::Relaxed);
+    for c in churn {
+        c.join().unwrap();
+    }
+    let end = daemon.scrape();
+    let seeded = daemon.log().lines().find(|l| l.contains("TIME_WAIT sockets already in")).map(str::to_string);
+    eprintln!(
+        "{n} time-wait sockets made in {made:?}; daemon served after {serving:?} with {} connections churned \
+         meanwhile ({} in all); {seeded:?}; lost {}, skipped {}, time-wait gauge {}",
+        at_serving - at_start,
+        churned.load(Ordering::Relaxed),
+        end.get("tcptrace_events_lost_total", &[]),
+        end.missed(),
+        s.time_wait()
+    );
+    assert!(at_serving > at_start, "the daemon started during the churn");
+    assert_eq!(end.get("tcptrace_events_lost_total", &[]), 0.0, "no event lost at start-up");
+    assert!(s.time_wait() >= n as f64, "the {n} seeded sockets are in the gauge: {}", s.time_wait());
+}
+
+#[test]
+#[ignore = "needs root and the real kernel: run `cargo xtask test`"]
+fn sighup_is_ignored_and_every_exit_says_why() {
+    require_root();
+    let mut daemon = Daemon::start(&[]);
+    daemon.signal(libc::SIGHUP);
+    let said = wait_for(deadline(BASE_DEADLINE), || daemon.log().contains("SIGHUP received"));
+    assert!(said, "{}", daemon.log());
+    daemon.scrape(); // Still serving.
+    assert!(daemon.try_exit().is_none());
+    daemon.signal(libc::SIGQUIT);
+    let mut status = None;
+    wait_for(deadline(BASE_DEADLINE), || {
+        status = daemon.try_exit();
+        status.is_some()
+    });
+    assert_eq!(status.and_then(|s| s.code()), Some(0), "SIGQUIT is a clean exit: {status:?}");
+    assert!(daemon.log().contains("SIGQUIT received: detaching and exiting"), "{}", daemon.log());
+}

@@ -108,9 +108,22 @@ const BPFTRACE_SCRIPT: &str = r#"tracepoint:sock:inet_sock_set_state /args->prot
 }
 "#;
 
-struct Running {
+/// A tracer (or the daemon) running; dropping it interrupts it and waits (5 s, then
+/// SIGKILL), also when the caller fails.
+pub(crate) struct Running {
     child: Child,
     metrics: Option<SocketAddr>,
+}
+
+impl Running {
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// How it ended, if it has.
+    pub(crate) fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
 }
 
 impl Drop for Running {
@@ -144,7 +157,7 @@ fn cpu_seconds(pid: u32) -> f64 {
 }
 
 /// A `/proc/PID/status` memory field in KiB (VmRSS, VmHWM).
-fn status_kib(pid: u32, field: &str) -> u64 {
+pub(crate) fn status_kib(pid: u32, field: &str) -> u64 {
     fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
         .lines()
@@ -288,22 +301,105 @@ fn start(tracer: Tracer, bin: &Path, work: &Path) -> Result<Option<Running>> {
     Ok(Some(running))
 }
 
-/// GET /metrics; returns the body.
-fn scrape(addr: SocketAddr) -> Result<String> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(s, "GET /metrics HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")?;
-    let mut reply = String::new();
-    s.read_to_string(&mut reply)?;
-    let (head, body) = reply.split_once("\r\n\r\n").context("malformed HTTP reply")?;
-    if !head.starts_with("HTTP/1.1 200") {
-        bail!("scrape failed: {head}");
-    }
-    Ok(body.to_string())
+/// `tcptrace daemon --listen 127.0.0.1:0` (a free port), started and answering;
+/// returns it with the address it serves /metrics at.
+pub(crate) fn start_daemon(bin: &Path, work: &Path) -> Result<(Running, SocketAddr)> {
+    let running = start(Tracer::Tcptrace, bin, work)?.context("daemon")?;
+    let addr = running.metrics.context("metrics address")?;
+    Ok((running, addr))
 }
 
-fn sample(text: &str, name: &str) -> f64 {
-    text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok()).unwrap_or(0.0)
+/// GET /metrics on a fresh connection; returns the body.
+fn scrape(addr: SocketAddr) -> Result<String> {
+    Scraper::new(addr).get()
+}
+
+/// An HTTP/1.1 client for /metrics that keeps its connection alive between
+/// requests, opening one when it has none (first use, or the server closed it).
+pub(crate) struct Scraper {
+    addr: SocketAddr,
+    conn: Option<BufReader<TcpStream>>,
+    /// Connections opened so far.
+    pub(crate) connects: u64,
+}
+
+impl Scraper {
+    /// Longest a connect, or any one read or write, may take.
+    pub(crate) const TIMEOUT: Duration = Duration::from_secs(5);
+
+    pub(crate) fn new(addr: SocketAddr) -> Self {
+        Self { addr, conn: None, connects: 0 }
+    }
+
+    /// GET /metrics; returns the body. On any error the connection is dropped, so
+    /// the next request opens a new one.
+    pub(crate) fn get(&mut self) -> Result<String> {
+        self.exchange().map_err(|err| {
+            self.conn = None;
+            let io = err.downcast_ref::<std::io::Error>().map(std::io::Error::kind);
+            if matches!(io, Some(std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut)) {
+                err.context(format!("no reply within {} s", Self::TIMEOUT.as_secs()))
+            } else {
+                err
+            }
+        })
+    }
+
+    fn exchange(&mut self) -> Result<String> {
+        if self.conn.is_none() {
+            let s = TcpStream::connect_timeout(&self.addr, Self::TIMEOUT)?;
+            s.set_read_timeout(Some(Self::TIMEOUT))?;
+            s.set_write_timeout(Some(Self::TIMEOUT))?;
+            self.connects += 1;
+            self.conn = Some(BufReader::new(s));
+        }
+        let conn = self.conn.as_mut().context("no connection")?;
+        write!(conn.get_mut(), "GET /metrics HTTP/1.1\r\nHost: bench\r\n\r\n")?;
+        let mut status = String::new();
+        if conn.read_line(&mut status)? == 0 {
+            bail!("the daemon closed the connection without replying");
+        }
+        if !status.starts_with("HTTP/1.1 200") {
+            bail!("scrape failed: {:?}", status.trim_end());
+        }
+        let (mut length, mut close) = (None, false);
+        loop {
+            let mut line = String::new();
+            if conn.read_line(&mut line)? == 0 {
+                bail!("connection closed inside the reply's headers");
+            }
+            let line = line.trim_end();
+            if line.is_empty() {
+                break;
+            }
+            let (name, value) = line.split_once(':').context("malformed HTTP header")?;
+            let value = value.trim();
+            if name.eq_ignore_ascii_case("content-length") {
+                length = Some(value.parse::<usize>().context("malformed Content-Length")?);
+            } else if name.eq_ignore_ascii_case("connection") {
+                close = value.eq_ignore_ascii_case("close");
+            } else if name.eq_ignore_ascii_case("transfer-encoding") {
+                bail!("unexpected Transfer-Encoding {value} (the daemon sends a Content-Length)");
+            }
+        }
+        let mut body = vec![0; length.context("reply without Content-Length")?];
+        conn.read_exact(&mut body)?;
+        if close {
+            self.conn = None;
+        }
+        String::from_utf8(body).context("reply is not UTF-8")
+    }
+}
+
+/// The sum of every sample of metric `name` in a text exposition, whatever its
+/// labels (the one value of an unlabelled metric); 0 when it has none.
+pub(crate) fn metric_sum(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.strip_prefix(name).is_some_and(|rest| rest.starts_with(['{', ' '])))
+        // No timestamps in tcptrace's exposition: the value is the last field (a
+        // label value may hold spaces, never the value).
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }
 
 #[derive(Clone, Debug)]
@@ -345,12 +441,12 @@ fn one_run(tracer: Tracer, churn: &Churn, bin: &Path, work: &Path) -> Result<Run
             for _ in 0..50 {
                 thread::sleep(Duration::from_millis(20));
                 let now = scrape(addr)?;
-                if sample(&now, "tcptrace_events_total") == sample(&last, "tcptrace_events_total") {
+                if metric_sum(&now, "tcptrace_events_total") == metric_sum(&last, "tcptrace_events_total") {
                     break;
                 }
                 last = now;
             }
-            let d = |n| sample(&last, n) - sample(&before, n);
+            let d = |n| metric_sum(&last, n) - metric_sum(&before, n);
             (Some(d("tcptrace_events_total")), Some(d("tcptrace_events_lost_total")))
         }
         _ => (None, None),
@@ -374,7 +470,7 @@ fn one_run(tracer: Tracer, churn: &Churn, bin: &Path, work: &Path) -> Result<Run
     })
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     if v.is_empty() {
         return f64::NAN;
     }
@@ -449,7 +545,7 @@ pub fn hold(n: usize) -> Result<()> {
 fn settle(addr: SocketAddr) -> Result<()> {
     let mut last = -1.0;
     for _ in 0..200 {
-        let now = sample(&scrape(addr)?, "tcptrace_events_total");
+        let now = metric_sum(&scrape(addr)?, "tcptrace_events_total");
         if now == last {
             break;
         }
@@ -463,9 +559,8 @@ fn settle(addr: SocketAddr) -> Result<()> {
 /// modelled TIME_WAIT socket). Connections are held by helper processes, since one
 /// process may not have enough file descriptors.
 fn memory(bin: &Path, work: &Path, xtask: &Path, n: usize) -> Result<(u64, u64, u64, f64, f64)> {
-    let running = start(Tracer::Tcptrace, bin, work)?.context("daemon")?;
-    let pid = running.child.id();
-    let addr = running.metrics.context("metrics address")?;
+    let (running, addr) = start_daemon(bin, work)?;
+    let pid = running.pid();
     settle(addr)?;
     let idle = status_kib(pid, "VmRSS:");
     let per_helper = ((nofile_limit().saturating_sub(256)) / 2).clamp(1, 20_000) as usize;
@@ -492,19 +587,14 @@ fn memory(bin: &Path, work: &Path, xtask: &Path, n: usize) -> Result<(u64, u64, 
     settle(addr)?;
     let closed = status_kib(pid, "VmRSS:");
     let text = scrape(addr)?;
-    let tw = text
-        .lines()
-        .filter(|l| l.starts_with("tcptrace_time_wait_sockets{"))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum();
-    let lost = sample(&text, "tcptrace_events_lost_total");
+    let tw = metric_sum(&text, "tcptrace_time_wait_sockets");
+    let lost = metric_sum(&text, "tcptrace_events_lost_total");
     drop(running);
     Ok((idle, open, closed, tw, lost))
 }
 
 fn scrape_latency(bin: &Path, work: &Path) -> Result<(f64, f64)> {
-    let running = start(Tracer::Tcptrace, bin, work)?.context("daemon")?;
-    let addr = running.metrics.context("metrics address")?;
+    let (_running, addr) = start_daemon(bin, work)?;
     // Some traffic first, so the exposition has its usual series.
     Churn {
         ip: Ipv4Addr::LOCALHOST.into(),
@@ -678,4 +768,23 @@ pub fn run(args: &BenchArgs, root: &Path, bin: &Path, xtask: &Path) -> Result<St
 
 pub fn results_path(root: &Path) -> PathBuf {
     root.join("target/bench/results.md")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metric_sum_ignores_labels_and_other_names() {
+        let text = "# HELP tcptrace_time_wait_sockets x\n# TYPE tcptrace_time_wait_sockets gauge\n\
+                    tcptrace_time_wait_sockets{family=\"ipv4\"} 12\n\
+                    tcptrace_time_wait_sockets{family=\"ipv6\"} 3\n\
+                    tcptrace_time_wait_sockets_extra 100\n\
+                    tcptrace_events_total 7\n\
+                    tcptrace_kernel_events_missed_total{program=\"a b\"} 2\n";
+        assert_eq!(metric_sum(text, "tcptrace_time_wait_sockets"), 15.0);
+        assert_eq!(metric_sum(text, "tcptrace_events_total"), 7.0);
+        assert_eq!(metric_sum(text, "tcptrace_kernel_events_missed_total"), 2.0);
+        assert_eq!(metric_sum(text, "tcptrace_events_lost_total"), 0.0);
+    }
 }

@@ -42,10 +42,15 @@ impl Outcome {
 
 impl Churn {
     pub fn run(&self) -> std::io::Result<Outcome> {
+        self.run_until(Arc::default(), Arc::default())
+    }
+
+    /// Like [`Churn::run`], and also ends as soon as `cancel` is set; `done` (which
+    /// must start at 0) counts connections as they complete, for a live view.
+    pub fn run_until(&self, cancel: Arc<AtomicBool>, done: Arc<AtomicU64>) -> std::io::Result<Outcome> {
         let listener = TcpListener::bind((self.ip, 0))?;
         let addr = listener.local_addr()?;
         let stop = Arc::new(AtomicBool::new(false));
-        let done = Arc::new(AtomicU64::new(0));
         let errors = Arc::new(AtomicU64::new(0));
         let closer = self.closer;
         let listener = Arc::new(listener);
@@ -61,9 +66,9 @@ impl Churn {
         let deadline = start + self.max_duration;
         let clients: Vec<_> = (0..self.threads)
             .map(|_| {
-                let (done, errors) = (done.clone(), errors.clone());
+                let (done, errors, cancel) = (done.clone(), errors.clone(), cancel.clone());
                 let max = self.max_connections;
-                thread::spawn(move || client(addr, &done, &errors, max, deadline, closer))
+                thread::spawn(move || client(addr, &done, &errors, &cancel, max, deadline, closer))
             })
             .collect();
         for c in clients {
@@ -95,9 +100,17 @@ fn serve(listener: &TcpListener, stop: &AtomicBool, closer: Closer) {
     }
 }
 
-fn client(addr: SocketAddr, done: &AtomicU64, errors: &AtomicU64, max: u64, deadline: Instant, closer: Closer) {
+fn client(
+    addr: SocketAddr,
+    done: &AtomicU64,
+    errors: &AtomicU64,
+    cancel: &AtomicBool,
+    max: u64,
+    deadline: Instant,
+    closer: Closer,
+) {
     let mut buf = [0u8; 1];
-    while Instant::now() < deadline && done.load(Ordering::Relaxed) < max {
+    while Instant::now() < deadline && done.load(Ordering::Relaxed) < max && !cancel.load(Ordering::Relaxed) {
         match TcpStream::connect(addr) {
             Ok(mut s) => {
                 if closer == Closer::Server {

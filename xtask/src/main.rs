@@ -19,6 +19,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod churn;
+mod soak;
 mod vm;
 
 #[derive(Parser)]
@@ -74,6 +75,16 @@ enum Cmd {
         /// A tiny run that only proves the benchmark works.
         #[arg(long)]
         smoke: bool,
+        /// Soak instead of the comparison: `tcptrace daemon` under full loopback churn
+        /// (--threads, --closer, --ipv6) for MINUTES (1-120), /metrics scraped every
+        /// second over one keep-alive connection. Prints, at the start, every minute
+        /// (15 s under 5 minutes) and at the end: daemon RSS, tracked and TIME_WAIT
+        /// sockets, events, lost and missed events, connections made, scrape latency;
+        /// then RSS growth and the lost/missed deltas. Fails if a scrape fails or
+        /// takes over 5 s, never on memory. Writes target/bench/soak.md.
+        #[arg(long, value_name = "MINUTES", value_parser = clap::value_parser!(u64).range(1..=120),
+              conflicts_with = "smoke")]
+        soak: Option<u64>,
     },
     /// (Used by bench.) Hold N loopback connections open until stdin closes.
     #[command(hide = true)]
@@ -153,21 +164,26 @@ fn run(cmd: Cmd) -> Result<()> {
             let bins = root_test_binaries()?;
             vm::run_matrix(&root, &kernels, &bins, Duration::from_secs(timeout))?;
         }
-        Cmd::Bench { args, smoke } => {
+        Cmd::Bench { args, smoke, soak } => {
             setup_toolchain()?;
             let args = if smoke { bench::BenchArgs::smoke() } else { args };
-            if !args.no_peers {
+            if !args.no_peers && soak.is_none() {
                 setup_bench_peers();
             }
             if !is_root() {
                 bail!("the benchmark loads eBPF programs and needs root: run `sudo -E cargo xtask bench`");
             }
             cargo(&["build", "--release", "--package", "tcptrace-user"])?;
-            let xtask = env::current_exe()?;
-            let report = bench::run(&args, &root, &root.join("target/release/tcptrace"), &xtask)?;
-            let path = bench::results_path(&root);
-            fs::write(&path, report)?;
-            step(&format!("results written to {}", path.display()));
+            let bin = root.join("target/release/tcptrace");
+            if let Some(minutes) = soak {
+                soak::run(minutes, &args, &root, &bin)?;
+            } else {
+                let xtask = env::current_exe()?;
+                let report = bench::run(&args, &root, &bin, &xtask)?;
+                let path = bench::results_path(&root);
+                fs::write(&path, report)?;
+                step(&format!("results written to {}", path.display()));
+            }
         }
         Cmd::Hold { connections } => bench::hold(connections)?,
         Cmd::Lint => {

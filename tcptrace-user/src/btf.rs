@@ -166,13 +166,16 @@ impl Btf {
             .find_member(st, member.as_bytes(), 0)
             .ok_or_else(|| BtfError::NoMember(name.to_string(), member.to_string()))?;
         match bits {
-            Some(bits) if bits % 8 == 0 => Ok(bits / 8),
+            Some(bits) if bits % 8 == 0 => {
+                u32::try_from(bits / 8).map_err(|_| BtfError::Malformed("member offset out of range"))
+            }
             _ => Err(BtfError::BitField(name.to_string(), member.to_string())),
         }
     }
 
     /// Bit offset of `member` (None inside if it is a bit field), searched depth first.
-    fn find_member(&self, t: &Type, member: &[u8], depth: u32) -> Option<Option<u32>> {
+    /// In u64: nested offsets add up, and corrupted ones must not overflow.
+    fn find_member(&self, t: &Type, member: &[u8], depth: u32) -> Option<Option<u64>> {
         if depth > 8 {
             return None;
         }
@@ -180,12 +183,12 @@ impl Btf {
         for (name_off, ty, raw) in self.members(t) {
             let (bit_off, bitfield) = if flag { (raw & 0xff_ffff, raw >> 24) } else { (raw, 0) };
             if name_off != 0 && self.name(name_off) == member {
-                return Some((bitfield == 0).then_some(bit_off));
+                return Some((bitfield == 0).then_some(u64::from(bit_off)));
             }
             if name_off == 0 {
                 if let Some(inner) = self.resolve(ty).filter(|i| matches!(i.kind(), KIND_STRUCT | KIND_UNION)) {
                     if let Some(found) = self.find_member(inner, member, depth + 1) {
-                        return Some(found.map(|b| b + bit_off));
+                        return Some(found.map(|b| b + u64::from(bit_off)));
                     }
                 }
             }

@@ -136,7 +136,10 @@ fn offsets_from(btf: &Btf) -> SockOffsets {
         lookup("sock_common", member).and_then(|m| m.checked_add(base)).filter(|&o| o != ABSENT)
     };
     // skc_net is a possible_net_t, a struct whose one member is the `struct net *`.
-    let net_inum = lookup("net", "ns").zip(lookup("ns_common", "inum")).map(|(a, b)| a + b);
+    let net_inum = lookup("net", "ns")
+        .zip(lookup("ns_common", "inum"))
+        .and_then(|(a, b)| a.checked_add(b))
+        .filter(|&o| o != ABSENT);
     let or_absent = |o: Option<u16>| o.unwrap_or(ABSENT);
     let mut offsets = SockOffsets {
         family: or_absent(common("skc_family")),
@@ -180,7 +183,7 @@ pub(crate) fn span_of<'a>(fields: impl IntoIterator<Item = (&'a mut u16, u16)>, 
             continue;
         }
         let align = size.min(8);
-        if *offset % align != 0 || *offset + size > SPAN_MAX {
+        if *offset % align != 0 || offset.checked_add(size).is_none_or(|end| end > SPAN_MAX) {
             warn!("{what}: a {size}-byte field at offset {} cannot be copied; not read", *offset);
             *offset = ABSENT;
             continue;
@@ -535,5 +538,9 @@ mod tests {
         let mut odd = 3;
         assert_eq!(span_of([(&mut c, 16), (&mut odd, 2)], "t"), 0);
         assert_eq!((c, odd), (ABSENT, ABSENT));
+        // An offset near u16's end (corrupted BTF) must not overflow.
+        let mut far = ABSENT - 7;
+        assert_eq!(span_of([(&mut far, 16)], "t"), 0);
+        assert_eq!(far, ABSENT);
     }
 }

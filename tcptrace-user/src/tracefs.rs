@@ -75,7 +75,7 @@ pub enum FormatError {
     #[error("a field at offset {0} is not aligned for a single load")]
     Unaligned(u16),
     #[error("the fields read end at byte {0}, past the {max} bytes one read copies", max = SPAN_MAX)]
-    Span(u16),
+    Span(u32),
 }
 
 impl Format {
@@ -116,6 +116,10 @@ impl Format {
         let f = self.find(name).ok_or(FormatError::Missing(name))?;
         if f.size != expected {
             return Err(FormatError::Size { name, size: f.size, expected });
+        }
+        // ABSENT would read as "no such field"; it is far past one read anyway.
+        if f.offset == ABSENT {
+            return Err(FormatError::Span(u32::from(f.offset) + u32::from(expected)));
         }
         Ok(f.offset)
     }
@@ -176,14 +180,15 @@ impl Record {
                 return Err(FormatError::Unaligned(offset));
             }
         }
-        let ends = [at.skaddr + 8, at.old_state.saturating_add(4), at.new_state.saturating_add(4), at.sport + 2];
-        let more = [at.protocol.saturating_add(2), at.dport + 2, at.family.saturating_add(2)];
-        let span =
-            ends.into_iter().chain(more).chain([at.saddr_v6 + 16, at.daddr_v6 + 16]).filter(|&e| e < ABSENT).max();
-        at.span = span.unwrap_or(0);
-        if at.span > SPAN_MAX {
-            return Err(FormatError::Span(at.span));
+        // In u32: a field near the end of u16's range (a corrupted file) must not wrap.
+        let ends = [(at.skaddr, 8), (at.old_state, 4), (at.new_state, 4), (at.protocol, 2), (at.sport, 2)];
+        let more = [(at.dport, 2), (at.family, 2), (at.saddr_v6, 16), (at.daddr_v6, 16)];
+        let span = ends.into_iter().chain(more).filter(|&(o, _)| o != ABSENT).map(|(o, len)| u32::from(o) + len).max();
+        let span = span.unwrap_or(0);
+        if span > u32::from(SPAN_MAX) {
+            return Err(FormatError::Span(span));
         }
+        at.span = span as u16;
         Ok(at)
     }
 }

@@ -375,13 +375,14 @@ impl Tracker {
         }
     }
 
-    /// Applies one event.
+    /// Applies one event. Its time is taken as it comes (a corrupted record's may be
+    /// anything), so deadlines computed from it saturate rather than wrap.
     pub fn handle(&mut self, ev: &Event, sink: &mut impl Sink) {
         match ev.event_kind() {
             Some(EventKind::StateChange) => self.state_change(ev, sink),
             Some(EventKind::ResetReceived) => {
                 let key = (ev.skaddr, Tuple::of(ev));
-                if let (_, Some(())) = self.reset.insert(key, (), ev.ts_ns + RESET_MEMORY_NS) {
+                if let (_, Some(())) = self.reset.insert(key, (), ev.ts_ns.saturating_add(RESET_MEMORY_NS)) {
                     sink.evicted(Eviction::ResetCap, 1);
                 }
             }
@@ -402,7 +403,7 @@ impl Tracker {
                     Some(s) => s.retransmits += 1,
                     None => {
                         let entry = SynAck { first_ns: ev.ts_ns, retransmits: 1 };
-                        let deadline = ev.ts_ns + self.handshake_timeout_ns;
+                        let deadline = ev.ts_ns.saturating_add(self.handshake_timeout_ns);
                         if let (_, Some(_)) = self.synack.insert(tuple, entry, deadline) {
                             sink.evicted(Eviction::SynAckCap, 1);
                         }
@@ -436,7 +437,8 @@ impl Tracker {
             (TcpState::Close, TcpState::SynSent) => {
                 let p = Pending { since_ns: ev.ts_ns, retransmits: 0, origin: Origin::of(ev), start: tuple };
                 // The same address again means the earlier socket's end was never seen.
-                let (replaced, evicted) = self.pending.insert(ev.skaddr, p, ev.ts_ns + self.handshake_timeout_ns);
+                let (replaced, evicted) =
+                    self.pending.insert(ev.skaddr, p, ev.ts_ns.saturating_add(self.handshake_timeout_ns));
                 if replaced.is_some() {
                     sink.evicted(Eviction::HandshakeReplaced, 1);
                 }
@@ -498,7 +500,7 @@ impl Tracker {
                     return;
                 }
                 let duration_ns = match synack {
-                    Some(s) => Some(ev.ts_ns.saturating_sub(s.first_ns) + SYNACK_INITIAL_RTO_NS),
+                    Some(s) => Some(ev.ts_ns.saturating_sub(s.first_ns).saturating_add(SYNACK_INITIAL_RTO_NS)),
                     // srtt_us is in 1/8 us: the SYN-ACK round trip of this child.
                     None if ev.srtt_us > 0 => Some(u64::from(ev.srtt_us) * 125),
                     None => None,
@@ -519,7 +521,7 @@ impl Tracker {
                 if !reset_received && !matches!(ev.sk_err, ECONNRESET | ECONNREFUSED) =>
             {
                 sink.time_wait_entered(family);
-                self.insert_time_wait(tuple, family, ev.ts_ns + TIME_WAIT_NS, sink);
+                self.insert_time_wait(tuple, family, ev.ts_ns.saturating_add(TIME_WAIT_NS), sink);
             }
             _ => {}
         }

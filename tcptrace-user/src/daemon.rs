@@ -1,6 +1,7 @@
 //! `tcptrace daemon`: wires probe -> pipeline -> server and runs until a signal.
 
 use std::{
+    collections::VecDeque,
     fs,
     os::fd::AsRawFd,
     sync::{Arc, Mutex, MutexGuard, PoisonError},
@@ -40,8 +41,12 @@ const RENAME_NETNS_EVERY: u32 = 15;
 /// Most record bytes held back while seeding (about 320,000 events); beyond it the
 /// ring buffer fills and the kernel counts what it drops, as without holding.
 const HOLD_MAX_BYTES: usize = 32 << 20;
+/// Held records applied per hold of the lock (about a millisecond's work).
+const RELEASE_SLICE: usize = 4096;
 /// Slow-log records waiting for stdout; beyond it they are dropped and counted.
 const SLOW_LOG_QUEUE: usize = 8192;
+/// How often freed heap is handed back to the system.
+const TRIM_EVERY: Duration = Duration::from_secs(10);
 /// How often the daemon checks that its reader thread still runs.
 const READER_CHECK_EVERY: Duration = Duration::from_millis(500);
 
@@ -60,8 +65,23 @@ struct State {
 /// killed by 4-tuple reuse after its table was read must end up removed).
 #[derive(Default)]
 struct Held {
-    bytes: Vec<u8>,
-    lens: Vec<usize>,
+    bytes: VecDeque<u8>,
+    lens: VecDeque<usize>,
+}
+
+impl Held {
+    fn push(&mut self, record: &[u8]) {
+        self.bytes.extend(record);
+        self.lens.push_back(record.len());
+    }
+
+    /// The oldest record, into `buf`; false when none is left.
+    fn pop_into(&mut self, buf: &mut Vec<u8>) -> bool {
+        let Some(len) = self.lens.pop_front() else { return false };
+        buf.clear();
+        buf.extend(self.bytes.drain(..len));
+        true
+    }
 }
 
 impl State {
@@ -76,23 +96,51 @@ impl State {
             Some(held) => {
                 while held.bytes.len() < HOLD_MAX_BYTES {
                     let Some(item) = self.ring.next() else { break };
-                    held.bytes.extend_from_slice(&item);
-                    held.lens.push(item.len());
+                    held.push(&item);
                 }
             }
         }
     }
 
-    /// Applies the held records, in order, and stops holding.
-    fn release(&mut self) {
+    /// Seeds the TIME_WAIT model, before any held record is applied.
+    fn seed(&mut self, read: std::io::Result<procnet::Seeds>) {
         self.drain();
-        if let Some(held) = self.held.take() {
-            let mut at = 0;
-            for len in held.lens {
-                self.pipeline.record(&held.bytes[at..at + len]);
-                at += len;
+        match read {
+            Ok(seeds) => {
+                info!(
+                    "{} TIME_WAIT sockets already in {} network namespaces{}",
+                    seeds.sockets.len(),
+                    seeds.namespaces,
+                    match seeds.unreadable {
+                        0 => String::new(),
+                        n => format!(" ({n} more could not be read; RUST_LOG=debug says why)"),
+                    }
+                );
+                let (tracker, metrics) = self.pipeline.parts();
+                if seeds.dropped > 0 {
+                    metrics.evicted(Eviction::TimeWaitCap, seeds.dropped as u64);
+                }
+                tracker.seed_time_wait(seeds.sockets, metrics);
             }
+            Err(err) => warn!("cannot read existing TIME_WAIT sockets ({err}); the gauge starts from zero"),
         }
+    }
+
+    /// Applies up to `max` held records, oldest first; once none is left, stops
+    /// holding and returns true. In slices, so the reader (which keeps appending
+    /// meanwhile) never waits long for the lock.
+    fn release_some(&mut self, max: usize) -> bool {
+        let State { held, pipeline, .. } = self;
+        let Some(queue) = held else { return true };
+        let mut buf = Vec::with_capacity(size_of::<tcptrace_common::Event>());
+        for _ in 0..max {
+            if !queue.pop_into(&mut buf) {
+                *held = None;
+                return true;
+            }
+            pipeline.record(&buf);
+        }
+        false
     }
 
     /// Drains, then brings expiry, gauges and kernel counters up to now: what a
@@ -185,6 +233,7 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
     if netns_labels > 0 {
         tokio::spawn(name_namespaces(shared.clone(), stop_rx.clone()));
     }
+    tokio::spawn(return_freed_memory(stop_rx.clone()));
     let render: server::Render = Arc::new(move || {
         lock(&shared).refresh();
         metrics::render(&registry)
@@ -240,36 +289,40 @@ fn join_msg<T: std::fmt::Debug>(r: std::result::Result<T, tokio::task::JoinError
 /// Seeds the TIME_WAIT model with the time-wait sockets of every network namespace,
 /// read while the reader keeps draining (into [`Held`]), then applies what it held.
 async fn seed_time_wait(shared: &Shared, tag_netns: bool, cap: usize) {
-    let read = tokio::task::spawn_blocking(move || procnet::time_wait_sockets(monotonic_ns(), tag_netns, cap)).await;
-    let mut state = lock(shared);
-    state.drain();
-    match read.map_err(std::io::Error::other).and_then(|r| r) {
-        Ok(seeds) => {
-            info!(
-                "{} TIME_WAIT sockets already in {} network namespaces{}",
-                seeds.sockets.len(),
-                seeds.namespaces,
-                match seeds.unreadable {
-                    0 => String::new(),
-                    n => format!(" ({n} more could not be read; RUST_LOG=debug says why)"),
-                }
-            );
-            let (tracker, metrics) = state.pipeline.parts();
-            if seeds.dropped > 0 {
-                metrics.evicted(Eviction::TimeWaitCap, seeds.dropped as u64);
-            }
-            tracker.seed_time_wait(seeds.sockets, metrics);
-        }
-        Err(err) => warn!("cannot read existing TIME_WAIT sockets ({err}); the gauge starts from zero"),
+    let read = tokio::task::spawn_blocking(move || procnet::time_wait_sockets(monotonic_ns(), tag_netns, cap))
+        .await
+        .map_err(std::io::Error::other)
+        .and_then(|r| r);
+    lock(shared).seed(read);
+    while !lock(shared).release_some(RELEASE_SLICE) {
+        tokio::task::yield_now().await;
     }
-    state.release();
-    drop(state);
-    // Start-up parsed megabytes (kernel BTF, /proc/net/tcp): hand the freed heap
-    // back to the system rather than keep it resident for the daemon's whole life.
+    trim_heap();
+}
+
+/// Hands freed heap pages back to the system. Start-up parses megabytes (kernel
+/// BTF, /proc/net/tcp) and a burst of HTTP clients leaves their buffers freed but
+/// resident: glibc only returns memory at the top of the heap by itself.
+fn trim_heap() {
     #[cfg(target_env = "gnu")]
     // SAFETY: malloc_trim only releases free heap pages.
     unsafe {
         libc::malloc_trim(0);
+    }
+}
+
+/// [`trim_heap`] every [`TRIM_EVERY`], off the runtime (it takes the allocator's
+/// locks for well under a millisecond at tcptrace's heap sizes).
+async fn return_freed_memory(mut stop: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(TRIM_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                let _ = tokio::task::spawn_blocking(trim_heap).await;
+            }
+            _ = shutdown::stopped(&mut stop) => return,
+        }
     }
 }
 

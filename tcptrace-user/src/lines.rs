@@ -40,6 +40,9 @@ pub struct LineQueue {
 #[derive(Default)]
 struct Shared {
     dropped: AtomicU64,
+    /// Lines queued and lines written, so that exit can wait for the difference.
+    queued: AtomicU64,
+    written: AtomicU64,
     /// Set when the writer stopped: the output failed (or was closed).
     ended: AtomicBool,
     error: std::sync::Mutex<Option<io::Error>>,
@@ -55,7 +58,7 @@ impl LineQueue {
         let shared = Arc::new(Shared::default());
         let state = shared.clone();
         let writer = thread::Builder::new().name("tcptrace-out".into()).spawn(move || {
-            if let Err(err) = write_all(&rx, BufWriter::new(out)) {
+            if let Err(err) = write_all(&rx, BufWriter::new(out), &state.written) {
                 *state.error.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(err);
             }
             state.ended.store(true, Ordering::Release);
@@ -97,6 +100,22 @@ impl LineQueue {
         }
     }
 
+    /// A `Write` handle for a logger: each complete line it is given is queued.
+    pub fn writer(&self) -> QueueWriter {
+        QueueWriter { tx: self.tx.clone(), shared: self.shared.clone(), partial: Vec::new() }
+    }
+
+    /// Waits up to `deadline` until every line queued so far is written.
+    pub fn flush(&self, deadline: Duration) {
+        let start = Instant::now();
+        while self.shared.written.load(Ordering::Acquire) < self.shared.queued.load(Ordering::Acquire)
+            && !self.shared.ended.load(Ordering::Acquire)
+            && start.elapsed() < deadline
+        {
+            thread::sleep(Duration::from_millis(2));
+        }
+    }
+
     fn dropped_line(&mut self) {
         self.shared.dropped.fetch_add(1, Ordering::Relaxed);
         if let Some(f) = &self.on_drop {
@@ -120,7 +139,9 @@ impl LineSink for LineQueue {
     fn line(&mut self, line: String) {
         let Some(tx) = &self.tx else { return };
         match tx.try_send(line) {
-            Ok(()) => {}
+            Ok(()) => {
+                self.shared.queued.fetch_add(1, Ordering::Release);
+            }
             Err(TrySendError::Full(_)) => self.dropped_line(),
             // The writer ended; `ended` tells why and the caller decides.
             Err(TrySendError::Disconnected(_)) => self.tx = None,
@@ -128,14 +149,49 @@ impl LineSink for LineQueue {
     }
 }
 
+/// The daemon's own log as a `Write` (for env_logger): complete lines are queued,
+/// and dropped (counted) rather than block when stderr is stuck.
+pub struct QueueWriter {
+    tx: Option<SyncSender<String>>,
+    shared: Arc<Shared>,
+    partial: Vec<u8>,
+}
+
+impl Write for QueueWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.partial.extend_from_slice(buf);
+        while let Some(end) = self.partial.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = self.partial.drain(..=end).take(end).collect();
+            let Some(tx) = &self.tx else { continue };
+            match tx.try_send(String::from_utf8_lossy(&line).into_owned()) {
+                Ok(()) => {
+                    self.shared.queued.fetch_add(1, Ordering::Release);
+                }
+                Err(TrySendError::Full(_)) => {
+                    self.shared.dropped.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(TrySendError::Disconnected(_)) => self.tx = None,
+            }
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
 /// Writes lines as they come, flushing whenever the queue runs empty.
-fn write_all<W: Write>(rx: &Receiver<String>, mut out: W) -> io::Result<()> {
+fn write_all<W: Write>(rx: &Receiver<String>, mut out: W, written: &AtomicU64) -> io::Result<()> {
     while let Ok(line) = rx.recv() {
         writeln!(out, "{line}")?;
+        let mut n = 1;
         while let Ok(line) = rx.try_recv() {
             writeln!(out, "{line}")?;
+            n += 1;
         }
         out.flush()?;
+        written.fetch_add(n, Ordering::Release);
     }
     Ok(())
 }
@@ -193,6 +249,19 @@ mod tests {
         let written = String::from_utf8(out.0 .2.lock().unwrap().clone()).unwrap();
         assert_eq!(written.lines().count() as u64 + dropped, 1000);
         assert!(written.starts_with("line 0\n"));
+    }
+
+    #[test]
+    fn the_log_writer_queues_whole_lines_and_flush_waits_for_them() {
+        let out = Stuck::default();
+        out.release();
+        let q = LineQueue::spawn("test", 16, out.clone()).unwrap();
+        let mut w = q.writer();
+        w.write_all(b"first li").unwrap();
+        w.write_all(b"ne\nsecond line\nthird, unfinished").unwrap();
+        q.flush(Duration::from_secs(5));
+        let written = String::from_utf8(out.0 .2.lock().unwrap().clone()).unwrap();
+        assert_eq!(written, "first line\nsecond line\n");
     }
 
     #[test]

@@ -1,14 +1,25 @@
-use std::process::ExitCode;
+use std::{io, process::ExitCode, time::Duration};
 
 use clap::Parser as _;
 use tcptrace_user::{
     cli::{Cli, Command},
-    daemon, watch,
+    daemon,
+    lines::LineQueue,
+    watch,
 };
+
+/// Log lines waiting for stderr; a stuck stderr drops the newest, never blocks.
+const LOG_QUEUE: usize = 1024;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let log = match LineQueue::spawn("log (stderr)", LOG_QUEUE, io::stderr()) {
+        Ok(q) => q,
+        Err(err) => return fail(&err),
+    };
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .target(env_logger::Target::Pipe(Box::new(log.writer())))
+        .init();
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(err) => return fail(&err),
@@ -17,6 +28,10 @@ fn main() -> ExitCode {
         Command::Daemon(args) => runtime.block_on(daemon::run(args)),
         Command::Watch(args) => runtime.block_on(watch::run(args)),
     };
+    log.flush(Duration::from_secs(1));
+    if log.dropped() > 0 {
+        eprintln!("tcptrace: {} log lines were dropped because stderr did not keep up", log.dropped());
+    }
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => fail(&err),

@@ -367,15 +367,28 @@ impl Probe {
                 _ => Error::Load(err),
             })?;
 
-        let mut programs = Vec::new();
-        for a in &ATTACHMENTS {
-            if let Some((_, why)) = unusable.iter().find(|(n, _)| *n == a.name) {
-                programs.push(ProgramStatus { tracepoint: a.name, attached: false, error: Some(why.clone()) });
-                continue;
+        // Every program is loaded (verified) before the first is attached: events
+        // flow from the first attach, and nobody drains them until this returns.
+        let mut outcomes: Vec<Result<()>> = ATTACHMENTS
+            .iter()
+            .map(|a| match unusable.iter().find(|(n, _)| *n == a.name) {
+                Some((_, why)) => Err(Error::Object(why.clone())),
+                None => load_one(&mut ebpf, a, mode),
+            })
+            .collect();
+        for (a, outcome) in ATTACHMENTS.iter().zip(&mut outcomes) {
+            if outcome.is_ok() {
+                *outcome = attach_one(&mut ebpf, a, mode);
             }
-            match attach_one(&mut ebpf, a, mode) {
+        }
+        let mut programs = Vec::new();
+        for (a, outcome) in ATTACHMENTS.iter().zip(outcomes) {
+            match outcome {
                 Ok(()) => programs.push(ProgramStatus { tracepoint: a.name, attached: true, error: None }),
                 Err(err) if a.required => return Err(err),
+                Err(Error::Object(why)) if unusable.iter().any(|(n, _)| *n == a.name) => {
+                    programs.push(ProgramStatus { tracepoint: a.name, attached: false, error: Some(why) })
+                }
                 Err(err) => {
                     programs.push(ProgramStatus { tracepoint: a.name, attached: false, error: Some(err.to_string()) })
                 }
@@ -432,22 +445,29 @@ fn slot(config: &mut Config, record: Record) -> &mut RecordLayout {
 }
 
 /// Loads and attaches the program of `mode` for one tracepoint.
+fn load_one(ebpf: &mut Ebpf, a: &Attachment, mode: AttachMode) -> Result<()> {
+    let name = if mode == AttachMode::Raw { a.raw } else { a.classic };
+    let program = ebpf.program_mut(name).ok_or_else(|| Error::Object(format!("program {name}")))?;
+    let load_err = |e: ProgramError| attach_error(a, name, e);
+    match program {
+        Program::RawTracePoint(p) if mode == AttachMode::Raw => p.load().map_err(load_err),
+        Program::TracePoint(p) if mode == AttachMode::Classic => p.load().map_err(load_err),
+        _ => Err(Error::Object(format!("program {name} of the expected type"))),
+    }
+}
+
+/// Attaches a program [`load_one`] loaded.
 fn attach_one(ebpf: &mut Ebpf, a: &Attachment, mode: AttachMode) -> Result<()> {
     let name = if mode == AttachMode::Raw { a.raw } else { a.classic };
     let program = ebpf.program_mut(name).ok_or_else(|| Error::Object(format!("program {name}")))?;
     let attach_err = |e: ProgramError| attach_error(a, name, e);
     match program {
-        Program::RawTracePoint(p) if mode == AttachMode::Raw => {
-            p.load().map_err(attach_err)?;
-            p.attach(a.name).map_err(attach_err)?;
-        }
+        Program::RawTracePoint(p) if mode == AttachMode::Raw => p.attach(a.name).map(drop).map_err(attach_err),
         Program::TracePoint(p) if mode == AttachMode::Classic => {
-            p.load().map_err(attach_err)?;
-            p.attach(a.category, a.name).map_err(attach_err)?;
+            p.attach(a.category, a.name).map(drop).map_err(attach_err)
         }
-        _ => return Err(Error::Object(format!("program {name} of the expected type"))),
+        _ => Err(Error::Object(format!("program {name} of the expected type"))),
     }
-    Ok(())
 }
 
 /// Names what went wrong: a verifier rejection (with its last lines), a tracepoint

@@ -245,6 +245,8 @@ fn idle_and_half_sent_http_connections_are_closed_by_the_timeouts() {
     assert!(closed_after >= header, "closed after {closed_after:?}, before any timeout");
     let s = daemon.scrape();
     let timed_out = |t: &str| s.get("tcptrace_http_connections_timed_out_total", &[("timeout", t)]);
+    // The daemon hands freed heap back every 10 s.
+    let returned = wait_for(deadline(Duration::from_secs(25)), || daemon.rss_kib() < rss_before + 2 * 1024);
     let rss_after = daemon.rss_kib();
     eprintln!(
         "1000 idle + 50 half-sent: scrape in between {took:?}; all closed after {closed_after:?}; RSS {rss_before} -> \
@@ -255,6 +257,7 @@ fn idle_and_half_sent_http_connections_are_closed_by_the_timeouts() {
     assert!(took < deadline(Duration::from_secs(1)), "scrape took {took:?}");
     assert_eq!(timed_out("header"), 50.0);
     assert!(timed_out("idle") >= 1000.0);
+    assert!(returned, "RSS stayed at {rss_after} KiB after the connections closed (from {rss_before})");
 }
 
 #[test]
@@ -288,7 +291,8 @@ fn excess_connections_are_closed_at_once_and_memory_stays_flat() {
     drop(held);
     let settled =
         wait_for(deadline(BASE_DEADLINE), || daemon.scrape().get("process_open_fds", &[]) < fds as f64 - 50.0);
-    // Let the allocator settle, then compare.
+    // The daemon hands freed heap back every 10 s.
+    let returned = wait_for(deadline(Duration::from_secs(25)), || daemon.rss_kib() < rss_before + 2 * 1024);
     let rss_after = daemon.rss_kib();
     eprintln!(
         "{n} connections against a cap of 64: {} rejected, daemon fds {fds}, RSS {rss_before} -> {rss_during} -> \
@@ -299,7 +303,7 @@ fn excess_connections_are_closed_at_once_and_memory_stays_flat() {
     assert!(fds < 64 + 64, "the daemon holds {fds} descriptors");
     assert!(settled, "the held connections were not released");
     assert!(rss_during < rss_before + 16 * 1024, "RSS grew from {rss_before} to {rss_during} KiB");
-    assert!(rss_after < rss_before + 8 * 1024, "RSS stayed at {rss_after} KiB (from {rss_before})");
+    assert!(returned, "RSS stayed at {rss_after} KiB (from {rss_before})");
 }
 
 #[test]
@@ -396,24 +400,30 @@ fn a_start_during_a_churn_with_100k_time_wait_sockets_loses_nothing() {
     fill_time_wait(&ns, n);
     let made = made.elapsed();
 
-    // Churn on the host's loopback, bounded in count and time, from before the
-    // daemon starts until after it serves.
-    let (l, server) = listener();
-    accept_and_close(l);
+    // Churn, bounded in count and time, from before the daemon starts until after
+    // it serves: in a namespace of its own, whose loopback has no time-wait sockets
+    // to search through and reuses them (tcp_tw_reuse=1), so it runs at full speed.
+    let churn_ns = Netns::new();
+    churn_ns.exec("sysctl", &["-q", "-w", "net.ipv4.tcp_tw_reuse=1"]);
     let stop = Arc::new(AtomicBool::new(false));
     let churned = Arc::new(AtomicUsize::new(0));
     let churn: Vec<_> = (0..2)
         .map(|_| {
             let (stop, churned) = (stop.clone(), churned.clone());
-            thread::spawn(move || {
+            churn_ns.run(move || {
+                let (l, server) = listener();
                 let end = Instant::now() + deadline(Duration::from_secs(60));
                 while !stop.load(Ordering::Relaxed)
                     && Instant::now() < end
-                    && churned.load(Ordering::Relaxed) < 2_000_000
+                    && churned.load(Ordering::Relaxed) < 5_000_000
                 {
-                    if TcpStream::connect(server).is_ok() {
-                        churned.fetch_add(1, Ordering::Relaxed);
-                    }
+                    // Accepted here, so no accept backlog to overflow; the client
+                    // closes first, like most clients.
+                    let client = TcpStream::connect(server).expect("churn connect");
+                    let (mut accepted, _) = l.accept().expect("churn accept");
+                    drop(client);
+                    let _ = accepted.read(&mut [0u8; 1]);
+                    churned.fetch_add(1, Ordering::Relaxed);
                 }
             })
         })
@@ -441,7 +451,7 @@ fn a_start_during_a_churn_with_100k_time_wait_sockets_loses_nothing() {
         end.missed(),
         s.time_wait()
     );
-    assert!(at_serving > at_start, "the daemon started during the churn");
+    assert!(at_serving > at_start + 1000, "the daemon started during the churn");
     assert_eq!(end.get("tcptrace_events_lost_total", &[]), 0.0, "no event lost at start-up");
     assert!(s.time_wait() >= n as f64, "the {n} seeded sockets are in the gauge: {}", s.time_wait());
 }

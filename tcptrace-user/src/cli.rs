@@ -301,6 +301,9 @@ mod tests {
     fn defaults() {
         let d = daemon(&[]).unwrap();
         assert_eq!(d.listen, DEFAULT_LISTEN.parse().unwrap());
+        assert!(d.listen.ip().is_loopback(), "exposing the endpoint is a choice");
+        assert_eq!(d.web_max_connections, 64);
+        assert_eq!((d.web_header_timeout, d.web_idle_timeout), (Duration::from_secs(10), Duration::from_secs(120)));
         assert_eq!(d.ring_buffer_size, ByteSize(1 << 20));
         assert_eq!(d.max_tracked_sockets, 65_536);
         assert_eq!(d.handshake_timeout, None);
@@ -332,6 +335,9 @@ mod tests {
             ("--handshake-timeout", "0", "positive"),
             ("--handshake-timeout", "1e400", "duration"),
             ("--max-tracked-sockets", "0", "0"),
+            ("--web.max-connections", "0", "0"),
+            ("--web.idle-timeout", "forever", "duration"),
+            ("--web.header-timeout", "-1s", "duration"),
         ] {
             let err = daemon(&[flag, value]).unwrap_err().to_string();
             assert!(err.contains(says), "{flag} {value}: {err}");

@@ -263,7 +263,18 @@ fn as_root(bin: &Path, args: &[OsString]) -> Result<()> {
 
 /// The root test suites (`#[ignore]`d, run with `--ignored --test-threads=1`).
 fn root_test_binaries() -> Result<Vec<PathBuf>> {
-    test_binaries(&["--package", "tcptrace-user", "--test", "kernel", "--test", "forensics", "--test", "fidelity"])
+    test_binaries(&[
+        "--package",
+        "tcptrace-user",
+        "--test",
+        "kernel",
+        "--test",
+        "forensics",
+        "--test",
+        "fidelity",
+        "--test",
+        "resilience",
+    ])
 }
 
 /// Whether this is CI (`CI=true` there); CI never skips a test stage.

@@ -337,7 +337,7 @@ mod tests {
             ("--max-tracked-sockets", "0", "0"),
             ("--web.max-connections", "0", "0"),
             ("--web.idle-timeout", "forever", "duration"),
-            ("--web.header-timeout", "-1s", "duration"),
+            ("--web.header-timeout", "1 week", "duration"),
         ] {
             let err = daemon(&[flag, value]).unwrap_err().to_string();
             assert!(err.contains(says), "{flag} {value}: {err}");

@@ -174,6 +174,7 @@ impl Consumer for Drainer {
 
 pub async fn run(args: DaemonArgs) -> Result<()> {
     let mut signals = shutdown::Signals::install()?;
+    check_open_files(usize::from(args.web_max_connections));
     // Bind first so a taken port fails fast, but accept only once events flow.
     let listener =
         TcpListener::bind(args.listen).await.map_err(|source| Error::Listen { addr: args.listen, source })?;
@@ -234,8 +235,9 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
         tokio::spawn(name_namespaces(shared.clone(), stop_rx.clone()));
     }
     tokio::spawn(return_freed_memory(stop_rx.clone()));
+    let scraped = shared.clone();
     let render: server::Render = Arc::new(move || {
-        lock(&shared).refresh();
+        lock(&scraped).refresh();
         metrics::render(&registry)
     });
     let limits = server::Limits {
@@ -276,6 +278,7 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
     };
     let _ = tokio::time::timeout(Duration::from_millis(1500), &mut server).await;
     drop(probe); // Detaches every program.
+    lock(&shared).pipeline.flush_slow_log(Duration::from_secs(1));
     outcome
 }
 
@@ -343,6 +346,36 @@ async fn name_namespaces(shared: Shared, mut stop: watch::Receiver<bool>) {
         if let Ok(cgroups) = tokio::task::spawn_blocking(move || procnet::netns_cgroups(&wanted)).await {
             lock(&shared).pipeline.parts().1.set_netns_cgroups(cgroups);
         }
+    }
+}
+
+/// Descriptors the daemon needs besides its HTTP connections: maps, programs,
+/// links, perf events, /proc reads, the listener, the standard streams.
+const OWN_FILES: usize = 64;
+
+/// Raises the soft limit on open files to the hard one (a soft 1,024 is common), and
+/// warns when even that cannot hold `--web.max-connections` connections.
+fn check_open_files(max_connections: usize) {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit with a struct we own.
+    let limit = unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return;
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            let raised = libc::rlimit { rlim_cur: lim.rlim_max, rlim_max: lim.rlim_max };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                lim = raised;
+            }
+        }
+        usize::try_from(lim.rlim_cur).unwrap_or(usize::MAX)
+    };
+    if limit < max_connections + OWN_FILES {
+        warn!(
+            "--web.max-connections {max_connections} needs about {} open files but the limit is {limit}: \
+             connections beyond it fail to be accepted; raise the limit (LimitNOFILE=, ulimit -n) or lower the flag",
+            max_connections + OWN_FILES
+        );
     }
 }
 

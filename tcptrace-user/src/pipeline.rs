@@ -75,6 +75,13 @@ impl Pipeline {
         }
     }
 
+    /// Waits up to `deadline` for queued slow-log records to reach stdout.
+    pub fn flush_slow_log(&mut self, deadline: std::time::Duration) {
+        if let Some(log) = &mut self.slow_log {
+            log.output().flush(deadline);
+        }
+    }
+
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
     }

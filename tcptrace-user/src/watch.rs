@@ -32,6 +32,8 @@ const REMEMBERED_SOCKETS: usize = 65_536;
 const REMEMBER_NS: u64 = 24 * 3600 * 1_000_000_000;
 /// Records waiting for stdout; beyond it they are dropped and reported on stderr.
 const OUTPUT_QUEUE: usize = 65_536;
+/// How long `watch` waits at exit for its queued output to be written.
+const OUTPUT_FLUSH: Duration = Duration::from_secs(1);
 /// How often losses are reported and the handshake view expires its state.
 const TICK_EVERY: Duration = Duration::from_secs(1);
 
@@ -195,6 +197,10 @@ impl Consumer for Watcher {
         let dropped = self.view.output().dropped();
         self.losses.update(&self.counters.read(), dropped);
         self.notes.line(format!("tcptrace watch: {} in all", self.losses.total()));
+        // What is queued reaches the terminal before the process exits (or gives up
+        // on an output that stays stuck).
+        self.view.output().flush(OUTPUT_FLUSH);
+        self.notes.flush(OUTPUT_FLUSH);
         if let Some(Some(err)) = self.view.output().ended() {
             *self.ended.lock().unwrap_or_else(PoisonError::into_inner) = Some(err);
         }

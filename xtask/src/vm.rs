@@ -774,10 +774,12 @@ fn run_one(root: &Path, kernel: &Kernel, suites: &[(String, PathBuf)], deadline:
     Ok(Outcome { kernel: kernel.clone(), booted, wall, suites: outcome_suites, problems, heartbeat })
 }
 
-/// Each suite's share of the VM's deadline, after about two minutes for booting and
-/// powering off under emulation (boot alone takes 5-10 s, but a loaded host is slower).
+/// How long one suite may run: half of the VM's deadline after about two minutes
+/// for booting and powering off under emulation (boot alone takes 5-10 s, but a
+/// loaded host is slower). Suites differ in length (the resilience one waits out
+/// timeouts), so not an equal share: the VM's deadline still bounds them all.
 fn suite_limit(deadline: Duration, suites: usize) -> Duration {
-    let share = deadline.as_secs().saturating_sub(120) / suites.max(1) as u64;
+    let share = deadline.as_secs().saturating_sub(120) / suites.clamp(1, 2) as u64;
     Duration::from_secs(share.max(30))
 }
 
@@ -982,6 +984,7 @@ mod tests {
         assert_eq!(stopped.summary(), "kernel 0/1 passed (stopped after 5m00s in b: hung?)");
         assert_eq!(Suite { name: "forensics".into(), ..Suite::default() }.summary(), "forensics not run");
         assert_eq!(suite_limit(Duration::from_secs(720), 2), Duration::from_secs(300));
+        assert_eq!(suite_limit(Duration::from_secs(720), 4), Duration::from_secs(300));
     }
 
     #[test]

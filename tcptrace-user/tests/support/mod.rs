@@ -24,6 +24,20 @@ pub fn slow() -> bool {
     std::env::var_os("TCPTRACE_TEST_SLOW").is_some_and(|v| v == "1")
 }
 
+/// Raises this process's soft limit on open files to its hard limit (1,024 soft is
+/// common, e.g. in the VMs); returns the limit now in force.
+pub fn raise_fd_limit() -> usize {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit with a struct we own.
+    unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
+        lim.rlim_cur = lim.rlim_max;
+        libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
+    }
+    usize::try_from(lim.rlim_cur).unwrap_or(usize::MAX)
+}
+
 /// A load size: `native`, or `emulated` in a software-emulated VM.
 pub fn scaled(native: usize, emulated: usize) -> usize {
     if slow() {

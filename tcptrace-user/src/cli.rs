@@ -92,8 +92,10 @@ pub struct DaemonArgs {
     #[arg(long, default_value = DEFAULT_LISTEN, value_name = "ADDR", value_parser = parse_listen)]
     pub listen: SocketAddr,
 
-    /// Most connections to the metrics endpoint at once; more are closed at once and
-    /// counted in tcptrace_http_connections_rejected_total.
+    /// Most connections to the metrics endpoint at once. A new one beyond it closes
+    /// the longest-idle connection to make room (a scraper always gets in), or is
+    /// closed at once when every connection is mid-request; both are counted in
+    /// tcptrace_http_connections_closed_total.
     #[arg(long = "web.max-connections", default_value_t = 64, value_name = "N",
           value_parser = clap::value_parser!(u16).range(1..))]
     pub web_max_connections: u16,

@@ -65,13 +65,17 @@ impl<T: Clone> Handles<T> {
     }
 }
 
-/// The HTTP server's own counters.
+/// Why the HTTP server closed a connection itself: one counter each.
 #[derive(Clone)]
 pub struct WebCounters {
-    /// Connections closed at once because the cap was reached.
+    /// A request head not complete within the header timeout.
+    pub header_timeout: IntCounter,
+    /// No request within the idle timeout.
+    pub idle_timeout: IntCounter,
+    /// The longest-idle connection, to make room for a new one at the cap.
+    pub evicted: IntCounter,
+    /// A new connection, at the cap with every connection mid-request.
     pub rejected: IntCounter,
-    pub header_timeouts: IntCounter,
-    pub idle_timeouts: IntCounter,
 }
 
 /// Every tcptrace metric, registered in its own registry (never the global one).
@@ -229,23 +233,23 @@ impl Metrics {
             "Slow-handshake records (--slow-handshake) dropped because stdout did not keep up; the \
              metrics still count those handshakes.",
         )?;
-        let web_rejected = counter(
-            "tcptrace_http_connections_rejected_total",
-            "Connections to the metrics endpoint closed at once because --web.max-connections were open.",
-        )?;
-        let web_timeouts = IntCounterVec::new(
+        let web_closed = IntCounterVec::new(
             Opts::new(
-                "tcptrace_http_connections_timed_out_total",
-                "Connections to the metrics endpoint closed by a timeout: `header` (a request not complete \
-                 within --web.header-timeout) or `idle` (no request for --web.idle-timeout).",
+                "tcptrace_http_connections_closed_total",
+                "Connections to the metrics endpoint the server closed itself, by reason: header_timeout \
+                 (a request not complete within --web.header-timeout), idle_timeout (no request for \
+                 --web.idle-timeout), evicted (the longest-idle one, to make room at --web.max-connections), \
+                 rejected (a new one at the cap, every connection mid-request).",
             ),
-            &["timeout"],
+            &["reason"],
         )?;
-        reg(Box::new(web_timeouts.clone()))?;
+        reg(Box::new(web_closed.clone()))?;
+        let closed = |reason: &str| web_closed.with_label_values(&[reason]);
         let web = WebCounters {
-            rejected: web_rejected,
-            header_timeouts: web_timeouts.with_label_values(&["header"]),
-            idle_timeouts: web_timeouts.with_label_values(&["idle"]),
+            header_timeout: closed("header_timeout"),
+            idle_timeout: closed("idle_timeout"),
+            evicted: closed("evicted"),
+            rejected: closed("rejected"),
         };
         let tracked_sockets = IntGauge::new(
             "tcptrace_tracked_sockets",

@@ -41,13 +41,19 @@ const EXPOSITION: &str = "text/plain; version=0.0.4; charset=utf-8";
 const DRAIN: Duration = Duration::from_secs(1);
 /// Renders at most this often: a scrape storm is answered from one render.
 const MIN_RENDER_INTERVAL: Duration = Duration::from_millis(200);
+/// A connection idle this long (or half its idle timeout) may make room for a new
+/// one at the cap: not sooner, as its request may still be on the way.
+const EVICTABLE_AFTER: Duration = Duration::from_secs(1);
+/// How long a new connection waits for the evicted one's slot.
+const EVICTION_WAIT: Duration = Duration::from_millis(200);
 /// Most accept-error warnings: one per this long (EMFILE comes in floods).
 const WARN_EVERY: Duration = Duration::from_secs(10);
 
 /// What one client may hold.
 #[derive(Clone, Copy, Debug)]
 pub struct Limits {
-    /// Connections served at once; more are closed at once and counted.
+    /// Connections served at once; beyond it the longest-idle one makes room, or
+    /// the new one is closed at once when all are mid-request.
     pub max_connections: usize,
     /// From a request's first byte to its complete head.
     pub header_timeout: Duration,
@@ -65,6 +71,7 @@ pub async fn serve(
 ) {
     let graceful = GracefulShutdown::new();
     let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let open = Open::new(limits);
     let cache = Arc::new(Cache { render, last: tokio::sync::Mutex::new(None) });
     let mut accept_errors = RateLimited::default();
     loop {
@@ -80,13 +87,24 @@ pub async fn serve(
             },
             _ = crate::shutdown::stopped(&mut shutdown) => break,
         };
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
+        let permit = match slots.clone().try_acquire_owned() {
+            Ok(permit) => Some(permit),
+            // At the cap: the longest-idle connection makes room, so that a scraper
+            // always gets in while idle clients hold every slot.
+            Err(_) if open.evict_longest_idle() => {
+                counters.evicted.inc();
+                tokio::time::timeout(EVICTION_WAIT, slots.clone().acquire_owned()).await.ok().and_then(Result::ok)
+            }
+            Err(_) => None,
+        };
+        let Some(permit) = permit else {
             counters.rejected.inc();
             // A reset, so that refusing leaves no TIME_WAIT socket behind here.
             let _ = stream.set_zero_linger();
             continue;
         };
         let activity = Arc::new(Activity::new());
+        let registered = open.register(activity.clone());
         let io = TokioIo::new(Tracked { inner: stream, activity: activity.clone() });
         let (cache, on_request) = (cache.clone(), activity.clone());
         let service = service_fn(move |req| {
@@ -97,25 +115,93 @@ pub async fn serve(
         let conn = graceful.watch(http1::Builder::new().serve_connection(io, service));
         let counters = counters.clone();
         tokio::spawn(async move {
-            let _permit = permit;
+            let _slot = (permit, registered);
             tokio::select! {
                 r = conn => if let Err(err) = r {
                     debug!("scrape connection: {err}");
                 },
                 timeout = activity.expired(limits) => {
                     let counter = match timeout {
-                        Timeout::Header => &counters.header_timeouts,
-                        Timeout::Idle => &counters.idle_timeouts,
+                        Timeout::Header => &counters.header_timeout,
+                        Timeout::Idle => &counters.idle_timeout,
                     };
                     counter.inc();
                     debug!("closing a scrape connection: {timeout:?} timeout");
                 }
+                () = activity.evicted.notified() => debug!("closing the longest-idle scrape connection for a new one"),
             }
         });
     }
     drop(listener);
     if tokio::time::timeout(DRAIN, graceful.shutdown()).await.is_err() {
         debug!("scrape connections still open after {DRAIN:?}; dropping them");
+    }
+}
+
+/// The open connections, for choosing which makes room at the cap.
+#[derive(Clone)]
+struct Open {
+    registry: Arc<std::sync::Mutex<Registry>>,
+    /// How long a connection must have been idle to be evicted.
+    grace_ms: u64,
+}
+
+#[derive(Default)]
+struct Registry {
+    next: u64,
+    conns: std::collections::HashMap<u64, Arc<Activity>>,
+}
+
+/// Removes its connection from [`Open`] when the connection's task ends.
+struct Registered(Open, u64);
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        self.0.lock().conns.remove(&self.1);
+    }
+}
+
+impl Open {
+    fn new(limits: Limits) -> Self {
+        let grace = (limits.idle_timeout / 2).min(EVICTABLE_AFTER);
+        Self { registry: Arc::default(), grace_ms: grace.as_millis() as u64 }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Registry> {
+        self.registry.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn register(&self, activity: Arc<Activity>) -> Registered {
+        let mut r = self.lock();
+        let id = r.next;
+        r.next += 1;
+        r.conns.insert(id, activity);
+        Registered(self.clone(), id)
+    }
+
+    /// Tells the connection idle the longest (no request in progress) to close;
+    /// false when every connection is mid-request.
+    fn evict_longest_idle(&self) -> bool {
+        let r = self.lock();
+        let victim = r
+            .conns
+            .values()
+            .filter(|a| !a.eviction_asked.load(Ordering::Relaxed))
+            .filter_map(|a| match a.idle_since.load(Ordering::Relaxed) {
+                NONE => None,
+                // Just connected or just answered: its request may be on the way.
+                since if a.now().saturating_sub(since) < self.grace_ms => None,
+                since => Some((a.base + Duration::from_millis(since), a)),
+            })
+            .min_by_key(|(since, _)| *since);
+        match victim {
+            Some((_, a)) => {
+                a.eviction_asked.store(true, Ordering::Relaxed);
+                a.evicted.notify_one();
+                true
+            }
+            None => false,
+        }
     }
 }
 
@@ -150,13 +236,22 @@ struct Activity {
     base: Instant,
     request_since: AtomicU64,
     idle_since: AtomicU64,
+    /// Set when the connection is asked to make room at the cap.
+    evicted: tokio::sync::Notify,
+    eviction_asked: std::sync::atomic::AtomicBool,
 }
 
 const NONE: u64 = u64::MAX;
 
 impl Activity {
     fn new() -> Self {
-        Self { base: Instant::now(), request_since: AtomicU64::new(NONE), idle_since: AtomicU64::new(0) }
+        Self {
+            base: Instant::now(),
+            request_since: AtomicU64::new(NONE),
+            idle_since: AtomicU64::new(0),
+            evicted: tokio::sync::Notify::new(),
+            eviction_asked: std::sync::atomic::AtomicBool::new(false),
+        }
     }
 
     fn now(&self) -> u64 {
@@ -296,7 +391,7 @@ mod tests {
 
     fn counters() -> WebCounters {
         let c = |name: &str| prometheus::IntCounter::new(name, "test").unwrap();
-        WebCounters { rejected: c("r"), header_timeouts: c("h"), idle_timeouts: c("i") }
+        WebCounters { header_timeout: c("h"), idle_timeout: c("i"), evicted: c("e"), rejected: c("r") }
     }
 
     /// Reads until the server closes the connection; how long that took.
@@ -337,17 +432,9 @@ mod tests {
                 let h = s.spawn(|| closed_after(half));
                 (i.join().unwrap(), h.join().unwrap())
             });
-            // Fill every slot, then one more: it is closed at once.
-            let held: Vec<_> = (0..LIMITS.max_connections).map(|_| connect()).collect();
-            let deadline = std::time::Instant::now() + Duration::from_secs(5);
-            let mut extra_t = Duration::MAX;
-            while c2.rejected.get() == 0 && std::time::Instant::now() < deadline {
-                extra_t = closed_after(connect());
-            }
-            drop(held);
-            (idle_t, half_t, extra_t)
+            (idle_t, half_t)
         });
-        let (idle_t, half_t, extra_t) = results.await.unwrap();
+        let (idle_t, half_t) = results.await.unwrap();
         assert!(
             half_t >= LIMITS.header_timeout && half_t < LIMITS.idle_timeout,
             "half-sent request closed after {half_t:?}"
@@ -356,9 +443,53 @@ mod tests {
             idle_t >= LIMITS.idle_timeout && idle_t < Duration::from_secs(3),
             "idle connection closed after {idle_t:?}"
         );
-        assert!(extra_t < LIMITS.header_timeout, "excess connection closed after {extra_t:?}");
-        assert_eq!((c.header_timeouts.get(), c.idle_timeouts.get()), (1, 1));
-        assert!(c.rejected.get() >= 1);
+        assert_eq!((c.header_timeout.get(), c.idle_timeout.get()), (1, 1));
+    }
+
+    #[tokio::test]
+    async fn at_the_cap_the_longest_idle_makes_room_or_the_new_one_is_refused() {
+        let limits = Limits { idle_timeout: Duration::from_secs(20), header_timeout: Duration::from_secs(5), ..LIMITS };
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (_stop, rx) = watch::channel(false);
+        let c = counters();
+        tokio::spawn(serve(listener, Arc::new(|| "x 1\n".to_string()), limits, c.clone(), rx));
+        let c2 = c.clone();
+        let results = tokio::task::spawn_blocking(move || {
+            let connect = || std::net::TcpStream::connect(addr).unwrap();
+            let until = |cond: &mut dyn FnMut() -> bool| {
+                let deadline = std::time::Instant::now() + Duration::from_secs(10);
+                while !cond() && std::time::Instant::now() < deadline {}
+            };
+            // Idle clients in every slot: once idle past the grace, a new client
+            // makes the longest-idle one go (before, it is refused).
+            let mut idle: Vec<_> = (0..limits.max_connections).map(|_| connect()).collect();
+            let request = "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+            let mut reply = String::new();
+            until(&mut || {
+                reply = get_or_closed(addr, request);
+                reply.starts_with("HTTP/1.1 200")
+            });
+            let first_evicted = closed_after(idle.remove(0));
+            // Every slot mid-request: a new client is refused at once.
+            let busy: Vec<_> = (0..limits.max_connections)
+                .map(|_| {
+                    let mut s = connect();
+                    s.write_all(b"GET / HTTP/1.1\r\n").unwrap();
+                    s
+                })
+                .collect();
+            let refused_before = c2.rejected.get();
+            let refused_t = closed_after(connect());
+            let refused = c2.rejected.get() - refused_before;
+            drop((idle, busy));
+            (reply, first_evicted, refused_t, refused)
+        });
+        let (reply, first_evicted, refused_t, refused) = results.await.unwrap();
+        assert!(reply.starts_with("HTTP/1.1 200"), "a scrape gets in past idle clients: {reply}");
+        assert!(first_evicted < limits.header_timeout, "the longest-idle one went at once ({first_evicted:?})");
+        assert_eq!(c.evicted.get(), limits.max_connections as u64, "one for the scrape, the rest for the busy ones");
+        assert!(refused == 1 && refused_t < limits.header_timeout, "refused: {refused} after {refused_t:?}");
     }
 
     #[tokio::test]
@@ -386,6 +517,17 @@ mod tests {
         let before = renders.load(Ordering::SeqCst);
         let reply = tokio::task::spawn_blocking(move || get(addr, request)).await.unwrap();
         assert!(reply.ends_with(&format!("renders {}\n", before + 1)), "{reply}");
+    }
+
+    /// Like [`get`], but a connection the server closes without answering is an
+    /// empty reply.
+    fn get_or_closed(addr: std::net::SocketAddr, request: &str) -> String {
+        let Ok(mut s) = std::net::TcpStream::connect(addr) else { return String::new() };
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let _ = s.write_all(request.as_bytes());
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        out
     }
 
     fn get(addr: std::net::SocketAddr, request: &str) -> String {

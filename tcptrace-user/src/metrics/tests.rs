@@ -234,8 +234,9 @@ fn every_series_exists_from_the_start() {
     assert_eq!(t(r#"tcptrace_process_handshakes_total{comm="other"}"#), Some(0.0));
     assert_eq!(t(r#"tcptrace_process_handshake_failures_total{comm="other",reason="refused"}"#), Some(0.0));
     assert_eq!(t("tcptrace_slow_log_dropped_total"), Some(0.0));
-    assert_eq!(t("tcptrace_http_connections_rejected_total"), Some(0.0));
-    assert_eq!(t(r#"tcptrace_http_connections_timed_out_total{timeout="idle"}"#), Some(0.0));
+    for reason in ["header_timeout", "idle_timeout", "evicted", "rejected"] {
+        assert_eq!(t(&format!(r#"tcptrace_http_connections_closed_total{{reason="{reason}"}}"#)), Some(0.0));
+    }
 }
 
 #[test]

@@ -419,9 +419,8 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn slow_idle_and_excess_connections_are_closed_and_counted() {
+    async fn slow_and_idle_connections_are_closed_and_counted() {
         let (addr, c, _stop) = start(Arc::new(|| "x 1\n".to_string())).await;
-        let c2 = c.clone();
         let results = tokio::task::spawn_blocking(move || {
             let connect = || std::net::TcpStream::connect(addr).unwrap();
             let idle = connect();

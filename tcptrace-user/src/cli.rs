@@ -20,7 +20,8 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:9931";
     long_about = "Watch every TCP state change in the kernel with eBPF (the sock:inet_sock_set_state \
 tracepoint) and serve handshake latencies, handshake failures, state transitions and TIME_WAIT \
 counts as Prometheus metrics.\n\nNeeds root, or CAP_BPF + CAP_PERFMON (or CAP_SYS_ADMIN). Logging \
-goes to stderr; set RUST_LOG=debug for more."
+goes to stderr; set RUST_LOG=debug for more. Every flag can also be set by the TCPTRACE_* \
+environment variable its help names (a flag given on the command line wins)."
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -48,39 +49,39 @@ pub enum FamilyArg {
 pub struct WatchArgs {
     /// One line per completed or failed handshake (with its duration) instead of
     /// one per state change.
-    #[arg(long)]
+    #[arg(long, env = "TCPTRACE_HANDSHAKES")]
     pub handshakes: bool,
 
     /// JSON lines instead of text.
-    #[arg(long)]
+    #[arg(long, env = "TCPTRACE_JSON")]
     pub json: bool,
 
     /// Only sockets with this local or remote port (repeatable).
-    #[arg(long, value_name = "PORT")]
+    #[arg(long, env = "TCPTRACE_PORT", value_name = "PORT", value_delimiter = ',')]
     pub port: Vec<u16>,
 
     /// Only sockets with a local or remote address in this CIDR (e.g. 10.0.0.0/8,
     /// ::1/128); repeatable.
-    #[arg(long, value_name = "CIDR", value_parser = parse_cidr)]
+    #[arg(long, env = "TCPTRACE_ADDR", value_name = "CIDR", value_parser = parse_cidr, value_delimiter = ',')]
     pub addr: Vec<IpNet>,
 
     /// Only events of this process id (meaningful where the kernel runs in the
     /// process's context: connect() for active opens, close()).
-    #[arg(long, value_name = "PID")]
+    #[arg(long, env = "TCPTRACE_PID", value_name = "PID")]
     pub pid: Option<u32>,
 
     /// Only this address family.
-    #[arg(long, value_enum, value_name = "FAMILY")]
+    #[arg(long, env = "TCPTRACE_FAMILY", value_enum, value_name = "FAMILY")]
     pub family: Option<FamilyArg>,
 
     /// Kernel ring buffer size (see `tcptrace daemon --help`).
-    #[arg(long, default_value_t = ByteSize(DEFAULT_RING_BYTES), value_name = "SIZE", value_parser = parse_ring_size)]
+    #[arg(long, env = "TCPTRACE_RING_BUFFER_SIZE", default_value_t = ByteSize(DEFAULT_RING_BYTES), value_name = "SIZE", value_parser = parse_ring_size)]
     pub ring_buffer_size: ByteSize,
 
     /// Which kernel programs to attach: `raw` tracepoints (cheaper, no tracefs,
     /// need kernel BTF), `classic` ones (read records at the offsets tracefs gives),
     /// or `auto`: raw when the kernel's BTF describes its sockets, else classic.
-    #[arg(long, value_enum, default_value_t = AttachMode::Auto, value_name = "MODE")]
+    #[arg(long, env = "TCPTRACE_ATTACH", value_enum, default_value_t = AttachMode::Auto, value_name = "MODE")]
     pub attach: AttachMode,
 }
 
@@ -89,56 +90,56 @@ pub struct DaemonArgs {
     /// Address to serve /metrics on, as IP:PORT. The default is loopback only: pass
     /// 0.0.0.0:9931 (or [::]:9931) for a Prometheus on another host to scrape it, and
     /// restrict who can reach the port. Port 0 picks any free port.
-    #[arg(long, default_value = DEFAULT_LISTEN, value_name = "ADDR", value_parser = parse_listen)]
+    #[arg(long, env = "TCPTRACE_LISTEN", default_value = DEFAULT_LISTEN, value_name = "ADDR", value_parser = parse_listen)]
     pub listen: SocketAddr,
 
     /// Most connections to the metrics endpoint at once. A new one beyond it closes
     /// the longest-idle connection to make room (a scraper always gets in), or is
     /// closed at once when every connection is mid-request; both are counted in
     /// tcptrace_http_connections_closed_total.
-    #[arg(long = "web.max-connections", default_value_t = 64, value_name = "N",
+    #[arg(long = "web.max-connections", env = "TCPTRACE_WEB_MAX_CONNECTIONS", default_value_t = 64, value_name = "N",
           value_parser = clap::value_parser!(u16).range(1..))]
     pub web_max_connections: u16,
 
     /// Close a connection whose request head is not complete this long after its
     /// first byte (slow or stuck clients).
-    #[arg(long = "web.header-timeout", default_value = "10s", value_name = "DURATION", value_parser = parse_duration)]
+    #[arg(long = "web.header-timeout", env = "TCPTRACE_WEB_HEADER_TIMEOUT", default_value = "10s", value_name = "DURATION", value_parser = parse_duration)]
     pub web_header_timeout: Duration,
 
     /// Close a connection with no request for this long. Longer than the scrape
     /// interval keeps Prometheus's keep-alive connection open.
-    #[arg(long = "web.idle-timeout", default_value = "2m", value_name = "DURATION", value_parser = parse_duration)]
+    #[arg(long = "web.idle-timeout", env = "TCPTRACE_WEB_IDLE_TIMEOUT", default_value = "2m", value_name = "DURATION", value_parser = parse_duration)]
     pub web_idle_timeout: Duration,
 
     /// Kernel ring buffer size between the eBPF programs and the daemon: a power of two
     /// of at least 4KiB, e.g. 256KiB, 1MiB, 16MiB. Each event takes 112 bytes; a full
     /// buffer drops events and counts them in tcptrace_events_lost_total.
-    #[arg(long, default_value_t = ByteSize(DEFAULT_RING_BYTES), value_name = "SIZE", value_parser = parse_ring_size)]
+    #[arg(long, env = "TCPTRACE_RING_BUFFER_SIZE", default_value_t = ByteSize(DEFAULT_RING_BYTES), value_name = "SIZE", value_parser = parse_ring_size)]
     pub ring_buffer_size: ByteSize,
 
     /// Which kernel programs to attach: `raw` tracepoints (cheaper, no tracefs,
     /// need kernel BTF), `classic` ones (read records at the offsets tracefs gives),
     /// or `auto`: raw when the kernel's BTF describes its sockets, else classic.
-    #[arg(long, value_enum, default_value_t = AttachMode::Auto, value_name = "MODE")]
+    #[arg(long, env = "TCPTRACE_ATTACH", value_enum, default_value_t = AttachMode::Auto, value_name = "MODE")]
     pub attach: AttachMode,
 
     /// Most sockets with a handshake in progress to hold state for; beyond it the
     /// oldest is dropped and counted in tcptrace_tracked_sockets_evicted_total.
-    #[arg(long, default_value_t = 65_536, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, env = "TCPTRACE_MAX_TRACKED_SOCKETS", default_value_t = 65_536, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     pub max_tracked_sockets: u32,
 
     /// Most TIME_WAIT sockets to model for tcptrace_time_wait_sockets (about 75 bytes
     /// each); beyond it the oldest is dropped and counted as evicted.
-    #[arg(long, default_value_t = 262_144, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, env = "TCPTRACE_MAX_TIME_WAIT_SOCKETS", default_value_t = 262_144, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     pub max_time_wait_sockets: u32,
 
     /// Forget a SYN_SENT socket whose outcome was not seen after this long (e.g. 130s, 5m).
     /// Default: the kernel's whole SYN retry sequence for net.ipv4.tcp_syn_retries, plus 1s.
-    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    #[arg(long, env = "TCPTRACE_HANDSHAKE_TIMEOUT", value_name = "DURATION", value_parser = parse_duration)]
     pub handshake_timeout: Option<Duration>,
 
     /// Do not export process_* metrics (CPU, memory, open file descriptors).
-    #[arg(long)]
+    #[arg(long, env = "TCPTRACE_NO_PROCESS_METRICS")]
     pub no_process_metrics: bool,
 
     /// Add a `port` label to the handshake histograms and failure counter: the remote
@@ -147,7 +148,7 @@ pub struct DaemonArgs {
     /// handshakes; labels are never reassigned). Other ports are `port="other"`.
     /// Worst case with P labelled ports: 4*(P+1) series per histogram and
     /// 24*(P+1) failure series; P is at most 100.
-    #[arg(long, default_value = "off", value_name = "off|PORTS|top:N")]
+    #[arg(long, env = "TCPTRACE_PORT_LABELS", default_value = "off", value_name = "off|PORTS|top:N")]
     pub port_labels: PortLabels,
 
     /// Count active opens and their failures per connecting command, in
@@ -156,7 +157,7 @@ pub struct DaemonArgs {
     /// the most connects (each once it has 5) get their own label, the rest are
     /// comm="other". 0 (the default) leaves these metrics out. Worst case:
     /// (N+1) + 6*(N+1) series; N is at most 50.
-    #[arg(long, default_value_t = 0, value_name = "N", value_parser = clap::value_parser!(u16).range(0..=50))]
+    #[arg(long, env = "TCPTRACE_COMM_LABELS", default_value_t = 0, value_name = "N", value_parser = clap::value_parser!(u16).range(0..=50))]
     pub comm_labels: u16,
 
     /// Add tcptrace_netns_time_wait_sockets{netns,cgroup}: time-wait sockets in each
@@ -165,18 +166,26 @@ pub struct DaemonArgs {
     /// tcptrace's own namespace, else its inode; cgroup is the cgroup v2 path of a
     /// process in it (a container's), up to 128 bytes. 0 (the default) leaves the
     /// metric out. Worst case: N+1 series; N is at most 50.
-    #[arg(long, default_value_t = 0, value_name = "N",
+    #[arg(long, env = "TCPTRACE_NETNS_LABELS", default_value_t = 0, value_name = "N",
           value_parser = clap::value_parser!(u16).range(0..=crate::metrics::MAX_NETNS_LABELS as i64))]
     pub netns_labels: u16,
 
     /// Write one record to stdout for every handshake slower than this (e.g. 200ms,
     /// 1s) and for every failed handshake: time, direction, 4-tuple, pid and comm of
     /// the connect() caller, duration, retransmissions, failure reason.
-    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    #[arg(long, env = "TCPTRACE_SLOW_HANDSHAKE", value_name = "DURATION", value_parser = parse_duration)]
     pub slow_handshake: Option<Duration>,
 
-    /// Format of the --slow-handshake records.
-    #[arg(long, value_enum, default_value_t = LogFormat::Text, value_name = "FORMAT")]
+    /// Capabilities to keep once the programs are attached, beyond those tcptrace
+    /// needs itself (CAP_BPF to read its maps on kernels before 5.19,
+    /// CAP_SYS_PTRACE for --netns-labels): a comma list (cap_sys_admin,net_admin),
+    /// `none` or `all`. Every other capability is dropped from every thread.
+    #[arg(long = "capabilities.keep", env = "TCPTRACE_CAPABILITIES_KEEP", default_value = "none", value_name = "CAPS")]
+    pub capabilities_keep: crate::privileges::Keep,
+
+    /// Format of the --slow-handshake records and of the daemon's own log lines on
+    /// stderr (json: one object per line with time, level, target and message).
+    #[arg(long, env = "TCPTRACE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, value_name = "FORMAT")]
     pub log_format: LogFormat,
 }
 

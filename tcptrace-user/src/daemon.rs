@@ -1,5 +1,6 @@
 //! `tcptrace daemon`: wires probe -> pipeline -> server and runs until a signal.
 
+use caps::CapsHashSet;
 use std::{
     collections::VecDeque,
     fs,
@@ -19,6 +20,7 @@ use crate::{
     lines::LineQueue,
     metrics::{self, Metrics, MetricsConfig},
     pipeline::Pipeline,
+    privileges,
     probe::{KernelCounters, LoadOptions, Probe},
     procnet,
     reader::{Consumer, Pace, Reader},
@@ -161,9 +163,14 @@ fn lock(s: &Mutex<State>) -> MutexGuard<'_, State> {
 }
 
 /// The reader thread's view of [`State`].
-struct Drainer(Shared);
+struct Drainer(Shared, CapsHashSet);
 
 impl Consumer for Drainer {
+    fn start(&mut self) {
+        if let Err(err) = privileges::drop_all_but(&self.1) {
+            warn!("the event reader could not drop its capabilities: {err}");
+        }
+    }
     fn drain(&mut self) {
         lock(&self.0).drain();
     }
@@ -227,9 +234,16 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
 
     // Drain from now on: the programs are attached and the ring buffer fills.
     let pace = Pace { drain_every: DRAIN_EVERY, tick_every: REFRESH_EVERY };
-    let reader = Reader::spawn(ring_fd, pace, Drainer(shared.clone()))?;
+    let keep = capabilities_to_keep(&args);
+    let reader = Reader::spawn(ring_fd, pace, Drainer(shared.clone(), keep.clone()))?;
     // Events carry their namespace when BTF gave its offsets; seeds must match them.
     seed_time_wait(&shared, probe.netns, max_time_wait).await;
+    // Everything that needed privilege is done: attach, tracefs, other namespaces.
+    match privileges::drop_all_but(&keep) {
+        Ok(left) if left.permitted.is_empty() => info!("dropped every capability"),
+        Ok(left) => info!("dropped every capability but {}", privileges::Keep(left.permitted)),
+        Err(err) => warn!("could not drop capabilities ({err}); running with those it started with"),
+    }
     let (stop_tx, stop_rx) = watch::channel(false);
     if netns_labels > 0 {
         tokio::spawn(name_namespaces(shared.clone(), stop_rx.clone()));
@@ -292,10 +306,20 @@ fn join_msg<T: std::fmt::Debug>(r: std::result::Result<T, tokio::task::JoinError
 /// Seeds the TIME_WAIT model with the time-wait sockets of every network namespace,
 /// read while the reader keeps draining (into [`Held`]), then applies what it held.
 async fn seed_time_wait(shared: &Shared, tag_netns: bool, cap: usize) {
-    let read = tokio::task::spawn_blocking(move || procnet::time_wait_sockets(monotonic_ns(), tag_netns, cap))
-        .await
-        .map_err(std::io::Error::other)
-        .and_then(|r| r);
+    // A thread of its own rather than the blocking pool, whose threads outlive the
+    // task: it exits with its capabilities before the daemon drops them.
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let spawned = std::thread::Builder::new().name("tcptrace-seed".into()).spawn(move || {
+        let _ = tx.send(procnet::time_wait_sockets(monotonic_ns(), tag_netns, cap));
+    });
+    let read = match spawned {
+        Ok(thread) => {
+            let read = rx.await.map_err(std::io::Error::other).and_then(|r| r);
+            let _ = thread.join();
+            read
+        }
+        Err(err) => Err(err),
+    };
     lock(shared).seed(read);
     while !lock(shared).release_some(RELEASE_SLICE) {
         tokio::task::yield_now().await;
@@ -347,6 +371,17 @@ async fn name_namespaces(shared: Shared, mut stop: watch::Receiver<bool>) {
             lock(&shared).pipeline.parts().1.set_netns_cgroups(cgroups);
         }
     }
+}
+
+/// What stays after start-up: what tcptrace needs (said once, with why) and what
+/// the operator asked to keep.
+fn capabilities_to_keep(args: &DaemonArgs) -> CapsHashSet {
+    let mut keep = args.capabilities_keep.0.clone();
+    for (cap, why) in privileges::after_start(args.netns_labels > 0) {
+        info!("keeping {} after start-up: {why}", cap.to_string().to_ascii_lowercase());
+        keep.insert(cap);
+    }
+    keep
 }
 
 /// Descriptors the daemon needs besides its HTTP connections: maps, programs,

@@ -14,6 +14,7 @@ pub mod events;
 pub mod lines;
 pub mod metrics;
 pub mod pipeline;
+pub mod privileges;
 pub mod probe;
 pub mod procnet;
 pub mod reader;

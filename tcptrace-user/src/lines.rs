@@ -58,6 +58,8 @@ impl LineQueue {
         let shared = Arc::new(Shared::default());
         let state = shared.clone();
         let writer = thread::Builder::new().name("tcptrace-out".into()).spawn(move || {
+            // Writing to a descriptor it was given needs no privilege.
+            crate::privileges::drop_all_in_this_thread();
             if let Err(err) = write_all(&rx, BufWriter::new(out), &state.written) {
                 *state.error.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(err);
             }

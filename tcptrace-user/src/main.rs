@@ -1,10 +1,15 @@
-use std::{io, process::ExitCode, time::Duration};
+use std::{
+    io::{self, Write as _},
+    process::ExitCode,
+    time::Duration,
+};
 
 use clap::Parser as _;
 use tcptrace_user::{
     cli::{Cli, Command},
     daemon,
     lines::LineQueue,
+    report::LogFormat,
     watch,
 };
 
@@ -17,30 +22,54 @@ fn main() -> ExitCode {
         Ok(q) => q,
         Err(err) => return fail(&err),
     };
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
-        .target(env_logger::Target::Pipe(Box::new(log.writer())))
-        .init();
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-        Ok(rt) => rt,
-        Err(err) => return fail(&err),
+    let json = match &cli.command {
+        Command::Daemon(args) => args.log_format == LogFormat::Json,
+        Command::Watch(args) => args.json,
     };
-    let result = match cli.command {
-        Command::Daemon(args) => runtime.block_on(daemon::run(args)),
-        Command::Watch(args) => runtime.block_on(watch::run(args)),
+    let mut logger = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"));
+    logger.target(env_logger::Target::Pipe(Box::new(log.writer())));
+    if json {
+        logger.format(|buf, record| {
+            let line = serde_json::json!({
+                "time": humantime::format_rfc3339_micros(std::time::SystemTime::now()).to_string(),
+                "level": record.level().as_str(),
+                "target": record.target(),
+                "message": record.args().to_string(),
+            });
+            writeln!(buf, "{line}")
+        });
+    }
+    logger.init();
+    let result = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(runtime) => match cli.command {
+            Command::Daemon(args) => runtime.block_on(daemon::run(args)),
+            Command::Watch(args) => runtime.block_on(watch::run(args)),
+        },
+        Err(err) => Err(err.into()),
+    };
+    let code = match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            // A JSON log stays JSON to its last line; text goes straight to stderr.
+            let msg = explain(&err);
+            if json {
+                log::error!("{msg}");
+            } else {
+                eprintln!("error: {msg}");
+            }
+            ExitCode::FAILURE
+        }
     };
     log.flush(Duration::from_secs(1));
     if log.dropped() > 0 {
         eprintln!("tcptrace: {} log lines were dropped because stderr did not keep up", log.dropped());
     }
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(err) => fail(&err),
-    }
+    code
 }
 
-/// Prints the error and the causes it does not already quote, without a backtrace.
-fn fail(err: &dyn std::error::Error) -> ExitCode {
-    let mut msg = format!("error: {err}");
+/// The error and the causes it does not already quote, without a backtrace.
+fn explain(err: &dyn std::error::Error) -> String {
+    let mut msg = err.to_string();
     let mut source = err.source();
     while let Some(cause) = source {
         let text = cause.to_string();
@@ -49,6 +78,11 @@ fn fail(err: &dyn std::error::Error) -> ExitCode {
         }
         source = cause.source();
     }
-    eprintln!("{msg}");
+    msg
+}
+
+/// Before the logger exists: the error on stderr, exit 1.
+fn fail(err: &dyn std::error::Error) -> ExitCode {
+    eprintln!("error: {}", explain(err));
     ExitCode::FAILURE
 }

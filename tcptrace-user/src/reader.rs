@@ -16,6 +16,8 @@ use std::{
 /// What the reader drives. Both calls must return quickly: everything slow (writing
 /// output, walking /proc) belongs on other threads.
 pub trait Consumer: Send + 'static {
+    /// Runs first, on the reader thread.
+    fn start(&mut self) {}
     /// Takes every record waiting in the ring buffer.
     fn drain(&mut self);
     /// Periodic work (expiry, kernel counters); also called once at the end.
@@ -52,6 +54,7 @@ impl Reader {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let thread = thread::Builder::new().name("tcptrace-reader".into()).spawn(move || {
+            consumer.start();
             let mut next_tick = Instant::now() + pace.tick_every;
             let result = loop {
                 if flag.load(Ordering::Acquire) || consumer.done() {

@@ -38,6 +38,31 @@ pub fn raise_fd_limit() -> usize {
     usize::try_from(lim.rlim_cur).unwrap_or(usize::MAX)
 }
 
+/// Keeps the calling thread, and the threads and processes it starts, on CPU 0
+/// until dropped.
+pub struct OnOneCpu(libc::cpu_set_t);
+
+impl OnOneCpu {
+    pub fn new() -> Self {
+        // SAFETY: sched_{get,set}affinity on the calling thread with sets we own.
+        unsafe {
+            let mut before: libc::cpu_set_t = std::mem::zeroed();
+            libc::sched_getaffinity(0, size_of::<libc::cpu_set_t>(), &mut before);
+            let mut one: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(0, &mut one);
+            assert_eq!(libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &one), 0, "pin to CPU 0");
+            Self(before)
+        }
+    }
+}
+
+impl Drop for OnOneCpu {
+    fn drop(&mut self) {
+        // SAFETY: as above, restoring the set read before.
+        unsafe { libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &self.0) };
+    }
+}
+
 /// A load size: `native`, or `emulated` in a software-emulated VM.
 pub fn scaled(native: usize, emulated: usize) -> usize {
     if slow() {

@@ -243,6 +243,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
     let scale = match unit {
+        "us" | "µs" => 1e-6,
         "ms" => 1e-3,
         "" | "s" => 1.0,
         "m" => 60.0,
@@ -329,6 +330,7 @@ mod tests {
         assert_eq!(daemon(&["--ring-buffer-size", "16M"]).unwrap().ring_buffer_size, ByteSize(16 << 20));
         assert_eq!(daemon(&["--ring-buffer-size", "8192"]).unwrap().ring_buffer_size, ByteSize(8192));
         assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("250us"), Ok(Duration::from_micros(250)));
         assert_eq!(ByteSize(1 << 20).to_string(), "1MiB");
         assert_eq!(ByteSize(12288).to_string(), "12KiB");
     }

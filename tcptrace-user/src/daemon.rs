@@ -5,8 +5,11 @@ use std::{
     collections::VecDeque,
     fs,
     os::fd::AsRawFd,
-    sync::{Arc, Mutex, MutexGuard, PoisonError},
-    time::Duration,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex, MutexGuard, PoisonError,
+    },
+    time::{Duration, SystemTime},
 };
 
 use aya::maps::{MapData, RingBuf};
@@ -19,6 +22,7 @@ use crate::{
     error::{Error, Result},
     lines::LineQueue,
     metrics::{self, Metrics, MetricsConfig},
+    page,
     pipeline::Pipeline,
     privileges,
     probe::{KernelCounters, LoadOptions, Probe},
@@ -47,6 +51,12 @@ const HOLD_MAX_BYTES: usize = 32 << 20;
 const RELEASE_SLICE: usize = 4096;
 /// Slow-log records waiting for stdout; beyond it they are dropped and counted.
 const SLOW_LOG_QUEUE: usize = 8192;
+/// The landing page lists handshakes at least this slow when --slow-handshake is
+/// not given.
+const PAGE_SLOW: Duration = Duration::from_millis(200);
+/// `/healthz` fails when the reader has not drained for this long (it drains at
+/// least every [`DRAIN_EVERY`]).
+const HEALTHY_DRAIN_MS: u64 = 5_000;
 /// How often freed heap is handed back to the system.
 const TRIM_EVERY: Duration = Duration::from_secs(10);
 /// How often the daemon checks that its reader thread still runs.
@@ -163,19 +173,25 @@ fn lock(s: &Mutex<State>) -> MutexGuard<'_, State> {
 }
 
 /// The reader thread's view of [`State`].
-struct Drainer(Shared, CapsHashSet);
+struct Drainer {
+    shared: Shared,
+    keep: CapsHashSet,
+    /// CLOCK_MONOTONIC ms of the last drain, for `/healthz`.
+    drained_ms: Arc<AtomicU64>,
+}
 
 impl Consumer for Drainer {
     fn start(&mut self) {
-        if let Err(err) = privileges::drop_all_but(&self.1) {
+        if let Err(err) = privileges::drop_all_but(&self.keep) {
             warn!("the event reader could not drop its capabilities: {err}");
         }
     }
     fn drain(&mut self) {
-        lock(&self.0).drain();
+        lock(&self.shared).drain();
+        self.drained_ms.store(monotonic_ns() / 1_000_000, Ordering::Relaxed);
     }
     fn tick(&mut self) {
-        lock(&self.0).refresh();
+        lock(&self.shared).refresh();
     }
 }
 
@@ -227,6 +243,8 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
             .on_drop(move |n| dropped.inc_by(n));
         pipeline = pipeline.with_slow_log(SlowLog::new(threshold, args.log_format, out));
     }
+    let recent_threshold = args.slow_handshake.unwrap_or(PAGE_SLOW);
+    pipeline = pipeline.with_recent(page::Recent::new(recent_threshold));
     let registry = pipeline.metrics().registry().clone();
     let web = pipeline.metrics().web_counters();
     let held = Some(Held::default());
@@ -235,7 +253,9 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
     // Drain from now on: the programs are attached and the ring buffer fills.
     let pace = Pace { drain_every: DRAIN_EVERY, tick_every: REFRESH_EVERY };
     let keep = capabilities_to_keep(&args);
-    let reader = Reader::spawn(ring_fd, pace, Drainer(shared.clone(), keep.clone()))?;
+    let drained_ms = Arc::new(AtomicU64::new(monotonic_ns() / 1_000_000));
+    let drainer = Drainer { shared: shared.clone(), keep: keep.clone(), drained_ms: drained_ms.clone() };
+    let reader = Reader::spawn(ring_fd, pace, drainer)?;
     // Events carry their namespace when BTF gave its offsets; seeds must match them.
     seed_time_wait(&shared, probe.netns, max_time_wait).await;
     // Everything that needed privilege is done: attach, tracefs, other namespaces.
@@ -250,16 +270,41 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
     }
     tokio::spawn(return_freed_memory(stop_rx.clone()));
     let scraped = shared.clone();
-    let render: server::Render = Arc::new(move || {
+    let page_registry = registry.clone();
+    let metrics: server::Render = Arc::new(move || {
         lock(&scraped).refresh();
         metrics::render(&registry)
     });
+    let about = page::About {
+        version: env!("CARGO_PKG_VERSION"),
+        attach: probe.mode.to_string(),
+        started: SystemTime::now(),
+        slow_threshold: recent_threshold,
+    };
+    let shown = shared.clone();
+    let page: server::Render = Arc::new(move || {
+        let recent = {
+            let mut state = lock(&shown);
+            state.refresh();
+            state.pipeline.recent()
+        };
+        page::render(&page_registry.gather(), &recent, &about)
+    });
+    let attached = probe.programs.iter().filter(|p| p.attached).count();
+    let health: server::Health = Arc::new(move || {
+        let since = (monotonic_ns() / 1_000_000).saturating_sub(drained_ms.load(Ordering::Relaxed));
+        if since > HEALTHY_DRAIN_MS {
+            return Err(format!("the event reader has not drained the ring buffer for {since} ms"));
+        }
+        Ok(format!("{attached} programs attached, ring buffer drained {since} ms ago"))
+    });
+    let routes = server::Routes { metrics, page, health };
     let limits = server::Limits {
         max_connections: usize::from(args.web_max_connections),
         header_timeout: args.web_header_timeout,
         idle_timeout: args.web_idle_timeout,
     };
-    let mut server = tokio::spawn(server::serve(listener, render, limits, web, stop_rx));
+    let mut server = tokio::spawn(server::serve(listener, routes, limits, web, stop_rx));
     if addr.ip().is_unspecified() {
         warn!(
             "serving on all interfaces ({addr}): anyone who can reach this port reads these metrics; \

@@ -13,6 +13,7 @@ pub mod error;
 pub mod events;
 pub mod lines;
 pub mod metrics;
+pub mod page;
 pub mod pipeline;
 pub mod privileges;
 pub mod probe;

@@ -8,6 +8,7 @@ use tcptrace_common::Event;
 use crate::{
     events::{self, Family, KernelTotals},
     metrics::Metrics,
+    page::Recent,
     report::QueuedSlowLog,
     tracker::{Eviction, Failure, Handshake, Sink, Tracker},
 };
@@ -16,6 +17,8 @@ pub struct Pipeline {
     tracker: Tracker,
     metrics: Metrics,
     slow_log: Option<QueuedSlowLog>,
+    /// The landing page's list of recent slow and failed handshakes.
+    recent: Option<Recent>,
     /// Events handled since the last refresh: counted here, not with an atomic
     /// increment per event, and added to the counter before every scrape.
     unreported: u64,
@@ -24,13 +27,24 @@ pub struct Pipeline {
 
 impl Pipeline {
     pub fn new(tracker: Tracker, metrics: Metrics) -> Self {
-        Self { tracker, metrics, slow_log: None, unreported: 0, warned_malformed: false }
+        Self { tracker, metrics, slow_log: None, recent: None, unreported: 0, warned_malformed: false }
     }
 
     /// Also write slow and failed handshakes as records.
     pub fn with_slow_log(mut self, log: QueuedSlowLog) -> Self {
         self.slow_log = Some(log);
         self
+    }
+
+    /// Also keep the most recent slow and failed handshakes, for the landing page.
+    pub fn with_recent(mut self, recent: Recent) -> Self {
+        self.recent = Some(recent);
+        self
+    }
+
+    /// The landing page's recent slow and failed handshakes, newest first.
+    pub fn recent(&self) -> Vec<crate::page::Entry> {
+        self.recent.as_ref().map_or_else(Vec::new, Recent::entries)
     }
 
     /// Handles one raw ring buffer record.
@@ -50,7 +64,8 @@ impl Pipeline {
     /// Handles one decoded event.
     pub fn event(&mut self, ev: &Event) {
         self.unreported += 1;
-        let mut outputs = Outputs { metrics: &mut self.metrics, slow_log: self.slow_log.as_mut() };
+        let mut outputs =
+            Outputs { metrics: &mut self.metrics, slow_log: self.slow_log.as_mut(), recent: self.recent.as_mut() };
         self.tracker.handle(ev, &mut outputs);
     }
 
@@ -97,6 +112,7 @@ impl Pipeline {
 struct Outputs<'a> {
     metrics: &'a mut Metrics,
     slow_log: Option<&'a mut QueuedSlowLog>,
+    recent: Option<&'a mut Recent>,
 }
 
 impl Sink for Outputs<'_> {
@@ -105,11 +121,17 @@ impl Sink for Outputs<'_> {
         if let Some(log) = &mut self.slow_log {
             log.handshake(h);
         }
+        if let Some(recent) = &mut self.recent {
+            recent.handshake(h);
+        }
     }
     fn handshake_failed(&mut self, f: &Failure) {
         self.metrics.handshake_failed(f);
         if let Some(log) = &mut self.slow_log {
             log.handshake_failed(f);
+        }
+        if let Some(recent) = &mut self.recent {
+            recent.handshake_failed(f);
         }
     }
     fn syn_retransmit(&mut self, family: Family) {

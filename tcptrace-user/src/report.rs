@@ -24,7 +24,7 @@ pub enum LogFormat {
 }
 
 /// Wall-clock time of a CLOCK_MONOTONIC event timestamp.
-fn wall_time(ts_ns: u64) -> SystemTime {
+pub(crate) fn wall_time(ts_ns: u64) -> SystemTime {
     let ago = monotonic_ns().saturating_sub(ts_ns);
     SystemTime::now() - Duration::from_nanos(ago)
 }

@@ -32,8 +32,28 @@ use tokio::{
 
 use crate::metrics::WebCounters;
 
-/// Produces the metrics text for one scrape.
+/// Produces one response body (the exposition, the landing page).
 pub type Render = Arc<dyn Fn() -> String + Send + Sync>;
+/// `/healthz`: a short status when healthy, or what is wrong.
+pub type Health = Arc<dyn Fn() -> Result<String, String> + Send + Sync>;
+
+/// What the server answers with.
+#[derive(Clone)]
+pub struct Routes {
+    /// `/metrics`: the Prometheus text exposition.
+    pub metrics: Render,
+    /// `/`: the landing page, HTML.
+    pub page: Render,
+    /// `/healthz`: 200 while healthy, else 503.
+    pub health: Health,
+}
+
+/// One rate-limited render per body.
+struct Bodies {
+    metrics: Cache,
+    page: Cache,
+    health: Health,
+}
 
 /// Content type of the Prometheus text exposition format.
 const EXPOSITION: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -64,7 +84,7 @@ pub struct Limits {
 /// Serves until `shutdown` turns true, then lets in-flight requests finish (up to 1 s).
 pub async fn serve(
     listener: TcpListener,
-    render: Render,
+    routes: Routes,
     limits: Limits,
     counters: WebCounters,
     mut shutdown: watch::Receiver<bool>,
@@ -72,7 +92,11 @@ pub async fn serve(
     let graceful = GracefulShutdown::new();
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     let open = Open::new(limits);
-    let cache = Arc::new(Cache { render, last: tokio::sync::Mutex::new(None) });
+    let cache = Arc::new(Bodies {
+        metrics: Cache { render: routes.metrics, last: tokio::sync::Mutex::new(None) },
+        page: Cache { render: routes.page, last: tokio::sync::Mutex::new(None) },
+        health: routes.health,
+    });
     let mut accept_errors = RateLimited::default();
     loop {
         let stream = tokio::select! {
@@ -351,7 +375,7 @@ impl Cache {
     }
 }
 
-async fn respond(req: &Request<Incoming>, cache: &Cache) -> Response<Full<Bytes>> {
+async fn respond(req: &Request<Incoming>, bodies: &Bodies) -> Response<Full<Bytes>> {
     let head = req.method() == Method::HEAD;
     if req.method() != Method::GET && !head {
         return text(StatusCode::METHOD_NOT_ALLOWED, "only GET and HEAD\n".into(), "text/plain")
@@ -362,11 +386,18 @@ async fn respond(req: &Request<Incoming>, cache: &Cache) -> Response<Full<Bytes>
             .unwrap_or_else(|_| Response::new(Full::default()));
     }
     let (status, body, kind) = match req.uri().path() {
-        "/metrics" => match cache.get().await {
+        "/metrics" => match bodies.metrics.get().await {
             Some(body) => (StatusCode::OK, body, EXPOSITION),
             None => (StatusCode::INTERNAL_SERVER_ERROR, "rendering failed; see the log\n".into(), "text/plain"),
         },
-        "/" => (StatusCode::OK, "tcptrace: metrics are at /metrics\n".into(), "text/plain"),
+        "/" => match bodies.page.get().await {
+            Some(body) => (StatusCode::OK, body, "text/html; charset=utf-8"),
+            None => (StatusCode::INTERNAL_SERVER_ERROR, "rendering failed; see the log\n".into(), "text/plain"),
+        },
+        "/healthz" => match (bodies.health)() {
+            Ok(status) => (StatusCode::OK, format!("ok: {status}\n").into(), "text/plain"),
+            Err(problem) => (StatusCode::SERVICE_UNAVAILABLE, format!("unhealthy: {problem}\n").into(), "text/plain"),
+        },
         _ => (StatusCode::NOT_FOUND, "not found; metrics are at /metrics\n".into(), "text/plain"),
     };
     let body = if head { Bytes::new() } else { body };
@@ -388,6 +419,14 @@ mod tests {
         header_timeout: Duration::from_millis(300),
         idle_timeout: Duration::from_millis(600),
     };
+
+    fn routes(metrics: Render) -> Routes {
+        Routes {
+            metrics,
+            page: Arc::new(|| "<!doctype html><title>tcptrace</title>".to_string()),
+            health: Arc::new(|| Ok("fine".into())),
+        }
+    }
 
     fn counters() -> WebCounters {
         let c = |name: &str| prometheus::IntCounter::new(name, "test").unwrap();
@@ -414,7 +453,7 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = watch::channel(false);
         let c = counters();
-        tokio::spawn(serve(listener, render, LIMITS, c.clone(), rx));
+        tokio::spawn(serve(listener, routes(render), LIMITS, c.clone(), rx));
         (addr, c, tx)
     }
 
@@ -452,7 +491,7 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let (_stop, rx) = watch::channel(false);
         let c = counters();
-        tokio::spawn(serve(listener, Arc::new(|| "x 1\n".to_string()), limits, c.clone(), rx));
+        tokio::spawn(serve(listener, routes(Arc::new(|| "x 1\n".to_string())), limits, c.clone(), rx));
         let c2 = c.clone();
         let results = tokio::task::spawn_blocking(move || {
             let connect = || std::net::TcpStream::connect(addr).unwrap();
@@ -544,7 +583,14 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = watch::channel(false);
         let render: Render = Arc::new(|| "tcptrace_events_total 7\n".to_string());
-        let server = tokio::spawn(serve(listener, render, LIMITS, counters(), rx));
+        let healthy = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let flag = healthy.clone();
+        let health: Health = Arc::new(move || match flag.load(Ordering::Relaxed) {
+            true => Ok("reader running".into()),
+            false => Err("the event reader stopped".into()),
+        });
+        let routes = Routes { health, ..routes(render) };
+        let server = tokio::spawn(serve(listener, routes, LIMITS, counters(), rx));
 
         let replies = tokio::task::spawn_blocking(move || {
             [
@@ -552,11 +598,22 @@ mod tests {
                 "GET /nope HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
                 "POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
                 "HEAD /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+                "GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+                "GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
             ]
             .map(|r| get(addr, r))
         })
         .await
         .unwrap();
+        assert!(replies[4].starts_with("HTTP/1.1 200") && replies[4].contains("text/html"), "{}", replies[4]);
+        assert!(replies[5].starts_with("HTTP/1.1 200") && replies[5].ends_with("ok: reader running\n"));
+        healthy.store(false, Ordering::Relaxed);
+        let sick = tokio::task::spawn_blocking(move || {
+            get(addr, "GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        })
+        .await
+        .unwrap();
+        assert!(sick.starts_with("HTTP/1.1 503") && sick.contains("unhealthy: the event reader stopped"), "{sick}");
         assert!(replies[0].starts_with("HTTP/1.1 200"), "{}", replies[0]);
         assert!(replies[0].contains(EXPOSITION));
         assert!(replies[0].ends_with("tcptrace_events_total 7\n"));

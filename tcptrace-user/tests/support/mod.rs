@@ -178,7 +178,10 @@ impl Daemon {
             conn: RefCell::new(None),
         };
         match rx.recv_timeout(deadline(Duration::from_secs(20))) {
-            Ok(addr) => daemon.addr = addr.parse().expect("listen address"),
+            Ok(addr) => match addr.parse() {
+                Ok(addr) => daemon.addr = addr,
+                Err(err) => panic!("listen address {addr:?}: {err}; the log:\n{}", daemon.log()),
+            },
             Err(_) => panic!("daemon did not start serving within 20 s; its log:\n{}", daemon.log()),
         }
         (daemon, stdout)

@@ -1,0 +1,383 @@
+//! The landing page at `/`: the metrics as an operator without Grafana wants them,
+//! rendered on the server. No script, no external asset: the charts are inline SVG.
+
+use std::{
+    collections::VecDeque,
+    fmt::Write as _,
+    net::SocketAddr,
+    time::{Duration, SystemTime},
+};
+
+use prometheus::proto::{MetricFamily, MetricType};
+
+use crate::tracker::{Direction, Failure, Handshake, Sink};
+
+/// How many recent slow or failed handshakes the page lists.
+pub const RECENT: usize = 20;
+
+/// A slow or failed handshake, as the page lists it.
+#[derive(Clone, Debug)]
+pub struct Entry {
+    pub at: SystemTime,
+    pub direction: Direction,
+    pub remote: SocketAddr,
+    /// The service's port: remote for active opens, local for passive ones.
+    pub port: u16,
+    pub process: Option<(u32, String)>,
+    /// Duration, or for failures the time since connect() when known.
+    pub duration: Option<Duration>,
+    /// The failure reason; `None` for a slow completed handshake.
+    pub failed: Option<&'static str>,
+    pub retransmits: u32,
+}
+
+/// The most recent slow (at or above a threshold) and failed handshakes.
+pub struct Recent {
+    threshold_ns: u64,
+    entries: VecDeque<Entry>,
+}
+
+impl Recent {
+    pub fn new(threshold: Duration) -> Self {
+        Self { threshold_ns: u64::try_from(threshold.as_nanos()).unwrap_or(u64::MAX), entries: VecDeque::new() }
+    }
+
+    /// Newest first.
+    pub fn entries(&self) -> Vec<Entry> {
+        self.entries.iter().rev().cloned().collect()
+    }
+
+    fn push(&mut self, e: Entry) {
+        if self.entries.len() == RECENT {
+            self.entries.pop_front();
+        }
+        self.entries.push_back(e);
+    }
+}
+
+fn port_of(direction: Direction, local: SocketAddr, remote: SocketAddr) -> u16 {
+    match direction {
+        Direction::Active => remote.port(),
+        Direction::Passive => local.port(),
+    }
+}
+
+impl Sink for Recent {
+    fn handshake(&mut self, h: &Handshake) {
+        let Some(ns) = h.duration_ns.filter(|&ns| ns >= self.threshold_ns) else { return };
+        let (local, remote) = (h.tuple.local(), h.tuple.remote());
+        self.push(Entry {
+            at: crate::report::wall_time(h.ts_ns),
+            direction: h.direction,
+            remote,
+            port: port_of(h.direction, local, remote),
+            process: h.origin.map(|o| (o.tgid, o.comm())),
+            duration: Some(Duration::from_nanos(ns)),
+            failed: None,
+            retransmits: h.retransmits,
+        });
+    }
+
+    fn handshake_failed(&mut self, f: &Failure) {
+        let (local, remote) = (f.tuple.local(), f.tuple.remote());
+        self.push(Entry {
+            at: crate::report::wall_time(f.ts_ns),
+            direction: f.direction,
+            remote,
+            port: port_of(f.direction, local, remote),
+            process: f.origin.map(|o| (o.tgid, o.comm())),
+            duration: f.elapsed_ns.map(Duration::from_nanos),
+            failed: Some(f.reason.label()),
+            retransmits: f.retransmits,
+        });
+    }
+}
+
+/// What the page says about the daemon itself.
+pub struct About {
+    pub version: &'static str,
+    pub attach: String,
+    pub started: SystemTime,
+    pub slow_threshold: Duration,
+}
+
+/// Escapes text for HTML element content and attribute values.
+fn escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// The samples of one metric family, with their labels.
+fn samples<'a>(families: &'a [MetricFamily], name: &str) -> Vec<(Vec<(&'a str, &'a str)>, f64)> {
+    let Some(f) = families.iter().find(|f| f.name() == name) else { return Vec::new() };
+    let counter = f.get_field_type() == MetricType::COUNTER;
+    f.get_metric()
+        .iter()
+        .map(|m| {
+            let labels = m.get_label().iter().map(|l| (l.name(), l.value())).collect();
+            let value = if counter { m.get_counter().get_value() } else { m.get_gauge().get_value() };
+            (labels, value)
+        })
+        .collect()
+}
+
+fn label<'a>(labels: &[(&'a str, &'a str)], name: &str) -> &'a str {
+    labels.iter().find(|(n, _)| *n == name).map_or("", |(_, v)| v)
+}
+
+/// Sum of a family's samples whose labels include `want`.
+fn total(families: &[MetricFamily], name: &str, want: &[(&str, &str)]) -> f64 {
+    samples(families, name)
+        .iter()
+        .filter(|(labels, _)| want.iter().all(|(k, v)| label(labels, k) == *v))
+        .map(|(_, v)| v)
+        .sum()
+}
+
+/// One histogram's buckets, summed over port labels: (upper bound, count in it).
+fn buckets(families: &[MetricFamily], name: &str, direction: &str, family: &str) -> Vec<(f64, u64)> {
+    let Some(f) = families.iter().find(|f| f.name() == name) else { return Vec::new() };
+    let mut sum: Vec<(f64, u64)> = Vec::new();
+    for m in f.get_metric() {
+        let labels: Vec<(&str, &str)> = m.get_label().iter().map(|l| (l.name(), l.value())).collect();
+        if label(&labels, "direction") != direction || label(&labels, "family") != family {
+            continue;
+        }
+        let mut below = 0;
+        for (i, b) in m.get_histogram().get_bucket().iter().enumerate() {
+            let count = b.cumulative_count() - below;
+            below = b.cumulative_count();
+            match sum.get_mut(i) {
+                Some(slot) => slot.1 += count,
+                None => sum.push((b.upper_bound(), count)),
+            }
+        }
+    }
+    sum
+}
+
+fn seconds_label(s: f64) -> String {
+    match s {
+        s if s < 1e-3 => format!("{}µs", (s * 1e6).round()),
+        s if s < 1.0 => format!("{}ms", (s * 1e3 * 10.0).round() / 10.0),
+        s => format!("{s}s"),
+    }
+}
+
+/// A bar chart of one histogram's buckets, as SVG.
+fn histogram_svg(id: &str, buckets: &[(f64, u64)]) -> String {
+    let (w, h, pad) = (16.0, 120.0, 28.0);
+    let max = buckets.iter().map(|b| b.1).max().unwrap_or(0).max(1) as f64;
+    let width = buckets.len() as f64 * w + 8.0;
+    let mut svg = format!(
+        r#"<svg id="{id}" class="histogram" role="img" width="{width}" height="{}" viewBox="0 0 {width} {}">"#,
+        h + pad,
+        h + pad
+    );
+    for (i, &(le, count)) in buckets.iter().enumerate() {
+        let bar = count as f64 / max * h;
+        let x = i as f64 * w + 4.0;
+        let _ = write!(
+            svg,
+            r#"<rect class="bucket" data-le="{le}" data-count="{count}" x="{x}" y="{}" width="{}" height="{bar}"><title>≤ {}: {count}</title></rect>"#,
+            h - bar,
+            w - 2.0,
+            seconds_label(le)
+        );
+        if i % 3 == 0 {
+            let _ = write!(
+                svg,
+                r#"<text x="{x}" y="{}" font-size="8" transform="rotate(45 {x} {})">{}</text>"#,
+                h + 10.0,
+                h + 10.0,
+                escape(&seconds_label(le))
+            );
+        }
+    }
+    svg.push_str("</svg>");
+    svg
+}
+
+/// The whole page.
+pub fn render(families: &[MetricFamily], recent: &[Entry], about: &About) -> String {
+    let mut p = String::with_capacity(32 * 1024);
+    let up = about.started.elapsed().unwrap_or_default().as_secs();
+    let _ = write!(
+        p,
+        r#"<!doctype html><html lang="en"><head><meta charset="utf-8"><title>tcptrace</title>
+<style>body{{font-family:sans-serif;margin:1.5em;color:#222}}table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:2px 8px;text-align:right}}th{{background:#eee}}
+.bucket{{fill:#3b78c2}}.failed{{color:#b00}}section{{margin-bottom:1.5em}}
+.charts{{display:flex;flex-wrap:wrap;gap:1.5em}}</style></head><body>
+<h1>tcptrace</h1><p id="about">version {} · {} tracepoints · up {}h{:02}m · <a href="/metrics">/metrics</a> · <a href="/healthz">/healthz</a></p>"#,
+        escape(about.version),
+        escape(&about.attach),
+        up / 3600,
+        up / 60 % 60
+    );
+
+    p.push_str(r#"<section id="latency"><h2>Handshake latency</h2><div class="charts">"#);
+    for direction in ["active", "passive"] {
+        for family in ["ipv4", "ipv6"] {
+            let b = buckets(families, "tcptrace_handshake_duration_seconds", direction, family);
+            let timed: u64 = b.iter().map(|b| b.1).sum();
+            let done = total(families, "tcptrace_handshakes_total", &[("direction", direction), ("family", family)]);
+            let id = format!("latency-{direction}-{family}");
+            let _ = write!(
+                p,
+                r#"<figure><figcaption>{direction} {family}: <span class="completed">{done}</span> completed, {timed} timed</figcaption>{}</figure>"#,
+                histogram_svg(&id, &b)
+            );
+        }
+    }
+    p.push_str("</div></section>");
+
+    p.push_str(r#"<section id="failures"><h2>Failures by reason</h2><table><tr><th>reason</th><th>active</th><th>passive</th></tr>"#);
+    for reason in crate::tracker::FailureReason::ALL.map(|r| r.label()) {
+        let n = |d: &str| total(families, "tcptrace_handshake_failures_total", &[("direction", d), ("reason", reason)]);
+        let _ = write!(
+            p,
+            r#"<tr data-reason="{reason}"><th>{reason}</th><td>{}</td><td>{}</td></tr>"#,
+            n("active"),
+            n("passive")
+        );
+    }
+    p.push_str("</table></section>");
+
+    let syn = total(families, "tcptrace_syn_retransmits_total", &[]);
+    let synack = total(families, "tcptrace_synack_retransmits_total", &[]);
+    let tw = total(families, "tcptrace_time_wait_sockets", &[]);
+    let lost = total(families, "tcptrace_events_lost_total", &[]);
+    let missed = total(families, "tcptrace_kernel_events_missed_total", &[]);
+    let _ = write!(
+        p,
+        r#"<section id="now"><h2>Now</h2><table>
+<tr><th>SYN retransmissions</th><td id="syn-retransmits">{syn}</td></tr>
+<tr><th>SYN-ACK retransmissions</th><td id="synack-retransmits">{synack}</td></tr>
+<tr><th>TIME_WAIT sockets</th><td id="time-wait">{tw}</td></tr>
+<tr><th>events lost / skipped by the kernel</th><td id="lost">{lost} / {missed}</td></tr></table></section>"#
+    );
+
+    let _ = write!(
+        p,
+        r#"<section id="recent"><h2>Recent slow (≥ {}) or failed handshakes</h2><table><tr><th>time</th><th>direction</th><th>peer</th><th>port</th><th>process</th><th>duration</th><th>outcome</th><th>retransmits</th></tr>"#,
+        escape(&seconds_label(about.slow_threshold.as_secs_f64()))
+    );
+    if recent.is_empty() {
+        p.push_str(r#"<tr><td colspan="8">none yet</td></tr>"#);
+    }
+    for e in recent {
+        let process = e.process.as_ref().map_or(String::from("-"), |(pid, comm)| format!("{} ({pid})", escape(comm)));
+        let duration = e.duration.map_or(String::from("-"), |d| format!("{:.3} ms", d.as_secs_f64() * 1e3));
+        let (class, outcome) = match e.failed {
+            Some(reason) => ("failed", reason),
+            None => ("slow", "completed"),
+        };
+        let _ = write!(
+            p,
+            r#"<tr class="{class}"><td>{}</td><td>{}</td><td class="peer">{}</td><td>{}</td><td class="process">{process}</td><td>{duration}</td><td>{outcome}</td><td>{}</td></tr>"#,
+            humantime::format_rfc3339_seconds(e.at),
+            e.direction.label(),
+            escape(&e.remote.to_string()),
+            e.port,
+            e.retransmits
+        );
+    }
+    p.push_str("</table></section></body></html>\n");
+    p
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        metrics::{Metrics, MetricsConfig},
+        tracker::{FailureReason, Origin, Tuple},
+    };
+
+    fn tuple(dport: u16) -> Tuple {
+        let mut e = tcptrace_common::Event::zeroed();
+        e.family = tcptrace_common::AF_INET;
+        e.saddr[..4].copy_from_slice(&[10, 0, 0, 1]);
+        e.daddr[..4].copy_from_slice(&[10, 0, 0, 2]);
+        (e.sport, e.dport) = (40000, dport);
+        Tuple::of(&e)
+    }
+
+    #[test]
+    fn shows_histograms_failures_and_recent_handshakes_escaped() {
+        let mut m = Metrics::new(MetricsConfig::default()).unwrap();
+        let mut recent = Recent::new(Duration::from_millis(100));
+        let mut comm = [0u8; 16];
+        comm[..8].copy_from_slice(b"<script>");
+        let origin = Origin { pid: 7, tgid: 7, cgroup_id: 0, comm };
+        let slow = Handshake {
+            direction: Direction::Active,
+            family: crate::events::Family::Ipv4,
+            duration_ns: Some(1_200_000_000),
+            retransmits: 1,
+            tuple: tuple(443),
+            origin: Some(origin),
+            ts_ns: crate::clock::monotonic_ns(),
+        };
+        let fast = Handshake { duration_ns: Some(50_000), retransmits: 0, ..slow };
+        let failed = Failure {
+            direction: Direction::Active,
+            family: crate::events::Family::Ipv4,
+            reason: FailureReason::Refused,
+            retransmits: 0,
+            tuple: tuple(81),
+            origin: Some(origin),
+            elapsed_ns: Some(30_000),
+            ts_ns: crate::clock::monotonic_ns(),
+        };
+        for sink in [&mut m as &mut dyn Sink, &mut recent] {
+            sink.handshake(&slow);
+            sink.handshake(&fast);
+            sink.handshake_failed(&failed);
+        }
+        let about = About {
+            version: "0.1.0",
+            attach: "raw".into(),
+            started: SystemTime::now(),
+            slow_threshold: Duration::from_millis(100),
+        };
+        let page = render(&m.registry().gather(), &recent.entries(), &about);
+        assert!(page.contains(r#"id="latency-active-ipv4""#) && page.contains(r#"data-count="1""#), "{page}");
+        assert!(page.contains(r#"<span class="completed">2</span> completed, 2 timed"#));
+        assert!(page.contains(r#"<tr data-reason="refused"><th>refused</th><td>1</td>"#));
+        let rows: Vec<&str> = page.split("<tr class=").skip(1).collect();
+        assert_eq!(rows.len(), 2, "the slow one and the failed one, not the fast one");
+        assert!(rows[0].starts_with(r#""failed""#) && rows[0].contains("refused"), "newest first");
+        assert!(rows[1].contains("1200.000 ms") && rows[1].contains("10.0.0.2:443"));
+        assert!(page.contains("&lt;script&gt; (7)") && !page.contains("<script>"), "commands are escaped");
+    }
+
+    #[test]
+    fn keeps_only_the_most_recent() {
+        let mut recent = Recent::new(Duration::ZERO);
+        let h = Handshake {
+            direction: Direction::Passive,
+            family: crate::events::Family::Ipv4,
+            duration_ns: Some(1),
+            retransmits: 0,
+            tuple: tuple(80),
+            origin: None,
+            ts_ns: 0,
+        };
+        for _ in 0..RECENT * 3 {
+            recent.handshake(&h);
+        }
+        assert_eq!(recent.entries().len(), RECENT);
+    }
+}

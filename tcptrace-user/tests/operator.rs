@@ -1,0 +1,210 @@
+//! Root tests of what an operator installs and looks at: the daemon run exactly as
+//! its systemd unit runs it, its capabilities after start-up, the landing page in a
+//! real browser. Run natively by `cargo xtask test` (nothing here depends on the
+//! kernel version, and a browser under emulation takes minutes).
+
+mod support;
+
+use std::{
+    io::{Read, Write},
+    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    process::Command,
+    thread,
+    time::Duration,
+};
+
+use support::*;
+
+const BASE_DEADLINE: Duration = Duration::from_secs(10);
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
+}
+
+/// `n` loopback handshakes to a listener that accepts and closes.
+fn handshakes(n: usize) {
+    let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+    let addr = l.local_addr().unwrap();
+    let server = thread::spawn(move || {
+        for _ in 0..n {
+            drop(l.accept().unwrap());
+        }
+    });
+    for _ in 0..n {
+        drop(TcpStream::connect(addr).unwrap());
+    }
+    server.join().unwrap();
+}
+
+/// `n` connects refused by a loopback port nothing listens on.
+fn refused(n: usize) -> SocketAddr {
+    let closed = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap().local_addr().unwrap();
+    for _ in 0..n {
+        TcpStream::connect(closed).expect_err("nothing listens");
+    }
+    closed
+}
+
+fn get(addr: SocketAddr, path: &str) -> String {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(deadline(BASE_DEADLINE))).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+/// Effective and permitted capability masks of every thread of `pid`.
+fn thread_caps(pid: u32) -> Vec<(String, u64, u64)> {
+    let mut out = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap().flatten() {
+        let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
+        let mask = |key: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(key))
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+                .unwrap_or(u64::MAX)
+        };
+        let name = status.lines().find_map(|l| l.strip_prefix("Name:")).unwrap_or("?").trim().to_string();
+        out.push((name, mask("CapEff:"), mask("CapPrm:")));
+    }
+    out
+}
+
+#[test]
+#[ignore = "needs root and the real kernel: run `cargo xtask test`"]
+fn every_thread_drops_every_capability_after_start_up() {
+    require_root();
+    let daemon = Daemon::start(&["--slow-handshake", "1s"]);
+    let threads = thread_caps(daemon.pid());
+    assert!(threads.len() >= 4, "{threads:?}");
+    // What the kernel still needs on this machine (kernels before 5.19 keep CAP_BPF).
+    let kept = daemon.log().contains("keeping cap_bpf");
+    for (name, eff, prm) in &threads {
+        let allowed = if kept { 1u64 << 39 } else { 0 }; // CAP_BPF is bit 39.
+        assert!(eff & !allowed == 0 && prm & !allowed == 0, "thread {name}: CapEff {eff:x} CapPrm {prm:x}");
+    }
+    assert!(daemon.log().contains("dropped every capability"), "{}", daemon.log());
+    // It still counts and serves.
+    let before = daemon.scrape().get("tcptrace_handshakes_total", &[("direction", "active"), ("family", "ipv4")]);
+    handshakes(10);
+    let counted = wait_for(deadline(BASE_DEADLINE), || {
+        daemon.scrape().get("tcptrace_handshakes_total", &[("direction", "active"), ("family", "ipv4")]) - before
+            == 10.0
+    });
+    assert!(counted, "counts after the drop");
+}
+
+/// The capabilities and user the systemd unit gives the daemon.
+fn unit_capabilities() -> String {
+    let unit = repo().join("packaging/systemd/tcptrace.service");
+    let text = std::fs::read_to_string(&unit).unwrap_or_else(|e| panic!("{}: {e}", unit.display()));
+    let caps: Vec<String> = text
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("AmbientCapabilities="))
+        .flat_map(|v| v.split_whitespace())
+        .map(|c| format!("+{}", c.trim_start_matches("CAP_").to_ascii_lowercase()))
+        .collect();
+    assert!(!caps.is_empty(), "{} sets no AmbientCapabilities", unit.display());
+    caps.join(",")
+}
+
+/// `setpriv` as an unprivileged user with only `caps` (ambient, as systemd gives
+/// them), then tcptrace with `args`.
+fn as_the_unit(caps: &str, args: &[&str]) -> Command {
+    let mut cmd = Command::new("setpriv");
+    cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(format!("--inh-caps=-all,{caps}"))
+        .arg(format!("--ambient-caps=-all,{caps}"))
+        .arg(format!("--bounding-set=-all,{caps}"))
+        .arg(env!("CARGO_BIN_EXE_tcptrace"))
+        .args(args);
+    cmd
+}
+
+#[test]
+#[ignore = "needs root and the real kernel: run `cargo xtask test`"]
+fn the_daemon_runs_as_its_systemd_unit_would() {
+    require_root();
+    let caps = unit_capabilities();
+    let mut daemon = Daemon::start_with(as_the_unit(&caps, &[]), &[]);
+    for (name, eff, prm) in thread_caps(daemon.pid()) {
+        assert!(eff.count_ones() <= 1 && prm.count_ones() <= 1, "thread {name} kept {eff:x}/{prm:x} of {caps}");
+    }
+    let before = daemon.scrape();
+    handshakes(20);
+    refused(3);
+    let active = [("direction", "active"), ("family", "ipv4")];
+    let mut after = daemon.scrape();
+    wait_for(deadline(BASE_DEADLINE), || {
+        after = daemon.scrape();
+        after.get("tcptrace_handshakes_total", &active) - before.get("tcptrace_handshakes_total", &active) >= 20.0
+    });
+    let completed = after.get("tcptrace_handshakes_total", &active) - before.get("tcptrace_handshakes_total", &active);
+    let failed = after.failures_for("active", "ipv4", "refused") - before.failures_for("active", "ipv4", "refused");
+    assert_eq!((completed, failed), (20.0, 3.0), "exact counts as the unit's user ({caps})");
+    daemon.terminate(deadline(BASE_DEADLINE));
+
+    // Without CAP_BPF it fails, saying why.
+    let without: String = caps.split(',').filter(|c| *c != "+bpf").collect::<Vec<_>>().join(",");
+    let out = as_the_unit(&without, &["daemon", "--listen", "127.0.0.1:0"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("lacks the privileges") && err.contains("CAP_BPF"), "{err}");
+}
+
+#[test]
+#[ignore = "needs root and the real kernel: run `cargo xtask test`"]
+fn the_landing_page_renders_in_chromium_after_a_workload() {
+    require_root();
+    let daemon = Daemon::start(&["--slow-handshake", "1us"]);
+    handshakes(20);
+    let closed = refused(3);
+    let url = format!("http://{}/", daemon.addr);
+    // The workload is in the metrics before the browser looks.
+    assert!(wait_for(deadline(BASE_DEADLINE), || daemon.scrape().failures_for("active", "ipv4", "refused") >= 3.0));
+    assert!(get(daemon.addr, "/healthz").starts_with("HTTP/1.1 200"));
+
+    let artefacts = repo().join("target/test-artefacts");
+    std::fs::create_dir_all(&artefacts).unwrap();
+    let profile = tempdir("tcptrace-chromium");
+    let chromium = |extra: &[String]| {
+        let out = Command::new("chromium")
+            .args(["--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--window-size=1280,1800"])
+            .arg(format!("--user-data-dir={}", profile.display()))
+            .args(extra)
+            .arg(&url)
+            .output()
+            .expect("chromium (Debian package `chromium`; `cargo xtask test` installs it)");
+        assert!(out.status.success(), "chromium failed: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let dom = chromium(&["--dump-dom".to_string()]);
+    let shot = artefacts.join("landing-page.png");
+    chromium(&[format!("--screenshot={}", shot.display())]);
+    let _ = std::fs::remove_dir_all(&profile);
+
+    for id in ["latency-active-ipv4", "latency-passive-ipv4", "latency-active-ipv6", "failures", "recent", "now"] {
+        assert!(dom.contains(&format!("id=\"{id}\"")), "no #{id} in the DOM:\n{dom}");
+    }
+    let bars = dom.matches("class=\"bucket\"").count();
+    assert!(bars >= 4 * 20, "{bars} histogram bars");
+    let refused_row = dom.split("data-reason=\"refused\"").nth(1).expect("a refused row");
+    assert!(refused_row.contains("<td>3</td>") || refused_row.contains("<td>4</td>"), "{refused_row}");
+    let failed_rows = dom.matches("<tr class=\"failed\">").count();
+    assert!(failed_rows >= 3 && dom.contains(&closed.to_string()), "the refused connects are listed: {dom}");
+    // The connecting process is this test's thread, named after the test (15 bytes).
+    assert!(dom.contains("the_landing_pag"), "the process that connected is named");
+    let png = std::fs::read(&shot).expect("the screenshot");
+    assert!(png.starts_with(b"\x89PNG") && png.len() > 10_000, "{} bytes", png.len());
+    eprintln!("landing page: {bars} bars, {failed_rows} failed rows; screenshot {}", shot.display());
+}
+
+/// A fresh directory under the system's temporary directory.
+fn tempdir(prefix: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(unique(prefix));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}

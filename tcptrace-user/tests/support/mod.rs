@@ -163,7 +163,8 @@ impl Daemon {
         thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 if let Some(addr) = line.split("serving metrics at http://").nth(1) {
-                    let _ = tx.send(addr.trim_end_matches("/metrics").to_string());
+                    // Text or JSON log lines: the address ends where the path starts.
+                    let _ = tx.send(addr.split('/').next().unwrap_or_default().to_string());
                 }
                 let mut log = sink.lock().unwrap();
                 log.push_str(&line);

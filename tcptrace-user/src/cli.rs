@@ -36,6 +36,26 @@ pub enum Command {
     /// change (like tcpstates), or with --handshakes one line per completed or failed
     /// handshake. Stops on Ctrl-C or when stdout closes (`tcptrace watch | head`).
     Watch(WatchArgs),
+    /// Preflight: one line per requirement (kernel, BTF, tracefs, privileges, each
+    /// program loaded through the verifier and attached to its tracepoint, the ring
+    /// buffer, the listen address) with OK, WARN or FAIL and the fix. Exits 1 when
+    /// something blocks the daemon.
+    Check(CheckArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// The address the daemon would serve on (see `tcptrace daemon --help`).
+    #[arg(long, env = "TCPTRACE_LISTEN", default_value = DEFAULT_LISTEN, value_name = "ADDR", value_parser = parse_listen)]
+    pub listen: SocketAddr,
+
+    /// Kernel ring buffer size (see `tcptrace daemon --help`).
+    #[arg(long, env = "TCPTRACE_RING_BUFFER_SIZE", default_value_t = ByteSize(DEFAULT_RING_BYTES), value_name = "SIZE", value_parser = parse_ring_size)]
+    pub ring_buffer_size: ByteSize,
+
+    /// Which programs to check (see `tcptrace daemon --help`).
+    #[arg(long, env = "TCPTRACE_ATTACH", value_enum, default_value_t = AttachMode::Auto, value_name = "MODE")]
+    pub attach: AttachMode,
 }
 
 /// `--family` filter values.
@@ -264,7 +284,7 @@ mod tests {
         let argv = ["tcptrace", "daemon"].iter().chain(args);
         Cli::try_parse_from(argv).map(|cli| match cli.command {
             Command::Daemon(d) => d,
-            Command::Watch(_) => unreachable!("parsed daemon"),
+            _ => unreachable!("parsed daemon"),
         })
     }
 
@@ -272,7 +292,7 @@ mod tests {
         let argv = ["tcptrace", "watch"].iter().chain(args);
         Cli::try_parse_from(argv).map(|cli| match cli.command {
             Command::Watch(w) => w,
-            Command::Daemon(_) => unreachable!("parsed watch"),
+            _ => unreachable!("parsed watch"),
         })
     }
 
@@ -307,6 +327,26 @@ mod tests {
         assert_eq!(daemon(&["--netns-labels", "50"]).unwrap().netns_labels, 50);
         let err = daemon(&["--netns-labels", "51"]).unwrap_err().to_string();
         assert!(err.contains("51") && err.contains("0..=50"), "{err}");
+    }
+
+    #[test]
+    fn every_flag_has_an_environment_variable() {
+        use clap::CommandFactory as _;
+        let cli = Cli::command();
+        for sub in cli.get_subcommands() {
+            for arg in sub.get_arguments().filter(|a| a.get_long().is_some()) {
+                let env = arg.get_env().map(|e| e.to_string_lossy().into_owned());
+                let want = format!("TCPTRACE_{}", arg.get_id().as_str().to_ascii_uppercase());
+                assert_eq!(env.as_deref(), Some(want.as_str()), "{} --{}", sub.get_name(), arg.get_id());
+            }
+        }
+        // A flag no other test reads its default of (tests run in parallel).
+        // SAFETY: no other thread of this test binary reads this variable.
+        unsafe { std::env::set_var("TCPTRACE_COMM_LABELS", "7") };
+        let (from_env, from_flag) = (daemon(&[]).unwrap(), daemon(&["--comm-labels", "3"]).unwrap());
+        unsafe { std::env::remove_var("TCPTRACE_COMM_LABELS") };
+        assert_eq!(from_env.comm_labels, 7, "the variable sets the flag");
+        assert_eq!(from_flag.comm_labels, 3, "the command line wins");
     }
 
     #[test]

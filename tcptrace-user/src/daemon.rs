@@ -17,6 +17,7 @@ use log::{info, warn};
 use tokio::{net::TcpListener, sync::watch};
 
 use crate::{
+    check,
     cli::DaemonArgs,
     clock::monotonic_ns,
     error::{Error, Result},
@@ -198,6 +199,12 @@ impl Consumer for Drainer {
 pub async fn run(args: DaemonArgs) -> Result<()> {
     let mut signals = shutdown::Signals::install()?;
     check_open_files(usize::from(args.web_max_connections));
+    // The preflight's environment findings (`tcptrace check` says the same).
+    for found in check::environment(args.attach) {
+        if found.level != check::Level::Ok {
+            warn!("{found}");
+        }
+    }
     // Bind first so a taken port fails fast, but accept only once events flow.
     let listener =
         TcpListener::bind(args.listen).await.map_err(|source| Error::Listen { addr: args.listen, source })?;

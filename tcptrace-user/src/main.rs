@@ -6,6 +6,7 @@ use std::{
 
 use clap::Parser as _;
 use tcptrace_user::{
+    check,
     cli::{Cli, Command},
     daemon,
     lines::LineQueue,
@@ -25,8 +26,15 @@ fn main() -> ExitCode {
     let json = match &cli.command {
         Command::Daemon(args) => args.log_format == LogFormat::Json,
         Command::Watch(args) => args.json,
+        Command::Check(_) => false,
     };
-    let mut logger = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"));
+    // `check` prints its own report; its log says only what went wrong.
+    let quiet = matches!(cli.command, Command::Check(_));
+    let mut logger = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(if quiet {
+        "warn"
+    } else {
+        "info"
+    }));
     logger.target(env_logger::Target::Pipe(Box::new(log.writer())));
     if json {
         logger.format(|buf, record| {
@@ -44,6 +52,11 @@ fn main() -> ExitCode {
         Ok(runtime) => match cli.command {
             Command::Daemon(args) => runtime.block_on(daemon::run(args)),
             Command::Watch(args) => runtime.block_on(watch::run(args)),
+            Command::Check(args) => {
+                // Its report is the output; the exit code says whether it blocks.
+                drop(runtime);
+                return if check::report(&check::run(&args)) { ExitCode::SUCCESS } else { ExitCode::FAILURE };
+            }
         },
         Err(err) => Err(err.into()),
     };

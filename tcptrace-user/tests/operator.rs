@@ -202,6 +202,38 @@ fn the_landing_page_renders_in_chromium_after_a_workload() {
     eprintln!("landing page: {bars} bars, {failed_rows} failed rows; screenshot {}", shot.display());
 }
 
+#[test]
+#[ignore = "needs root and the real kernel: run `cargo xtask test`"]
+fn check_says_what_blocks_and_how_to_fix_it() {
+    require_root();
+    let out = Command::new(env!("CARGO_BIN_EXE_tcptrace")).args(["check", "--listen", "127.0.0.1:0"]).output().unwrap();
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{report}");
+    for line in [
+        "OK   kernel",
+        "OK   privileges",
+        "OK   ring buffer",
+        "OK   tracepoint inet_sock_set_state",
+        "OK   listen address",
+    ] {
+        assert!(report.contains(line), "no {line:?} in:\n{report}");
+    }
+    // As nobody without capabilities, and with the port taken: FAIL lines with fixes.
+    let taken = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap().local_addr().unwrap();
+    let _held = TcpListener::bind(taken).unwrap();
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all"])
+        .arg(env!("CARGO_BIN_EXE_tcptrace"))
+        .args(["check", "--listen", &taken.to_string()])
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{report}");
+    assert!(report.contains("FAIL privileges") && report.contains("AmbientCapabilities=CAP_BPF"), "{report}");
+    assert!(report.contains("FAIL listen address") && report.contains("ss -ltnp"), "{report}");
+    assert!(report.trim_end().ends_with("fix the FAIL lines above"), "{report}");
+}
+
 /// A fresh directory under the system's temporary directory.
 fn tempdir(prefix: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(unique(prefix));

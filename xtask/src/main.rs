@@ -19,6 +19,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod churn;
+mod packaging;
 mod soak;
 mod vm;
 
@@ -66,6 +67,14 @@ enum Cmd {
     },
     /// rustfmt and clippy (-D warnings) over userspace and the eBPF crate.
     Lint,
+    /// Check packaging/ offline (installing what is missing: systemd-analyze, promtool,
+    /// the pinned kubernetes-validate): the systemd unit (verify, security score), the
+    /// Kubernetes manifests, the Containerfile's base, the Prometheus rules and their
+    /// unit tests, the Grafana dashboard. Part of `test`.
+    Packaging,
+    /// Print the metric names packaging/'s rules and dashboard need the daemon to
+    /// export, one per line.
+    PackagingMetrics,
     /// Measure tcptrace's cost beside the workload alone, tcpstates and bpftrace
     /// (installed when missing), plus the userspace pipeline, scrape and memory.
     /// Writes target/bench/results.md. Needs root.
@@ -127,6 +136,7 @@ fn run(cmd: Cmd) -> Result<()> {
             let requests = vm::parse_requests(&[])?;
             setup_toolchain()?;
             setup_test_tools()?;
+            packaging::setup(&root)?;
             // Installs and downloads first, so a missing network fails in seconds.
             let kernels = if vms {
                 vm::setup()?;
@@ -136,6 +146,8 @@ fn run(cmd: Cmd) -> Result<()> {
             };
             step("unit tests (no root needed)");
             cargo(&["test"])?; // default members: not the eBPF crate
+            step("packaging checks (systemd unit, Kubernetes manifests, Prometheus rules, dashboard)");
+            packaging::check(&root)?;
             if is_root() {
                 // Keeps the benchmark working; its numbers mean nothing at this size.
                 step("benchmark smoke run");
@@ -186,6 +198,11 @@ fn run(cmd: Cmd) -> Result<()> {
             }
         }
         Cmd::Hold { connections } => bench::hold(connections)?,
+        Cmd::Packaging => {
+            packaging::setup(&root)?;
+            packaging::check(&root)?;
+        }
+        Cmd::PackagingMetrics => packaging::print_metrics(&root)?,
         Cmd::Lint => {
             setup_toolchain()?;
             cargo(&["fmt", "--all", "--check"])?;

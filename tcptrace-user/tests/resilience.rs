@@ -146,7 +146,9 @@ fn every_series_exists_in_the_first_scrape() {
 fn a_stuck_stdout_never_stalls_counting_or_scrapes() {
     require_root();
     // Nobody reads the slow log: the pipe fills after a few hundred records.
-    let (mut daemon, stdout) = Daemon::start_unread_stdout(&["--slow-handshake", "1ms"]);
+    // Only failures are written (no completed handshake takes an hour), so the
+    // records to account for are exactly the failures counted.
+    let (mut daemon, stdout) = Daemon::start_unread_stdout(&["--slow-handshake", "1h"]);
     let n = scaled(12_000, 10_000); // More than the daemon queues (8192) plus the pipe.
     let before = daemon.scrape();
     let refused = closed_port();
@@ -186,11 +188,19 @@ fn a_stuck_stdout_never_stalls_counting_or_scrapes() {
     assert!(worst < deadline(Duration::from_secs(1)), "a scrape took {worst:?} while stdout was stuck");
     assert!(daemon.log().contains("slow-handshake log (stdout): the output is not keeping up"), "{}", daemon.log());
 
-    // Once stdout is read again, what was queued arrives: written + dropped = all.
+    // Once stdout is read again, what was queued arrives: written + dropped = every
+    // failure counted (ours, and any other the host had meanwhile).
     daemon.read_stdout(stdout);
-    let all = wait_for(deadline(BASE_DEADLINE), || daemon.stdout_lines().len() as f64 + dropped >= n as f64);
-    let written = daemon.stdout_lines().len();
-    assert!(all && written as f64 + dropped == n as f64, "{written} written + {dropped} dropped != {n}");
+    let records = |s: &Scrape| {
+        s.sum("tcptrace_handshake_failures_total", &[]) - before.sum("tcptrace_handshake_failures_total", &[])
+    };
+    let all =
+        wait_for(deadline(BASE_DEADLINE), || daemon.stdout_lines().len() as f64 + dropped >= records(&daemon.scrape()));
+    let (written, expected) = (daemon.stdout_lines().len(), records(&daemon.scrape()));
+    assert!(
+        all && written as f64 + dropped == expected,
+        "{written} written + {dropped} dropped != {expected} failures"
+    );
     assert!(daemon.try_exit().is_none(), "the daemon is still running");
 }
 

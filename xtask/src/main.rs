@@ -160,6 +160,12 @@ fn run(cmd: Cmd) -> Result<()> {
             for bin in &bins {
                 as_root(bin, &["--ignored".into(), "--test-threads=1".into()])?;
             }
+            // Not in the VMs: nothing here depends on the kernel, and a browser under
+            // software emulation takes minutes.
+            step("operator root tests (systemd unit's privileges, landing page in Chromium, check)");
+            for bin in test_binaries(&["--package", "tcptrace-user", "--test", "operator"])? {
+                as_root(&bin, &["--ignored".into(), "--test-threads=1".into()])?;
+            }
             if vms {
                 step("the same root tests inside VMs, one kernel at a time");
                 vm::run_matrix(&root, &kernels, &bins, vm::DEADLINE)?;
@@ -392,11 +398,18 @@ fn setup_bench_peers() {
 
 /// Debian packages the root tests use.
 fn setup_test_tools() -> Result<()> {
-    let wanted = [("nft", "nftables"), ("ip", "iproute2"), ("promtool", "prometheus"), ("ss", "iproute2")];
+    let wanted = [
+        ("nft", "nftables"),
+        ("ip", "iproute2"),
+        ("promtool", "prometheus"),
+        ("ss", "iproute2"),
+        ("setpriv", "util-linux"),
+        ("chromium", "chromium"),
+    ];
     let mut missing: Vec<&str> = wanted.iter().filter(|(bin, _)| !has(bin)).map(|&(_, pkg)| pkg).collect();
     missing.dedup();
     if missing.is_empty() {
-        step("test tools (nft, ip, ss, promtool): present");
+        step("test tools (nft, ip, ss, promtool, setpriv, chromium): present");
         return Ok(());
     }
     apt_install(&missing)

@@ -240,3 +240,188 @@ fn tempdir(prefix: &str) -> PathBuf {
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }
+
+/// A Prometheus server on loopback, scraping the daemon every second with the
+/// project's rules loaded; stopped and its data removed on drop.
+struct Prometheus {
+    child: KillOnDrop,
+    addr: SocketAddr,
+    dir: PathBuf,
+}
+
+impl Prometheus {
+    fn start(target: SocketAddr) -> Self {
+        let dir = tempdir("tcptrace-prometheus");
+        let rules = repo().join("packaging/prometheus/rules.yml");
+        let config = format!(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {}\nscrape_configs:\n  - \
+             job_name: tcptrace\n    static_configs:\n      - targets: ['{target}']\n",
+            rules.display()
+        );
+        std::fs::write(dir.join("prometheus.yml"), config).unwrap();
+        let addr: SocketAddr = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap().local_addr().unwrap();
+        let child = Command::new("prometheus")
+            .arg(format!("--config.file={}", dir.join("prometheus.yml").display()))
+            .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
+            .arg(format!("--web.listen-address={addr}"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(dir.join("prometheus.log")).unwrap())
+            .spawn()
+            .expect("prometheus (Debian package `prometheus`; `cargo xtask test` installs it)");
+        let p = Self { child: KillOnDrop(child), addr, dir };
+        let up = wait_for(deadline(Duration::from_secs(30)), || get_ok(addr, "/-/ready").is_some());
+        assert!(up, "prometheus did not become ready: {}", p.log());
+        p
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("prometheus.log")).unwrap_or_default()
+    }
+
+    /// The `data.result` of an instant query.
+    fn query(&self, promql: &str) -> Vec<serde_json::Value> {
+        let path = format!("/api/v1/query?query={}", urlencode(promql));
+        let body = get_ok(self.addr, &path).unwrap_or_default();
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+        v["data"]["result"].as_array().cloned().unwrap_or_default()
+    }
+
+    fn alert_state(&self, name: &str) -> Option<String> {
+        let body = get_ok(self.addr, "/api/v1/alerts")?;
+        let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+        v["data"]["alerts"]
+            .as_array()?
+            .iter()
+            .find(|a| a["labels"]["alertname"] == name)
+            .and_then(|a| a["state"].as_str().map(str::to_string))
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.0.kill();
+        let _ = self.child.0.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The body of a 200 answer, or `None`.
+fn get_ok(addr: SocketAddr, path: &str) -> Option<String> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    s.set_read_timeout(Some(deadline(BASE_DEADLINE))).ok()?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    let (head, body) = out.split_once("\r\n\r\n")?;
+    if !head.starts_with("HTTP/1.1 200") {
+        return None;
+    }
+    // Prometheus answers chunked: join the chunks.
+    if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+        let mut joined = String::new();
+        let mut rest = body;
+        while let Some((size, after)) = rest.split_once("\r\n") {
+            let n = usize::from_str_radix(size.trim(), 16).ok()?;
+            if n == 0 {
+                break;
+            }
+            joined.push_str(after.get(..n)?);
+            rest = after.get(n + 2..)?;
+        }
+        return Some(joined);
+    }
+    Some(body.to_string())
+}
+
+fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            b => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// Every `expr` of the dashboard's panels, with Grafana's variables filled in.
+fn dashboard_queries() -> Vec<String> {
+    let path = repo().join("packaging/grafana/tcptrace.json");
+    let dashboard: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    fn walk(panel: &serde_json::Value, out: &mut Vec<String>) {
+        for t in panel["targets"].as_array().into_iter().flatten() {
+            if let Some(e) = t["expr"].as_str() {
+                out.push(e.to_string());
+            }
+        }
+        for p in panel["panels"].as_array().into_iter().flatten() {
+            walk(p, out);
+        }
+    }
+    let mut exprs = Vec::new();
+    walk(&dashboard, &mut exprs);
+    exprs
+        .into_iter()
+        .map(|e| {
+            e.replace("$__rate_interval", "1m")
+                .replace("$__interval", "1m")
+                .replace("$__range", "5m")
+                .replace("$job", ".*")
+                .replace("$instance", ".*")
+                .replace("$direction", ".*")
+        })
+        .collect()
+}
+
+#[test]
+#[ignore = "needs root and the real kernel: run `cargo xtask test`"]
+fn a_real_prometheus_sees_slow_handshakes_with_the_projects_rules_and_dashboard() {
+    require_root();
+    // Every optional metric on, so that every dashboard query can find its series.
+    let daemon = Daemon::start(&["--netns-labels", "2", "--comm-labels", "2", "--port-labels", "top:3"]);
+    let prometheus = Prometheus::start(daemon.addr);
+    let scraped =
+        wait_for(deadline(Duration::from_secs(20)), || !prometheus.query("up{job=\"tcptrace\"} == 1").is_empty());
+    assert!(scraped, "prometheus does not scrape the daemon: {}", prometheus.log());
+
+    // 5 of 40 handshakes lose their first SYN: a p99 just above 1 s (one retransmission).
+    let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+    let server = l.local_addr().unwrap();
+    let acceptor = thread::spawn(move || {
+        for _ in 0..40 {
+            drop(l.accept().unwrap());
+        }
+    });
+    for i in 0..40 {
+        let _drop = (i % 8 == 0).then(|| {
+            let rule =
+                format!("ip daddr 127.0.0.1 tcp dport {} tcp flags & (syn | ack) == syn {DROP_FIRST}", server.port());
+            NftTable::new(None, &[rule])
+        });
+        drop(TcpStream::connect_timeout(&server, deadline(BASE_DEADLINE)).unwrap());
+    }
+    acceptor.join().unwrap();
+
+    // The project's recording rule answers in the (1, 2] s bucket...
+    let p99 = "instance_direction:tcptrace_handshake_duration_seconds:p99_5m{direction=\"active\"}";
+    let mut value = f64::NAN;
+    let answered = wait_for(deadline(Duration::from_secs(30)), || {
+        value = prometheus
+            .query(p99)
+            .first()
+            .and_then(|r| r["value"][1].as_str().and_then(|v| v.parse().ok()))
+            .unwrap_or(f64::NAN);
+        value > 1.0
+    });
+    assert!(answered && value <= 2.0, "p99 {value}: {}", prometheus.log());
+    // ...and the slow-handshake alert is pending (its `for` is 10 minutes).
+    let mut state = None;
+    let alerting = wait_for(deadline(Duration::from_secs(30)), || {
+        state = prometheus.alert_state("TcptraceSlowHandshakes");
+        state.is_some()
+    });
+    assert!(alerting, "TcptraceSlowHandshakes is neither pending nor firing");
+
+    // Every dashboard query has data: every metric it names exists in a live scrape.
+    let empty: Vec<String> = dashboard_queries().into_iter().filter(|q| prometheus.query(q).is_empty()).collect();
+    eprintln!("prometheus: p99 {value} s, TcptraceSlowHandshakes {state:?}, dashboard queries without data: {empty:?}");
+    assert!(empty.is_empty(), "dashboard queries without data: {empty:#?}");
+}

@@ -41,6 +41,36 @@ pub enum Command {
     /// buffer, the listen address) with OK, WARN or FAIL and the fix. Exits 1 when
     /// something blocks the daemon.
     Check(CheckArgs),
+    /// Writes man pages (man1/) and shell completions (bash, zsh, fish) generated
+    /// from these definitions into DIR; used to build packages.
+    #[command(hide = true)]
+    Generate {
+        #[arg(long, value_name = "DIR")]
+        out: std::path::PathBuf,
+    },
+}
+
+/// Writes `tcptrace.1`, one page per subcommand, and the completions.
+pub fn generate(out: &std::path::Path) -> std::io::Result<()> {
+    use clap::CommandFactory as _;
+    let man = out.join("man1");
+    std::fs::create_dir_all(&man)?;
+    let cli = Cli::command();
+    let mut page = Vec::new();
+    clap_mangen::Man::new(cli.clone()).render(&mut page)?;
+    std::fs::write(man.join("tcptrace.1"), page)?;
+    for sub in cli.get_subcommands().filter(|s| !s.is_hide_set()) {
+        let name = format!("tcptrace-{}", sub.get_name());
+        let mut page = Vec::new();
+        clap_mangen::Man::new(sub.clone().name(name.clone())).render(&mut page)?;
+        std::fs::write(man.join(format!("{name}.1")), page)?;
+    }
+    let completions = out.join("completions");
+    std::fs::create_dir_all(&completions)?;
+    for shell in [clap_complete::Shell::Bash, clap_complete::Shell::Zsh, clap_complete::Shell::Fish] {
+        clap_complete::generate_to(shell, &mut Cli::command(), "tcptrace", &completions)?;
+    }
+    Ok(())
 }
 
 #[derive(Debug, Args)]

@@ -26,7 +26,7 @@ fn main() -> ExitCode {
     let json = match &cli.command {
         Command::Daemon(args) => args.log_format == LogFormat::Json,
         Command::Watch(args) => args.json,
-        Command::Check(_) => false,
+        Command::Check(_) | Command::Generate { .. } => false,
     };
     // `check` prints its own report; its log says only what went wrong.
     let quiet = matches!(cli.command, Command::Check(_));
@@ -52,6 +52,7 @@ fn main() -> ExitCode {
         Ok(runtime) => match cli.command {
             Command::Daemon(args) => runtime.block_on(daemon::run(args)),
             Command::Watch(args) => runtime.block_on(watch::run(args)),
+            Command::Generate { out } => tcptrace_user::cli::generate(&out).map_err(Into::into),
             Command::Check(args) => {
                 // Its report is the output; the exit code says whether it blocks.
                 drop(runtime);

@@ -19,6 +19,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod churn;
+mod dist;
 mod packaging;
 mod soak;
 mod vm;
@@ -72,6 +73,11 @@ enum Cmd {
     /// Kubernetes manifests, the Containerfile's base, the Prometheus rules and their
     /// unit tests, the Grafana dashboard. Part of `test`.
     Packaging,
+    /// Build target/dist/: the release binary, man pages and shell completions from
+    /// the clap definitions, and a Debian package (binary, systemd unit, man pages,
+    /// completions, the Prometheus rules and Grafana dashboard under /usr/share),
+    /// then inspect it (dpkg-deb --contents, lintian). Part of `test`.
+    Dist,
     /// Print the metric names packaging/'s rules and dashboard need the daemon to
     /// export, one per line.
     PackagingMetrics,
@@ -154,6 +160,10 @@ fn run(cmd: Cmd) -> Result<()> {
                 cargo(&["build", "--release", "--package", "tcptrace-user"])?;
                 let xtask = env::current_exe()?;
                 bench::run(&bench::BenchArgs::smoke(), &root, &root.join("target/release/tcptrace"), &xtask)?;
+                step("the Debian package (cargo xtask dist)");
+                setup_dist_tools()?;
+                let deb = dist::build(&root, &root.join("target/release/tcptrace"))?;
+                dist::check(&deb)?;
             }
             step("root tests against the real kernel (one at a time)");
             let bins = root_test_binaries()?;
@@ -209,6 +219,13 @@ fn run(cmd: Cmd) -> Result<()> {
             packaging::check(&root)?;
         }
         Cmd::PackagingMetrics => packaging::print_metrics(&root)?,
+        Cmd::Dist => {
+            setup_toolchain()?;
+            setup_dist_tools()?;
+            cargo(&["build", "--release", "--package", "tcptrace-user"])?;
+            let deb = dist::build(&root, &root.join("target/release/tcptrace"))?;
+            dist::check(&deb)?;
+        }
         Cmd::Lint => {
             setup_toolchain()?;
             cargo(&["fmt", "--all", "--check"])?;
@@ -410,6 +427,16 @@ fn setup_test_tools() -> Result<()> {
     missing.dedup();
     if missing.is_empty() {
         step("test tools (nft, ip, ss, promtool, setpriv, chromium): present");
+        return Ok(());
+    }
+    apt_install(&missing)
+}
+
+/// dpkg-deb comes with Debian; strip, gzip and lintian may not.
+fn setup_dist_tools() -> Result<()> {
+    let wanted = [("strip", "binutils"), ("gzip", "gzip"), ("lintian", "lintian")];
+    let missing: Vec<&str> = wanted.iter().filter(|(bin, _)| !has(bin)).map(|&(_, pkg)| pkg).collect();
+    if missing.is_empty() {
         return Ok(());
     }
     apt_install(&missing)

@@ -8,8 +8,9 @@ mod netns;
 mod ports;
 
 use prometheus::{
-    core::Collector, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    core::{Collector, MetricVec, MetricVecBuilder},
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 use tcptrace_common::{TcpState, TransitionCounts};
 
@@ -389,13 +390,12 @@ impl Metrics {
         slot: usize,
     ) -> (&IntCounter, &Histogram, &Histogram) {
         let index = (direction as usize * 2 + family as usize) * self.ports.slots() + slot;
-        let port = self.ports.label(slot);
-        let values = [direction.label(), family.label(), &port];
-        let values = &values[..2 + usize::from(self.ports.enabled())];
+        // Per event only the index: label strings are built when a series is first made.
+        let (ports, base) = (&self.ports, [direction.label(), family.label()]);
         (
-            self.handshakes.get(index, || self.handshakes_vec.with_label_values(values)),
-            self.handshake.get(index, || self.handshake_vec.with_label_values(values)),
-            self.retransmitted.get(index, || self.retransmitted_vec.with_label_values(values)),
+            self.handshakes.get(index, || with_port(&self.handshakes_vec, &base, ports, slot)),
+            self.handshake.get(index, || with_port(&self.handshake_vec, &base, ports, slot)),
+            self.retransmitted.get(index, || with_port(&self.retransmitted_vec, &base, ports, slot)),
         )
     }
 
@@ -407,10 +407,8 @@ impl Metrics {
         slot: usize,
     ) -> &IntCounter {
         let combo = (direction as usize * 2 + family as usize) * FailureReason::ALL.len() + reason as usize;
-        let port = self.ports.label(slot);
-        let values = [direction.label(), family.label(), reason.label(), &port];
-        let values = &values[..3 + usize::from(self.ports.enabled())];
-        self.failures.get(combo * self.ports.slots() + slot, || self.failures_vec.with_label_values(values))
+        let (ports, base) = (&self.ports, [direction.label(), family.label(), reason.label()]);
+        self.failures.get(combo * ports.slots() + slot, || with_port(&self.failures_vec, &base, ports, slot))
     }
 
     /// The HTTP server's counters.
@@ -514,6 +512,16 @@ impl Metrics {
         };
         self.ports.slot(port)
     }
+}
+
+/// The series of `vec` with `base` labels, plus `port` when port labels are on.
+fn with_port<B: MetricVecBuilder>(vec: &MetricVec<B>, base: &[&str], ports: &PortLabeler, slot: usize) -> B::M {
+    let port = ports.label(slot);
+    let mut values = base.to_vec();
+    if ports.enabled() {
+        values.push(&port);
+    }
+    vec.with_label_values(&values)
 }
 
 /// Renders a registry in the Prometheus text format.

@@ -4,8 +4,11 @@
 
 use std::{fmt, fs, net::SocketAddr, path::Path};
 
+use caps::Capability::{self, CAP_BPF, CAP_PERFMON, CAP_SYS_ADMIN, CAP_SYS_PTRACE};
+
 use crate::{
     cli::CheckArgs,
+    privileges,
     probe::{AttachMode, LoadOptions, Probe},
 };
 
@@ -45,34 +48,15 @@ fn finding(level: Level, what: &str, detail: impl Into<String>) -> Finding {
     Finding { level, what: what.to_string(), detail: detail.into() }
 }
 
-/// The kernel's version as (major, minor).
-fn kernel() -> Option<(String, (u32, u32))> {
-    let release = fs::read_to_string("/proc/sys/kernel/osrelease").ok()?.trim().to_string();
-    let mut parts = release.split(['.', '-']);
-    let version = (parts.next()?.parse().ok()?, parts.next()?.parse().ok()?);
-    Some((release, version))
+/// The capabilities this thread can use now.
+fn effective_caps() -> caps::CapsHashSet {
+    caps::read(None, caps::CapSet::Effective).unwrap_or_default()
 }
-
-/// The effective capability mask of this process.
-fn effective_caps() -> u64 {
-    fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines().find_map(|l| l.strip_prefix("CapEff:")).and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
-        })
-        .unwrap_or(0)
-}
-
-const CAP_DAC_READ_SEARCH: u32 = 2;
-const CAP_SYS_ADMIN: u32 = 21;
-const CAP_SYS_PTRACE: u32 = 19;
-const CAP_PERFMON: u32 = 38;
-const CAP_BPF: u32 = 39;
 
 /// The cheap checks: kernel, BTF, tracefs, privileges. No program is loaded.
 pub fn environment(attach: AttachMode) -> Vec<Finding> {
     let mut out = Vec::new();
-    match kernel() {
+    match privileges::kernel_release() {
         Some((release, v)) if v >= (5, 10) => out.push(finding(Level::Ok, "kernel", release)),
         Some((release, v)) if v >= (5, 8) => out.push(finding(
             Level::Warn,
@@ -109,7 +93,7 @@ pub fn environment(attach: AttachMode) -> Vec<Finding> {
     }
 
     let caps = effective_caps();
-    let has = |cap: u32| caps & (1 << cap) != 0;
+    let has = |cap: Capability| caps.contains(&cap);
     if has(CAP_SYS_ADMIN) || (has(CAP_BPF) && has(CAP_PERFMON)) {
         out.push(finding(Level::Ok, "privileges", "may load and attach tracing programs"));
     } else {
@@ -120,7 +104,7 @@ pub fn environment(attach: AttachMode) -> Vec<Finding> {
              (systemd AmbientCapabilities=CAP_BPF CAP_PERFMON, setcap cap_bpf,cap_perfmon+ep)",
         ));
     }
-    if !has(CAP_SYS_PTRACE) && !has(CAP_SYS_ADMIN) && caps != u64::MAX {
+    if !has(CAP_SYS_PTRACE) && !has(CAP_SYS_ADMIN) {
         out.push(finding(
             Level::Warn,
             "other namespaces",
@@ -133,10 +117,10 @@ pub fn environment(attach: AttachMode) -> Vec<Finding> {
     if classic {
         let readable =
             ["/sys/kernel/tracing/events", "/sys/kernel/debug/tracing/events"].iter().any(|d| fs::read_dir(d).is_ok());
-        match (readable, has(CAP_SYS_ADMIN), has(CAP_DAC_READ_SEARCH)) {
-            (true, _, _) => out.push(finding(Level::Ok, "tracefs", "mounted and readable (classic tracepoints)")),
-            (false, true, _) => out.push(finding(Level::Ok, "tracefs", "not mounted; tcptrace will mount it")),
-            (false, false, _) => out.push(finding(
+        match (readable, has(CAP_SYS_ADMIN)) {
+            (true, _) => out.push(finding(Level::Ok, "tracefs", "mounted and readable (classic tracepoints)")),
+            (false, true) => out.push(finding(Level::Ok, "tracefs", "not mounted; tcptrace will mount it")),
+            (false, false) => out.push(finding(
                 Level::Fail,
                 "tracefs",
                 "classic tracepoints need tracefs: not mounted or not readable; mount it with \

@@ -56,7 +56,7 @@ pub fn after_start(netns_labels: bool) -> Vec<(Capability, &'static str)> {
     let disabled =
         fs::read_to_string("/proc/sys/kernel/unprivileged_bpf_disabled").map(|s| s.trim() != "0").unwrap_or(true);
     if disabled {
-        match kernel_version() {
+        match kernel_release().map(|(_, v)| v) {
             Some(v) if v >= (5, 19) => {}
             Some(v) if v >= (5, 8) => need.push((Capability::CAP_BPF, "reading BPF maps (before Linux 5.19)")),
             _ => need.push((Capability::CAP_SYS_ADMIN, "reading BPF maps (before Linux 5.8)")),
@@ -69,11 +69,12 @@ pub fn after_start(netns_labels: bool) -> Vec<(Capability, &'static str)> {
     need
 }
 
-/// The running kernel's major and minor version.
-fn kernel_version() -> Option<(u32, u32)> {
-    let release = fs::read_to_string("/proc/sys/kernel/osrelease").ok()?;
-    let mut parts = release.trim().split(['.', '-']);
-    Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
+/// The running kernel's release string and its major and minor version.
+pub(crate) fn kernel_release() -> Option<(String, (u32, u32))> {
+    let release = fs::read_to_string("/proc/sys/kernel/osrelease").ok()?.trim().to_string();
+    let mut parts = release.split(['.', '-']);
+    let version = (parts.next()?.parse().ok()?, parts.next()?.parse().ok()?);
+    Some((release, version))
 }
 
 /// What is left after [`drop_all_but`].
@@ -129,7 +130,7 @@ mod tests {
 
     #[test]
     fn knows_the_running_kernel() {
-        let (major, _) = kernel_version().expect("/proc/sys/kernel/osrelease");
+        let (_, (major, _)) = kernel_release().expect("/proc/sys/kernel/osrelease");
         assert!(major >= 4);
         let need = after_start(true);
         assert!(need.iter().any(|(c, _)| *c == Capability::CAP_SYS_PTRACE));

@@ -1,6 +1,6 @@
 //! Command-line interface.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use ipnet::IpNet;
@@ -46,7 +46,7 @@ pub enum Command {
     #[command(hide = true)]
     Generate {
         #[arg(long, value_name = "DIR")]
-        out: std::path::PathBuf,
+        out: PathBuf,
     },
 }
 
@@ -160,6 +160,15 @@ pub struct DaemonArgs {
     /// interval keeps Prometheus's keep-alive connection open.
     #[arg(long = "web.idle-timeout", env = "TCPTRACE_WEB_IDLE_TIMEOUT", default_value = "2m", value_name = "DURATION", value_parser = parse_duration)]
     pub web_idle_timeout: Duration,
+
+    /// TLS and basic authentication for every route (/metrics, /, /healthz), in the
+    /// Prometheus exporter-toolkit format node_exporter reads: tls_server_config
+    /// (cert_file, key_file, client_auth_type, client_ca_file, min_version,
+    /// max_version), http_server_config (headers), basic_auth_users (bcrypt hashes,
+    /// e.g. from `htpasswd -nBC 10 USER`). Relative paths are relative to the file.
+    /// Read again on SIGHUP; a file that fails to load then leaves the last one in force.
+    #[arg(long = "web.config.file", env = "TCPTRACE_WEB_CONFIG_FILE", value_name = "FILE")]
+    pub web_config_file: Option<PathBuf>,
 
     /// Kernel ring buffer size between the eBPF programs and the daemon: a power of two
     /// of at least 4KiB, e.g. 256KiB, 1MiB, 16MiB. Each event takes 112 bytes; a full

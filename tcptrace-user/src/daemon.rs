@@ -13,7 +13,7 @@ use std::{
 };
 
 use aya::maps::{MapData, RingBuf};
-use log::{info, warn};
+use log::{error, info, warn};
 use tokio::{net::TcpListener, sync::watch};
 
 use crate::{
@@ -32,6 +32,7 @@ use crate::{
     report::SlowLog,
     server, shutdown,
     tracker::{syn_sent_lifetime_ns, Eviction, Limits, Sink as _, Tracker},
+    web_config::WebConfigFile,
 };
 
 /// How often the ring buffer is drained when the kernel has not woken the reader:
@@ -198,6 +199,8 @@ impl Consumer for Drainer {
 
 pub async fn run(args: DaemonArgs) -> Result<()> {
     let mut signals = shutdown::Signals::install()?;
+    // Before anything is loaded: a broken file fails in milliseconds.
+    let web_config = Arc::new(WebConfigFile::open(args.web_config_file.clone())?);
     check_open_files(usize::from(args.web_max_connections));
     // The preflight's environment findings (`tcptrace check` says the same).
     for found in check::environment(args.attach) {
@@ -311,14 +314,24 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
         header_timeout: args.web_header_timeout,
         idle_timeout: args.web_idle_timeout,
     };
-    let mut server = tokio::spawn(server::serve(listener, routes, limits, web, stop_rx));
+    let security = web_config.current();
+    let mut server = tokio::spawn(server::serve(listener, routes, limits, web, web_config.clone(), stop_rx));
     if addr.ip().is_unspecified() {
         warn!(
             "serving on all interfaces ({addr}): anyone who can reach this port reads these metrics; \
              pass --listen one address (the default is loopback) or firewall the port to restrict it"
         );
     }
-    info!("serving metrics at http://{addr}/metrics");
+    let scheme = if security.tls.is_some() { "https" } else { "http" };
+    info!("serving metrics at {scheme}://{addr}/metrics ({})", security.describe());
+    if security.requires_auth() && security.tls.is_none() {
+        warn!("basic_auth_users without tls_server_config: passwords cross the network in the clear");
+    }
+    let reload = || match web_config.reload() {
+        Ok(Some(config)) => info!("SIGHUP: reloaded --web.config.file ({})", config.describe()),
+        Ok(None) => info!("SIGHUP received: no --web.config.file to reload, ignored (SIGTERM stops tcptrace)"),
+        Err(err) => error!("SIGHUP: {err}; the previous configuration stays in force"),
+    };
 
     let mut check = tokio::time::interval(READER_CHECK_EVERY);
     let reader_ended = async {
@@ -330,7 +343,7 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
         }
     };
     let outcome = tokio::select! {
-        sig = signals.stop_requested() => {
+        sig = signals.stop_requested(reload) => {
             info!("{sig} received: detaching and exiting");
             Ok(())
         }

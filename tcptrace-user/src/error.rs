@@ -82,6 +82,9 @@ it needs BPF tracepoint programs (CONFIG_BPF_EVENTS) and, for raw tracepoints, L
     #[error("cannot listen on {addr}: {source}; choose another address with --listen (e.g. --listen 0.0.0.0:9932){hint}", hint = listen_hint(source))]
     Listen { addr: SocketAddr, source: io::Error },
 
+    #[error("{0}; fix the file (its format is Prometheus exporter-toolkit's web configuration) or leave out --web.config.file")]
+    WebConfig(#[from] crate::web_config::Error),
+
     #[error("setting up metrics failed: {0}")]
     Metrics(#[from] prometheus::Error),
 

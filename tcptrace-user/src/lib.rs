@@ -26,3 +26,4 @@ pub mod shutdown;
 pub mod tracefs;
 pub mod tracker;
 pub mod watch;
+pub mod web_config;

@@ -77,6 +77,10 @@ pub struct WebCounters {
     pub evicted: IntCounter,
     /// A new connection, at the cap with every connection mid-request.
     pub rejected: IntCounter,
+    /// A TLS handshake that failed (plaintext HTTP, an untrusted client certificate...).
+    pub tls_handshake: IntCounter,
+    /// Requests refused with 401 by `basic_auth_users`.
+    pub unauthorized: IntCounter,
 }
 
 /// Every tcptrace metric, registered in its own registry (never the global one).
@@ -240,7 +244,8 @@ impl Metrics {
                 "Connections to the metrics endpoint the server closed itself, by reason: header_timeout \
                  (a request not complete within --web.header-timeout), idle_timeout (no request for \
                  --web.idle-timeout), evicted (the longest-idle one, to make room at --web.max-connections), \
-                 rejected (a new one at the cap, every connection mid-request).",
+                 rejected (a new one at the cap, every connection mid-request), tls_handshake (a failed \
+                 TLS handshake with --web.config.file: plaintext HTTP, no or an untrusted client certificate).",
             ),
             &["reason"],
         )?;
@@ -251,6 +256,11 @@ impl Metrics {
             idle_timeout: closed("idle_timeout"),
             evicted: closed("evicted"),
             rejected: closed("rejected"),
+            tls_handshake: closed("tls_handshake"),
+            unauthorized: counter(
+                "tcptrace_http_requests_unauthorized_total",
+                "Requests refused with 401: no or wrong credentials for basic_auth_users in --web.config.file.",
+            )?,
         };
         let tracked_sockets = IntGauge::new(
             "tcptrace_tracked_sockets",

@@ -17,20 +17,23 @@ use std::{
 use http_body_util::Full;
 use hyper::{
     body::{Bytes, Incoming},
-    header::{ALLOW, CONTENT_TYPE},
+    header::{HeaderValue, ALLOW, AUTHORIZATION, CONTENT_TYPE, WWW_AUTHENTICATE},
     server::conn::http1,
     service::service_fn,
-    Method, Request, Response, StatusCode,
+    Method, Response, StatusCode,
 };
 use hyper_util::{rt::TokioIo, server::graceful::GracefulShutdown};
 use log::{debug, warn};
 use tokio::{
-    io::{AsyncRead, AsyncWrite, ReadBuf},
+    io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, ReadBuf},
     net::{TcpListener, TcpStream},
     sync::{watch, Semaphore},
 };
 
-use crate::metrics::WebCounters;
+use crate::{
+    metrics::WebCounters,
+    web_config::{Credentials, WebConfig, WebConfigFile},
+};
 
 /// Produces one response body (the exposition, the landing page).
 pub type Render = Arc<dyn Fn() -> String + Send + Sync>;
@@ -82,11 +85,14 @@ pub struct Limits {
 }
 
 /// Serves until `shutdown` turns true, then lets in-flight requests finish (up to 1 s).
+/// TLS and authentication follow `web` as it is when a connection (TLS) or a request
+/// (authentication, headers) arrives.
 pub async fn serve(
     listener: TcpListener,
     routes: Routes,
     limits: Limits,
     counters: WebCounters,
+    web: Arc<WebConfigFile>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let graceful = GracefulShutdown::new();
@@ -97,6 +103,8 @@ pub async fn serve(
         page: Cache { render: routes.page, last: tokio::sync::Mutex::new(None) },
         health: routes.health,
     });
+    // One bcrypt at a time: a flood of wrong passwords takes one core at most.
+    let gate = Arc::new(Semaphore::new(1));
     let mut accept_errors = RateLimited::default();
     loop {
         let stream = tokio::select! {
@@ -129,21 +137,37 @@ pub async fn serve(
         };
         let activity = Arc::new(Activity::new());
         let registered = open.register(activity.clone());
-        let io = TokioIo::new(Tracked { inner: stream, activity: activity.clone() });
-        let (cache, on_request) = (cache.clone(), activity.clone());
-        let service = service_fn(move |req| {
-            on_request.request_read();
-            let cache = cache.clone();
-            async move { Ok::<_, Infallible>(respond(&req, &cache).await) }
-        });
-        let conn = graceful.watch(http1::Builder::new().serve_connection(io, service));
-        let counters = counters.clone();
+        let tracked = Tracked { inner: stream, activity: activity.clone() };
+        // Read once per connection: a reload applies to the connections after it.
+        let config = web.current();
+        let (cache, counters, watcher, gate) = (cache.clone(), counters.clone(), graceful.watcher(), gate.clone());
         tokio::spawn(async move {
             let _slot = (permit, registered);
-            tokio::select! {
-                r = conn => if let Err(err) = r {
+            let on_request = activity.clone();
+            let session = async {
+                let io: Box<dyn Io> = match config.tls.clone() {
+                    None => Box::new(tracked),
+                    Some(tls) => match handshake(tracked, tls).await {
+                        Ok(stream) => Box::new(stream),
+                        Err(err) => {
+                            counters.tls_handshake.inc();
+                            debug!("scrape connection: TLS handshake failed: {err}");
+                            return;
+                        }
+                    },
+                };
+                let request = Request { cache: &cache, config: &config, gate: &gate, counters: &counters };
+                let service = service_fn(|req| {
+                    on_request.request_read();
+                    async move { Ok::<_, Infallible>(request.respond(&req).await) }
+                });
+                if let Err(err) = watcher.watch(http1::Builder::new().serve_connection(TokioIo::new(io), service)).await
+                {
                     debug!("scrape connection: {err}");
-                },
+                }
+            };
+            tokio::select! {
+                () = session => {}
                 timeout = activity.expired(limits) => {
                     let counter = match timeout {
                         Timeout::Header => &counters.header_timeout,
@@ -375,7 +399,95 @@ impl Cache {
     }
 }
 
-async fn respond(req: &Request<Incoming>, bodies: &Bodies) -> Response<Full<Bytes>> {
+/// A connection's stream, plain or TLS.
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+/// The first byte of a TLS handshake record.
+const TLS_HANDSHAKE: u8 = 0x16;
+/// What a plain HTTP request to the TLS port gets, as Go's servers answer it.
+const PLAINTEXT_REFUSED: &[u8] = b"HTTP/1.0 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\n\
+    Connection: close\r\n\r\nClient sent an HTTP request to an HTTPS server.\n";
+
+/// How much of a plain HTTP request is read before it is answered, and for how long.
+const PLAINTEXT_HEAD_MAX: usize = 16 * 1024;
+const PLAINTEXT_WAIT: Duration = Duration::from_secs(1);
+
+/// The TLS handshake; a client speaking plain HTTP is told so before the close.
+async fn handshake(
+    mut tracked: Tracked,
+    tls: Arc<rustls::ServerConfig>,
+) -> std::io::Result<tokio_rustls::server::TlsStream<Tracked>> {
+    let mut first = [0u8; 1];
+    if tracked.inner.peek(&mut first).await? == 1 && first[0] != TLS_HANDSHAKE {
+        // Read the request head first (briefly, boundedly): closing with unread bytes
+        // would reset the connection and lose the answer.
+        let mut head = Vec::new();
+        let read_head = async {
+            let mut buf = [0u8; 1024];
+            while head.len() < PLAINTEXT_HEAD_MAX && !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                match tracked.inner.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => head.extend_from_slice(&buf[..n]),
+                }
+            }
+        };
+        let _ = tokio::time::timeout(PLAINTEXT_WAIT, read_head).await;
+        tracked.inner.write_all(PLAINTEXT_REFUSED).await?;
+        let _ = tracked.inner.shutdown().await;
+        return Err(std::io::Error::other("a plain HTTP request to the TLS port"));
+    }
+    tokio_rustls::TlsAcceptor::from(tls).accept(tracked).await
+}
+
+/// What one request is answered from.
+#[derive(Clone, Copy)]
+struct Request<'a> {
+    cache: &'a Bodies,
+    config: &'a Arc<WebConfig>,
+    /// Held while bcrypt runs.
+    gate: &'a Arc<Semaphore>,
+    counters: &'a WebCounters,
+}
+
+impl Request<'_> {
+    async fn respond(self, req: &hyper::Request<Incoming>) -> Response<Full<Bytes>> {
+        let mut response = if self.authorized(req).await {
+            respond(req, self.cache).await
+        } else {
+            self.counters.unauthorized.inc();
+            let mut r = text(StatusCode::UNAUTHORIZED, "unauthorized\n".into(), "text/plain")
+                .unwrap_or_else(|_| Response::new(Full::default()));
+            r.headers_mut().insert(WWW_AUTHENTICATE, HeaderValue::from_static("Basic realm=\"tcptrace\""));
+            r
+        };
+        for (name, value) in &self.config.headers {
+            response.headers_mut().insert(name.clone(), value.clone());
+        }
+        response
+    }
+
+    /// `basic_auth_users`: credentials verified before pass at once; new ones wait for
+    /// their turn at bcrypt, off the runtime.
+    async fn authorized(self, req: &hyper::Request<Incoming>) -> bool {
+        if !self.config.requires_auth() {
+            return true;
+        }
+        let Some(credentials) = Credentials::from_header(req.headers().get(AUTHORIZATION)) else {
+            return false;
+        };
+        if self.config.known(&credentials) {
+            return true;
+        }
+        let Ok(_turn) = self.gate.acquire().await else {
+            return false;
+        };
+        let config = self.config.clone();
+        tokio::task::spawn_blocking(move || config.verify(&credentials)).await.unwrap_or(false)
+    }
+}
+
+async fn respond(req: &hyper::Request<Incoming>, bodies: &Bodies) -> Response<Full<Bytes>> {
     let head = req.method() == Method::HEAD;
     if req.method() != Method::GET && !head {
         return text(StatusCode::METHOD_NOT_ALLOWED, "only GET and HEAD\n".into(), "text/plain")
@@ -430,7 +542,18 @@ mod tests {
 
     fn counters() -> WebCounters {
         let c = |name: &str| prometheus::IntCounter::new(name, "test").unwrap();
-        WebCounters { header_timeout: c("h"), idle_timeout: c("i"), evicted: c("e"), rejected: c("r") }
+        WebCounters {
+            header_timeout: c("h"),
+            idle_timeout: c("i"),
+            evicted: c("e"),
+            rejected: c("r"),
+            tls_handshake: c("t"),
+            unauthorized: c("u"),
+        }
+    }
+
+    fn plain() -> Arc<WebConfigFile> {
+        Arc::new(WebConfigFile::open(None).unwrap())
     }
 
     /// Reads until the server closes the connection; how long that took.
@@ -453,7 +576,7 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = watch::channel(false);
         let c = counters();
-        tokio::spawn(serve(listener, routes(render), LIMITS, c.clone(), rx));
+        tokio::spawn(serve(listener, routes(render), LIMITS, c.clone(), plain(), rx));
         (addr, c, tx)
     }
 
@@ -491,7 +614,7 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let (_stop, rx) = watch::channel(false);
         let c = counters();
-        tokio::spawn(serve(listener, routes(Arc::new(|| "x 1\n".to_string())), limits, c.clone(), rx));
+        tokio::spawn(serve(listener, routes(Arc::new(|| "x 1\n".to_string())), limits, c.clone(), plain(), rx));
         let c2 = c.clone();
         let results = tokio::task::spawn_blocking(move || {
             let connect = || std::net::TcpStream::connect(addr).unwrap();
@@ -590,7 +713,7 @@ mod tests {
             false => Err("the event reader stopped".into()),
         });
         let routes = Routes { health, ..routes(render) };
-        let server = tokio::spawn(serve(listener, routes, LIMITS, counters(), rx));
+        let server = tokio::spawn(serve(listener, routes, LIMITS, counters(), plain(), rx));
 
         let replies = tokio::task::spawn_blocking(move || {
             [

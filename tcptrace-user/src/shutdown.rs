@@ -27,16 +27,16 @@ impl Signals {
     }
 
     /// Resolves on SIGINT, SIGTERM or SIGQUIT with the signal's name. SIGHUP (a
-    /// closed terminal, or an operator's habit of "reload") is logged and ignored:
-    /// tcptrace has no configuration file to reload, and must not die of it.
-    pub async fn stop_requested(&mut self) -> &'static str {
+    /// closed terminal, or an operator's "reload") calls `on_hangup` and never stops
+    /// tcptrace.
+    pub async fn stop_requested(&mut self, on_hangup: impl Fn()) -> &'static str {
         loop {
             return tokio::select! {
                 _ = self.term.recv() => "SIGTERM",
                 _ = self.int.recv() => "SIGINT",
                 _ = self.quit.recv() => "SIGQUIT",
                 _ = self.hup.recv() => {
-                    log::info!("SIGHUP received: nothing to reload, ignored (SIGTERM stops tcptrace)");
+                    on_hangup();
                     continue;
                 }
             };

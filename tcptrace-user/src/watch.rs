@@ -234,7 +234,7 @@ pub async fn run(args: WatchArgs) -> Result<()> {
     loop {
         tokio::select! {
             _ = check.tick() => if reader.is_finished() { break },
-            _ = signals.stop_requested() => break,
+            _ = signals.stop_requested(|| log::info!("SIGHUP received: nothing to reload, ignored")) => break,
         }
     }
     let result = reader.stop();

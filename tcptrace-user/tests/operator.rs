@@ -49,7 +49,7 @@ fn refused(n: usize) -> SocketAddr {
 fn get(addr: SocketAddr, path: &str) -> String {
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(deadline(BASE_DEADLINE))).unwrap();
-    write!(s, "GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").as_bytes()).unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).unwrap();
     out
@@ -251,11 +251,17 @@ struct Prometheus {
 
 impl Prometheus {
     fn start(target: SocketAddr) -> Self {
+        Self::start_job(target, "")
+    }
+
+    /// `job` adds to the scrape job's settings (scheme, tls_config, basic_auth), each
+    /// line indented by four spaces.
+    fn start_job(target: SocketAddr, job: &str) -> Self {
         let dir = tempdir("tcptrace-prometheus");
         let rules = repo().join("packaging/prometheus/rules.yml");
         let config = format!(
             "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {}\nscrape_configs:\n  - \
-             job_name: tcptrace\n    static_configs:\n      - targets: ['{target}']\n",
+             job_name: tcptrace\n{job}    static_configs:\n      - targets: ['{target}']\n",
             rules.display()
         );
         std::fs::write(dir.join("prometheus.yml"), config).unwrap();
@@ -424,4 +430,160 @@ fn a_real_prometheus_sees_slow_handshakes_with_the_projects_rules_and_dashboard(
     let empty: Vec<String> = dashboard_queries().into_iter().filter(|q| prometheus.query(q).is_empty()).collect();
     eprintln!("prometheus: p99 {value} s, TcptraceSlowHandshakes {state:?}, dashboard queries without data: {empty:?}");
     assert!(empty.is_empty(), "dashboard queries without data: {empty:#?}");
+}
+
+/// A directory removed with everything in it on drop.
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn openssl(dir: &Path, args: &str) {
+    let out = Command::new("openssl").current_dir(dir).args(args.split_whitespace()).output().expect("openssl");
+    assert!(out.status.success(), "openssl {args}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// A test CA, a server certificate for 127.0.0.1 and a client certificate, all signed by it.
+fn certificates(dir: &Path) {
+    let ec = "-newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes";
+    openssl(dir, &format!("req -x509 {ec} -keyout ca.key -out ca.crt -days 2 -subj /CN=tcptrace-test-ca"));
+    for (name, usage, san) in [("server", "serverAuth", "\nsubjectAltName=IP:127.0.0.1"), ("client", "clientAuth", "")]
+    {
+        std::fs::write(
+            dir.join(format!("{name}.ext")),
+            format!("basicConstraints=CA:FALSE\nextendedKeyUsage={usage}{san}\n"),
+        )
+        .unwrap();
+        openssl(dir, &format!("req {ec} -keyout {name}.key -out {name}.csr -subj /CN=tcptrace-test-{name}"));
+        openssl(
+            dir,
+            &format!("x509 -req -in {name}.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 2 -out {name}.crt -extfile {name}.ext"),
+        );
+    }
+}
+
+/// `curl` over TLS trusting the test CA: the HTTP status (0 when no answer) and the body.
+fn curl(dir: &Path, url: &str, extra: &[&str]) -> (u32, String) {
+    let out = Command::new("curl")
+        .current_dir(dir)
+        .args(["-sS", "--max-time", "10", "--cacert", "ca.crt", "-w", "\n%{http_code}", url])
+        .args(extra)
+        .output()
+        .expect("curl");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+    (code.trim().parse().unwrap_or(0), body.to_string())
+}
+
+#[test]
+#[ignore = "needs root and the real kernel: run `cargo xtask test`"]
+fn the_endpoint_speaks_tls_with_basic_auth_and_reloads_its_web_config_on_sighup() {
+    require_root();
+    let dir = TempDir(tempdir("tcptrace-tls"));
+    certificates(&dir.0);
+    let config = dir.0.join("web.yml");
+    let hash = bcrypt::hash("scrape-secret", 6).unwrap();
+    // Relative paths: relative to the file, as exporter-toolkit reads them.
+    std::fs::write(
+        &config,
+        format!(
+            "tls_server_config:\n  cert_file: server.crt\n  key_file: server.key\nhttp_server_config:\n  \
+             headers:\n    X-Content-Type-Options: nosniff\nbasic_auth_users:\n  prometheus: '{hash}'\n"
+        ),
+    )
+    .unwrap();
+    let daemon = Daemon::start(&["--web.config.file", config.to_str().unwrap()]);
+    let url = |path: &str| format!("https://{}{path}", daemon.addr);
+    handshakes(5);
+
+    let (code, body) = curl(&dir.0, &url("/metrics"), &["-u", "prometheus:scrape-secret", "-D", "headers.txt"]);
+    assert_eq!(code, 200, "{body}\n{}", daemon.log());
+    let scrape = Scrape::parse(&body);
+    assert!(scrape.handshakes("ipv4") >= 5.0, "{body}");
+    let headers = std::fs::read_to_string(dir.0.join("headers.txt")).unwrap().to_ascii_lowercase();
+    assert!(headers.contains("x-content-type-options: nosniff"), "{headers}");
+    for (what, args) in [
+        ("wrong password", &["-u", "prometheus:wrong"][..]),
+        ("no credentials", &[][..]),
+        ("unknown user", &["-u", "root:scrape-secret"][..]),
+    ] {
+        let (code, body) = curl(&dir.0, &url("/metrics"), args);
+        assert_eq!(code, 401, "{what}: {body}");
+    }
+    // The landing page and /healthz sit behind the same authentication.
+    assert_eq!(curl(&dir.0, &url("/healthz"), &[]).0, 401);
+    assert_eq!(curl(&dir.0, &url("/"), &["-u", "prometheus:scrape-secret"]).0, 200);
+    // Plain HTTP on the TLS port is told so and served nothing.
+    let plain = get(daemon.addr, "/metrics");
+    assert!(
+        plain.starts_with("HTTP/1.0 400") && plain.contains("HTTPS server") && !plain.contains("tcptrace_"),
+        "{plain}"
+    );
+
+    // A real Prometheus scrapes it over TLS with basic authentication.
+    let job = format!(
+        "    scheme: https\n    tls_config:\n      ca_file: {}\n    basic_auth:\n      username: prometheus\n      \
+         password: scrape-secret\n",
+        dir.0.join("ca.crt").display()
+    );
+    let prometheus = Prometheus::start_job(daemon.addr, &job);
+    let scraped = wait_for(deadline(Duration::from_secs(20)), || {
+        !prometheus.query("up{job=\"tcptrace\"} == 1").is_empty()
+            && !prometheus.query("tcptrace_handshakes_total").is_empty()
+    });
+    assert!(scraped, "prometheus does not scrape over TLS: {}", prometheus.log());
+    drop(prometheus);
+
+    let (code, body) = curl(&dir.0, &url("/metrics"), &["-u", "prometheus:scrape-secret"]);
+    assert_eq!(code, 200, "{body}");
+    let scrape = Scrape::parse(&body);
+    assert_eq!(scrape.get("tcptrace_http_requests_unauthorized_total", &[]), 4.0, "{body}");
+    assert!(scrape.get("tcptrace_http_connections_closed_total", &[("reason", "tls_handshake")]) >= 1.0, "{body}");
+
+    // SIGHUP: client certificates from now on, and a new password.
+    let hash = bcrypt::hash("rotated", 6).unwrap();
+    std::fs::write(
+        &config,
+        format!(
+            "tls_server_config:\n  cert_file: server.crt\n  key_file: server.key\n  client_auth_type: \
+             RequireAndVerifyClientCert\n  client_ca_file: ca.crt\nbasic_auth_users:\n  prometheus: '{hash}'\n"
+        ),
+    )
+    .unwrap();
+    daemon.signal(libc::SIGHUP);
+    let client = ["--cert", "client.crt", "--key", "client.key"];
+    let rotated = wait_for(deadline(BASE_DEADLINE), || {
+        curl(&dir.0, &url("/metrics"), &[&client[..], &["-u", "prometheus:rotated"]].concat()).0 == 200
+    });
+    assert!(rotated, "the reloaded configuration is not in force: {}", daemon.log());
+    assert_eq!(curl(&dir.0, &url("/metrics"), &[&client[..], &["-u", "prometheus:scrape-secret"]].concat()).0, 401);
+    assert_eq!(
+        curl(&dir.0, &url("/metrics"), &["-u", "prometheus:rotated"]).0,
+        0,
+        "served without a client certificate"
+    );
+
+    // A broken file on SIGHUP: said so, and the configuration in force stays.
+    std::fs::write(&config, "tls_server_config:\n  cert_file: server.crt\n  key_fil: server.key\n").unwrap();
+    daemon.signal(libc::SIGHUP);
+    let said = wait_for(deadline(BASE_DEADLINE), || daemon.log().contains("the previous configuration stays in force"));
+    assert!(said && daemon.log().contains("unknown key `key_fil`"), "{}", daemon.log());
+    assert_eq!(curl(&dir.0, &url("/metrics"), &[&client[..], &["-u", "prometheus:rotated"]].concat()).0, 200);
+}
+
+#[test]
+fn a_broken_web_config_stops_the_daemon_at_start_with_the_reason() {
+    let dir = TempDir(tempdir("tcptrace-webconfig"));
+    let config = dir.0.join("web.yml");
+    std::fs::write(&config, "tls_server_config:\n  cert_file: server.crt\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_tcptrace"))
+        .args(["daemon", "--listen", "127.0.0.1:0", "--web.config.file", config.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("web.yml") && stderr.contains("needs both cert_file and key_file"), "{stderr}");
 }

@@ -162,8 +162,9 @@ impl Daemon {
         let sink = log.clone();
         thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Some(addr) = line.split("serving metrics at http://").nth(1) {
-                    // Text or JSON log lines: the address ends where the path starts.
+                if let Some(url) = line.split("serving metrics at ").nth(1) {
+                    // Text or JSON log lines, http or https: the address ends where the path starts.
+                    let addr = url.split("://").nth(1).unwrap_or_default();
                     let _ = tx.send(addr.split('/').next().unwrap_or_default().to_string());
                 }
                 let mut log = sink.lock().unwrap();

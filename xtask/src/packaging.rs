@@ -197,6 +197,11 @@ fn systemd_verify(unit: &Path, scratch: &Path) -> Result<()> {
         .map(Path::new)
         .find(|p| p.join("multi-user.target").exists())
         .context("no systemd unit directory with multi-user.target on this machine")?;
+    let other_commands: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("Exec") && !l.starts_with("ExecStart="))
+        .filter_map(|l| l.split_once('=').and_then(|(_, cmd)| cmd.split_whitespace().next()))
+        .collect();
     let verify = |name: &str, unit_text: &str| -> Result<(bool, String)> {
         let root = scratch.join(name);
         fs::create_dir_all(root.join("usr/lib/systemd"))?;
@@ -204,9 +209,13 @@ fn systemd_verify(unit: &Path, scratch: &Path) -> Result<()> {
         fs::create_dir_all(root.join("usr/bin"))?;
         crate::run_cmd(Command::new("cp").arg("-a").arg(units).arg(root.join("usr/lib/systemd/")))?;
         fs::write(root.join("etc/systemd/system/tcptrace.service"), unit_text)?;
-        let bin = root.join("usr/bin/tcptrace");
-        fs::write(&bin, "#!/bin/sh\nexit 0\n")?;
-        crate::run_cmd(Command::new("chmod").arg("0755").arg(&bin))?;
+        // Every command the unit runs (ExecStart's tcptrace, ExecReload's kill) as a stub.
+        for path in ["/usr/bin/tcptrace"].into_iter().chain(other_commands.iter().copied()) {
+            let bin = root.join(path.trim_start_matches('/'));
+            fs::create_dir_all(bin.parent().context("a command path has a parent")?)?;
+            fs::write(&bin, "#!/bin/sh\nexit 0\n")?;
+            crate::run_cmd(Command::new("chmod").arg("0755").arg(&bin))?;
+        }
         run_capture(Command::new("systemd-analyze").arg("verify").arg(format!("--root={}", root.display())).args([
             "--man=no",
             "--generators=no",

@@ -422,11 +422,14 @@ fn setup_test_tools() -> Result<()> {
         ("ss", "iproute2"),
         ("setpriv", "util-linux"),
         ("chromium", "chromium"),
+        // The TLS test: a test CA and certificates, and a client that trusts them.
+        ("openssl", "openssl"),
+        ("curl", "curl"),
     ];
     let mut missing: Vec<&str> = wanted.iter().filter(|(bin, _)| !has(bin)).map(|&(_, pkg)| pkg).collect();
     missing.dedup();
     if missing.is_empty() {
-        step("test tools (nft, ip, ss, promtool, setpriv, chromium): present");
+        step("test tools (nft, ip, ss, promtool, setpriv, chromium, openssl, curl): present");
         return Ok(());
     }
     apt_install(&missing)

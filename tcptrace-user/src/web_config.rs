@@ -302,6 +302,8 @@ fn http(value: &Yaml) -> Result<Vec<(HeaderName, HeaderValue)>, String> {
     Ok(headers)
 }
 
+const CLIENT_AUTH_TYPES: &str = "NoClientCert, VerifyClientCertIfGiven, RequireAndVerifyClientCert";
+
 /// Which client certificates a TLS server asks for (exporter-toolkit's names).
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum ClientAuth {
@@ -331,9 +333,7 @@ fn tls(value: &Yaml, dir: &Path) -> Result<Option<Arc<ServerConfig>>, String> {
                              not do; use RequireAndVerifyClientCert (or VerifyClientCertIfGiven) with client_ca_file"
                         ))
                     }
-                    other => return Err(format!(
-                        "{at}: unknown `{other}` (NoClientCert, VerifyClientCertIfGiven, RequireAndVerifyClientCert)"
-                    )),
+                    other => return Err(format!("{at}: unknown `{other}` ({CLIENT_AUTH_TYPES})")),
                 }
             }
             "min_version" => min = TlsVersion::parse(&string(v, &at)?, &at)?,

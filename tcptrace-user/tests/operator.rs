@@ -426,10 +426,36 @@ fn a_real_prometheus_sees_slow_handshakes_with_the_projects_rules_and_dashboard(
     });
     assert!(alerting, "TcptraceSlowHandshakes is neither pending nor firing");
 
-    // Every dashboard query has data: every metric it names exists in a live scrape.
+    // Every metric the rules read exists in a live scrape...
+    let scrape = daemon.scrape();
+    let rules = std::fs::read_to_string(repo().join("packaging/prometheus/rules.yml")).unwrap();
+    let names = metric_names(&rules);
+    assert!(names.len() >= 5, "{names:?}");
+    // A histogram's name (in a runbook's words) exists as its _count series.
+    let exported = |n: &String| !scrape.series(n).is_empty() || !scrape.series(&format!("{n}_count")).is_empty();
+    let missing: Vec<&String> = names.iter().filter(|n| !exported(n)).collect();
+    assert!(missing.is_empty(), "rules.yml reads metrics the daemon does not export: {missing:?}");
+    // ...and every dashboard query has data: every metric it names exists too.
     let empty: Vec<String> = dashboard_queries().into_iter().filter(|q| prometheus.query(q).is_empty()).collect();
     eprintln!("prometheus: p99 {value} s, TcptraceSlowHandshakes {state:?}, dashboard queries without data: {empty:?}");
     assert!(empty.is_empty(), "dashboard queries without data: {empty:#?}");
+}
+
+/// The `tcptrace_*` series names in PromQL text, without recording rules' own names
+/// (`level:metric:operation`).
+fn metric_names(text: &str) -> std::collections::BTreeSet<String> {
+    let word = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == ':';
+    let mut names = std::collections::BTreeSet::new();
+    for (at, _) in text.match_indices("tcptrace_") {
+        if text[..at].chars().next_back().is_some_and(word) {
+            continue;
+        }
+        let name: String = text[at..].chars().take_while(|&c| word(c)).collect();
+        if !name.contains(':') {
+            names.insert(name);
+        }
+    }
+    names
 }
 
 /// A directory removed with everything in it on drop.

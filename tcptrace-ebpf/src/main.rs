@@ -216,6 +216,20 @@ fn state_change(sk: u64, old: u32, new: u32, tuple: impl FnOnce(&mut Event)) {
     entry.submit(wakeup_flags());
 }
 
+/// The benchmark's floor for raw tracepoints: what attaching any program to
+/// inet_sock_set_state costs. Only `cargo xtask bench` (through the `floor` example)
+/// attaches it; the daemon never does.
+#[raw_tracepoint(tracepoint = "inet_sock_set_state")]
+pub fn floor_raw(_ctx: RawTracePointContext) -> i32 {
+    0
+}
+
+/// [`floor_raw`]'s classic tracepoint twin (the kernel still builds the record).
+#[tracepoint(category = "sock", name = "inet_sock_set_state")]
+pub fn floor_tp(_ctx: TracePointContext) -> u32 {
+    0
+}
+
 // ---- tcp_retransmit_skb: only SYNs ----
 
 #[raw_tracepoint(tracepoint = "tcp_retransmit_skb")]

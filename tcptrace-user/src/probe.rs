@@ -27,6 +27,12 @@ use crate::{
 /// The eBPF object built by `build.rs`, embedded so the binary is self-contained.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tcptrace"));
 
+/// The embedded eBPF object, for tools that load one of its programs on their own
+/// (the benchmark's `floor` example); empty when built with `AYA_BUILD_SKIP`.
+pub fn object() -> &'static [u8] {
+    OBJECT
+}
+
 /// A tracepoint tcptrace attaches to; without the `required` one it refuses to start.
 #[derive(Debug)]
 pub struct Attachment {

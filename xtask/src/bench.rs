@@ -78,6 +78,11 @@ enum Tracer {
     /// tcptrace with classic tracepoint programs (`--attach classic`): the other
     /// attach type, measured in the same rounds.
     TcptraceClassic,
+    /// The floors: a no-op program on `sock:inet_sock_set_state` of each attach type,
+    /// loaded by tcptrace's `floor` example, so tcptrace's cost shows above the price
+    /// of being attached at all.
+    FloorRaw,
+    FloorClassic,
     Tcpstates,
     Bpftrace,
 }
@@ -87,11 +92,17 @@ impl Tracer {
         matches!(self, Self::Tcptrace | Self::TcptraceClassic)
     }
 
+    fn is_floor(self) -> bool {
+        matches!(self, Self::FloorRaw | Self::FloorClassic)
+    }
+
     fn name(self) -> &'static str {
         match self {
             Self::None => "workload alone",
             Self::Tcptrace => "tcptrace daemon (raw tracepoints)",
             Self::TcptraceClassic => "tcptrace daemon --attach classic",
+            Self::FloorRaw => "floor: no-op raw tracepoint",
+            Self::FloorClassic => "floor: no-op classic tracepoint",
             Self::Tcpstates => "tcpstates > /dev/null",
             Self::Bpftrace => "bpftrace (in-kernel histogram)",
         }
@@ -146,7 +157,8 @@ fn interrupt(pid: u32) {
     let _ = Command::new("kill").args(["-INT", &pid.to_string()]).status();
 }
 
-/// CPU seconds (user + system) a process has used.
+/// CPU seconds (user + system) a process has used, in clock ticks (10 ms): threads
+/// that have exited are included, which the workload's client threads need.
 fn cpu_seconds(pid: u32) -> f64 {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // Fields after the ")" of comm: state is field 3, utime 14, stime 15.
@@ -154,6 +166,21 @@ fn cpu_seconds(pid: u32) -> f64 {
     let f: Vec<&str> = rest.split_whitespace().collect();
     let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
     (ticks(11) + ticks(12)) / 100.0
+}
+
+/// CPU seconds a tracer's threads have run, to the nanosecond (the first field of
+/// each thread's schedstat): the daemon uses a tenth of a second over a churn, which
+/// [`cpu_seconds`]'s 10 ms ticks measure too coarsely. A thread that exits inside the
+/// window would take its time with it; the tracers' threads live as long as they do
+/// (tcptrace's seeding thread ends before it serves, so before the window).
+fn cpu_time(pid: u32) -> f64 {
+    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else { return 0.0 };
+    let ns: u64 = tasks
+        .flatten()
+        .filter_map(|t| fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum();
+    ns as f64 / 1e9
 }
 
 /// A `/proc/PID/status` memory field in KiB (VmRSS, VmHWM).
@@ -165,42 +192,129 @@ pub(crate) fn status_kib(pid: u32, field: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// What the kernel measured of a process's BPF programs (with
-/// `kernel.bpf_stats_enabled`): total run time, runs, and runs it skipped.
+/// What the kernel measured of one BPF program (with `kernel.bpf_stats_enabled`):
+/// time in the program, runs, and runs it skipped. The time is the program's own:
+/// not the tracepoint's dispatch, nor (classic tracepoints) building the record.
 #[derive(Clone, Copy, Debug, Default)]
-struct ProgStats {
+struct Counts {
     run_time_ns: u64,
     runs: u64,
     misses: u64,
 }
 
-impl ProgStats {
-    /// Sums the fdinfo of every BPF program the process holds open, each program
-    /// once (a process may hold several descriptors of one).
-    fn of(pid: u32) -> Self {
-        let mut total = Self::default();
-        let mut seen = std::collections::HashSet::new();
-        let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fd")) else { return total };
-        for fd in fds.flatten() {
-            let path = format!("/proc/{pid}/fdinfo/{}", fd.file_name().to_string_lossy());
-            let info = fs::read_to_string(path).unwrap_or_default();
-            let field =
-                |name: &str| info.lines().find_map(|l| l.strip_prefix(name)?.trim().parse::<u64>().ok()).unwrap_or(0);
-            if !info.contains("prog_type:") || !seen.insert(field("prog_id:")) {
-                continue;
-            }
-            total.run_time_ns += field("run_time_ns:");
-            total.runs += field("run_cnt:");
-            total.misses += field("recursion_misses:");
-        }
-        total
-    }
-
+impl Counts {
     fn since(self, before: Self) -> Self {
         Self {
             run_time_ns: self.run_time_ns.saturating_sub(before.run_time_ns),
             runs: self.runs.saturating_sub(before.runs),
             misses: self.misses.saturating_sub(before.misses),
+        }
+    }
+
+    fn add(self, other: Self) -> Self {
+        Self {
+            run_time_ns: self.run_time_ns + other.run_time_ns,
+            runs: self.runs + other.runs,
+            misses: self.misses + other.misses,
+        }
+    }
+
+    fn ns_per_run(self) -> f64 {
+        self.run_time_ns as f64 / self.runs.max(1) as f64
+    }
+
+    /// Skipped runs as a share of attempted runs (a skipped run is not in `runs`).
+    fn skipped_share(self) -> f64 {
+        self.misses as f64 / (self.runs + self.misses).max(1) as f64
+    }
+}
+
+/// One BPF program a process holds.
+#[derive(Clone, Debug)]
+struct Prog {
+    id: u64,
+    /// `prog_type` of the kernel's `enum bpf_prog_type`.
+    prog_type: u32,
+    /// The tracepoint its link names (raw tracepoint links, and perf links on recent
+    /// kernels); `None` for programs attached without a link (bpftrace) or whose
+    /// link does not say.
+    tracepoint: Option<String>,
+    counts: Counts,
+}
+
+/// The kernel's `BPF_PROG_TYPE_TRACEPOINT` and `BPF_PROG_TYPE_RAW_TRACEPOINT`.
+const PROG_TYPE_TRACEPOINT: u32 = 5;
+const PROG_TYPE_RAW_TRACEPOINT: u32 = 17;
+
+/// The BPF programs a process holds, each once (a process may hold several
+/// descriptors of one), by program id.
+#[derive(Clone, Debug, Default)]
+struct ProgStats(Vec<Prog>);
+
+impl ProgStats {
+    /// Reads the fdinfo of every descriptor: programs carry their figures, links
+    /// the tracepoint of the program they attach.
+    fn of(pid: u32) -> Self {
+        let mut progs: Vec<Prog> = Vec::new();
+        let mut links: Vec<(u64, String)> = Vec::new();
+        let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fd")) else { return Self::default() };
+        for fd in fds.flatten() {
+            let path = format!("/proc/{pid}/fdinfo/{}", fd.file_name().to_string_lossy());
+            let info = fs::read_to_string(path).unwrap_or_default();
+            let text = |name: &str| info.lines().find_map(|l| Some(l.strip_prefix(name)?.trim().to_string()));
+            let field = |name: &str| text(name).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+            let id = field("prog_id:");
+            if info.contains("link_type:") {
+                if let Some(tp) = text("tp_name:") {
+                    links.push((id, tp));
+                }
+            } else if info.contains("prog_type:") && !progs.iter().any(|p| p.id == id) {
+                progs.push(Prog {
+                    id,
+                    prog_type: field("prog_type:") as u32,
+                    tracepoint: None,
+                    counts: Counts {
+                        run_time_ns: field("run_time_ns:"),
+                        runs: field("run_cnt:"),
+                        misses: field("recursion_misses:"),
+                    },
+                });
+            }
+        }
+        for p in &mut progs {
+            p.tracepoint = links.iter().find(|(id, _)| *id == p.id).map(|(_, tp)| tp.clone());
+        }
+        progs.sort_by_key(|p| p.id);
+        Self(progs)
+    }
+
+    /// Each program's figures since `before` (a program new since then counts whole).
+    fn since(&self, before: &Self) -> Self {
+        let progs = self.0.iter().map(|p| {
+            let was = before.0.iter().find(|b| b.id == p.id).map(|b| b.counts).unwrap_or_default();
+            Prog { counts: p.counts.since(was), ..p.clone() }
+        });
+        Self(progs.collect())
+    }
+
+    fn total(&self) -> Counts {
+        self.0.iter().fold(Counts::default(), |sum, p| sum.add(p.counts))
+    }
+
+    /// The program on `inet_sock_set_state`: the one its link names, else the one
+    /// that ran most (on this churn it runs about 10 times per connection, tcptrace's
+    /// others only on retransmissions and resets).
+    fn state_change(&self) -> Option<&Prog> {
+        let named = self.0.iter().find(|p| p.tracepoint.as_deref() == Some("inet_sock_set_state"));
+        named.or_else(|| self.0.iter().max_by_key(|p| p.counts.runs))
+    }
+
+    /// The floor of the state-change program's attach type, if there is one.
+    fn floor(&self) -> Option<Tracer> {
+        match self.state_change()?.prog_type {
+            PROG_TYPE_RAW_TRACEPOINT => Some(Tracer::FloorRaw),
+            PROG_TYPE_TRACEPOINT => Some(Tracer::FloorClassic),
+            _ => None,
         }
     }
 }
@@ -247,6 +361,16 @@ fn bpf_attached(pid: u32) -> bool {
     prog && perf
 }
 
+/// What a starting tracer said that shows it is ready.
+enum Ready {
+    /// tcptrace serves /metrics here (it logs this once attached and seeded).
+    Serving(String),
+    /// The floor attached its program.
+    Attached,
+}
+
+/// Starts a tracer and waits (30 s at most) until it is attached. `bin` is the
+/// binary it runs: tcptrace's, or for the floors the `floor` example.
 fn start(tracer: Tracer, bin: &Path, work: &Path) -> Result<Option<Running>> {
     let mut cmd = match tracer {
         Tracer::None => return Ok(None),
@@ -258,6 +382,11 @@ fn start(tracer: Tracer, bin: &Path, work: &Path) -> Result<Option<Running>> {
             }
             c
         }
+        Tracer::FloorRaw | Tracer::FloorClassic => {
+            let mut c = Command::new(bin);
+            c.arg(if tracer == Tracer::FloorRaw { "raw" } else { "classic" });
+            c
+        }
         Tracer::Tcpstates => Command::new("tcpstates"),
         Tracer::Bpftrace => {
             let script = work.join("handshake.bt");
@@ -267,24 +396,44 @@ fn start(tracer: Tracer, bin: &Path, work: &Path) -> Result<Option<Running>> {
             c
         }
     };
-    let mut child = cmd.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().with_context(|| format!("{cmd:?}"))?;
-    let stderr = child.stderr.take().context("stderr")?;
+    // A floor says it is ready on stdout, and only errors on stderr: those are shown.
+    let (stdout, stderr) =
+        if tracer.is_floor() { (Stdio::piped(), Stdio::inherit()) } else { (Stdio::null(), Stdio::piped()) };
+    let mut child = cmd.stdout(stdout).stderr(stderr).spawn().with_context(|| format!("{cmd:?}"))?;
     let (tx, rx) = mpsc::channel();
-    thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Some(addr) = line.split("serving metrics at http://").nth(1) {
-                let _ = tx.send(addr.trim_end_matches("/metrics").to_string());
+    if let Some(stderr) = child.stderr.take() {
+        let serving = tx.clone();
+        thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                // "serving metrics at http://ADDR/metrics", maybe followed by more words.
+                if let Some(addr) = line.split("serving metrics at http://").nth(1) {
+                    let addr = addr.split("/metrics").next().unwrap_or_default();
+                    let _ = serving.send(Ready::Serving(addr.to_string()));
+                }
             }
-        }
-    });
+        });
+    }
+    if let Some(stdout) = child.stdout.take() {
+        thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if line.starts_with("floor:") {
+                    let _ = tx.send(Ready::Attached);
+                }
+            }
+        });
+    }
     let pid = child.id();
     let mut running = Running { child, metrics: None };
     let end = Instant::now() + Duration::from_secs(30);
     loop {
-        if tracer.is_tcptrace() {
-            if let Ok(addr) = rx.recv_timeout(Duration::from_millis(20)) {
-                running.metrics = Some(addr.parse()?);
-                break;
+        if tracer.is_tcptrace() || tracer.is_floor() {
+            match rx.recv_timeout(Duration::from_millis(20)) {
+                Ok(Ready::Serving(addr)) => {
+                    running.metrics = Some(addr.parse()?);
+                    break;
+                }
+                Ok(Ready::Attached) => break,
+                Err(_) => {}
             }
         } else if bpf_attached(pid) {
             break;
@@ -405,8 +554,13 @@ pub(crate) fn metric_sum(text: &str, name: &str) -> f64 {
 #[derive(Clone, Debug)]
 struct Run {
     tracer: Tracer,
+    /// Which round (0-based), to compare a configuration with the floor that ran in
+    /// the same round.
+    round: usize,
     rate: f64,
     connections: u64,
+    /// The tracer's own CPU seconds over the churn (for tcptrace, until it had
+    /// drained the churn's events).
     cpu_s: f64,
     events: Option<f64>,
     lost: Option<f64>,
@@ -419,37 +573,50 @@ struct Run {
     prog: ProgStats,
 }
 
-fn one_run(tracer: Tracer, churn: &Churn, bin: &Path, work: &Path) -> Result<Run> {
+impl Run {
+    /// Kernel time in the tracer's programs, all of them, per connection (us).
+    fn kernel_us_per_conn(&self) -> f64 {
+        self.prog.total().run_time_ns as f64 / 1e3 / self.connections.max(1) as f64
+    }
+
+    /// The tracer process's CPU per connection (us).
+    fn tracer_us_per_conn(&self) -> f64 {
+        self.cpu_s * 1e6 / self.connections.max(1) as f64
+    }
+
+    /// The whole tracer per connection: its programs in the kernel and its process (us).
+    fn whole_us_per_conn(&self) -> f64 {
+        self.kernel_us_per_conn() + self.tracer_us_per_conn()
+    }
+
+    /// The state-change program's kernel time per run (ns).
+    fn state_change_ns(&self) -> Option<f64> {
+        self.prog.state_change().map(|p| p.counts.ns_per_run())
+    }
+}
+
+fn one_run(tracer: Tracer, churn: &Churn, bin: &Path, work: &Path, round: usize) -> Result<Run> {
     let running = start(tracer, bin, work)?;
     let pid = running.as_ref().map(|r| r.child.id());
-    let before = match running.as_ref().and_then(|r| r.metrics) {
-        Some(addr) => Some(scrape(addr)?),
-        None => None,
-    };
-    let cpu0 = pid.map_or(0.0, cpu_seconds);
+    // One keep-alive connection for every scrape of this run, opened before the
+    // churn: a new connection per scrape would itself make events to wait for.
+    let mut scraper = running.as_ref().and_then(|r| r.metrics).map(Scraper::new);
+    // A scrape renders, and every render first drains the ring buffer: what the
+    // daemon read before the churn (its start, seeding) stays out of the window.
+    let before = scraper.as_mut().map(Scraper::get).transpose()?;
+    let cpu0 = pid.map_or(0.0, cpu_time);
     let prog0 = pid.map(ProgStats::of).unwrap_or_default();
     let self0 = cpu_seconds(std::process::id());
     let outcome = churn.run()?;
     let own = cpu_seconds(std::process::id()) - self0;
-    let cpu = pid.map_or(0.0, cpu_seconds) - cpu0;
-    let prog = pid.map(ProgStats::of).unwrap_or_default().since(prog0);
-    let (events, lost) = match (running.as_ref().and_then(|r| r.metrics), before) {
-        (Some(addr), Some(before)) => {
-            // The daemon may still be draining the last events; wait until the count
-            // stops moving (bounded), so the lost/events figures are complete.
-            let mut last = scrape(addr)?;
-            for _ in 0..50 {
-                thread::sleep(Duration::from_millis(20));
-                let now = scrape(addr)?;
-                if metric_sum(&now, "tcptrace_events_total") == metric_sum(&last, "tcptrace_events_total") {
-                    break;
-                }
-                last = now;
-            }
-            let d = |n| metric_sum(&last, n) - metric_sum(&before, n);
-            (Some(d("tcptrace_events_total")), Some(d("tcptrace_events_lost_total")))
+    let prog = pid.map(ProgStats::of).unwrap_or_default().since(&prog0);
+    let (cpu, events, lost) = match (scraper.as_mut(), before, pid) {
+        (Some(scraper), Some(before), Some(pid)) => {
+            let (after, cpu1) = drained(scraper, tracer.name(), || cpu_time(pid))?;
+            let d = |n| metric_sum(&after, n) - metric_sum(&before, n);
+            (cpu1 - cpu0, Some(d("tcptrace_events_total")), Some(d("tcptrace_events_lost_total")))
         }
-        _ => (None, None),
+        _ => (pid.map_or(0.0, cpu_time) - cpu0, None, None),
     };
     let peak_rss_kib = pid.map_or(0, |p| status_kib(p, "VmHWM:"));
     drop(running);
@@ -458,6 +625,7 @@ fn one_run(tracer: Tracer, churn: &Churn, bin: &Path, work: &Path) -> Result<Run
     }
     Ok(Run {
         tracer,
+        round,
         rate: outcome.rate(),
         connections: outcome.connections,
         cpu_s: cpu,
@@ -468,6 +636,37 @@ fn one_run(tracer: Tracer, churn: &Churn, bin: &Path, work: &Path) -> Result<Run
         total_cpu_s: own + cpu,
         prog,
     })
+}
+
+/// Waits until the daemon has drained the events made so far: scrapes until two
+/// renders in a row count the same events, and returns the first of them with what
+/// `measure` read right after it (the daemon's CPU time: the wait itself stays out
+/// of the window). Every render drains the ring buffer first, and the daemon renders
+/// at most every 200 ms, so its 50 ms drain timer also ran in between. Bounded by a
+/// deadline: TCP traffic elsewhere on the machine would keep the count moving.
+fn drained(scraper: &mut Scraper, what: &str, mut measure: impl FnMut() -> f64) -> Result<(String, f64)> {
+    const DEADLINE: Duration = Duration::from_secs(10);
+    let events = |text: &str| metric_sum(text, "tcptrace_events_total");
+    // One retry on a fresh connection: the daemon may have closed an idle one.
+    let mut get = || scraper.get().or_else(|_| scraper.get());
+    let end = Instant::now() + DEADLINE;
+    let mut last = get()?;
+    let mut cpu = measure();
+    loop {
+        let now = get()?;
+        if events(&now) == events(&last) {
+            return Ok((last, cpu));
+        }
+        (last, cpu) = (now, measure());
+        if Instant::now() > end {
+            eprintln!(
+                "xtask bench: {what}'s event count still moved after {} s (other TCP traffic?): \
+                 measured then anyway",
+                DEADLINE.as_secs()
+            );
+            return Ok((last, cpu));
+        }
+    }
 }
 
 pub(crate) fn median(mut v: Vec<f64>) -> f64 {
@@ -541,18 +740,11 @@ pub fn hold(n: usize) -> Result<()> {
     Ok(())
 }
 
-/// Waits until the daemon's event count stops moving (bounded).
-fn settle(addr: SocketAddr) -> Result<()> {
-    let mut last = -1.0;
-    for _ in 0..200 {
-        let now = metric_sum(&scrape(addr)?, "tcptrace_events_total");
-        if now == last {
-            break;
-        }
-        last = now;
-        thread::sleep(Duration::from_millis(50));
-    }
-    Ok(())
+/// Waits until the daemon's event count stops moving (see [`drained`]), scraping
+/// over one kept-alive connection: a new connection per scrape would itself make
+/// the events it waits for.
+fn settle(scraper: &mut Scraper) -> Result<()> {
+    drained(scraper, "the daemon", || 0.0).map(drop)
 }
 
 /// Daemon RSS idle, with `n` connections open, and after they closed (each then a
@@ -561,7 +753,8 @@ fn settle(addr: SocketAddr) -> Result<()> {
 fn memory(bin: &Path, work: &Path, xtask: &Path, n: usize) -> Result<(u64, u64, u64, f64, f64)> {
     let (running, addr) = start_daemon(bin, work)?;
     let pid = running.pid();
-    settle(addr)?;
+    let mut scraper = Scraper::new(addr);
+    settle(&mut scraper)?;
     let idle = status_kib(pid, "VmRSS:");
     let per_helper = ((nofile_limit().saturating_sub(256)) / 2).clamp(1, 20_000) as usize;
     let mut helpers = Vec::new();
@@ -578,15 +771,15 @@ fn memory(bin: &Path, work: &Path, xtask: &Path, n: usize) -> Result<(u64, u64, 
         helpers.push(child);
         left -= k;
     }
-    settle(addr)?;
+    settle(&mut scraper)?;
     let open = status_kib(pid, "VmRSS:");
     for mut h in helpers {
         drop(h.stdin.take());
         h.wait()?;
     }
-    settle(addr)?;
+    settle(&mut scraper)?;
     let closed = status_kib(pid, "VmRSS:");
-    let text = scrape(addr)?;
+    let text = scraper.get()?;
     let tw = metric_sum(&text, "tcptrace_time_wait_sockets");
     let lost = metric_sum(&text, "tcptrace_events_lost_total");
     drop(running);
@@ -659,8 +852,10 @@ pub fn run(args: &BenchArgs, root: &Path, bin: &Path, xtask: &Path) -> Result<St
             closed as f64 / 1024.0
         ));
     }
+    let floor = build_floor(root)?;
     let _stats = BpfStats::enable();
-    let mut tracers = vec![Tracer::None, Tracer::Tcptrace, Tracer::TcptraceClassic];
+    let mut tracers =
+        vec![Tracer::None, Tracer::Tcptrace, Tracer::TcptraceClassic, Tracer::FloorRaw, Tracer::FloorClassic];
     if !args.no_peers {
         for (t, program) in [(Tracer::Tcpstates, "tcpstates"), (Tracer::Bpftrace, "bpftrace")] {
             if has(program) {
@@ -684,9 +879,9 @@ pub fn run(args: &BenchArgs, root: &Path, bin: &Path, xtask: &Path) -> Result<St
         let mut order = tracers.clone();
         order.rotate_left(round % tracers.len());
         for &t in &order {
-            let r = one_run(t, &churn, bin, &work)?;
+            let r = one_run(t, &churn, if t.is_floor() { &floor } else { bin }, &work, round)?;
             eprintln!(
-                "xtask bench: round {} {:<32} {:>8.0} conn/s ({} in {:.1} s)",
+                "xtask bench: round {} {:<34} {:>8.0} conn/s ({} in {:.1} s)",
                 round + 1,
                 t.name(),
                 r.rate,
@@ -697,7 +892,6 @@ pub fn run(args: &BenchArgs, root: &Path, bin: &Path, xtask: &Path) -> Result<St
         }
     }
 
-    let base = median(runs.iter().filter(|r| r.tracer == Tracer::None).map(|r| r.rate).collect());
     out(format!(
         "\n## Connection churn ({} client threads, {} closes first, {}, {} rounds of up to {} connections or {} s)\n",
         args.threads,
@@ -710,63 +904,168 @@ pub fn run(args: &BenchArgs, root: &Path, bin: &Path, xtask: &Path) -> Result<St
         args.connections,
         args.seconds
     ));
+    for line in churn_table(&tracers, &runs) {
+        out(line);
+    }
+    out(String::new());
+    for line in cost_table(&tracers, &runs) {
+        out(line);
+    }
+    Ok(report)
+}
+
+/// Builds the `floor` example (the no-op programs' loader); returns its path.
+fn build_floor(root: &Path) -> Result<PathBuf> {
+    let status = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+        .args(["build", "--quiet", "--release", "--package", "tcptrace-user", "--example", "floor"])
+        .status()?;
+    if !status.success() {
+        bail!("building the floor example failed");
+    }
+    Ok(root.join("target/release/examples/floor"))
+}
+
+/// `median [min, max]` of `v` at `digits` decimals; "-" when empty.
+fn spread(v: &[f64], digits: usize) -> String {
+    if v.is_empty() {
+        return "-".into();
+    }
+    let (lo, hi) = v.iter().fold((f64::MAX, f64::MIN), |(lo, hi), &x| (lo.min(x), hi.max(x)));
+    format!("{:.digits$} [{lo:.digits$}, {hi:.digits$}]", median(v.to_vec()))
+}
+
+/// Throughput: the churn's rate against the workload alone, as the README shows it.
+fn churn_table(tracers: &[Tracer], runs: &[Run]) -> Vec<String> {
+    let base = median(runs.iter().filter(|r| r.tracer == Tracer::None).map(|r| r.rate).collect());
     let base_cost = median(
         runs.iter().filter(|r| r.tracer == Tracer::None).map(|r| r.total_cpu_s / r.connections as f64).collect(),
     );
-    out("| configuration | conn/s (median) | ratio to none: median [min, max] | CPU per connection, none / this | tracer CPU s per M events | events/s | lost events | tracer peak RSS | kernel ns per program run | kernel us per connection | runs skipped by the kernel |".into());
-    out("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |".into());
-    for &t in &tracers {
+    let mut lines = vec![
+        "| configuration | conn/s (median) | ratio to none: median [min, max] | CPU per connection, none / this | events/s | lost events | tracer peak RSS |".into(),
+        "| --- | --- | --- | --- | --- | --- | --- |".into(),
+    ];
+    for &t in tracers {
         let mine: Vec<&Run> = runs.iter().filter(|r| r.tracer == t).collect();
         let ratios: Vec<f64> = mine.iter().map(|r| r.rate / base).collect();
-        let (lo, hi) = ratios.iter().fold((f64::MAX, f64::MIN), |(lo, hi), &r| (lo.min(r), hi.max(r)));
-        // Events: counted by tcptrace itself; for the peers, about 10 per connection
-        // (5 state changes on each side).
-        let events: Vec<f64> = mine.iter().map(|r| r.events.unwrap_or(r.connections as f64 * 10.0)).collect();
-        let estimated = mine.iter().any(|r| r.events.is_none());
-        let cpu_per_m: Vec<f64> = mine.iter().zip(&events).map(|(r, e)| r.cpu_s / (e / 1e6)).collect();
-        let ev_rate: Vec<f64> = mine.iter().zip(&events).map(|(r, e)| e / r.seconds).collect();
-        let lost = mine.iter().filter_map(|r| r.lost).sum::<f64>();
-        let rss = mine.iter().map(|r| r.peak_rss_kib).max().unwrap_or(0);
         // Less sensitive to other tenants than conn/s: what the workload, the kernel
         // in its context and the tracer spent per connection.
         let efficiency = base_cost / median(mine.iter().map(|r| r.total_cpu_s / r.connections as f64).collect());
         let mut row = format!(
-            "| {} | {:.0} | {:.3} [{:.3}, {:.3}] | {efficiency:.3} |",
+            "| {} | {:.0} | {} | {efficiency:.3} |",
             t.name(),
             median(mine.iter().map(|r| r.rate).collect()),
-            median(ratios.clone()),
-            lo,
-            hi
+            spread(&ratios, 3),
         );
         if t == Tracer::None {
-            row.push_str(" - | - | - | - | - | - | - |");
+            row.push_str(" - | - | - |");
         } else {
-            let approx = if estimated { "~" } else { "" };
-            let _ = write!(
-                row,
-                " {:.2} | {approx}{:.0} | {} | {:.1} MiB |",
-                median(cpu_per_m),
-                median(ev_rate),
-                if t.is_tcptrace() { format!("{lost:.0}") } else { "n/a".into() },
-                rss as f64 / 1024.0
-            );
-            // The kernel's own accounting of the programs (bpf_stats): the cost the
-            // CPU columns above only show mixed into the workload's time.
-            let per_run = median(mine.iter().map(|r| r.prog.run_time_ns as f64 / r.prog.runs.max(1) as f64).collect());
-            let per_conn =
-                median(mine.iter().map(|r| r.prog.run_time_ns as f64 / 1e3 / r.connections as f64).collect());
-            let runs: u64 = mine.iter().map(|r| r.prog.runs).sum();
-            let misses: u64 = mine.iter().map(|r| r.prog.misses).sum();
-            let _ = write!(
-                row,
-                " {per_run:.0} | {per_conn:.2} | {misses} of {runs} ({:.3}%) |",
-                misses as f64 * 100.0 / runs.max(1) as f64
-            );
+            let (events, estimated) = events(&mine);
+            let ev_rate: Vec<f64> = mine.iter().zip(&events).map(|(r, e)| e / r.seconds).collect();
+            let lost = mine.iter().filter_map(|r| r.lost).sum::<f64>();
+            let rss = mine.iter().map(|r| r.peak_rss_kib).max().unwrap_or(0);
+            let shown = match (t.is_floor(), estimated) {
+                // A floor streams nothing.
+                (true, _) => "-".into(),
+                (false, true) => format!("~{:.0}", median(ev_rate)),
+                (false, false) => format!("{:.0}", median(ev_rate)),
+            };
+            let lost = if t.is_tcptrace() { format!("{lost:.0}") } else { "n/a".into() };
+            let _ = write!(row, " {shown} | {lost} | {:.1} MiB |", rss as f64 / 1024.0);
         }
-        out(row);
+        lines.push(row);
     }
+    lines
+}
 
-    Ok(report)
+/// Events per run: counted by tcptrace itself; for the others about 10 per
+/// connection (5 state changes on each side). True when estimated.
+fn events(runs: &[&Run]) -> (Vec<f64>, bool) {
+    let events = runs.iter().map(|r| r.events.unwrap_or(r.connections as f64 * 10.0)).collect();
+    (events, runs.iter().any(|r| r.events.is_none()))
+}
+
+/// Cost per connection: the kernel's accounting of the programs (bpf_stats), the
+/// tracer's own CPU, and both above the floor of the same attach type, each round
+/// against the floor that ran in that round.
+fn cost_table(tracers: &[Tracer], runs: &[Run]) -> Vec<String> {
+    let mut lines = vec![
+        "| configuration | state-change program ns/run: median [min, max] | kernel us/conn (all programs) | runs skipped by the kernel | tracer CPU us/event | tracer CPU us/conn | whole tracer us/conn (kernel + tracer) | above the floor: ns/run | above the floor: kernel us/conn | whole tracer / floor |".into(),
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |".into(),
+    ];
+    let mut details = Vec::new();
+    for &t in tracers.iter().filter(|&&t| t != Tracer::None) {
+        let mine: Vec<&Run> = runs.iter().filter(|r| r.tracer == t).collect();
+        let per_run: Vec<f64> = mine.iter().filter_map(|r| r.state_change_ns()).collect();
+        let skipped = mine.iter().fold(Counts::default(), |sum, r| sum.add(r.prog.total()));
+        let (events, estimated) = events(&mine);
+        let per_event: Vec<f64> = mine.iter().zip(&events).map(|(r, e)| r.cpu_s * 1e6 / e.max(1.0)).collect();
+        let per_event = match (t.is_floor(), estimated) {
+            (true, _) => "-".into(),
+            (false, true) => format!("~{:.3}", median(per_event)),
+            (false, false) => format!("{:.3}", median(per_event)),
+        };
+        let mut row = format!(
+            "| {} | {} | {:.3} | {} of {} ({:.3}%) | {per_event} | {:.3} | {:.3} |",
+            t.name(),
+            spread(&per_run, 0),
+            median(mine.iter().map(|r| r.kernel_us_per_conn()).collect()),
+            skipped.misses,
+            skipped.runs + skipped.misses,
+            skipped.skipped_share() * 100.0,
+            median(mine.iter().map(|r| r.tracer_us_per_conn()).collect()),
+            median(mine.iter().map(|r| r.whole_us_per_conn()).collect()),
+        );
+        if t.is_floor() {
+            row.push_str(" (floor) | (floor) | 1 |");
+        } else {
+            // (this round's run, its floor's run in the same round)
+            let pairs: Vec<(&Run, &Run)> = mine
+                .iter()
+                .filter_map(|r| {
+                    let floor = r.prog.floor()?;
+                    Some((*r, runs.iter().find(|f| f.tracer == floor && f.round == r.round)?))
+                })
+                .collect();
+            let ns: Vec<f64> =
+                pairs.iter().filter_map(|(r, f)| Some(r.state_change_ns()? - f.state_change_ns()?)).collect();
+            let us: Vec<f64> = pairs.iter().map(|(r, f)| r.kernel_us_per_conn() - f.kernel_us_per_conn()).collect();
+            let ratio: Vec<f64> = pairs.iter().map(|(r, f)| r.whole_us_per_conn() / f.whole_us_per_conn()).collect();
+            if pairs.is_empty() {
+                row.push_str(" n/a | n/a | n/a |");
+            } else {
+                let _ = write!(row, " {} | {:.3} | {} |", spread(&ns, 0), median(us), spread(&ratio, 1));
+            }
+        }
+        lines.push(row);
+        // Per program, when there are several (tcptrace's four), over all rounds.
+        let mut progs: Vec<(String, Counts)> = Vec::new();
+        for p in mine.iter().flat_map(|r| &r.prog.0) {
+            let name = p.tracepoint.clone().unwrap_or_else(|| format!("program type {}", p.prog_type));
+            match progs.iter_mut().find(|(n, _)| *n == name) {
+                Some((_, c)) => *c = c.add(p.counts),
+                None => progs.push((name, p.counts)),
+            }
+        }
+        if progs.len() > 1 {
+            let each: Vec<String> = progs
+                .iter()
+                .map(|(name, c)| format!("{name} {} runs, {:.0} ns/run, {} skipped", c.runs, c.ns_per_run(), c.misses))
+                .collect();
+            details.push(format!("- {}, per program over all rounds: {}", t.name(), each.join("; ")));
+        }
+    }
+    lines.push(String::new());
+    lines.push(
+        "Kernel time is bpf_stats' (kernel.bpf_stats_enabled, on for the run): the time inside the programs, \
+         not the tracepoint's dispatch nor a classic tracepoint's record, which show only in the churn table's \
+         CPU per connection. Tracer CPU is the tracer process's, from just before the churn until it had \
+         drained the churn's events (tcptrace's tcptrace_events_total; for the others ~10 events per \
+         connection). A skipped run is not in the program's runs; the share is of runs attempted. Above \
+         the floor: each round against the no-op program of the same attach type in that round."
+            .into(),
+    );
+    lines.extend(details);
+    lines
 }
 
 pub fn results_path(root: &Path) -> PathBuf {
@@ -789,5 +1088,49 @@ mod tests {
         assert_eq!(metric_sum(text, "tcptrace_events_total"), 7.0);
         assert_eq!(metric_sum(text, "tcptrace_kernel_events_missed_total"), 2.0);
         assert_eq!(metric_sum(text, "tcptrace_events_lost_total"), 0.0);
+    }
+
+    fn prog(id: u64, prog_type: u32, tracepoint: Option<&str>, runs: u64) -> Prog {
+        Prog {
+            id,
+            prog_type,
+            tracepoint: tracepoint.map(str::to_string),
+            counts: Counts { run_time_ns: runs * 100, runs, misses: 0 },
+        }
+    }
+
+    #[test]
+    fn the_state_change_program_is_the_one_its_link_names_else_the_busiest() {
+        let named = ProgStats(vec![
+            prog(1, PROG_TYPE_RAW_TRACEPOINT, Some("tcp_receive_reset"), 900),
+            prog(2, PROG_TYPE_RAW_TRACEPOINT, Some("inet_sock_set_state"), 10),
+        ]);
+        assert_eq!(named.state_change().map(|p| p.id), Some(2));
+        assert_eq!(named.floor(), Some(Tracer::FloorRaw));
+        // bpftrace attaches without a link; old kernels' perf links name nothing.
+        let unnamed = ProgStats(vec![prog(3, PROG_TYPE_TRACEPOINT, None, 5), prog(4, PROG_TYPE_TRACEPOINT, None, 50)]);
+        assert_eq!(unnamed.state_change().map(|p| p.id), Some(4));
+        assert_eq!(unnamed.floor(), Some(Tracer::FloorClassic));
+        assert_eq!(ProgStats(vec![prog(5, 26, None, 1)]).floor(), None);
+    }
+
+    #[test]
+    fn program_figures_are_differences_and_skips_a_share_of_attempts() {
+        let before = ProgStats(vec![prog(1, PROG_TYPE_TRACEPOINT, None, 10)]);
+        let mut after =
+            ProgStats(vec![prog(1, PROG_TYPE_TRACEPOINT, None, 30), prog(2, PROG_TYPE_TRACEPOINT, None, 7)]);
+        after.0[0].counts.misses = 10;
+        let d = after.since(&before);
+        assert_eq!(d.0.iter().map(|p| p.counts.runs).collect::<Vec<_>>(), [20, 7]);
+        let total = d.total();
+        assert_eq!((total.runs, total.misses, total.run_time_ns), (27, 10, 2700));
+        assert_eq!(total.ns_per_run(), 100.0);
+        assert!((total.skipped_share() - 10.0 / 37.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn spread_is_median_min_max() {
+        assert_eq!(spread(&[3.0, 1.0, 2.0], 1), "2.0 [1.0, 3.0]");
+        assert_eq!(spread(&[], 1), "-");
     }
 }

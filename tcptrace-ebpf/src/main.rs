@@ -16,12 +16,11 @@
 
 use aya_ebpf::{
     helpers::{
-        bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_ktime_get_ns,
-        bpf_probe_read_kernel, generated,
+        bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel, generated,
     },
-    macros::{map, raw_tracepoint, tracepoint},
+    macros::{btf_tracepoint, map, raw_tracepoint, tracepoint},
     maps::{PerCpuArray, RingBuf},
-    programs::{RawTracePointContext, TracePointContext},
+    programs::{BtfTracePointContext, RawTracePointContext, TracePointContext},
     EbpfContext as _,
 };
 use tcptrace_common::{
@@ -158,13 +157,20 @@ impl Span {
 
 // ---- inet_sock_set_state ----
 
-#[raw_tracepoint(tracepoint = "inet_sock_set_state")]
-pub fn set_state_raw(ctx: RawTracePointContext) -> i32 {
+/// A BTF-enabled raw tracepoint (`tp_btf`): the kernel types `sk` as a `struct sock`,
+/// so its protocol is a plain load at the BTF offset (a constant to the verifier, as
+/// [`CONFIG`] is read-only and frozen) instead of a helper call on every transition.
+#[btf_tracepoint(function = "inet_sock_set_state")]
+pub fn set_state_raw(ctx: BtfTracePointContext) -> i32 {
     // TP_PROTO(const struct sock *sk, const int oldstate, const int newstate)
-    let sk: u64 = ctx.arg(0);
-    if read::<u16>(sk, cfg!(sock.protocol)) != Some(IPPROTO_TCP) {
+    let sk: *const u8 = ctx.arg(0);
+    let protocol = cfg!(sock.protocol);
+    // SAFETY: the verifier checks the load against `struct sock`'s BTF, and a fault
+    // (a bad pointer) reads as 0.
+    if protocol == ABSENT || unsafe { core::ptr::read(sk.add(usize::from(protocol)).cast::<u16>()) } != IPPROTO_TCP {
         return 0;
     }
+    let sk = sk as u64;
     state_change(sk, ctx.arg::<u64>(1) as u32, ctx.arg::<u64>(2) as u32, |ev| {
         sock_tuple(ev, SLOT_SET_STATE, sk, true);
     });
@@ -234,10 +240,10 @@ fn state_change(sk: u64, old: u32, new: u32, tuple: impl FnOnce(&mut Event)) {
 }
 
 /// The benchmark's floor for raw tracepoints: what attaching any program to
-/// inet_sock_set_state costs. Only `cargo xtask bench` (through the `floor` example)
-/// attaches it; the daemon never does.
-#[raw_tracepoint(tracepoint = "inet_sock_set_state")]
-pub fn floor_raw(_ctx: RawTracePointContext) -> i32 {
+/// inet_sock_set_state costs, of the same type as [`set_state_raw`] (`tp_btf`). Only
+/// `cargo xtask bench` (through the `floor` example) attaches it; the daemon never does.
+#[btf_tracepoint(function = "inet_sock_set_state")]
+pub fn floor_raw(_ctx: BtfTracePointContext) -> i32 {
     0
 }
 

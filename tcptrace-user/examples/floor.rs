@@ -29,9 +29,9 @@ fn main() -> Result<(), Box<dyn Error>> {
     let mut ebpf = EbpfLoader::new().load(probe::object())?;
     let program = ebpf.program_mut(name).ok_or_else(|| format!("no program {name} in the object"))?;
     match program {
-        Program::RawTracePoint(p) => {
-            p.load()?;
-            p.attach("inet_sock_set_state")?;
+        Program::BtfTracePoint(p) => {
+            p.load("inet_sock_set_state", &aya::Btf::from_sys_fs()?)?;
+            p.attach()?;
         }
         Program::TracePoint(p) => {
             // aya finds tracefs but does not mount it; a fresh machine has none.

@@ -457,6 +457,11 @@ fn load_one(ebpf: &mut Ebpf, a: &Attachment, mode: AttachMode) -> Result<()> {
     let load_err = |e: ProgramError| attach_error(a, name, e);
     match program {
         Program::RawTracePoint(p) if mode == AttachMode::Raw => p.load().map_err(load_err),
+        Program::BtfTracePoint(p) if mode == AttachMode::Raw => {
+            let btf =
+                aya::Btf::from_sys_fs().map_err(|e| Error::Object(format!("the kernel's BTF for {name}: {e}")))?;
+            p.load(a.name, &btf).map_err(load_err)
+        }
         Program::TracePoint(p) if mode == AttachMode::Classic => p.load().map_err(load_err),
         _ => Err(Error::Object(format!("program {name} of the expected type"))),
     }
@@ -469,6 +474,7 @@ fn attach_one(ebpf: &mut Ebpf, a: &Attachment, mode: AttachMode) -> Result<()> {
     let attach_err = |e: ProgramError| attach_error(a, name, e);
     match program {
         Program::RawTracePoint(p) if mode == AttachMode::Raw => p.attach(a.name).map(drop).map_err(attach_err),
+        Program::BtfTracePoint(p) if mode == AttachMode::Raw => p.attach().map(drop).map_err(attach_err),
         Program::TracePoint(p) if mode == AttachMode::Classic => {
             p.attach(a.category, a.name).map(drop).map_err(attach_err)
         }

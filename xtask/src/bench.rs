@@ -101,7 +101,7 @@ impl Tracer {
             Self::None => "workload alone",
             Self::Tcptrace => "tcptrace daemon (raw tracepoints)",
             Self::TcptraceClassic => "tcptrace daemon --attach classic",
-            Self::FloorRaw => "floor: no-op raw tracepoint",
+            Self::FloorRaw => "floor: no-op raw tracepoint (tp_btf)",
             Self::FloorClassic => "floor: no-op classic tracepoint",
             Self::Tcpstates => "tcpstates > /dev/null",
             Self::Bpftrace => "bpftrace (in-kernel histogram)",
@@ -242,9 +242,11 @@ struct Prog {
     counts: Counts,
 }
 
-/// The kernel's `BPF_PROG_TYPE_TRACEPOINT` and `BPF_PROG_TYPE_RAW_TRACEPOINT`.
+/// The kernel's `BPF_PROG_TYPE_TRACEPOINT`, `BPF_PROG_TYPE_RAW_TRACEPOINT` and
+/// `BPF_PROG_TYPE_TRACING` (a `tp_btf` program: tcptrace's raw state-change program).
 const PROG_TYPE_TRACEPOINT: u32 = 5;
 const PROG_TYPE_RAW_TRACEPOINT: u32 = 17;
+const PROG_TYPE_TRACING: u32 = 26;
 
 /// The BPF programs a process holds, each once (a process may hold several
 /// descriptors of one), by program id.
@@ -312,7 +314,7 @@ impl ProgStats {
     /// The floor of the state-change program's attach type, if there is one.
     fn floor(&self) -> Option<Tracer> {
         match self.state_change()?.prog_type {
-            PROG_TYPE_RAW_TRACEPOINT => Some(Tracer::FloorRaw),
+            PROG_TYPE_RAW_TRACEPOINT | PROG_TYPE_TRACING => Some(Tracer::FloorRaw),
             PROG_TYPE_TRACEPOINT => Some(Tracer::FloorClassic),
             _ => None,
         }

@@ -16,7 +16,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{bail, Context as _, Result};
+use anyhow::{bail, ensure, Context as _, Result};
 
 use crate::{
     churn::{Churn, Closer},
@@ -52,6 +52,11 @@ pub struct BenchArgs {
     /// Only tcptrace and the bare workload (skip tcpstates and bpftrace).
     #[arg(long)]
     pub no_peers: bool,
+    /// Another tcptrace binary (e.g. an earlier commit's release build) run as one
+    /// more configuration in the same rounds: a before/after that the drift between
+    /// invocations cannot blur.
+    #[arg(long, value_name = "BIN")]
+    pub baseline: Option<PathBuf>,
 }
 
 impl BenchArgs {
@@ -67,6 +72,7 @@ impl BenchArgs {
             open: 1_000,
             events: 100_000,
             no_peers: true,
+            baseline: None,
         }
     }
 }
@@ -78,6 +84,8 @@ enum Tracer {
     /// tcptrace with classic tracepoint programs (`--attach classic`): the other
     /// attach type, measured in the same rounds.
     TcptraceClassic,
+    /// `--baseline BIN`: another tcptrace binary, default flags.
+    Baseline,
     /// The floors: a no-op program on `sock:inet_sock_set_state` of each attach type,
     /// loaded by tcptrace's `floor` example, so tcptrace's cost shows above the price
     /// of being attached at all.
@@ -89,7 +97,7 @@ enum Tracer {
 
 impl Tracer {
     fn is_tcptrace(self) -> bool {
-        matches!(self, Self::Tcptrace | Self::TcptraceClassic)
+        matches!(self, Self::Tcptrace | Self::TcptraceClassic | Self::Baseline)
     }
 
     fn is_floor(self) -> bool {
@@ -101,6 +109,7 @@ impl Tracer {
             Self::None => "workload alone",
             Self::Tcptrace => "tcptrace daemon (raw tracepoints)",
             Self::TcptraceClassic => "tcptrace daemon --attach classic",
+            Self::Baseline => "tcptrace daemon, --baseline binary",
             Self::FloorRaw => "floor: no-op raw tracepoint (tp_btf)",
             Self::FloorClassic => "floor: no-op classic tracepoint",
             Self::Tcpstates => "tcpstates > /dev/null",
@@ -376,7 +385,7 @@ enum Ready {
 fn start(tracer: Tracer, bin: &Path, work: &Path) -> Result<Option<Running>> {
     let mut cmd = match tracer {
         Tracer::None => return Ok(None),
-        Tracer::Tcptrace | Tracer::TcptraceClassic => {
+        Tracer::Tcptrace | Tracer::TcptraceClassic | Tracer::Baseline => {
             let mut c = Command::new(bin);
             c.args(["daemon", "--listen", "127.0.0.1:0"]);
             if tracer == Tracer::TcptraceClassic {
@@ -858,6 +867,10 @@ pub fn run(args: &BenchArgs, root: &Path, bin: &Path, xtask: &Path) -> Result<St
     let _stats = BpfStats::enable();
     let mut tracers =
         vec![Tracer::None, Tracer::Tcptrace, Tracer::TcptraceClassic, Tracer::FloorRaw, Tracer::FloorClassic];
+    if let Some(baseline) = &args.baseline {
+        ensure!(baseline.is_file(), "--baseline {}: no such file", baseline.display());
+        tracers.push(Tracer::Baseline);
+    }
     if !args.no_peers {
         for (t, program) in [(Tracer::Tcpstates, "tcpstates"), (Tracer::Bpftrace, "bpftrace")] {
             if has(program) {
@@ -881,7 +894,12 @@ pub fn run(args: &BenchArgs, root: &Path, bin: &Path, xtask: &Path) -> Result<St
         let mut order = tracers.clone();
         order.rotate_left(round % tracers.len());
         for &t in &order {
-            let r = one_run(t, &churn, if t.is_floor() { &floor } else { bin }, &work, round)?;
+            let exe = match (t, &args.baseline) {
+                (Tracer::Baseline, Some(baseline)) => baseline.as_path(),
+                _ if t.is_floor() => floor.as_path(),
+                _ => bin,
+            };
+            let r = one_run(t, &churn, exe, &work, round)?;
             eprintln!(
                 "xtask bench: round {} {:<34} {:>8.0} conn/s ({} in {:.1} s)",
                 round + 1,

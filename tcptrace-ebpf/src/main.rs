@@ -164,17 +164,48 @@ impl Span {
 pub fn set_state_raw(ctx: BtfTracePointContext) -> i32 {
     // TP_PROTO(const struct sock *sk, const int oldstate, const int newstate)
     let sk: *const u8 = ctx.arg(0);
-    let protocol = cfg!(sock.protocol);
-    // SAFETY: the verifier checks the load against `struct sock`'s BTF, and a fault
-    // (a bad pointer) reads as 0.
-    if protocol == ABSENT || unsafe { core::ptr::read(sk.add(usize::from(protocol)).cast::<u16>()) } != IPPROTO_TCP {
+    if field::<u16>(sk, cfg!(sock.protocol)) != Some(IPPROTO_TCP) {
         return 0;
     }
-    let sk = sk as u64;
-    state_change(sk, ctx.arg::<u64>(1) as u32, ctx.arg::<u64>(2) as u32, |ev| {
-        sock_tuple(ev, SLOT_SET_STATE, sk, true);
-    });
+    state_change(sk as u64, ctx.arg::<u64>(1) as u32, ctx.arg::<u64>(2) as u32, |ev| btf_tuple(ev, sk));
     0
+}
+
+/// A field of the `struct sock` (or of a struct it points to) at `ptr`, as a plain
+/// load: only in the `tp_btf` program, whose verifier knows the pointer's BTF type
+/// and checks the access against it. A fault (a bad pointer) reads as 0.
+#[inline(always)]
+fn field<T: Copy>(ptr: *const u8, offset: u16) -> Option<T> {
+    if offset == ABSENT {
+        return None;
+    }
+    // SAFETY: see above; the offset is a constant to the verifier (CONFIG is frozen).
+    Some(unsafe { core::ptr::read(ptr.add(usize::from(offset)).cast::<T>()) })
+}
+
+/// [`sock_tuple`] for the `tp_btf` program: family, ports, IPv4 addresses and the
+/// namespace (through `skc_net`) as plain loads, no helper call. The local port is
+/// `inet_sock.inet_sport`, past `struct sock` where the verifier allows no plain
+/// load, and IPv6 addresses are 16-byte arrays: both are still copied by helper.
+#[inline(always)]
+fn btf_tuple(ev: &mut Event, sk: *const u8) {
+    ev.family = field::<u16>(sk, cfg!(sock.family)).unwrap_or(0);
+    ev.sport = u16::from_be(read::<u16>(sk as u64, cfg!(sock.sport)).unwrap_or(0));
+    ev.dport = u16::from_be(field::<u16>(sk, cfg!(sock.dport)).unwrap_or(0));
+    if ev.family == AF_INET {
+        if let (Some(saddr), Some(daddr)) = (field::<u32>(sk, cfg!(sock.rcv_saddr)), field::<u32>(sk, cfg!(sock.daddr)))
+        {
+            ev.saddr[..4].copy_from_slice(&saddr.to_ne_bytes());
+            ev.daddr[..4].copy_from_slice(&daddr.to_ne_bytes());
+        }
+    } else if ev.family == AF_INET6 {
+        if let Some(sock) = Span::load(SLOT_SET_STATE, sk as u64, cfg!(sock.span)) {
+            sock.copy(cfg!(sock.v6_rcv_saddr), &mut ev.saddr);
+            sock.copy(cfg!(sock.v6_daddr), &mut ev.daddr);
+        }
+    }
+    ev.netns =
+        field::<*const u8>(sk, cfg!(sock.net)).and_then(|net| field::<u32>(net, cfg!(sock.net_inum))).unwrap_or(0);
 }
 
 #[tracepoint(category = "sock", name = "inet_sock_set_state")]

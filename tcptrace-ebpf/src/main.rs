@@ -6,7 +6,9 @@
 //! tracepoint program (the default: no record is built, and the kernel's recursion
 //! guard is the program's own) that reads the socket at offsets from the kernel's
 //! BTF, and a classic tracepoint program, for kernels without BTF, that reads the
-//! record at offsets from the tracepoint's `format` file. Nothing about the kernel is
+//! record at offsets from the tracepoint's `format` file. The busiest one, on
+//! `inet_sock_set_state`, is a BTF-enabled raw tracepoint (`tp_btf`), whose socket
+//! fields are plain loads rather than helper calls. Nothing about the kernel is
 //! compiled in: every offset arrives in [`CONFIG`] at load time.
 //!
 //! Deliberately small: every decision (pairing, expiry, metrics) is made in

@@ -1131,7 +1131,9 @@ mod tests {
         let unnamed = ProgStats(vec![prog(3, PROG_TYPE_TRACEPOINT, None, 5), prog(4, PROG_TYPE_TRACEPOINT, None, 50)]);
         assert_eq!(unnamed.state_change().map(|p| p.id), Some(4));
         assert_eq!(unnamed.floor(), Some(Tracer::FloorClassic));
-        assert_eq!(ProgStats(vec![prog(5, 26, None, 1)]).floor(), None);
+        // A tp_btf program (tcptrace's raw state-change one) has the tp_btf floor.
+        assert_eq!(ProgStats(vec![prog(5, PROG_TYPE_TRACING, None, 1)]).floor(), Some(Tracer::FloorRaw));
+        assert_eq!(ProgStats(vec![prog(6, 2, None, 1)]).floor(), None);
     }
 
     #[test]

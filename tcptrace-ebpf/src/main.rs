@@ -6,9 +6,9 @@
 //! tracepoint program (the default: no record is built, and the kernel's recursion
 //! guard is the program's own) that reads the socket at offsets from the kernel's
 //! BTF, and a classic tracepoint program, for kernels without BTF, that reads the
-//! record at offsets from the tracepoint's `format` file. The busiest one, on
-//! `inet_sock_set_state`, is a BTF-enabled raw tracepoint (`tp_btf`), whose socket
-//! fields are plain loads rather than helper calls. Nothing about the kernel is
+//! record at offsets from the tracepoint's `format` file. The raw programs are
+//! BTF-enabled raw tracepoints (`tp_btf`), whose socket fields are plain loads rather
+//! than helper calls. Nothing about the kernel is
 //! compiled in: every offset arrives in [`CONFIG`] at load time.
 //!
 //! Deliberately small: every decision (pairing, expiry, metrics) is made in
@@ -20,9 +20,9 @@ use aya_ebpf::{
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel, generated,
     },
-    macros::{btf_tracepoint, map, raw_tracepoint, tracepoint},
+    macros::{btf_tracepoint, map, tracepoint},
     maps::{PerCpuArray, RingBuf},
-    programs::{BtfTracePointContext, RawTracePointContext, TracePointContext},
+    programs::{BtfTracePointContext, TracePointContext},
     EbpfContext as _,
 };
 use tcptrace_common::{
@@ -159,9 +159,10 @@ impl Span {
 
 // ---- inet_sock_set_state ----
 
-/// A BTF-enabled raw tracepoint (`tp_btf`): the kernel types `sk` as a `struct sock`,
-/// so its protocol is a plain load at the BTF offset (a constant to the verifier, as
-/// [`CONFIG`] is read-only and frozen) instead of a helper call on every transition.
+/// Like every raw program here, a BTF-enabled raw tracepoint (`tp_btf`): the kernel
+/// types `sk` as a `struct sock`, so its protocol is a plain load at the BTF offset (a
+/// constant to the verifier, as [`CONFIG`] is read-only and frozen) instead of a
+/// helper call on every transition.
 #[btf_tracepoint(function = "inet_sock_set_state")]
 pub fn set_state_raw(ctx: BtfTracePointContext) -> i32 {
     // TP_PROTO(const struct sock *sk, const int oldstate, const int newstate)
@@ -169,13 +170,15 @@ pub fn set_state_raw(ctx: BtfTracePointContext) -> i32 {
     if field::<u16>(sk, cfg!(sock.protocol)) != Some(IPPROTO_TCP) {
         return 0;
     }
-    state_change(sk as u64, ctx.arg::<u64>(1) as u32, ctx.arg::<u64>(2) as u32, |ev| btf_tuple(ev, sk));
+    state_change(sk as u64, ctx.arg::<u64>(1) as u32, ctx.arg::<u64>(2) as u32, |ev| {
+        sock_tuple(ev, SLOT_SET_STATE, sk, true);
+    });
     0
 }
 
-/// A field of the `struct sock` (or of a struct it points to) at `ptr`, as a plain
-/// load: only in the `tp_btf` program, whose verifier knows the pointer's BTF type
-/// and checks the access against it. A fault (a bad pointer) reads as 0.
+/// A field of the `struct sock` (or request, or a struct either points to) at `ptr`,
+/// as a plain load: only in `tp_btf` programs, whose verifier knows the pointer's BTF
+/// type and checks the access against it. A fault (a bad pointer) reads as 0.
 #[inline(always)]
 fn field<T: Copy>(ptr: *const u8, offset: u16) -> Option<T> {
     if offset == ABSENT {
@@ -183,31 +186,6 @@ fn field<T: Copy>(ptr: *const u8, offset: u16) -> Option<T> {
     }
     // SAFETY: see above; the offset is a constant to the verifier (CONFIG is frozen).
     Some(unsafe { core::ptr::read(ptr.add(usize::from(offset)).cast::<T>()) })
-}
-
-/// [`sock_tuple`] for the `tp_btf` program: family, ports, IPv4 addresses and the
-/// namespace (through `skc_net`) as plain loads, no helper call. The local port is
-/// `inet_sock.inet_sport`, past `struct sock` where the verifier allows no plain
-/// load, and IPv6 addresses are 16-byte arrays: both are still copied by helper.
-#[inline(always)]
-fn btf_tuple(ev: &mut Event, sk: *const u8) {
-    ev.family = field::<u16>(sk, cfg!(sock.family)).unwrap_or(0);
-    ev.sport = u16::from_be(read::<u16>(sk as u64, cfg!(sock.sport)).unwrap_or(0));
-    ev.dport = u16::from_be(field::<u16>(sk, cfg!(sock.dport)).unwrap_or(0));
-    if ev.family == AF_INET {
-        if let (Some(saddr), Some(daddr)) = (field::<u32>(sk, cfg!(sock.rcv_saddr)), field::<u32>(sk, cfg!(sock.daddr)))
-        {
-            ev.saddr[..4].copy_from_slice(&saddr.to_ne_bytes());
-            ev.daddr[..4].copy_from_slice(&daddr.to_ne_bytes());
-        }
-    } else if ev.family == AF_INET6 {
-        if let Some(sock) = Span::load(SLOT_SET_STATE, sk as u64, cfg!(sock.span)) {
-            sock.copy(cfg!(sock.v6_rcv_saddr), &mut ev.saddr);
-            sock.copy(cfg!(sock.v6_daddr), &mut ev.daddr);
-        }
-    }
-    ev.netns =
-        field::<*const u8>(sk, cfg!(sock.net)).and_then(|net| field::<u32>(net, cfg!(sock.net_inum))).unwrap_or(0);
 }
 
 #[tracepoint(category = "sock", name = "inet_sock_set_state")]
@@ -288,13 +266,13 @@ pub fn floor_tp(_ctx: TracePointContext) -> u32 {
 
 // ---- tcp_retransmit_skb: only SYNs ----
 
-#[raw_tracepoint(tracepoint = "tcp_retransmit_skb")]
-pub fn retransmit_skb_raw(ctx: RawTracePointContext) -> i32 {
+#[btf_tracepoint(function = "tcp_retransmit_skb")]
+pub fn retransmit_skb_raw(ctx: BtfTracePointContext) -> i32 {
     // TP_PROTO(const struct sock *sk, const struct sk_buff *skb, ...)
-    let sk: u64 = ctx.arg(0);
+    let sk: *const u8 = ctx.arg(0);
     // Only handshake retransmissions feed a metric; data retransmits stay in the kernel.
-    if read::<u8>(sk, cfg!(sock.state)) == Some(TcpState::SynSent as u8) {
-        rare(EventKind::SynRetransmit, sk, TcpState::SynSent as u8, |ev| {
+    if field::<u8>(sk, cfg!(sock.state)) == Some(TcpState::SynSent as u8) {
+        rare(EventKind::SynRetransmit, sk as u64, TcpState::SynSent as u8, |ev| {
             sock_tuple(ev, SLOT_RETRANSMIT_SKB, sk, true);
         });
     }
@@ -315,12 +293,12 @@ pub fn retransmit_skb_tp(ctx: TracePointContext) -> u32 {
 
 // ---- tcp_retransmit_synack ----
 
-#[raw_tracepoint(tracepoint = "tcp_retransmit_synack")]
-pub fn retransmit_synack_raw(ctx: RawTracePointContext) -> i32 {
+#[btf_tracepoint(function = "tcp_retransmit_synack")]
+pub fn retransmit_synack_raw(ctx: BtfTracePointContext) -> i32 {
     // TP_PROTO(const struct sock *sk, const struct request_sock *req): the 4-tuple
     // and family are the request's (a request_sock starts with a sock_common), so a
     // dual-stack listener's IPv4 request is IPv4 here.
-    let (sk, req): (u64, u64) = (ctx.arg(0), ctx.arg(1));
+    let (sk, req): (u64, *const u8) = (ctx.arg(0), ctx.arg(1));
     rare(EventKind::SynAckRetransmit, sk, 0, |ev| sock_tuple(ev, SLOT_RETRANSMIT_SYNACK, req, false));
     0
 }
@@ -337,11 +315,11 @@ pub fn retransmit_synack_tp(ctx: TracePointContext) -> u32 {
 
 // ---- tcp_receive_reset ----
 
-#[raw_tracepoint(tracepoint = "tcp_receive_reset")]
-pub fn receive_reset_raw(ctx: RawTracePointContext) -> i32 {
+#[btf_tracepoint(function = "tcp_receive_reset")]
+pub fn receive_reset_raw(ctx: BtfTracePointContext) -> i32 {
     // TP_PROTO(struct sock *sk)
-    let sk: u64 = ctx.arg(0);
-    rare(EventKind::ResetReceived, sk, 0, |ev| sock_tuple(ev, SLOT_RECEIVE_RESET, sk, true));
+    let sk: *const u8 = ctx.arg(0);
+    rare(EventKind::ResetReceived, sk as u64, 0, |ev| sock_tuple(ev, SLOT_RECEIVE_RESET, sk, true));
     0
 }
 
@@ -374,32 +352,35 @@ fn rare(kind: EventKind, sk: u64, state: u8, tuple: impl FnOnce(&mut Event)) {
     entry.submit(wakeup_flags());
 }
 
-/// Family, ports, addresses and network namespace from a `struct sock_common` (a
-/// socket's or a request's), copied in one read and picked at BTF offsets. A full
-/// socket's local port comes from `inet_sport`: `skc_num` is already cleared when
-/// it goes to CLOSE.
+/// Family, ports, addresses and network namespace of a socket or a request (both
+/// start with a `struct sock_common`), for the `tp_btf` programs: plain loads at BTF
+/// offsets, namespace through `skc_net`. A full socket's local port is
+/// `inet_sock.inet_sport` (`skc_num` is already cleared when it goes to CLOSE): past
+/// `struct sock`, where the verifier allows no plain load, so a helper reads it; so
+/// are IPv6 addresses, 16-byte arrays, through one copy of the socket's first bytes.
 #[inline(always)]
-fn sock_tuple(ev: &mut Event, slot: u32, sk: u64, full: bool) {
-    let Some(sock) = Span::load(slot, sk, cfg!(sock.span)) else {
-        return;
-    };
-    ev.family = sock.get::<u16>(cfg!(sock.family)).unwrap_or(0);
+fn sock_tuple(ev: &mut Event, slot: u32, sk: *const u8, full: bool) {
+    ev.family = field::<u16>(sk, cfg!(sock.family)).unwrap_or(0);
     ev.sport = if full {
-        u16::from_be(read::<u16>(sk, cfg!(sock.sport)).unwrap_or(0))
+        u16::from_be(read::<u16>(sk as u64, cfg!(sock.sport)).unwrap_or(0))
     } else {
-        sock.get::<u16>(cfg!(sock.num)).unwrap_or(0)
+        field::<u16>(sk, cfg!(sock.num)).unwrap_or(0)
     };
-    ev.dport = u16::from_be(sock.get::<u16>(cfg!(sock.dport)).unwrap_or(0));
+    ev.dport = u16::from_be(field::<u16>(sk, cfg!(sock.dport)).unwrap_or(0));
     if ev.family == AF_INET {
-        if let (Some(saddr), Some(daddr)) = (ev.saddr.first_chunk_mut::<4>(), ev.daddr.first_chunk_mut::<4>()) {
-            sock.copy(cfg!(sock.rcv_saddr), saddr);
-            sock.copy(cfg!(sock.daddr), daddr);
+        if let (Some(saddr), Some(daddr)) = (field::<u32>(sk, cfg!(sock.rcv_saddr)), field::<u32>(sk, cfg!(sock.daddr)))
+        {
+            ev.saddr[..4].copy_from_slice(&saddr.to_ne_bytes());
+            ev.daddr[..4].copy_from_slice(&daddr.to_ne_bytes());
         }
     } else if ev.family == AF_INET6 {
-        sock.copy(cfg!(sock.v6_rcv_saddr), &mut ev.saddr);
-        sock.copy(cfg!(sock.v6_daddr), &mut ev.daddr);
+        if let Some(sock) = Span::load(slot, sk as u64, cfg!(sock.span)) {
+            sock.copy(cfg!(sock.v6_rcv_saddr), &mut ev.saddr);
+            sock.copy(cfg!(sock.v6_daddr), &mut ev.daddr);
+        }
     }
-    ev.netns = sock.get::<u64>(cfg!(sock.net)).and_then(|net| read::<u32>(net, cfg!(sock.net_inum))).unwrap_or(0);
+    ev.netns =
+        field::<*const u8>(sk, cfg!(sock.net)).and_then(|net| field::<u32>(net, cfg!(sock.net_inum))).unwrap_or(0);
 }
 
 /// Ports and addresses from a classic tracepoint's record, at `format` offsets. The
@@ -415,7 +396,7 @@ fn record_tuple(ev: &mut Event, rec: &Span, (sport, dport): (u16, u16), (saddr_v
 }
 
 /// The inode number of the socket's network namespace, `sk->skc_net.net->ns.inum`,
-/// for programs that have not copied the socket.
+/// for the classic programs (their `skaddr` is an untyped number: helper reads).
 #[inline(always)]
 fn netns(sk: u64) -> u32 {
     read::<u64>(sk, cfg!(sock.net)).and_then(|net| read::<u32>(net, cfg!(sock.net_inum))).unwrap_or(0)

@@ -373,13 +373,21 @@ impl Probe {
                 _ => Error::Load(err),
             })?;
 
+        // `tp_btf` programs are loaded against the kernel's BTF: parsed once for all.
+        let kernel_btf = match mode {
+            AttachMode::Raw => Some(
+                aya::Btf::from_sys_fs()
+                    .map_err(|e| Error::Object(format!("the kernel's BTF, for raw tracepoints: {e}")))?,
+            ),
+            _ => None,
+        };
         // Every program is loaded (verified) before the first is attached: events
         // flow from the first attach, and nobody drains them until this returns.
         let mut outcomes: Vec<Result<()>> = ATTACHMENTS
             .iter()
             .map(|a| match unusable.iter().find(|(n, _)| *n == a.name) {
                 Some((_, why)) => Err(Error::Object(why.clone())),
-                None => load_one(&mut ebpf, a, mode),
+                None => load_one(&mut ebpf, a, kernel_btf.as_ref()),
             })
             .collect();
         for (a, outcome) in ATTACHMENTS.iter().zip(&mut outcomes) {
@@ -451,18 +459,16 @@ fn slot(config: &mut Config, record: Record) -> &mut RecordLayout {
 }
 
 /// Loads and attaches the program of `mode` for one tracepoint.
-fn load_one(ebpf: &mut Ebpf, a: &Attachment, mode: AttachMode) -> Result<()> {
-    let name = if mode == AttachMode::Raw { a.raw } else { a.classic };
+fn load_one(ebpf: &mut Ebpf, a: &Attachment, kernel_btf: Option<&aya::Btf>) -> Result<()> {
+    let name = if kernel_btf.is_some() { a.raw } else { a.classic };
     let program = ebpf.program_mut(name).ok_or_else(|| Error::Object(format!("program {name}")))?;
     let load_err = |e: ProgramError| attach_error(a, name, e);
     match program {
-        Program::RawTracePoint(p) if mode == AttachMode::Raw => p.load().map_err(load_err),
-        Program::BtfTracePoint(p) if mode == AttachMode::Raw => {
-            let btf =
-                aya::Btf::from_sys_fs().map_err(|e| Error::Object(format!("the kernel's BTF for {name}: {e}")))?;
-            p.load(a.name, &btf).map_err(load_err)
-        }
-        Program::TracePoint(p) if mode == AttachMode::Classic => p.load().map_err(load_err),
+        Program::BtfTracePoint(p) => match kernel_btf {
+            Some(btf) => p.load(a.name, btf).map_err(load_err),
+            None => Err(Error::Object(format!("program {name} of the expected type"))),
+        },
+        Program::TracePoint(p) if kernel_btf.is_none() => p.load().map_err(load_err),
         _ => Err(Error::Object(format!("program {name} of the expected type"))),
     }
 }
@@ -473,7 +479,6 @@ fn attach_one(ebpf: &mut Ebpf, a: &Attachment, mode: AttachMode) -> Result<()> {
     let program = ebpf.program_mut(name).ok_or_else(|| Error::Object(format!("program {name}")))?;
     let attach_err = |e: ProgramError| attach_error(a, name, e);
     match program {
-        Program::RawTracePoint(p) if mode == AttachMode::Raw => p.attach(a.name).map(drop).map_err(attach_err),
         Program::BtfTracePoint(p) if mode == AttachMode::Raw => p.attach().map(drop).map_err(attach_err),
         Program::TracePoint(p) if mode == AttachMode::Classic => {
             p.attach(a.category, a.name).map(drop).map_err(attach_err)

@@ -85,8 +85,8 @@ pub struct Limits {
 }
 
 /// Serves until `shutdown` turns true, then lets in-flight requests finish (up to 1 s).
-/// TLS and authentication follow `web` as it is when a connection (TLS) or a request
-/// (authentication, headers) arrives.
+/// TLS follows `web` as it is when a connection arrives, authentication and headers
+/// as it is when a request does (so a reload reaches kept-alive scrapers too).
 pub async fn serve(
     listener: TcpListener,
     routes: Routes,
@@ -138,14 +138,14 @@ pub async fn serve(
         let activity = Arc::new(Activity::new());
         let registered = open.register(activity.clone());
         let tracked = Tracked { inner: stream, activity: activity.clone() };
-        // Read once per connection: a reload applies to the connections after it.
-        let config = web.current();
-        let (cache, counters, watcher, gate) = (cache.clone(), counters.clone(), graceful.watcher(), gate.clone());
+        let tls = web.current().tls.clone();
+        let (cache, counters, watcher, gate, web) =
+            (cache.clone(), counters.clone(), graceful.watcher(), gate.clone(), web.clone());
         tokio::spawn(async move {
             let _slot = (permit, registered);
             let on_request = activity.clone();
             let session = async {
-                let io: Box<dyn Io> = match config.tls.clone() {
+                let io: Box<dyn Io> = match tls {
                     None => Box::new(tracked),
                     Some(tls) => match handshake(tracked, tls).await {
                         Ok(stream) => Box::new(stream),
@@ -156,7 +156,7 @@ pub async fn serve(
                         }
                     },
                 };
-                let request = Request { cache: &cache, config: &config, gate: &gate, counters: &counters };
+                let request = Request { cache: &cache, web: &web, gate: &gate, counters: &counters };
                 let service = service_fn(|req| {
                     on_request.request_read();
                     async move { Ok::<_, Infallible>(request.respond(&req).await) }
@@ -444,7 +444,7 @@ async fn handshake(
 #[derive(Clone, Copy)]
 struct Request<'a> {
     cache: &'a Bodies,
-    config: &'a Arc<WebConfig>,
+    web: &'a WebConfigFile,
     /// Held while bcrypt runs.
     gate: &'a Arc<Semaphore>,
     counters: &'a WebCounters,
@@ -452,7 +452,8 @@ struct Request<'a> {
 
 impl Request<'_> {
     async fn respond(self, req: &hyper::Request<Incoming>) -> Response<Full<Bytes>> {
-        let mut response = if self.authorized(req).await {
+        let config = self.web.current();
+        let mut response = if self.authorized(&config, req).await {
             respond(req, self.cache).await
         } else {
             self.counters.unauthorized.inc();
@@ -461,7 +462,7 @@ impl Request<'_> {
             r.headers_mut().insert(WWW_AUTHENTICATE, HeaderValue::from_static("Basic realm=\"tcptrace\""));
             r
         };
-        for (name, value) in &self.config.headers {
+        for (name, value) in &config.headers {
             response.headers_mut().insert(name.clone(), value.clone());
         }
         response
@@ -469,20 +470,20 @@ impl Request<'_> {
 
     /// `basic_auth_users`: credentials verified before pass at once; new ones wait for
     /// their turn at bcrypt, off the runtime.
-    async fn authorized(self, req: &hyper::Request<Incoming>) -> bool {
-        if !self.config.requires_auth() {
+    async fn authorized(self, config: &Arc<WebConfig>, req: &hyper::Request<Incoming>) -> bool {
+        if !config.requires_auth() {
             return true;
         }
         let Some(credentials) = Credentials::from_header(req.headers().get(AUTHORIZATION)) else {
             return false;
         };
-        if self.config.known(&credentials) {
+        if config.known(&credentials) {
             return true;
         }
         let Ok(_turn) = self.gate.acquire().await else {
             return false;
         };
-        let config = self.config.clone();
+        let config = config.clone();
         tokio::task::spawn_blocking(move || config.verify(&credentials)).await.unwrap_or(false)
     }
 }

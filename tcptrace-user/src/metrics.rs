@@ -513,14 +513,9 @@ impl Metrics {
         }
     }
 
-    /// The port a handshake is labelled by: the service's port, i.e. the remote one
-    /// for active opens and the local (listening) one for passive.
+    /// The slot of the port a handshake is labelled by: the service's port.
     fn port_slot(&mut self, direction: Direction, tuple: &crate::tracker::Tuple) -> usize {
-        let port = match direction {
-            Direction::Active => tuple.dport,
-            Direction::Passive => tuple.sport,
-        };
-        self.ports.slot(port)
+        self.ports.slot(tuple.service_port(direction))
     }
 }
 

@@ -31,65 +31,74 @@ pub struct Entry {
     pub retransmits: u32,
 }
 
-/// The most recent slow (at or above a threshold) and failed handshakes.
+/// The most recent slow (at or above a threshold) and failed handshakes, kept as the
+/// tracker reported them: turned into [`Entry`]s (addresses, command, wall time)
+/// only when the page is rendered, not for each of a flood of failures.
 pub struct Recent {
     threshold_ns: u64,
-    entries: VecDeque<Entry>,
+    noted: VecDeque<Noted>,
+}
+
+#[derive(Clone, Copy)]
+enum Noted {
+    Slow(Handshake),
+    Failed(Failure),
 }
 
 impl Recent {
     pub fn new(threshold: Duration) -> Self {
-        Self { threshold_ns: u64::try_from(threshold.as_nanos()).unwrap_or(u64::MAX), entries: VecDeque::new() }
+        Self { threshold_ns: u64::try_from(threshold.as_nanos()).unwrap_or(u64::MAX), noted: VecDeque::new() }
     }
 
     /// Newest first.
     pub fn entries(&self) -> Vec<Entry> {
-        self.entries.iter().rev().cloned().collect()
+        self.noted.iter().rev().map(Noted::entry).collect()
     }
 
-    fn push(&mut self, e: Entry) {
-        if self.entries.len() == RECENT {
-            self.entries.pop_front();
+    fn push(&mut self, n: Noted) {
+        if self.noted.len() == RECENT {
+            self.noted.pop_front();
         }
-        self.entries.push_back(e);
+        self.noted.push_back(n);
     }
 }
 
-fn port_of(direction: Direction, local: SocketAddr, remote: SocketAddr) -> u16 {
-    match direction {
-        Direction::Active => remote.port(),
-        Direction::Passive => local.port(),
+impl Noted {
+    fn entry(&self) -> Entry {
+        match *self {
+            Self::Slow(h) => Entry {
+                at: crate::report::wall_time(h.ts_ns),
+                direction: h.direction,
+                remote: h.tuple.remote(),
+                port: h.tuple.service_port(h.direction),
+                process: h.origin.map(|o| (o.tgid, o.comm())),
+                duration: h.duration_ns.map(Duration::from_nanos),
+                failed: None,
+                retransmits: h.retransmits,
+            },
+            Self::Failed(f) => Entry {
+                at: crate::report::wall_time(f.ts_ns),
+                direction: f.direction,
+                remote: f.tuple.remote(),
+                port: f.tuple.service_port(f.direction),
+                process: f.origin.map(|o| (o.tgid, o.comm())),
+                duration: f.elapsed_ns.map(Duration::from_nanos),
+                failed: Some(f.reason.label()),
+                retransmits: f.retransmits,
+            },
+        }
     }
 }
 
 impl Sink for Recent {
     fn handshake(&mut self, h: &Handshake) {
-        let Some(ns) = h.duration_ns.filter(|&ns| ns >= self.threshold_ns) else { return };
-        let (local, remote) = (h.tuple.local(), h.tuple.remote());
-        self.push(Entry {
-            at: crate::report::wall_time(h.ts_ns),
-            direction: h.direction,
-            remote,
-            port: port_of(h.direction, local, remote),
-            process: h.origin.map(|o| (o.tgid, o.comm())),
-            duration: Some(Duration::from_nanos(ns)),
-            failed: None,
-            retransmits: h.retransmits,
-        });
+        if h.duration_ns.is_some_and(|ns| ns >= self.threshold_ns) {
+            self.push(Noted::Slow(*h));
+        }
     }
 
     fn handshake_failed(&mut self, f: &Failure) {
-        let (local, remote) = (f.tuple.local(), f.tuple.remote());
-        self.push(Entry {
-            at: crate::report::wall_time(f.ts_ns),
-            direction: f.direction,
-            remote,
-            port: port_of(f.direction, local, remote),
-            process: f.origin.map(|o| (o.tgid, o.comm())),
-            duration: f.elapsed_ns.map(Duration::from_nanos),
-            failed: Some(f.reason.label()),
-            retransmits: f.retransmits,
-        });
+        self.push(Noted::Failed(*f));
     }
 }
 

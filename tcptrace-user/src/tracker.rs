@@ -253,6 +253,15 @@ pub struct Tuple {
 }
 
 impl Tuple {
+    /// The service's port, which labels and lists name a handshake by: the remote one
+    /// for active opens, the local (listening) one for passive ones.
+    pub fn service_port(&self, direction: Direction) -> u16 {
+        match direction {
+            Direction::Active => self.dport,
+            Direction::Passive => self.sport,
+        }
+    }
+
     /// The event's tuple; its addresses are canonical when the event came from
     /// [`crate::events::decode`].
     pub fn of(ev: &Event) -> Self {

@@ -4,12 +4,12 @@
 
 use std::{fmt, fs, net::SocketAddr, path::Path};
 
-use caps::Capability::{self, CAP_BPF, CAP_PERFMON, CAP_SYS_ADMIN, CAP_SYS_PTRACE};
+use caps::Capability::{self, CAP_SYS_ADMIN, CAP_SYS_PTRACE};
 
 use crate::{
     cli::CheckArgs,
     privileges,
-    probe::{AttachMode, LoadOptions, Probe},
+    probe::{self, AttachMode, LoadOptions, Probe},
 };
 
 /// How a requirement stands.
@@ -71,7 +71,7 @@ pub fn environment(attach: AttachMode) -> Vec<Finding> {
         None => out.push(finding(Level::Warn, "kernel", "cannot read /proc/sys/kernel/osrelease")),
     }
 
-    let btf = Path::new("/sys/kernel/btf/vmlinux");
+    let btf = Path::new(probe::VMLINUX_BTF);
     match fs::File::open(btf) {
         Ok(_) => out.push(finding(
             Level::Ok,
@@ -94,7 +94,7 @@ pub fn environment(attach: AttachMode) -> Vec<Finding> {
 
     let caps = effective_caps();
     let has = |cap: Capability| caps.contains(&cap);
-    if has(CAP_SYS_ADMIN) || (has(CAP_BPF) && has(CAP_PERFMON)) {
+    if privileges::may_load_programs(&caps) {
         out.push(finding(Level::Ok, "privileges", "may load and attach tracing programs"));
     } else {
         out.push(finding(
@@ -139,6 +139,11 @@ pub fn environment(attach: AttachMode) -> Vec<Finding> {
 /// address.
 pub fn run(args: &CheckArgs) -> Vec<Finding> {
     let mut out = environment(args.attach);
+    // Without the privileges loading fails for that same reason, already said above.
+    if out.iter().any(|f| f.what == "privileges" && f.level == Level::Fail) {
+        out.push(listen(args.listen));
+        return out;
+    }
     let options =
         LoadOptions { ring_bytes: args.ring_buffer_size.0, stream_all: false, wakeup_bytes: 0, attach: args.attach };
     match Probe::load(options) {

@@ -47,6 +47,13 @@ impl fmt::Display for Keep {
     }
 }
 
+/// Whether these capabilities may load and attach tracing programs: CAP_SYS_ADMIN, or
+/// CAP_BPF with CAP_PERFMON (Linux 5.8+).
+pub fn may_load_programs(caps: &CapsHashSet) -> bool {
+    caps.contains(&Capability::CAP_SYS_ADMIN)
+        || (caps.contains(&Capability::CAP_BPF) && caps.contains(&Capability::CAP_PERFMON))
+}
+
 /// What tcptrace itself needs after start-up, and why.
 pub fn after_start(netns_labels: bool) -> Vec<(Capability, &'static str)> {
     let mut need = Vec::new();
@@ -70,7 +77,7 @@ pub fn after_start(netns_labels: bool) -> Vec<(Capability, &'static str)> {
 }
 
 /// The running kernel's release string and its major and minor version.
-pub(crate) fn kernel_release() -> Option<(String, (u32, u32))> {
+pub fn kernel_release() -> Option<(String, (u32, u32))> {
     let release = fs::read_to_string("/proc/sys/kernel/osrelease").ok()?.trim().to_string();
     let mut parts = release.split(['.', '-']);
     let version = (parts.next()?.parse().ok()?, parts.next()?.parse().ok()?);

@@ -86,7 +86,7 @@ pub const ATTACHMENTS: [Attachment; 4] = [
     },
 ];
 
-const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
+pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
 
 /// Which kind of program to attach to each tracepoint.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -517,24 +517,10 @@ const VERIFIER_LINES: usize = 12;
 
 /// Fails early, with the fix, when the process cannot possibly load BPF programs.
 fn check_capabilities() -> Result<()> {
-    const CAP_SYS_ADMIN: u32 = 21;
-    const CAP_PERFMON: u32 = 38;
-    const CAP_BPF: u32 = 39;
-    let Some(caps) = effective_capabilities() else {
-        return Ok(()); // Unknown: let the kernel decide.
-    };
-    let has = |cap: u32| caps & (1 << cap) != 0;
-    if has(CAP_SYS_ADMIN) || (has(CAP_BPF) && has(CAP_PERFMON)) {
-        Ok(())
-    } else {
-        Err(Error::NotPermitted)
+    match caps::read(None, caps::CapSet::Effective) {
+        Ok(caps) if !crate::privileges::may_load_programs(&caps) => Err(Error::NotPermitted),
+        _ => Ok(()), // Allowed, or unknown: let the kernel decide.
     }
-}
-
-fn effective_capabilities() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let hex = status.lines().find_map(|l| l.strip_prefix("CapEff:"))?;
-    u64::from_str_radix(hex.trim(), 16).ok()
 }
 
 /// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; newer ones use the cgroup.

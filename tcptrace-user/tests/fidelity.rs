@@ -101,12 +101,6 @@ impl Drop for FtraceCount {
     }
 }
 
-/// Whether a kernel release (`5.10.0-32-amd64`) is at least `major.minor`.
-fn kernel_at_least(release: &str, (major, minor): (u32, u32)) -> bool {
-    let mut parts = release.split(|c: char| !c.is_ascii_digit()).filter_map(|p| p.parse::<u32>().ok());
-    (parts.next().unwrap_or(0), parts.next().unwrap_or(0)) >= (major, minor)
-}
-
 /// Every `tcptrace_state_transitions_total` series of a scrape.
 fn transitions(s: &Scrape) -> BTreeMap<(String, String), u64> {
     s.series("tcptrace_state_transitions_total")
@@ -172,14 +166,14 @@ fn burst(n: usize, threads: usize) {
 #[ignore = "needs root and the real kernel: run `cargo xtask test`"]
 fn transition_counts_equal_an_ftrace_count_or_the_gap_is_exported_as_missed() {
     require_root();
-    let release = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_string();
+    let (release, version) = tcptrace_user::privileges::kernel_release().expect("the kernel's release");
     // Fewer under emulation, where 4,000 take minutes; still thousands.
     let connections = if support::deadline(Duration::from_secs(1)) > Duration::from_secs(1) { 2000 } else { 4000 };
     for attach in ["raw", "classic"] {
         // Raw tracepoint programs have no recursion guard before 6.2 (they skip
         // nothing) and count what their guard skips from 6.2 on; classic ones are
         // always guarded, but the kernel counts their skips only from 6.7 on.
-        let counted = attach == "raw" || kernel_at_least(&release, (6, 7));
+        let counted = attach == "raw" || version >= (6, 7);
         let daemon = Daemon::start(&["--attach", attach]);
         let ftrace = FtraceCount::new();
         let (t0, f0, m0) = {

@@ -22,28 +22,14 @@ fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
 }
 
-/// `n` loopback handshakes to a listener that accepts and closes.
+/// `n` loopback handshakes, closed in lockstep.
 fn handshakes(n: usize) {
-    let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
-    let addr = l.local_addr().unwrap();
-    let server = thread::spawn(move || {
-        for _ in 0..n {
-            drop(l.accept().unwrap());
-        }
-    });
-    for _ in 0..n {
-        drop(TcpStream::connect(addr).unwrap());
-    }
-    server.join().unwrap();
+    connect_and_close(Ipv4Addr::LOCALHOST.into(), n);
 }
 
-/// `n` connects refused by a loopback port nothing listens on.
+/// `n` connects refused by a loopback port nothing listens on; that port's address.
 fn refused(n: usize) -> SocketAddr {
-    let closed = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap().local_addr().unwrap();
-    for _ in 0..n {
-        TcpStream::connect(closed).expect_err("nothing listens");
-    }
-    closed
+    connect_refused(Ipv4Addr::LOCALHOST.into(), n)
 }
 
 fn get(addr: SocketAddr, path: &str) -> String {
@@ -349,32 +335,14 @@ fn urlencode(s: &str) -> String {
 }
 
 /// Every `expr` of the dashboard's panels, with Grafana's variables filled in.
-fn dashboard_queries() -> Vec<String> {
-    let path = repo().join("packaging/grafana/tcptrace.json");
-    let dashboard: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-    fn walk(panel: &serde_json::Value, out: &mut Vec<String>) {
-        for t in panel["targets"].as_array().into_iter().flatten() {
-            if let Some(e) = t["expr"].as_str() {
-                out.push(e.to_string());
-            }
-        }
-        for p in panel["panels"].as_array().into_iter().flatten() {
-            walk(p, out);
-        }
-    }
-    let mut exprs = Vec::new();
-    walk(&dashboard, &mut exprs);
-    exprs
-        .into_iter()
-        .map(|e| {
-            e.replace("$__rate_interval", "1m")
-                .replace("$__interval", "1m")
-                .replace("$__range", "5m")
-                .replace("$job", ".*")
-                .replace("$instance", ".*")
-                .replace("$direction", ".*")
-        })
-        .collect()
+/// One of the lists `cargo xtask packaging` writes from the rules and the dashboard
+/// (`xtask/src/packaging.rs`, which parses them and tests its parsing).
+fn packaging_list(name: &str) -> Vec<String> {
+    let path = repo().join("target/packaging").join(name);
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+        panic!("{}: {e}; run `cargo xtask packaging` first (`cargo xtask test` does)", path.display())
+    });
+    text.lines().filter(|l| !l.trim().is_empty()).map(str::to_string).collect()
 }
 
 #[test]
@@ -426,36 +394,19 @@ fn a_real_prometheus_sees_slow_handshakes_with_the_projects_rules_and_dashboard(
     });
     assert!(alerting, "TcptraceSlowHandshakes is neither pending nor firing");
 
-    // Every metric the rules read exists in a live scrape...
+    // Every metric the rules and the dashboard read exists in a live scrape...
     let scrape = daemon.scrape();
-    let rules = std::fs::read_to_string(repo().join("packaging/prometheus/rules.yml")).unwrap();
-    let names = metric_names(&rules);
+    let names = packaging_list("live-metrics.txt");
     assert!(names.len() >= 5, "{names:?}");
-    // A histogram's name (in a runbook's words) exists as its _count series.
+    // A histogram's name exists as its _count series.
     let exported = |n: &String| !scrape.series(n).is_empty() || !scrape.series(&format!("{n}_count")).is_empty();
     let missing: Vec<&String> = names.iter().filter(|n| !exported(n)).collect();
-    assert!(missing.is_empty(), "rules.yml reads metrics the daemon does not export: {missing:?}");
+    assert!(missing.is_empty(), "the rules or the dashboard read metrics the daemon does not export: {missing:?}");
     // ...and every dashboard query has data: every metric it names exists too.
-    let empty: Vec<String> = dashboard_queries().into_iter().filter(|q| prometheus.query(q).is_empty()).collect();
+    let empty: Vec<String> =
+        packaging_list("live-queries.promql").into_iter().filter(|q| prometheus.query(q).is_empty()).collect();
     eprintln!("prometheus: p99 {value} s, TcptraceSlowHandshakes {state:?}, dashboard queries without data: {empty:?}");
     assert!(empty.is_empty(), "dashboard queries without data: {empty:#?}");
-}
-
-/// The `tcptrace_*` series names in PromQL text, without recording rules' own names
-/// (`level:metric:operation`).
-fn metric_names(text: &str) -> std::collections::BTreeSet<String> {
-    let word = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == ':';
-    let mut names = std::collections::BTreeSet::new();
-    for (at, _) in text.match_indices("tcptrace_") {
-        if text[..at].chars().next_back().is_some_and(word) {
-            continue;
-        }
-        let name: String = text[at..].chars().take_while(|&c| word(c)).collect();
-        if !name.contains(':') {
-            names.insert(name);
-        }
-    }
-    names
 }
 
 /// A directory removed with everything in it on drop.

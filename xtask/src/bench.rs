@@ -936,12 +936,7 @@ pub fn run(args: &BenchArgs, root: &Path, bin: &Path, xtask: &Path) -> Result<St
 
 /// Builds the `floor` example (the no-op programs' loader); returns its path.
 fn build_floor(root: &Path) -> Result<PathBuf> {
-    let status = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
-        .args(["build", "--quiet", "--release", "--package", "tcptrace-user", "--example", "floor"])
-        .status()?;
-    if !status.success() {
-        bail!("building the floor example failed");
-    }
+    crate::cargo(&["build", "--quiet", "--release", "--package", "tcptrace-user", "--example", "floor"])?;
     Ok(root.join("target/release/examples/floor"))
 }
 

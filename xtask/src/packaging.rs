@@ -7,8 +7,9 @@
 //! Kubernetes API schemas kubernetes-validate bundles (and a schema of our own for the
 //! PodMonitor, a custom resource), rules with promtool, and every PromQL expression
 //! of the dashboard is parsed by promtool too. [`referenced_metrics`] lists the
-//! metric names the rules and the dashboard need the daemon to export, for a test
-//! that compares them with a real scrape (`cargo xtask packaging-metrics`).
+//! metric names the rules and the dashboard need the daemon to export (`cargo xtask
+//! packaging-metrics`); the check writes them and the dashboard's queries for the root
+//! test that compares them with a real scrape and a real Prometheus.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -152,6 +153,7 @@ pub fn check(root: &Path) -> Result<()> {
         "the rules or the dashboard use metrics tcptrace does not export (README.md, \"Metrics\"): {unknown:?}"
     );
     ok("metric names", "every metric the rules and the dashboard use is in README's Metrics table");
+    write_live_check_inputs(root)?;
     kubernetes(root, &dir.join("kubernetes"))?;
     container_base(root, &dir.join("Containerfile"))?;
     Ok(())
@@ -794,6 +796,26 @@ fn container_base(root: &Path, containerfile: &Path) -> Result<()> {
 }
 
 /// Prints [`referenced_metrics`], one per line.
+/// What the root end-to-end test (`tests/operator.rs`) checks against a live daemon
+/// and a real Prometheus, written where it reads them, one per line: the metric
+/// names the rules and dashboard need ([`LIVE_METRICS`]) and the dashboard's queries
+/// as plain PromQL ([`LIVE_QUERIES`]). `cargo xtask test` writes them before the
+/// root tests run.
+fn write_live_check_inputs(root: &Path) -> Result<()> {
+    let dir = root.join("target/packaging");
+    fs::create_dir_all(&dir)?;
+    let names: Vec<String> = referenced_metrics(root)?.into_iter().collect();
+    fs::write(dir.join(LIVE_METRICS), names.join("\n") + "\n")?;
+    let dash = read_dashboard(&root.join("packaging/grafana/tcptrace.json"))?;
+    let queries: Vec<String> = dashboard_exprs(&dash).iter().map(|e| grafana_to_promql(e).replace('\n', " ")).collect();
+    fs::write(dir.join(LIVE_QUERIES), queries.join("\n") + "\n")?;
+    Ok(())
+}
+
+/// Under target/packaging/: see [`write_live_check_inputs`].
+pub const LIVE_METRICS: &str = "live-metrics.txt";
+pub const LIVE_QUERIES: &str = "live-queries.promql";
+
 pub fn print_metrics(root: &Path) -> Result<()> {
     for name in referenced_metrics(root)? {
         println!("{name}");

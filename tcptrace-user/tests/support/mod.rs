@@ -626,3 +626,55 @@ impl Drop for NftTable {
         self.delete();
     }
 }
+
+/// How long one connect, accept or read of the helpers below may take (stretched by
+/// [`deadline`] under emulation).
+const CONNECT_DEADLINE: Duration = Duration::from_secs(10);
+
+/// `n` connections to a fresh listener on `ip`; the client closes first, so each
+/// client socket ends in TIME_WAIT. Returns once the server saw every EOF.
+///
+/// Lockstep: the client closes only once the server has accepted. When the server
+/// lags behind a burst of early closes, the kernel on loopback sometimes answers a
+/// late duplicate ACK with a reset that kills the client's time-wait socket, an event
+/// no tracepoint shows (see README, "How exact").
+pub fn connect_and_close(ip: std::net::IpAddr, n: usize) {
+    let listener = std::net::TcpListener::bind((ip, 0)).expect("bind loopback listener");
+    let addr = listener.local_addr().unwrap();
+    lockstep_close(listener, n, |_| {
+        TcpStream::connect_timeout(&addr, deadline(CONNECT_DEADLINE)).expect("connect over loopback")
+    });
+}
+
+/// `n` connections made by `connect(i)` to `listener`, each closed by the client once
+/// the server has accepted it; the server closes after the client's FIN (CLOSE_WAIT
+/// -> LAST_ACK). Returns once the server saw every EOF.
+pub fn lockstep_close<T>(listener: std::net::TcpListener, n: usize, mut connect: impl FnMut(usize) -> T) {
+    let (accepted_tx, accepted) = std::sync::mpsc::channel();
+    let server = thread::spawn(move || {
+        for _ in 0..n {
+            let (mut s, _) = listener.accept().expect("accept");
+            accepted_tx.send(()).unwrap();
+            s.set_read_timeout(Some(deadline(CONNECT_DEADLINE))).unwrap();
+            while s.read(&mut [0u8; 16]).map(|r| r > 0).unwrap_or(false) {}
+        }
+    });
+    for i in 0..n {
+        let s = connect(i);
+        accepted.recv_timeout(deadline(CONNECT_DEADLINE)).expect("the server accepts");
+        drop(s);
+    }
+    server.join().expect("server thread");
+}
+
+/// `m` connects to a port nothing listens on: each is refused (SYN_SENT -> CLOSE).
+/// Returns that port's address.
+pub fn connect_refused(ip: std::net::IpAddr, m: usize) -> SocketAddr {
+    let closed = std::net::TcpListener::bind((ip, 0)).unwrap().local_addr().unwrap();
+    // The listener is dropped here; its port stays unused for the few ms we need it.
+    for _ in 0..m {
+        let err = TcpStream::connect_timeout(&closed, deadline(CONNECT_DEADLINE)).expect_err("nothing listens there");
+        assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
+    }
+    closed
+}

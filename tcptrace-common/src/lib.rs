@@ -12,9 +12,27 @@ pub const LOST_MAP: &str = "LOST";
 pub const DEFAULT_RING_BYTES: u32 = 1 << 20;
 /// Name of the global [`Config`] the loader fills from the running kernel.
 pub const CONFIG_GLOBAL: &str = "CONFIG";
-/// Name of the per-CPU array (one [`TransitionCounts`] slot) counting every TCP state
-/// change in the kernel, by [`transition_slot`].
+/// Name of the per-CPU array counting every TCP state change in the kernel, by
+/// [`transition_slot`]: one [`TransitionCounts`] slot per [`family_slot`].
 pub const TRANSITIONS_MAP: &str = "TRANSITIONS";
+/// Slots of [`TRANSITIONS_MAP`]: IPv4 (and any family unread), IPv6.
+pub const FAMILY_SLOTS: u32 = 2;
+
+/// The [`TRANSITIONS_MAP`] slot of a socket family: as the kernel keeps it (`sk_family`),
+/// so a dual-stack socket talking IPv4 counts as IPv6, as `ss -6` lists it.
+pub const fn family_slot(family: u16) -> u32 {
+    (family == AF_INET6) as u32
+}
+
+/// Name of the raw tracepoint program the daemon runs on demand (BPF_PROG_TEST_RUN,
+/// never attached) to read one namespace's own time-wait count: args `struct net *`
+/// and the namespace's inode, return value the count or [`TW_GONE`].
+pub const TW_COUNT_PROGRAM: &str = "tw_count";
+/// What [`TW_COUNT_PROGRAM`] returns when the `struct net` no longer holds that
+/// namespace (it was deleted) or cannot be read.
+pub const TW_GONE: i32 = -1;
+/// [`Event::tw_count`] and [`Event::tw_max`] when not read.
+pub const TW_UNKNOWN: u32 = u32::MAX;
 /// Counts of state changes, indexed by [`transition_slot`].
 pub type TransitionCounts = [u64; 256];
 
@@ -28,6 +46,15 @@ pub const fn transition_slot(old: u32, new: u32) -> usize {
         }
     }
     (clamp(old) << 4) | clamp(new)
+}
+
+/// Whether the daemon needs this transition streamed to attribute CLOSE_WAIT sockets
+/// to a service port (only with [`Config::stream_close_wait`]): entries into and exits
+/// from CLOSE_WAIT, and listeners opening and closing (which name the service ports).
+pub const fn close_wait_pairs(old: u32, new: u32) -> bool {
+    const CLOSE_WAIT: u32 = TcpState::CloseWait as u32;
+    const LISTEN: u32 = TcpState::Listen as u32;
+    old == CLOSE_WAIT || new == CLOSE_WAIT || old == LISTEN && new != TcpState::SynRecv as u32 || new == LISTEN
 }
 
 /// Whether the daemon needs this transition streamed (the rest are only counted):
@@ -84,6 +111,7 @@ pub struct SockOffsets {
     pub net: u16,
     /// `ns.inum` inside `struct net`: the namespace's inode number.
     pub net_inum: u16,
+
     /// `sk_protocol`.
     pub protocol: u16,
     /// `tcp_sock.srtt_us`: a passive child's SYN-ACK round trip.
@@ -186,7 +214,37 @@ pub struct Config {
     /// transitions that pair into handshakes and TIME_WAIT entries, and the rest are
     /// only counted in [`TRANSITIONS_MAP`].
     pub stream_all: u8,
-    pub _pad: [u8; 9],
+    /// 1 also streams [`close_wait_pairs`] (CLOSE_WAIT by service port).
+    pub stream_close_wait: u8,
+    pub _pad: [u8; 8],
+    pub tw: TwOffsets,
+}
+
+/// Where a network namespace keeps its time-wait count and cap, from the kernel's
+/// BTF: `net->ipv4.tcp_death_row`, embedded in `struct net` (5.10-5.17, 6.1+) or a
+/// pointer to it (5.18-6.0), holding `tw_count` (before 5.17) or `tw_refcount`
+/// (one more than the count), and `sysctl_max_tw_buckets`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TwOffsets {
+    /// `ipv4.tcp_death_row` in `struct net`; [`ABSENT`] when unknown.
+    pub death_row: u16,
+    /// The count in `struct inet_timewait_death_row`.
+    pub count: u16,
+    /// `sysctl_max_tw_buckets` in `struct inet_timewait_death_row`.
+    pub max: u16,
+    /// 1 when `death_row` holds a pointer to the struct rather than the struct.
+    pub indirect: u8,
+    /// What the count field holds with no time-wait socket (1 for `tw_refcount`).
+    pub bias: u8,
+}
+
+impl TwOffsets {
+    pub const UNKNOWN: Self = Self { death_row: ABSENT, count: ABSENT, max: ABSENT, indirect: 0, bias: 0 };
+
+    pub const fn known(&self) -> bool {
+        self.death_row != ABSENT && self.count != ABSENT && self.max != ABSENT
+    }
 }
 
 impl Config {
@@ -199,11 +257,13 @@ impl Config {
         retransmit_synack: RecordLayout::ABSENT,
         receive_reset: RecordLayout::ABSENT,
         stream_all: 1,
-        _pad: [0; 9],
+        stream_close_wait: 0,
+        _pad: [0; 8],
+        tw: TwOffsets::UNKNOWN,
     };
 }
 
-const _: () = assert!(core::mem::size_of::<Config>() == 128);
+const _: () = assert!(core::mem::size_of::<Config>() == 136);
 
 /// `AF_INET`, as the kernel reports it in `family`.
 pub const AF_INET: u16 = 2;
@@ -361,6 +421,14 @@ pub struct Event {
     pub netns: u32,
     /// `comm` of the current task, NUL-padded.
     pub comm: [u8; 16],
+    /// Kernel address of the socket's `struct net` (0 when unknown): what the daemon
+    /// hands [`TW_COUNT_PROGRAM`] to read that namespace's time-wait count later.
+    pub net: u64,
+    /// As a socket leaves FIN_WAIT2 or CLOSING for CLOSE: its namespace's time-wait
+    /// count (the new time-wait socket included, if the kernel made one) and cap
+    /// (`net.ipv4.tcp_max_tw_buckets`); [`TW_UNKNOWN`] otherwise.
+    pub tw_count: u32,
+    pub tw_max: u32,
 }
 
 impl Event {
@@ -385,6 +453,9 @@ impl Event {
             sk_err: SK_ERR_UNKNOWN,
             netns: 0,
             comm: [0; 16],
+            net: 0,
+            tw_count: TW_UNKNOWN,
+            tw_max: TW_UNKNOWN,
         }
     }
 }
@@ -410,7 +481,7 @@ pub fn ip_addr(family: u16, raw: &[u8; 16]) -> core::net::IpAddr {
     }
 }
 
-const _: () = assert!(core::mem::size_of::<Event>() == 104);
+const _: () = assert!(core::mem::size_of::<Event>() == 120);
 const _: () = assert!(core::mem::align_of::<Event>() == 8);
 
 // SAFETY: `Event` is `repr(C)`, made only of integers and byte arrays, with every
@@ -450,13 +521,20 @@ mod tests {
         assert!(pairs(Close as u32, SynSent as u32) && pairs(FinWait2 as u32, Close as u32));
         assert!(pairs(SynRecv as u32, Established as u32) && !pairs(Listen as u32, SynRecv as u32));
         assert!(!pairs(Established as u32, FinWait1 as u32) && !pairs(LastAck as u32, Close as u32));
+        assert!(
+            close_wait_pairs(Established as u32, CloseWait as u32)
+                && close_wait_pairs(CloseWait as u32, LastAck as u32)
+        );
+        assert!(close_wait_pairs(Close as u32, Listen as u32) && close_wait_pairs(Listen as u32, Close as u32));
+        assert!(!close_wait_pairs(Listen as u32, SynRecv as u32) && !close_wait_pairs(LastAck as u32, Close as u32));
+        assert_eq!((family_slot(AF_INET), family_slot(AF_INET6), family_slot(0)), (0, 1, 0));
     }
 
     #[test]
     fn event_has_no_hidden_padding() {
         let e = Event::zeroed();
-        let fields = 8 + 8 + 8 + 4 + 4 + 16 + 16 + 2 + 2 + 2 + 1 + 1 + 1 + 3 + 4 + 4 + 4 + 16;
-        let config = 8 + 15 * 2 + 4 * 10 * 2 + 1 + 9;
+        let fields = 8 + 8 + 8 + 4 + 4 + 16 + 16 + 2 + 2 + 2 + 1 + 1 + 1 + 3 + 4 + 4 + 4 + 16 + 8 + 4 + 4;
+        let config = 8 + 15 * 2 + 4 * 10 * 2 + 1 + 1 + 8 + 8;
         assert_eq!(core::mem::size_of::<Config>(), config);
         assert_eq!(core::mem::size_of_val(&e), fields);
     }

@@ -26,8 +26,8 @@ use aya_ebpf::{
     EbpfContext as _,
 };
 use tcptrace_common::{
-    pairs, transition_slot, Config, Event, EventKind, TcpState, TransitionCounts, ABSENT, AF_INET, AF_INET6,
-    DEFAULT_RING_BYTES, IPPROTO_TCP, SK_ERR_UNKNOWN, SPAN_MAX,
+    close_wait_pairs, family_slot, pairs, transition_slot, Config, Event, EventKind, TcpState, TransitionCounts,
+    ABSENT, AF_INET, AF_INET6, DEFAULT_RING_BYTES, FAMILY_SLOTS, IPPROTO_TCP, SK_ERR_UNKNOWN, SPAN_MAX, TW_GONE,
 };
 
 /// Set by the loader (see [`Config`]); read field by field with [`cfg!`].
@@ -50,14 +50,15 @@ macro_rules! from_record {
         |ev: &mut Event| {
             let ports = (cfg!($layout.sport), cfg!($layout.dport));
             record_tuple(ev, $rec, ports, (cfg!($layout.saddr_v6), cfg!($layout.daddr_v6)));
-            ev.netns = netns($sk);
+            (ev.net, ev.netns) = netns($sk);
         }
     };
 }
 
-/// Every TCP state change, counted here so the common ones need not be streamed.
+/// Every TCP state change, counted here so the common ones need not be streamed; one
+/// slot per socket family (`family_slot`).
 #[map]
-static TRANSITIONS: PerCpuArray<TransitionCounts> = PerCpuArray::with_max_entries(1, 0);
+static TRANSITIONS: PerCpuArray<TransitionCounts> = PerCpuArray::with_max_entries(FAMILY_SLOTS, 0);
 
 /// Userspace resizes this at load time (`--ring-buffer-size`).
 #[map]
@@ -170,7 +171,8 @@ pub fn set_state_raw(ctx: BtfTracePointContext) -> i32 {
     if field::<u16>(sk, cfg!(sock.protocol)) != Some(IPPROTO_TCP) {
         return 0;
     }
-    state_change(sk as u64, ctx.arg::<u64>(1) as u32, ctx.arg::<u64>(2) as u32, |ev| {
+    let family = field::<u16>(sk, cfg!(sock.family)).unwrap_or(0);
+    state_change(sk as u64, family, ctx.arg::<u64>(1) as u32, ctx.arg::<u64>(2) as u32, |ev| {
         sock_tuple(ev, SLOT_SET_STATE, sk, true);
     });
     0
@@ -203,16 +205,17 @@ pub fn set_state_tp(ctx: TracePointContext) -> u32 {
     ) else {
         return 0;
     };
-    state_change(sk, old as u32, new as u32, from_record!(&rec, sk, set_state));
+    let family = rec.get::<u16>(cfg!(set_state.family)).unwrap_or(0);
+    state_change(sk, family, old as u32, new as u32, from_record!(&rec, sk, set_state));
     0
 }
 
-/// Counts the transition and streams it when the daemon pairs it (or `watch` wants
-/// everything), filled in place in the ring buffer; `tuple` fills the 4-tuple and
-/// the namespace.
+/// Counts the transition (by the socket's `family`) and streams it when the daemon
+/// pairs it (or `watch` wants everything), filled in place in the ring buffer; `tuple`
+/// fills the 4-tuple and the namespace.
 #[inline(always)]
-fn state_change(sk: u64, old: u32, new: u32, tuple: impl FnOnce(&mut Event)) {
-    if let Some(counts) = TRANSITIONS.get_ptr_mut(0) {
+fn state_change(sk: u64, family: u16, old: u32, new: u32, tuple: impl FnOnce(&mut Event)) {
+    if let Some(counts) = TRANSITIONS.get_ptr_mut(family_slot(family)) {
         // The compiler knows the slot is below 256 and would drop the mask, but the
         // verifier cannot follow its reasoning: a volatile read keeps the mask.
         let slot = transition_slot(old, new);
@@ -220,7 +223,7 @@ fn state_change(sk: u64, old: u32, new: u32, tuple: impl FnOnce(&mut Event)) {
         unsafe { (*counts)[core::ptr::read_volatile(&slot) & 0xff] += 1 };
     }
     let stream_all = cfg!(stream_all) != 0;
-    if !stream_all && !pairs(old, new) {
+    if !stream_all && !pairs(old, new) && !(cfg!(stream_close_wait) != 0 && close_wait_pairs(old, new)) {
         return;
     }
     let Some(mut entry) = EVENTS.reserve::<Event>(0) else {
@@ -246,8 +249,57 @@ fn state_change(sk: u64, old: u32, new: u32, tuple: impl FnOnce(&mut Event)) {
         ev.srtt_us = read::<u32>(sk, cfg!(sock.srtt_us)).unwrap_or(0);
     } else if new == TcpState::Close as u32 {
         ev.sk_err = read::<i32>(sk, cfg!(sock.sk_err)).unwrap_or(SK_ERR_UNKNOWN);
+        // Whether the kernel made a time-wait socket is not on the socket: its
+        // namespace's count and cap, read now, tell the daemon.
+        if old == TcpState::FinWait2 as u32 || old == TcpState::Closing as u32 {
+            if let Some((count, max)) = time_wait_count(ev.net) {
+                (ev.tw_count, ev.tw_max) = (count, max);
+            }
+        }
     }
     entry.submit(wakeup_flags());
+}
+
+/// A namespace's own time-wait count (what its /proc/net/sockstat shows as `tw`) and
+/// its cap, from its `struct net` at the BTF offsets in `CONFIG.tw`; helper reads, as
+/// the death row may sit behind a pointer.
+#[inline(always)]
+fn time_wait_count(net: u64) -> Option<(u32, u32)> {
+    let mut row = net.checked_add(u64::from(cfg!(tw.death_row)))?;
+    if cfg!(tw.death_row) == ABSENT {
+        return None;
+    }
+    if cfg!(tw.indirect) != 0 {
+        row = read::<u64>(row, 0)?;
+    }
+    let count = read::<u32>(row, cfg!(tw.count))?;
+    let max = read::<u32>(row, cfg!(tw.max))?;
+    Some((count.wrapping_sub(u32::from(cfg!(tw.bias))), max))
+}
+
+/// Never attached: the daemon runs it with BPF_PROG_TEST_RUN, with a namespace's
+/// `struct net *` and inode number (from an earlier event) as arguments, and reads
+/// that namespace's time-wait count from its return value: the kernel's own number,
+/// also after a cap refused time-wait sockets or a timer ended them, with no event.
+/// A deleted namespace's time-wait sockets are purged before its `struct net` is
+/// freed (the count then reads 0, or -1 where it is a reference count, which is
+/// [`TW_GONE`]); once the memory is reused, the inode no longer reads back.
+///
+/// Written out rather than with aya's `raw_tracepoint` macro, which returns 0
+/// whatever the function returns: the return value is the answer here.
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "raw_tp/tw_count")]
+pub fn tw_count(ctx: *mut core::ffi::c_void) -> i32 {
+    let args = ctx as *const u64;
+    // SAFETY: test runs pass two u64 arguments (the daemon always does).
+    let (net, inum) = unsafe { (*args, *args.add(1) as u32) };
+    if read::<u32>(net, cfg!(sock.net_inum)) != Some(inum) {
+        return TW_GONE;
+    }
+    match time_wait_count(net) {
+        Some((count, _)) if count <= i32::MAX as u32 => count as i32,
+        _ => TW_GONE,
+    }
 }
 
 /// The benchmark's floor for raw tracepoints: what attaching any program to
@@ -379,8 +431,10 @@ fn sock_tuple(ev: &mut Event, slot: u32, sk: *const u8, full: bool) {
             sock.copy(cfg!(sock.v6_daddr), &mut ev.daddr);
         }
     }
-    ev.netns =
-        field::<*const u8>(sk, cfg!(sock.net)).and_then(|net| field::<u32>(net, cfg!(sock.net_inum))).unwrap_or(0);
+    if let Some(net) = field::<*const u8>(sk, cfg!(sock.net)) {
+        ev.net = net as u64;
+        ev.netns = field::<u32>(net, cfg!(sock.net_inum)).unwrap_or(0);
+    }
 }
 
 /// Ports and addresses from a classic tracepoint's record, at `format` offsets. The
@@ -395,11 +449,13 @@ fn record_tuple(ev: &mut Event, rec: &Span, (sport, dport): (u16, u16), (saddr_v
     rec.copy(daddr_v6, &mut ev.daddr);
 }
 
-/// The inode number of the socket's network namespace, `sk->skc_net.net->ns.inum`,
-/// for the classic programs (their `skaddr` is an untyped number: helper reads).
+/// The socket's `struct net *` and the inode number of that network namespace,
+/// `sk->skc_net.net->ns.inum`, for the classic programs (their `skaddr` is an untyped
+/// number: helper reads).
 #[inline(always)]
-fn netns(sk: u64) -> u32 {
-    read::<u64>(sk, cfg!(sock.net)).and_then(|net| read::<u32>(net, cfg!(sock.net_inum))).unwrap_or(0)
+fn netns(sk: u64) -> (u64, u32) {
+    let net = read::<u64>(sk, cfg!(sock.net)).unwrap_or(0);
+    (net, read::<u32>(net, cfg!(sock.net_inum)).unwrap_or(0))
 }
 
 /// The current task: pid, process, cgroup and command.

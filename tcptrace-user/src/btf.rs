@@ -11,6 +11,7 @@ const MAGIC: u16 = 0xeb9f;
 const HEADER_LEN: usize = 24;
 
 const KIND_INT: u32 = 1;
+const KIND_PTR: u32 = 2;
 const KIND_ARRAY: u32 = 3;
 const KIND_STRUCT: u32 = 4;
 const KIND_UNION: u32 = 5;
@@ -157,6 +158,18 @@ impl Btf {
     /// Byte offset of `member` in `struct <name>`, looking inside anonymous nested
     /// structs and unions as C does.
     pub fn member_offset(&self, name: &str, member: &str) -> Result<u32, BtfError> {
+        self.member(name, member).map(|(offset, _)| offset)
+    }
+
+    /// Whether `member` of `struct <name>` is a pointer (typedefs and qualifiers
+    /// followed): the same field is embedded on some kernels and pointed to on others.
+    pub fn member_is_pointer(&self, name: &str, member: &str) -> Result<bool, BtfError> {
+        let (_, ty) = self.member(name, member)?;
+        Ok(self.resolve(ty).is_some_and(|t| t.kind() == KIND_PTR))
+    }
+
+    /// Byte offset and type id of `member`.
+    fn member(&self, name: &str, member: &str) -> Result<(u32, u32), BtfError> {
         let st = self
             .types
             .iter()
@@ -166,16 +179,17 @@ impl Btf {
             .find_member(st, member.as_bytes(), 0)
             .ok_or_else(|| BtfError::NoMember(name.to_string(), member.to_string()))?;
         match bits {
-            Some(bits) if bits % 8 == 0 => {
-                u32::try_from(bits / 8).map_err(|_| BtfError::Malformed("member offset out of range"))
-            }
+            (Some(bits), ty) if bits % 8 == 0 => u32::try_from(bits / 8)
+                .map(|offset| (offset, ty))
+                .map_err(|_| BtfError::Malformed("member offset out of range")),
             _ => Err(BtfError::BitField(name.to_string(), member.to_string())),
         }
     }
 
-    /// Bit offset of `member` (None inside if it is a bit field), searched depth first.
-    /// In u64: nested offsets add up, and corrupted ones must not overflow.
-    fn find_member(&self, t: &Type, member: &[u8], depth: u32) -> Option<Option<u64>> {
+    /// Bit offset of `member` (None inside if it is a bit field) and its type id,
+    /// searched depth first. In u64: nested offsets add up, and corrupted ones must
+    /// not overflow.
+    fn find_member(&self, t: &Type, member: &[u8], depth: u32) -> Option<(Option<u64>, u32)> {
         if depth > 8 {
             return None;
         }
@@ -183,12 +197,12 @@ impl Btf {
         for (name_off, ty, raw) in self.members(t) {
             let (bit_off, bitfield) = if flag { (raw & 0xff_ffff, raw >> 24) } else { (raw, 0) };
             if name_off != 0 && self.name(name_off) == member {
-                return Some((bitfield == 0).then_some(u64::from(bit_off)));
+                return Some(((bitfield == 0).then_some(u64::from(bit_off)), ty));
             }
             if name_off == 0 {
                 if let Some(inner) = self.resolve(ty).filter(|i| matches!(i.kind(), KIND_STRUCT | KIND_UNION)) {
-                    if let Some(found) = self.find_member(inner, member, depth + 1) {
-                        return Some(found.map(|b| b + u64::from(bit_off)));
+                    if let Some((found, ty)) = self.find_member(inner, member, depth + 1) {
+                        return Some((found.map(|b| b + u64::from(bit_off)), ty));
                     }
                 }
             }
@@ -237,6 +251,7 @@ mod tests {
         assert_eq!(btf.member_offset("outer", "y").unwrap(), 4);
         assert_eq!(btf.member_offset("outer", "z").unwrap(), 12);
         assert!(matches!(btf.member_offset("outer", "flag"), Err(BtfError::BitField(..))));
+        assert!(!btf.member_is_pointer("outer", "z").unwrap());
         assert!(matches!(btf.member_offset("outer", "nope"), Err(BtfError::NoMember(..))));
         assert!(matches!(btf.member_offset("inner", "x"), Err(BtfError::NoStruct(..))));
     }
@@ -261,6 +276,8 @@ mod tests {
         }
         let btf = Btf::from_file(path).unwrap();
         let srtt = btf.member_offset("tcp_sock", "srtt_us").unwrap();
+        assert!(!btf.member_is_pointer("tcp_sock", "srtt_us").unwrap());
+        assert!(btf.member_is_pointer("inet_timewait_death_row", "hashinfo").unwrap());
         let err = btf.member_offset("sock", "sk_err").unwrap();
         assert!(srtt > 512 && srtt < 8192, "tcp_sock.srtt_us at {srtt}");
         assert!(err > 0 && err < 2048, "sock.sk_err at {err}");

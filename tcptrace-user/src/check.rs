@@ -144,8 +144,13 @@ pub fn run(args: &CheckArgs) -> Vec<Finding> {
         out.push(listen(args.listen));
         return out;
     }
-    let options =
-        LoadOptions { ring_bytes: args.ring_buffer_size.0, stream_all: false, wakeup_bytes: 0, attach: args.attach };
+    let options = LoadOptions {
+        ring_bytes: args.ring_buffer_size.0,
+        stream_all: false,
+        stream_close_wait: false,
+        wakeup_bytes: 0,
+        attach: args.attach,
+    };
     match Probe::load(options) {
         Ok(probe) => {
             out.push(finding(Level::Ok, "ring buffer", format!("{} created", args.ring_buffer_size)));

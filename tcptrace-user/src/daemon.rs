@@ -16,6 +16,7 @@ use aya::maps::{MapData, RingBuf};
 use log::{error, info, warn};
 use tokio::{net::TcpListener, sync::watch};
 
+use crate::web_config::WebConfigFile;
 use crate::{
     check,
     cli::DaemonArgs,
@@ -32,8 +33,8 @@ use crate::{
     report::SlowLog,
     server, shutdown,
     tracker::{syn_sent_lifetime_ns, Eviction, Limits, Sink as _, Tracker},
-    web_config::WebConfigFile,
 };
+use tcptrace_common::TransitionCounts;
 
 /// How often the ring buffer is drained when the kernel has not woken the reader:
 /// it wakes it only once an eighth of the buffer is waiting, which saves a wake-up
@@ -116,8 +117,9 @@ impl State {
         }
     }
 
-    /// Seeds the TIME_WAIT model, before any held record is applied.
-    fn seed(&mut self, read: std::io::Result<procnet::Seeds>) {
+    /// Seeds the TIME_WAIT model and the socket states (read once the kernel had
+    /// counted `at_seed` transitions), before any held record is applied.
+    fn seed(&mut self, read: std::io::Result<procnet::Seeds>, at_seed: Option<Box<[TransitionCounts; 2]>>) {
         self.drain();
         match read {
             Ok(seeds) => {
@@ -134,9 +136,14 @@ impl State {
                 if seeds.dropped > 0 {
                     metrics.evicted(Eviction::TimeWaitCap, seeds.dropped as u64);
                 }
+                if let Some(at_seed) = at_seed {
+                    metrics.seed_states(&seeds.states, &at_seed);
+                }
                 tracker.seed_time_wait(seeds.sockets, metrics);
             }
-            Err(err) => warn!("cannot read existing TIME_WAIT sockets ({err}); the gauge starts from zero"),
+            Err(err) => warn!(
+                "cannot read existing sockets ({err}); tcptrace_time_wait_sockets and tcptrace_sockets start from zero"
+            ),
         }
     }
 
@@ -161,7 +168,8 @@ impl State {
     /// scrape must see.
     fn refresh(&mut self) {
         self.drain();
-        let totals = self.counters.read();
+        let mut totals = self.counters.read();
+        totals.time_wait = self.counters.time_wait(&self.pipeline.time_wait_namespaces());
         self.pipeline.refresh(monotonic_ns(), &totals);
     }
 }
@@ -217,6 +225,7 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
     let mut probe = Probe::load(LoadOptions {
         ring_bytes,
         stream_all: false,
+        stream_close_wait: false,
         wakeup_bytes: u64::from(ring_bytes / 8),
         attach: args.attach,
     })?;
@@ -234,9 +243,8 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
     };
     let max_time_wait = limits.max_time_wait;
     let netns_labels = usize::from(args.netns_labels);
-    let tracker = Tracker::new(limits);
     let mut pipeline = Pipeline::new(
-        if netns_labels > 0 { tracker.with_netns_counts() } else { tracker },
+        Tracker::new(limits),
         Metrics::new(MetricsConfig {
             process: !args.no_process_metrics,
             ports: args.port_labels.clone(),
@@ -373,6 +381,7 @@ fn join_msg<T: std::fmt::Debug>(r: std::result::Result<T, tokio::task::JoinError
 async fn seed_time_wait(shared: &Shared, tag_netns: bool, cap: usize) {
     // A thread of its own rather than the blocking pool, whose threads outlive the
     // task: it exits with its capabilities before the daemon drops them.
+    let at_seed = lock(shared).counters.read().transitions;
     let (tx, rx) = tokio::sync::oneshot::channel();
     let spawned = std::thread::Builder::new().name("tcptrace-seed".into()).spawn(move || {
         let _ = tx.send(procnet::time_wait_sockets(monotonic_ns(), tag_netns, cap));
@@ -385,7 +394,7 @@ async fn seed_time_wait(shared: &Shared, tag_netns: bool, cap: usize) {
         }
         Err(err) => Err(err),
     };
-    lock(shared).seed(read);
+    lock(shared).seed(read, at_seed);
     while !lock(shared).release_some(RELEASE_SLICE) {
         tokio::task::yield_now().await;
     }

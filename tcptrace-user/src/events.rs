@@ -86,7 +86,10 @@ pub fn canonical(family: u16, saddr: [u8; 16], daddr: [u8; 16]) -> (u16, [u8; 16
 #[derive(Clone, Debug, Default)]
 pub struct KernelTotals {
     pub lost: Option<u64>,
-    pub transitions: Option<Box<TransitionCounts>>,
+    /// By `tcptrace_common::family_slot`.
+    pub transitions: Option<Box<[TransitionCounts; 2]>>,
+    /// Namespaces' own time-wait counts read just now (`None`: the namespace is gone).
+    pub time_wait: Vec<(u32, Option<u32>)>,
     /// Runs the kernel skipped, by tracepoint (its program's `recursion_misses`).
     pub missed: Vec<(&'static str, u64)>,
 }

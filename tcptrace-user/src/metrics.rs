@@ -6,6 +6,7 @@
 mod comms;
 mod netns;
 mod ports;
+mod states;
 
 use prometheus::{
     core::{Collector, MetricVec, MetricVecBuilder},
@@ -19,7 +20,11 @@ use self::{
     netns::NetnsGauge,
     ports::{PortLabeler, OTHER},
 };
-pub use self::{netns::MAX_NETNS_LABELS, ports::PortLabels};
+pub use self::{
+    netns::MAX_NETNS_LABELS,
+    ports::PortLabels,
+    states::{StateCounts, STATES},
+};
 use crate::{
     events::Family,
     tracker::{Direction, Eviction, Failure, FailureReason, Handshake, Sink, Tracker},
@@ -44,7 +49,7 @@ pub struct MetricsConfig {
     /// How many connecting commands get their own `comm` label (0: no process metrics).
     pub comms: usize,
     /// How many network namespaces get their own TIME_WAIT series (0: none); the
-    /// tracker must count per namespace ([`Tracker::with_netns_counts`]).
+    /// tracker always counts per namespace.
     pub netns: usize,
     /// The daemon's own network namespace inode, labelled `host`.
     pub host_netns: Option<u32>,
@@ -108,6 +113,8 @@ pub struct Metrics {
     syn_retransmits: [IntCounter; 2],
     synack_retransmits: [IntCounter; 2],
     time_wait_entries: [IntCounter; 2],
+    time_wait_overflows: [IntCounter; 2],
+    states: states::SocketStates,
     time_wait_sockets: [IntGauge; 2],
     netns_time_wait: Option<NetnsGauge>,
     events: IntCounter,
@@ -196,15 +203,22 @@ impl Metrics {
             "tcptrace_time_wait_entries_total",
             "Sockets that entered TIME_WAIT (FIN_WAIT2->CLOSE or CLOSING->CLOSE without a reset).",
         )?;
+        let time_wait_overflows = per_family(
+            "tcptrace_time_wait_overflows_total",
+            "Sockets that closed into TIME_WAIT while their namespace held net.ipv4.tcp_max_tw_buckets time-wait \
+             sockets: the kernel made none (TcpExt TCPTimeWaitOverflow).",
+        )?;
         let tw_sockets_vec = IntGaugeVec::new(
             Opts::new(
                 "tcptrace_time_wait_sockets",
-                "Sockets in TIME_WAIT now, modelled from entries, the kernel's timer and 4-tuple reuse.",
+                "Sockets in TIME_WAIT now: each namespace's own count (sockstat's tw) where the kernel's BTF shows \
+                 it, else modelled from entries, the kernel's timer and 4-tuple reuse.",
             ),
             &["family"],
         )?;
         reg(Box::new(tw_sockets_vec.clone()))?;
         let netns_time_wait = NetnsGauge::new(config.netns, config.host_netns, &registry)?;
+        let states = states::SocketStates::new(&registry)?;
 
         let counter = |name: &str, help: &str| -> prometheus::Result<IntCounter> {
             let c = IntCounter::new(name, help)?;
@@ -350,6 +364,8 @@ impl Metrics {
             syn_retransmits,
             synack_retransmits,
             time_wait_entries,
+            time_wait_overflows,
+            states,
             time_wait_sockets: Family::ALL.map(|f| tw_sockets_vec.with_label_values(&[f.label()])),
             netns_time_wait,
             events,
@@ -476,9 +492,15 @@ impl Metrics {
         }
     }
 
-    /// Advances `tcptrace_state_transitions_total` to the kernel's totals (see
-    /// `tcptrace_common::transition_slot`); a series appears with its first count.
-    pub fn set_transitions(&mut self, totals: &TransitionCounts) {
+    /// Advances `tcptrace_state_transitions_total` to the kernel's totals, by family
+    /// (see `tcptrace_common::transition_slot`), and the socket states with them; a
+    /// series appears with its first count.
+    pub fn set_transitions(&mut self, by_family: &[TransitionCounts; 2], time_wait: [usize; 2]) {
+        self.states.refresh(by_family, time_wait);
+        let mut totals = [0u64; 256];
+        for (total, (v4, v6)) in totals.iter_mut().zip(by_family[0].iter().zip(&by_family[1])) {
+            *total = v4 + v6;
+        }
         for (slot, (&now, seen)) in totals.iter().zip(self.transitions_seen.iter_mut()).enumerate() {
             if now > *seen {
                 let vec = &self.transitions_vec;
@@ -487,6 +509,12 @@ impl Metrics {
                 *seen = now;
             }
         }
+    }
+
+    /// The sockets in each state when the daemon started, read once the kernel had
+    /// counted `at_seed` transitions.
+    pub fn seed_states(&mut self, found: &StateCounts, at_seed: &[TransitionCounts; 2]) {
+        self.states.seed(found, at_seed);
     }
 
     /// Copies the tracker's gauges.
@@ -579,6 +607,10 @@ impl Sink for Metrics {
 
     fn time_wait_entered(&mut self, family: Family) {
         self.time_wait_entries[family as usize].inc();
+    }
+
+    fn time_wait_overflow(&mut self, family: Family) {
+        self.time_wait_overflows[family as usize].inc();
     }
 
     fn evicted(&mut self, what: Eviction, count: u64) {

@@ -74,12 +74,16 @@ impl Pipeline {
     pub fn refresh(&mut self, now_ns: u64, kernel: &KernelTotals) {
         self.metrics.events_read(std::mem::take(&mut self.unreported));
         self.tracker.advance(now_ns, &mut self.metrics);
+        for &(netns, count) in &kernel.time_wait {
+            self.tracker.kernel_time_wait(netns, count);
+        }
         self.metrics.refresh(&self.tracker);
         if let Some(total) = kernel.lost {
             self.metrics.set_events_lost(total);
         }
         if let Some(transitions) = &kernel.transitions {
-            self.metrics.set_transitions(transitions);
+            let time_wait = Family::ALL.map(|f| self.tracker.time_wait_sockets(f));
+            self.metrics.set_transitions(transitions, time_wait);
         }
         self.metrics.set_missed(&kernel.missed);
         if let Some(ended) = self.slow_log.as_mut().and_then(|log| log.output().ended()) {
@@ -95,6 +99,11 @@ impl Pipeline {
         if let Some(log) = &mut self.slow_log {
             log.output().flush(deadline);
         }
+    }
+
+    /// Namespaces whose own time-wait count the kernel can be asked for.
+    pub fn time_wait_namespaces(&self) -> Vec<(u32, u64)> {
+        self.tracker.time_wait_namespaces()
     }
 
     pub fn metrics(&self) -> &Metrics {
@@ -142,6 +151,9 @@ impl Sink for Outputs<'_> {
     }
     fn time_wait_entered(&mut self, family: Family) {
         self.metrics.time_wait_entered(family);
+    }
+    fn time_wait_overflow(&mut self, family: Family) {
+        self.metrics.time_wait_overflow(family);
     }
     fn evicted(&mut self, what: Eviction, count: u64) {
         self.metrics.evicted(what, count);

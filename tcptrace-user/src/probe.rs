@@ -13,8 +13,8 @@ use aya::{
 };
 use log::{debug, info, warn};
 use tcptrace_common::{
-    Config, RecordLayout, SockOffsets, TransitionCounts, ABSENT, CONFIG_GLOBAL, EVENTS_MAP, LOST_MAP, SPAN_MAX,
-    TRANSITIONS_MAP,
+    Config, RecordLayout, SockOffsets, TransitionCounts, TwOffsets, ABSENT, CONFIG_GLOBAL, EVENTS_MAP, FAMILY_SLOTS,
+    LOST_MAP, SPAN_MAX, TRANSITIONS_MAP, TW_COUNT_PROGRAM, TW_GONE,
 };
 
 use crate::{
@@ -142,10 +142,13 @@ fn offsets_from(btf: &Btf) -> SockOffsets {
         lookup("sock_common", member).and_then(|m| m.checked_add(base)).filter(|&o| o != ABSENT)
     };
     // skc_net is a possible_net_t, a struct whose one member is the `struct net *`.
-    let net_inum = lookup("net", "ns")
-        .zip(lookup("ns_common", "inum"))
-        .and_then(|(a, b)| a.checked_add(b))
-        .filter(|&o| o != ABSENT);
+    let in_net = |member: &str| {
+        lookup("net", "ns")
+            .zip(lookup("ns_common", member))
+            .and_then(|(a, b)| a.checked_add(b))
+            .filter(|&o| o != ABSENT)
+    };
+    let net_inum = in_net("inum");
     let or_absent = |o: Option<u16>| o.unwrap_or(ABSENT);
     let mut offsets = SockOffsets {
         family: or_absent(common("skc_family")),
@@ -177,6 +180,36 @@ fn offsets_from(btf: &Btf) -> SockOffsets {
     ];
     offsets.span = span_of(copied, "struct sock_common");
     offsets
+}
+
+/// Reads where each namespace keeps its time-wait count from the running kernel's
+/// BTF; [`TwOffsets::UNKNOWN`] (logged) when the kernel describes it differently.
+pub fn time_wait_offsets() -> TwOffsets {
+    match Btf::from_file(Path::new(VMLINUX_BTF)) {
+        Ok(btf) => tw_offsets_from(&btf),
+        Err(_) => TwOffsets::UNKNOWN,
+    }
+}
+
+fn tw_offsets_from(btf: &Btf) -> TwOffsets {
+    const ROW: &str = "inet_timewait_death_row";
+    let small = |o: u32| u16::try_from(o).ok().filter(|&o| o != ABSENT);
+    let found = (|| {
+        let death_row =
+            small(btf.member_offset("net", "ipv4").ok()? + btf.member_offset("netns_ipv4", "tcp_death_row").ok()?)?;
+        let indirect = btf.member_is_pointer("netns_ipv4", "tcp_death_row").ok()?;
+        // 5.17 replaced the count by a reference count that starts at 1.
+        let (count, bias) = match btf.member_offset(ROW, "tw_refcount") {
+            Ok(off) => (small(off)?, 1),
+            Err(_) => (small(btf.member_offset(ROW, "tw_count").ok()?)?, 0),
+        };
+        let max = small(btf.member_offset(ROW, "sysctl_max_tw_buckets").ok()?)?;
+        Some(TwOffsets { death_row, count, max, indirect: u8::from(indirect), bias })
+    })();
+    found.unwrap_or_else(|| {
+        warn!("the kernel's BTF does not show where a namespace counts its time-wait sockets (net.ipv4.tcp_death_row); tcptrace_time_wait_sockets is modelled from transitions");
+        TwOffsets::UNKNOWN
+    })
 }
 
 /// The bytes from the start that hold every field (offset, size): what one read must
@@ -220,6 +253,8 @@ pub struct Probe {
     pub netns: bool,
     /// Every tracepoint of [`ATTACHMENTS`], attached or not.
     pub programs: Vec<ProgramStatus>,
+    /// Whether each namespace's own time-wait count can be read (`tw_count` loaded).
+    pub tw_count: bool,
 }
 
 /// How to load the programs.
@@ -228,6 +263,9 @@ pub struct LoadOptions {
     pub ring_bytes: u32,
     /// Stream every state change (`watch`), not only those the daemon pairs.
     pub stream_all: bool,
+    /// Also stream entries into and exits from CLOSE_WAIT and listeners' opening and
+    /// closing (CLOSE_WAIT by service port).
+    pub stream_close_wait: bool,
     /// Wake the reader only once this many bytes wait (0: for every event); the
     /// reader must then also drain on a timer.
     pub wakeup_bytes: u64,
@@ -242,6 +280,8 @@ pub struct KernelCounters {
     transitions: PerCpuArray<MapData, TransitionCounts>,
     /// The attached programs, to read their `recursion_misses` (a field since Linux 5.12).
     programs: Vec<(&'static str, aya::programs::ProgramFd)>,
+    /// The `tw_count` program, when it loaded.
+    tw_count: Option<aya::programs::ProgramFd>,
 }
 
 impl KernelCounters {
@@ -254,21 +294,25 @@ impl KernelCounters {
                 None
             }
         };
-        let transitions = match self.transitions.get(&0, 0) {
-            Ok(per_cpu) => {
-                let mut sum = Box::new([0u64; 256]);
-                for cpu in per_cpu.iter() {
-                    for (total, n) in sum.iter_mut().zip(cpu) {
-                        *total += n;
+        let mut transitions = Some(Box::new([[0u64; 256]; FAMILY_SLOTS as usize]));
+        for (slot, sum) in (0..FAMILY_SLOTS).zip(0..) {
+            match self.transitions.get(&slot, 0) {
+                Ok(per_cpu) => {
+                    if let Some(all) = &mut transitions {
+                        let sum: &mut TransitionCounts = &mut all[sum];
+                        for cpu in per_cpu.iter() {
+                            for (total, n) in sum.iter_mut().zip(cpu) {
+                                *total += n;
+                            }
+                        }
                     }
                 }
-                Some(sum)
+                Err(err) => {
+                    warn!("reading the transitions map failed: {err}");
+                    transitions = None;
+                }
             }
-            Err(err) => {
-                warn!("reading the transitions map failed: {err}");
-                None
-            }
-        };
+        }
         let missed = self
             .programs
             .iter()
@@ -280,8 +324,68 @@ impl KernelCounters {
                 }
             })
             .collect();
-        KernelTotals { lost, transitions, missed }
+        KernelTotals { lost, transitions, missed, time_wait: Vec::new() }
     }
+
+    /// Each namespace's own time-wait count, asked of the kernel now (one
+    /// BPF_PROG_TEST_RUN of the `tw_count` program each, about a microsecond);
+    /// nothing when this kernel's BTF did not show where namespaces keep it.
+    pub fn time_wait(&self, namespaces: &[(u32, u64)]) -> Vec<(u32, Option<u32>)> {
+        let Some(fd) = &self.tw_count else { return Vec::new() };
+        let mut out = Vec::with_capacity(namespaces.len());
+        for &(netns, net) in namespaces {
+            let read = test_run(fd, &[net, u64::from(netns)]);
+            log::trace!("namespace {netns} (struct net at {net:#x}): time-wait count {read:?}");
+            match read {
+                Ok(TW_GONE) => out.push((netns, None)),
+                Ok(n) => out.push((netns, u32::try_from(n).ok())),
+                Err(err) => {
+                    warn!("reading namespace {netns}'s time-wait count failed: {err}");
+                    return out;
+                }
+            }
+        }
+        out
+    }
+}
+
+/// Runs a raw tracepoint program once with `args` (BPF_PROG_TEST_RUN, Linux 5.10+)
+/// and returns what it returned. aya 0.14 has no test run.
+fn test_run(fd: &aya::programs::ProgramFd, args: &[u64]) -> io::Result<i32> {
+    const BPF_PROG_TEST_RUN: libc::c_long = 10;
+    /// `union bpf_attr`'s `test` member, up to `cpu` (what 5.10 knows).
+    #[repr(C)]
+    #[derive(Default)]
+    struct TestAttr {
+        prog_fd: u32,
+        retval: u32,
+        data_size_in: u32,
+        data_size_out: u32,
+        data_in: u64,
+        data_out: u64,
+        repeat: u32,
+        duration: u32,
+        ctx_size_in: u32,
+        ctx_size_out: u32,
+        ctx_in: u64,
+        ctx_out: u64,
+        flags: u32,
+        cpu: u32,
+    }
+    let mut attr = TestAttr {
+        prog_fd: fd.as_fd().as_raw_fd() as u32,
+        ctx_size_in: size_of_val(args) as u32,
+        ctx_in: args.as_ptr() as u64,
+        ..TestAttr::default()
+    };
+    // SAFETY: `attr` and `args` are valid for the kernel to read (and `attr` to
+    // write) for the sizes given, and outlive the call.
+    let rc =
+        unsafe { libc::syscall(libc::SYS_bpf, BPF_PROG_TEST_RUN, &mut attr as *mut TestAttr, size_of::<TestAttr>()) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(attr.retval as i32)
 }
 
 /// A program's `bpf_prog_info.recursion_misses`: runs the kernel skipped because a
@@ -321,7 +425,7 @@ impl Probe {
     /// classic tracepoints tracefs and its record layouts), loads the object with a
     /// ring buffer of `ring_bytes` and attaches one program per tracepoint.
     pub fn load(options: LoadOptions) -> Result<Self> {
-        let LoadOptions { ring_bytes, stream_all, wakeup_bytes, attach } = options;
+        let LoadOptions { ring_bytes, stream_all, stream_close_wait, wakeup_bytes, attach } = options;
         if OBJECT.is_empty() {
             return Err(Error::EmptyObject);
         }
@@ -332,7 +436,11 @@ impl Probe {
         let mut config = Config::UNSET;
         config.wakeup_bytes = wakeup_bytes;
         config.stream_all = u8::from(stream_all);
+        config.stream_close_wait = u8::from(stream_close_wait);
         config.sock = sock.unwrap_or(SockOffsets::UNKNOWN);
+        if sock.is_some() && config.sock.net != ABSENT && config.sock.net_inum != ABSENT {
+            config.tw = time_wait_offsets();
+        }
         let mode = match attach {
             AttachMode::Auto if config.sock.has_tuple() => AttachMode::Raw,
             AttachMode::Auto => AttachMode::Classic,
@@ -416,7 +524,8 @@ impl Probe {
         let attached: Vec<_> = programs.iter().filter(|p| p.attached).map(|p| p.tracepoint).collect();
         info!("attached {mode} tracepoint programs to {}", attached.join(", "));
         let netns = config.sock.net != ABSENT && config.sock.net_inum != ABSENT;
-        Ok(Self { ebpf, mode, btf: sock.is_some(), netns, programs })
+        let tw_count = config.tw.known() && load_tw_count(&mut ebpf);
+        Ok(Self { ebpf, mode, btf: sock.is_some(), netns, programs, tw_count })
     }
 
     /// The ring buffer the programs write events to (can be taken once).
@@ -439,13 +548,31 @@ impl Probe {
                 }
             }
         }
+        let tw_count = match self.tw_count.then(|| self.ebpf.program(TW_COUNT_PROGRAM)).flatten() {
+            Some(p) => p.fd().ok().and_then(|fd| fd.try_clone().ok()),
+            None => None,
+        };
         Ok(KernelCounters {
+            tw_count,
             lost: PerCpuArray::try_from(lost).map_err(|e| Error::Object(format!("per-CPU array {LOST_MAP}: {e}")))?,
             transitions: PerCpuArray::try_from(transitions)
                 .map_err(|e| Error::Object(format!("per-CPU array {TRANSITIONS_MAP}: {e}")))?,
             programs,
         })
     }
+}
+
+/// Loads (never attaches) the program that reads a namespace's time-wait count;
+/// false, with the reason logged, when this kernel refuses it.
+fn load_tw_count(ebpf: &mut Ebpf) -> bool {
+    let loaded = match ebpf.program_mut(TW_COUNT_PROGRAM) {
+        Some(Program::RawTracePoint(p)) => p.load().map_err(|e| e.to_string()),
+        _ => Err(format!("no raw tracepoint program {TW_COUNT_PROGRAM} in the object")),
+    };
+    if let Err(err) = &loaded {
+        warn!("cannot read namespaces' own time-wait counts ({err}); tcptrace_time_wait_sockets is modelled from transitions");
+    }
+    loaded.is_ok()
 }
 
 /// The record layout in `config` a tracepoint's classic program reads.

@@ -21,9 +21,9 @@ use std::{
 };
 
 use log::debug;
-use tcptrace_common::{AF_INET, AF_INET6};
+use tcptrace_common::{TcpState, AF_INET, AF_INET6};
 
-use crate::{events::canonical, tracker::Tuple};
+use crate::{events::canonical, metrics::StateCounts, tracker::Tuple};
 
 /// `st` of a time-wait socket in /proc/net/tcp.
 const TCP_TIME_WAIT_HEX: &str = "06";
@@ -44,6 +44,9 @@ pub struct Seeds {
     pub unreadable: usize,
     /// Sockets left out because there were more than the model holds.
     pub dropped: usize,
+    /// Every socket listed, by family (0 IPv4, 1 IPv6: the table it is in, as the
+    /// kernel's `sk_family`) and state number; request sockets are left out.
+    pub states: StateCounts,
 }
 
 /// The inode of a network namespace file (`/proc/PID/ns/net` or a bind mount of
@@ -200,11 +203,18 @@ fn read_tables(
             Err(err) if family == AF_INET6 && err.kind() == io::ErrorKind::NotFound => continue,
             Err(err) => return Err(io::Error::new(err.kind(), format!("reading {}: {err}", path()))),
         };
+        let mut found = [0u64; 16];
         for line in BufReader::new(table).lines().skip(1) {
             let line = line.map_err(|err| io::Error::new(err.kind(), format!("reading {}: {err}", path())))?;
+            if let Some(state) = state_of(&line) {
+                found[state] += 1;
+            }
             if let Some(seed) = parse_line(&line, family, netns, now_ns, ns_per_tick) {
                 out.push(seed);
             }
+        }
+        for (total, n) in out.seeds.states[usize::from(family == AF_INET6)].iter_mut().zip(found) {
+            *total += n;
         }
     }
     Ok(())
@@ -298,6 +308,15 @@ fn parse(text: &str, family: u16, now_ns: u64, ns_per_tick: u64) -> impl Iterato
     text.lines().skip(1).filter_map(move |line| parse_line(line, family, 0, now_ns, ns_per_tick))
 }
 
+/// The state number of one table line; `None` for request sockets (listed as
+/// SYN_RECV with no inode: no full socket exists yet) and lines that do not parse.
+fn state_of(line: &str) -> Option<usize> {
+    let f: Vec<&str> = line.split_whitespace().take(10).collect();
+    let state = usize::from_str_radix(f.get(3)?, 16).ok().filter(|&s| s < 16)?;
+    let inode = f.get(9)?;
+    (state != TcpState::SynRecv as usize || *inode != "0").then_some(state)
+}
+
 /// One table line: its tuple (in canonical form, tagged with `netns`) and expiry if
 /// it is a time-wait socket.
 fn parse_line(line: &str, family: u16, netns: u32, now_ns: u64, ns_per_tick: u64) -> Option<(Tuple, u64)> {
@@ -356,6 +375,15 @@ mod tests {
         assert_eq!((t.sport, t.dport), (0xA2C4, 8080));
         assert_eq!(expires, 1_000 + 0x1770 * 10_000_000, "6000 ticks = 60 s");
         assert_eq!(got[1].1, 1_000 + 10 * 10_000_000);
+    }
+
+    #[test]
+    fn counts_states_but_not_request_sockets() {
+        let request = "   3: 0100007F:1F90 0100007F:A2C8 03 00000000:00000000 02:00000064 00000000     0        0 0 1 0000000000000000";
+        let child = "   4: 0100007F:1F90 0100007F:A2CA 03 00000000:00000000 00:00000000 00000000     0        0 4242 1 0000000000000000";
+        let states: Vec<_> = V4.lines().skip(1).chain([request, child]).map(state_of).collect();
+        assert_eq!(states, vec![Some(10), Some(6), Some(6), None, Some(3)]);
+        assert_eq!(state_of("garbage"), None);
     }
 
     #[test]

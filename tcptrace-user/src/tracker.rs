@@ -10,7 +10,7 @@ pub(crate) mod expiring;
 
 use std::{collections::HashMap, hash::BuildHasher as _};
 
-use tcptrace_common::{ip_addr, Event, EventKind, TcpState};
+use tcptrace_common::{ip_addr, Event, EventKind, TcpState, TW_UNKNOWN};
 
 use self::expiring::ExpiringMap;
 use crate::events::Family;
@@ -29,6 +29,10 @@ const RESET_MEMORY_NS: u64 = NS_PER_SEC;
 /// The first SYN-ACK's retransmission timeout (TCP_TIMEOUT_INIT): a passive handshake
 /// whose SYN-ACK was retransmitted started this long before the first retransmission.
 const SYNACK_INITIAL_RTO_NS: u64 = NS_PER_SEC;
+
+/// Most namespaces whose own time-wait count is kept (beyond those the model has
+/// time-wait sockets in); one more is modelled only.
+const MAX_COUNTED_NAMESPACES: usize = 65_536;
 
 const ECONNRESET: i32 = 104;
 const ECONNREFUSED: i32 = 111;
@@ -71,11 +75,14 @@ pub enum FailureReason {
     Unreachable = 4,
     /// The kernel's error was not available (no BTF) or not one of the above.
     Unknown = 5,
+    /// connect() found no free local port (EADDRNOTAVAIL): the socket went to CLOSE
+    /// before a port was chosen, its local port still 0.
+    NoLocalPort = 6,
 }
 
 impl FailureReason {
-    pub const ALL: [Self; 6] =
-        [Self::Refused, Self::Timeout, Self::Aborted, Self::Reset, Self::Unreachable, Self::Unknown];
+    pub const ALL: [Self; 7] =
+        [Self::Refused, Self::Timeout, Self::Aborted, Self::Reset, Self::Unreachable, Self::Unknown, Self::NoLocalPort];
 
     pub const fn label(self) -> &'static str {
         match self {
@@ -85,11 +92,13 @@ impl FailureReason {
             Self::Reset => "reset",
             Self::Unreachable => "unreachable",
             Self::Unknown => "unknown",
+            Self::NoLocalPort => "no_local_port",
         }
     }
 
-    /// Classifies a failed handshake from the reset tracepoint and `sk_err`.
-    fn classify(direction: Direction, reset_received: bool, sk_err: i32) -> Self {
+    /// Classifies a failed handshake from the reset tracepoint, `sk_err` and the
+    /// local port (0: none was ever chosen).
+    fn classify(direction: Direction, reset_received: bool, sk_err: i32, sport: u16) -> Self {
         let reset = match direction {
             Direction::Active => Self::Refused,
             Direction::Passive => Self::Reset,
@@ -98,6 +107,9 @@ impl FailureReason {
             _ if reset_received => reset,
             ECONNREFUSED | ECONNRESET => reset,
             ETIMEDOUT => Self::Timeout,
+            // inet_hash_connect() failing leaves no error on the socket and no port;
+            // an application's close() during the handshake comes after the port.
+            0 if direction == Direction::Active && sport == 0 => Self::NoLocalPort,
             0 => Self::Aborted,
             ENETDOWN | ENETUNREACH | EHOSTDOWN | EHOSTUNREACH => Self::Unreachable,
             // SK_ERR_UNKNOWN (no BTF) and anything else.
@@ -164,6 +176,9 @@ pub trait Sink {
     fn syn_retransmit(&mut self, _family: Family) {}
     fn synack_retransmit(&mut self, _family: Family) {}
     fn time_wait_entered(&mut self, _family: Family) {}
+    /// A socket closed into TIME_WAIT while its namespace held
+    /// `net.ipv4.tcp_max_tw_buckets` time-wait sockets: the kernel made none.
+    fn time_wait_overflow(&mut self, _family: Family) {}
     /// Entries dropped before their natural end.
     fn evicted(&mut self, _what: Eviction, _count: u64) {}
 }
@@ -327,10 +342,10 @@ pub struct Tracker {
     /// Keyed per process, so fingerprints cannot be predicted from outside.
     fingerprint: foldhash::quality::RandomState,
     time_wait_count: [usize; 2],
-    /// Time-wait sockets per network namespace, when asked for
-    /// ([`Tracker::with_netns_counts`]); a namespace leaves at 0, so this holds at
-    /// most as many entries as `time_wait`.
-    netns_time_wait: Option<NetnsCounts>,
+    /// Time-wait sockets per network namespace, modelled and as the kernel counts
+    /// them; a namespace leaves once both are 0, so this holds at most as many
+    /// entries as `time_wait` plus the namespaces whose count was read.
+    netns_time_wait: NetnsCounts,
     /// Sockets that just received a reset, by address and tuple.
     reset: ExpiringMap<(u64, Tuple), ()>,
 }
@@ -343,24 +358,41 @@ impl Tracker {
             time_wait: ExpiringMap::new(limits.max_time_wait),
             fingerprint: foldhash::quality::RandomState::default(),
             time_wait_count: [0; 2],
-            netns_time_wait: None,
+            netns_time_wait: HashMap::default(),
             reset: ExpiringMap::new(limits.max_pending),
             handshake_timeout_ns: limits.handshake_timeout_ns,
         }
     }
 
-    /// Also counts time-wait sockets per network namespace, for
-    /// [`Tracker::netns_time_wait_sockets`]: a hash map update per entry and expiry
-    /// that only the per-namespace breakdown needs.
-    pub fn with_netns_counts(mut self) -> Self {
-        self.netns_time_wait = Some(HashMap::default());
-        self
+    /// Time-wait sockets per network namespace inode, as [`Tracker::time_wait_sockets`]
+    /// counts them; only namespaces that have some.
+    pub fn netns_time_wait_sockets(&self) -> impl Iterator<Item = (u32, usize)> + '_ {
+        self.netns_time_wait.iter().map(|(&netns, n)| (netns, n.split().iter().sum())).filter(|&(_, n)| n > 0)
     }
 
-    /// Modelled time-wait sockets per network namespace inode (none unless
-    /// [`Tracker::with_netns_counts`]); only namespaces that have some.
-    pub fn netns_time_wait_sockets(&self) -> impl Iterator<Item = (u32, usize)> + '_ {
-        self.netns_time_wait.iter().flatten().map(|(&netns, &n)| (netns, n))
+    /// Namespaces whose own time-wait count can be read from the kernel: inode and
+    /// `struct net` address, from their last socket that closed into TIME_WAIT.
+    pub fn time_wait_namespaces(&self) -> Vec<(u32, u64)> {
+        self.netns_time_wait.iter().filter(|(_, n)| n.net != 0).map(|(&netns, n)| (netns, n.net)).collect()
+    }
+
+    /// The kernel's own time-wait count of a namespace, read just now; `None` when it
+    /// is gone (deleted): its modelled time-wait sockets go with it, as the kernel
+    /// purged them.
+    pub fn kernel_time_wait(&mut self, netns: u32, count: Option<u32>) {
+        match count {
+            Some(n) => {
+                if let Some(ns) = self.netns_time_wait.get_mut(&netns) {
+                    ns.kernel = Some(n as usize);
+                }
+            }
+            None => {
+                self.netns_time_wait.remove(&netns);
+                let counts = &mut self.time_wait_count;
+                self.time_wait.retain(|tw| tw.netns != netns, |gone| counts[gone.family as usize] -= 1);
+            }
+        }
+        self.netns_time_wait.retain(|_, ns| !ns.is_empty());
     }
 
     /// Sockets with a handshake in progress.
@@ -368,8 +400,15 @@ impl Tracker {
         self.pending.len()
     }
 
-    /// Modelled time-wait sockets of one family.
+    /// Time-wait sockets of one family: in each namespace whose count the kernel
+    /// gave, that count (split by family as the model splits it), elsewhere the model.
     pub fn time_wait_sockets(&self, family: Family) -> usize {
+        self.netns_time_wait.values().map(|ns| ns.split()[family as usize]).sum()
+    }
+
+    /// Modelled time-wait sockets of one family (what [`Tracker::time_wait_sockets`]
+    /// would be without the kernel's counts).
+    pub fn modelled_time_wait_sockets(&self, family: Family) -> usize {
         self.time_wait_count[family as usize]
     }
 
@@ -482,7 +521,7 @@ impl Tracker {
                     TcpState::Close => sink.handshake_failed(&Failure {
                         direction: Direction::Active,
                         family,
-                        reason: FailureReason::classify(Direction::Active, reset_received, ev.sk_err),
+                        reason: FailureReason::classify(Direction::Active, reset_received, ev.sk_err, ev.sport),
                         retransmits,
                         tuple,
                         origin,
@@ -499,7 +538,7 @@ impl Tracker {
                     sink.handshake_failed(&Failure {
                         direction: Direction::Passive,
                         family,
-                        reason: FailureReason::classify(Direction::Passive, reset_received, ev.sk_err),
+                        reason: FailureReason::classify(Direction::Passive, reset_received, ev.sk_err, ev.sport),
                         retransmits,
                         tuple,
                         origin: None,
@@ -529,8 +568,19 @@ impl Tracker {
             (TcpState::FinWait2 | TcpState::Closing, TcpState::Close)
                 if !reset_received && !matches!(ev.sk_err, ECONNRESET | ECONNREFUSED) =>
             {
-                sink.time_wait_entered(family);
-                self.insert_time_wait(tuple, family, ev.ts_ns.saturating_add(TIME_WAIT_NS), sink);
+                if self.kernel_made_time_wait(ev) {
+                    sink.time_wait_entered(family);
+                    self.insert_time_wait(tuple, family, ev.ts_ns.saturating_add(TIME_WAIT_NS), sink);
+                } else {
+                    sink.time_wait_overflow(family);
+                }
+                let room = self.netns_time_wait.len() < MAX_COUNTED_NAMESPACES
+                    || self.netns_time_wait.contains_key(&tuple.netns);
+                if ev.tw_count != TW_UNKNOWN && room {
+                    let ns = self.netns_time_wait.entry(tuple.netns).or_default();
+                    ns.kernel = Some(ev.tw_count as usize);
+                    ns.net = ev.net;
+                }
             }
             _ => {}
         }
@@ -550,6 +600,19 @@ impl Tracker {
         }
     }
 
+    /// Whether the kernel made a time-wait socket for this close, from its namespace's
+    /// count `n` (the new one included) and cap `max`, read at the transition: below
+    /// the cap it did; above, it did not; at the cap, it did only if the namespace held
+    /// fewer before (the model's count of it, as the count alone cannot tell).
+    fn kernel_made_time_wait(&self, ev: &Event) -> bool {
+        if ev.tw_count == TW_UNKNOWN || ev.tw_max == TW_UNKNOWN {
+            return true;
+        }
+        let (n, max) = (ev.tw_count as usize, ev.tw_max as usize);
+        let modelled = self.netns_time_wait.get(&ev.netns).map_or(0, |ns| ns.model.iter().sum());
+        n < max || (n == max && modelled < n)
+    }
+
     fn insert_time_wait(&mut self, tuple: Tuple, family: Family, expires_ns: u64, sink: &mut impl Sink) {
         let key = self.fingerprint.hash_one(tuple);
         let (replaced, evicted) = self.time_wait.insert(key, TimeWait { family, netns: tuple.netns }, expires_ns);
@@ -560,9 +623,7 @@ impl Tracker {
             sink.evicted(Eviction::TimeWaitCap, 1);
         }
         self.time_wait_count[family as usize] += 1;
-        if let Some(per_netns) = &mut self.netns_time_wait {
-            *per_netns.entry(tuple.netns).or_default() += 1;
-        }
+        self.netns_time_wait.entry(tuple.netns).or_default().model[family as usize] += 1;
     }
 
     fn remove_time_wait(&mut self, tuple: &Tuple) {
@@ -572,18 +633,49 @@ impl Tracker {
     }
 }
 
+/// One network namespace's time-wait sockets.
+#[derive(Clone, Copy, Debug, Default)]
+struct NetnsTimeWait {
+    /// Modelled, by [`Family`].
+    model: [usize; 2],
+    /// The kernel's own count, when known (read at the namespace's last close into
+    /// TIME_WAIT or refresh).
+    kernel: Option<usize>,
+    /// Its `struct net` in the kernel, to read the count again; 0 when unknown.
+    net: u64,
+}
+
+impl NetnsTimeWait {
+    /// Time-wait sockets by family: the kernel's count where known, the IPv6 share as
+    /// many as the model has (at most the count), the rest IPv4.
+    fn split(&self) -> [usize; 2] {
+        match self.kernel {
+            Some(k) => {
+                let v6 = self.model[Family::Ipv6 as usize].min(k);
+                let mut out = [0; 2];
+                out[Family::Ipv6 as usize] = v6;
+                out[Family::Ipv4 as usize] = k - v6;
+                out
+            }
+            None => self.model,
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.model == [0, 0] && self.kernel.unwrap_or(0) == 0
+    }
+}
+
 /// Time-wait sockets by network namespace inode.
-type NetnsCounts = HashMap<u32, usize, foldhash::fast::RandomState>;
+type NetnsCounts = HashMap<u32, NetnsTimeWait, foldhash::fast::RandomState>;
 
 /// Takes a time-wait socket that ended out of the counts.
-fn forget_time_wait(counts: &mut [usize; 2], per_netns: &mut Option<NetnsCounts>, gone: TimeWait) {
+fn forget_time_wait(counts: &mut [usize; 2], per_netns: &mut NetnsCounts, gone: TimeWait) {
     counts[gone.family as usize] -= 1;
-    if let Some(per_netns) = per_netns {
-        if let std::collections::hash_map::Entry::Occupied(mut e) = per_netns.entry(gone.netns) {
-            *e.get_mut() -= 1;
-            if *e.get() == 0 {
-                e.remove();
-            }
+    if let std::collections::hash_map::Entry::Occupied(mut e) = per_netns.entry(gone.netns) {
+        e.get_mut().model[gone.family as usize] -= 1;
+        if e.get().is_empty() {
+            e.remove();
         }
     }
 }

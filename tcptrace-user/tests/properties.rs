@@ -500,14 +500,10 @@ proptest! {
     fn tracker_stays_bounded_and_metrics_consistent(
         limits in limits(),
         config in metrics_config(),
-        netns_counts in any::<bool>(),
         seeds in seeds(),
         ops in ops(200),
     ) {
         let mut tracker = Tracker::new(limits.clone());
-        if netns_counts || config.netns > 0 {
-            tracker = tracker.with_netns_counts();
-        }
         let mut metrics = Metrics::new(config).unwrap();
         let mut counts = Counts::default();
         let mut seeded = [0u64; 2];
@@ -572,16 +568,14 @@ proptest! {
     ) {
         let max_pending = limits.max_pending;
         let max_time_wait = limits.max_time_wait;
-        let mut tracker = Tracker::new(limits);
-        if config.netns > 0 {
-            tracker = tracker.with_netns_counts();
-        }
+        let tracker = Tracker::new(limits);
         let mut pipeline = Pipeline::new(tracker, Metrics::new(config).unwrap());
         let (mut good, mut bad) = (0u64, 0u64);
         let mut kernel = KernelTotals {
             lost,
-            transitions: Some(Box::new(transitions.try_into().unwrap())),
+            transitions: Some(Box::new([transitions.try_into().unwrap(), [0; 256]])),
             missed: vec![("inet_sock_set_state", 7)],
+            time_wait: Vec::new(),
         };
         let mut refreshes = now.iter().cycle();
         for record in records {
@@ -599,7 +593,8 @@ proptest! {
             let (tracker, _) = pipeline.parts();
             prop_assert!(tracker.tracked_sockets() <= max_pending);
             prop_assert!(
-                tracker.time_wait_sockets(Family::Ipv4) + tracker.time_wait_sockets(Family::Ipv6) <= max_time_wait
+                tracker.modelled_time_wait_sockets(Family::Ipv4) + tracker.modelled_time_wait_sockets(Family::Ipv6)
+                    <= max_time_wait
             );
         }
         pipeline.refresh(now[0], &kernel);

@@ -63,11 +63,11 @@ fn sink_calls_land_in_the_exposition() {
     let mut m = metrics(PortLabels::Off);
     let mut kernel = [0u64; 256];
     kernel[tcptrace_common::transition_slot(TcpState::SynSent as u32, TcpState::Established as u32)] = 1;
-    m.set_transitions(&kernel);
+    m.set_transitions(&[kernel, [0; 256]], [0, 0]);
     kernel[tcptrace_common::transition_slot(TcpState::SynSent as u32, TcpState::Established as u32)] = 2;
     kernel[tcptrace_common::transition_slot(0, 42)] = 1;
-    m.set_transitions(&kernel);
-    m.set_transitions(&kernel);
+    m.set_transitions(&[kernel, [0; 256]], [0, 0]);
+    m.set_transitions(&[[0; 256], kernel], [0, 0]);
     m.handshake(&handshake(Direction::Active, Family::Ipv4, 30_000, 0, 443));
     m.handshake(&handshake(Direction::Active, Family::Ipv4, 1_000_300_000, 1, 443));
     m.handshake(&handshake(Direction::Passive, Family::Ipv6, 40_000, 0, 80));
@@ -180,7 +180,7 @@ fn gauges_follow_the_tracker() {
 #[test]
 fn netns_breakdown_follows_the_tracker_and_is_off_by_default() {
     use tcptrace_common::{EventKind, TcpState};
-    let mut t = Tracker::new(Limits::default()).with_netns_counts();
+    let mut t = Tracker::new(Limits::default());
     let mut m = Metrics::new(MetricsConfig { netns: 2, host_netns: Some(7), ..MetricsConfig::default() }).unwrap();
     // Two 4-tuples, each closing in two namespaces: 7 and 9 share one, 9 and 11 the other.
     for (i, netns) in [7, 9, 9, 11].into_iter().enumerate() {

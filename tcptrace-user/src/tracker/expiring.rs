@@ -64,6 +64,18 @@ impl<K: Hash + Eq + Copy, V> ExpiringMap<K, V> {
         }
     }
 
+    /// Removes every entry `keep` refuses, handing each to `gone`: O(entries), for rare
+    /// events (a namespace deleted).
+    pub(crate) fn retain(&mut self, mut keep: impl FnMut(&V) -> bool, mut gone: impl FnMut(V)) {
+        let doomed: Vec<K> = self.map.iter().filter(|(_, (v, _))| !keep(v)).map(|(k, _)| *k).collect();
+        for key in doomed {
+            if let Some((v, _)) = self.map.remove(&key) {
+                gone(v);
+            }
+        }
+        self.compact();
+    }
+
     fn pop_oldest(&mut self) -> Option<V> {
         while let Some((deadline, key)) = self.order.pop_front() {
             if self.is_current(deadline, &key) {
@@ -121,6 +133,20 @@ mod tests {
         assert_eq!(m.insert(4, 4, 4), (None, Some(2)));
         assert_eq!(m.len(), 2);
         assert_eq!(m.insert(4, 5, 5), (Some(4), None), "replacing never evicts");
+    }
+
+    #[test]
+    fn retain_removes_what_it_refuses() {
+        let mut m = ExpiringMap::new(10);
+        for i in 0..6u64 {
+            m.insert(i, i % 2, i);
+        }
+        let mut gone = Vec::new();
+        m.retain(|&v| v == 0, |v| gone.push(v));
+        assert_eq!((m.len(), gone), (3, vec![1, 1, 1]));
+        let mut out = Vec::new();
+        m.expire(10, |k, _| out.push(k));
+        assert_eq!(out, vec![0, 2, 4]);
     }
 
     #[test]

@@ -415,6 +415,8 @@ fn failure_reasons_come_from_resets_and_sk_err() {
         (Direction::Active, true, SK_ERR_UNKNOWN, FailureReason::Refused),
         (Direction::Active, false, 110, FailureReason::Timeout),
         (Direction::Active, false, 0, FailureReason::Aborted),
+        (Direction::Active, false, 0, FailureReason::NoLocalPort),
+        (Direction::Passive, false, 0, FailureReason::Aborted),
         (Direction::Active, false, 113, FailureReason::Unreachable),
         (Direction::Active, false, 101, FailureReason::Unreachable),
         (Direction::Active, false, SK_ERR_UNKNOWN, FailureReason::Unknown),
@@ -424,7 +426,10 @@ fn failure_reasons_come_from_resets_and_sk_err() {
         (Direction::Passive, false, 110, FailureReason::Timeout),
     ];
     for (direction, reset, err, want) in cases {
-        assert_eq!(FailureReason::classify(direction, reset, err), want, "{direction:?} reset={reset} err={err}");
+        // Only the no-port case has a local port of 0.
+        let sport = if want == FailureReason::NoLocalPort || direction == Direction::Passive { 0 } else { 40_000 };
+        let got = FailureReason::classify(direction, reset, err, sport);
+        assert_eq!(got, want, "{direction:?} reset={reset} err={err} sport={sport}");
     }
 }
 
@@ -618,7 +623,7 @@ fn a_start_never_pairs_with_another_sockets_end() {
 #[test]
 fn two_namespaces_with_the_same_tuple_never_merge() {
     let limits = Limits::default();
-    let mut t = Tracker::new(limits).with_netns_counts();
+    let mut t = Tracker::new(limits);
     let mut seen = Seen::default();
     let (a, b) = (in_netns(client(1, 40000), 100), in_netns(client(2, 40000), 200));
     active_close(&mut t, &mut seen, a, S);
@@ -640,11 +645,65 @@ fn two_namespaces_with_the_same_tuple_never_merge() {
     assert_eq!(t.netns_time_wait_sockets().count(), 0);
 }
 
+/// `active_close`, with the namespace's count and cap the kernel side reads at the
+/// last transition, and its `struct net` address.
+fn counted_close(t: &mut Tracker, seen: &mut Seen, sock: Sock, at: u64, (count, max): (u32, u32)) {
+    t.handle(&ev(sock, at, Established, FinWait1), seen);
+    t.handle(&ev(sock, at + MS, FinWait1, FinWait2), seen);
+    let mut e = ev(sock, at + 2 * MS, FinWait2, Close);
+    (e.tw_count, e.tw_max, e.net) = (count, max, 0xffff_0000_0000_0000 | u64::from(sock.netns));
+    t.handle(&e, seen);
+}
+
 #[test]
-fn netns_counts_are_off_unless_asked_for() {
+fn at_the_cap_the_kernel_makes_no_time_wait_socket_and_none_is_modelled() {
     let (mut t, mut seen) = tracker();
-    active_close(&mut t, &mut seen, client(1, 40000), S);
-    assert_eq!(t.netns_time_wait_sockets().count(), 0);
+    // A namespace capped at 3: the 3rd close fills it, the 4th and 5th overflow.
+    for (i, count) in [1, 2, 3, 3, 3].into_iter().enumerate() {
+        counted_close(&mut t, &mut seen, in_netns(client(i as u64, 40000 + i as u16), 9), S, (count, 3));
+    }
+    assert_eq!(seen.time_wait_entered.len(), 3);
+    assert_eq!(t.time_wait_sockets(Family::Ipv4), 3);
+    assert_eq!(t.modelled_time_wait_sockets(Family::Ipv4), 3, "no socket modelled for an overflow");
+    // Above the cap (lowered meanwhile) nothing is made either.
+    counted_close(&mut t, &mut seen, in_netns(client(8, 41000), 9), S, (5, 3));
+    assert_eq!(seen.time_wait_entered.len(), 3);
+    // The kernel's count wins where the model missed some: here it read 5.
+    assert_eq!(t.time_wait_sockets(Family::Ipv4), 5);
+    assert_eq!(t.time_wait_namespaces(), vec![(9, 0xffff_0000_0000_0009)]);
+    t.kernel_time_wait(9, Some(4));
+    assert_eq!(t.time_wait_sockets(Family::Ipv4), 4);
+}
+
+#[test]
+fn a_deleted_namespace_takes_its_time_wait_sockets_with_it() {
+    let (mut t, mut seen) = tracker();
+    for i in 0..4u16 {
+        counted_close(&mut t, &mut seen, in_netns(client(u64::from(i), 40000 + i), 7), S, (u32::from(i) + 1, 100));
+    }
+    counted_close(&mut t, &mut seen, in_netns(client(9, 40000), 8), S, (1, 100));
+    assert_eq!(t.time_wait_sockets(Family::Ipv4), 5);
+    t.kernel_time_wait(7, None);
+    assert_eq!(t.time_wait_sockets(Family::Ipv4), 1);
+    assert_eq!(t.modelled_time_wait_sockets(Family::Ipv4), 1);
+    assert_eq!(t.time_wait_namespaces(), vec![(8, 0xffff_0000_0000_0008)]);
+    // Expiry still works for what is left; the kernel's 0 then empties the table.
+    t.advance(100 * S, &mut seen);
+    t.kernel_time_wait(8, Some(0));
+    assert_eq!(t.time_wait_sockets(Family::Ipv4), 0);
+    assert!(t.time_wait_namespaces().is_empty());
+}
+
+#[test]
+fn a_connect_without_a_local_port_is_its_own_failure() {
+    let (mut t, mut seen) = tracker();
+    t.handle(&ev(client(1, 0), S, Close, SynSent), &mut seen);
+    t.handle(&with_err(ev(client(1, 0), S + MS, SynSent, Close), 0), &mut seen);
+    // A close() during the handshake has its port already.
+    t.handle(&ev(client(2, 0), S, Close, SynSent), &mut seen);
+    t.handle(&with_err(ev(client(2, 40001), S + MS, SynSent, Close), 0), &mut seen);
+    assert_eq!(seen.reasons, vec![FailureReason::NoLocalPort, FailureReason::Aborted]);
+    assert!(seen.failed[0].origin.is_some(), "the connecting task is known");
 }
 
 #[test]

@@ -25,12 +25,17 @@ pub const fn family_slot(family: u16) -> u32 {
 }
 
 /// Name of the raw tracepoint program the daemon runs on demand (BPF_PROG_TEST_RUN,
-/// never attached) to read one namespace's own time-wait count: args `struct net *`
-/// and the namespace's inode, return value the count or [`TW_GONE`].
-pub const TW_COUNT_PROGRAM: &str = "tw_count";
-/// What [`TW_COUNT_PROGRAM`] returns when the `struct net` no longer holds that
+/// never attached) to read one namespace's own figures: args `struct net *`, the
+/// namespace's inode and what to read ([`NET_READ_TIME_WAIT`] or
+/// [`NET_READ_PORT_RANGE`]); return value the figure or [`NET_GONE`].
+pub const NET_READ_PROGRAM: &str = "net_read";
+/// [`NET_READ_PROGRAM`]: the namespace's time-wait count (sockstat's `tw`).
+pub const NET_READ_TIME_WAIT: u64 = 0;
+/// [`NET_READ_PROGRAM`]: `net.ipv4.ip_local_port_range`, as `low | high << 16`.
+pub const NET_READ_PORT_RANGE: u64 = 1;
+/// What [`NET_READ_PROGRAM`] returns when the `struct net` no longer holds that
 /// namespace (it was deleted) or cannot be read.
-pub const TW_GONE: i32 = -1;
+pub const NET_GONE: i32 = -1;
 /// [`Event::tw_count`] and [`Event::tw_max`] when not read.
 pub const TW_UNKNOWN: u32 = u32::MAX;
 /// Counts of state changes, indexed by [`transition_slot`].
@@ -48,13 +53,25 @@ pub const fn transition_slot(old: u32, new: u32) -> usize {
     (clamp(old) << 4) | clamp(new)
 }
 
+/// [`Config::stream_extra`] bit: stream [`close_wait_pairs`] (CLOSE_WAIT by port).
+pub const STREAM_CLOSE_WAIT: u8 = 1;
+/// [`Config::stream_extra`] bit: stream every close (ports in use per destination).
+pub const STREAM_CLOSES: u8 = 2;
+
 /// Whether the daemon needs this transition streamed to attribute CLOSE_WAIT sockets
-/// to a service port (only with [`Config::stream_close_wait`]): entries into and exits
-/// from CLOSE_WAIT, and listeners opening and closing (which name the service ports).
+/// to a service port: entries into and exits from CLOSE_WAIT, and listeners opening
+/// and closing (which name the service ports).
 pub const fn close_wait_pairs(old: u32, new: u32) -> bool {
     const CLOSE_WAIT: u32 = TcpState::CloseWait as u32;
     const LISTEN: u32 = TcpState::Listen as u32;
     old == CLOSE_WAIT || new == CLOSE_WAIT || old == LISTEN && new != TcpState::SynRecv as u32 || new == LISTEN
+}
+
+/// Whether a transition is streamed given [`Config::stream_extra`]'s bits `extra`,
+/// beyond [`pairs`].
+pub const fn extra_pairs(extra: u8, old: u32, new: u32) -> bool {
+    (extra & STREAM_CLOSE_WAIT != 0 && close_wait_pairs(old, new))
+        || (extra & STREAM_CLOSES != 0 && new == TcpState::Close as u32)
 }
 
 /// Whether the daemon needs this transition streamed (the rest are only counted):
@@ -214,19 +231,21 @@ pub struct Config {
     /// transitions that pair into handshakes and TIME_WAIT entries, and the rest are
     /// only counted in [`TRANSITIONS_MAP`].
     pub stream_all: u8,
-    /// 1 also streams [`close_wait_pairs`] (CLOSE_WAIT by service port).
-    pub stream_close_wait: u8,
+    /// [`STREAM_CLOSE_WAIT`] and [`STREAM_CLOSES`]: what else to stream.
+    pub stream_extra: u8,
     pub _pad: [u8; 8],
-    pub tw: TwOffsets,
+    pub net: NetOffsets,
+    pub _pad2: [u8; 4],
 }
 
-/// Where a network namespace keeps its time-wait count and cap, from the kernel's
-/// BTF: `net->ipv4.tcp_death_row`, embedded in `struct net` (5.10-5.17, 6.1+) or a
-/// pointer to it (5.18-6.0), holding `tw_count` (before 5.17) or `tw_refcount`
-/// (one more than the count), and `sysctl_max_tw_buckets`.
+/// Where a network namespace keeps its time-wait count and cap and its local port
+/// range, from the kernel's BTF: `net->ipv4.tcp_death_row`, embedded in `struct net`
+/// (5.10-5.17, 6.1+) or a pointer to it (5.18-6.0), holding `tw_count` (before 5.17)
+/// or `tw_refcount` (one more than the count), and `sysctl_max_tw_buckets`; and
+/// `net->ipv4.ip_local_ports.range`, `int[2]` or (6.3+) one `u32`, low | high << 16.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct TwOffsets {
+pub struct NetOffsets {
     /// `ipv4.tcp_death_row` in `struct net`; [`ABSENT`] when unknown.
     pub death_row: u16,
     /// The count in `struct inet_timewait_death_row`.
@@ -237,12 +256,27 @@ pub struct TwOffsets {
     pub indirect: u8,
     /// What the count field holds with no time-wait socket (1 for `tw_refcount`).
     pub bias: u8,
+    /// `ipv4.ip_local_ports.range` in `struct net`; [`ABSENT`] when unknown.
+    pub port_range: u16,
+    /// 1 when the range is one packed `u32` rather than two `int`s.
+    pub port_range_packed: u8,
+    pub _pad: u8,
 }
 
-impl TwOffsets {
-    pub const UNKNOWN: Self = Self { death_row: ABSENT, count: ABSENT, max: ABSENT, indirect: 0, bias: 0 };
+impl NetOffsets {
+    pub const UNKNOWN: Self = Self {
+        death_row: ABSENT,
+        count: ABSENT,
+        max: ABSENT,
+        indirect: 0,
+        bias: 0,
+        port_range: ABSENT,
+        port_range_packed: 0,
+        _pad: 0,
+    };
 
-    pub const fn known(&self) -> bool {
+    /// Whether the time-wait count and cap can be read.
+    pub const fn time_wait(&self) -> bool {
         self.death_row != ABSENT && self.count != ABSENT && self.max != ABSENT
     }
 }
@@ -257,13 +291,14 @@ impl Config {
         retransmit_synack: RecordLayout::ABSENT,
         receive_reset: RecordLayout::ABSENT,
         stream_all: 1,
-        stream_close_wait: 0,
+        stream_extra: 0,
         _pad: [0; 8],
-        tw: TwOffsets::UNKNOWN,
+        net: NetOffsets::UNKNOWN,
+        _pad2: [0; 4],
     };
 }
 
-const _: () = assert!(core::mem::size_of::<Config>() == 136);
+const _: () = assert!(core::mem::size_of::<Config>() == 144);
 
 /// `AF_INET`, as the kernel reports it in `family`.
 pub const AF_INET: u16 = 2;
@@ -422,7 +457,7 @@ pub struct Event {
     /// `comm` of the current task, NUL-padded.
     pub comm: [u8; 16],
     /// Kernel address of the socket's `struct net` (0 when unknown): what the daemon
-    /// hands [`TW_COUNT_PROGRAM`] to read that namespace's time-wait count later.
+    /// hands [`NET_READ_PROGRAM`] to read that namespace's figures later.
     pub net: u64,
     /// As a socket leaves FIN_WAIT2 or CLOSING for CLOSE: its namespace's time-wait
     /// count (the new time-wait socket included, if the kernel made one) and cap
@@ -527,6 +562,10 @@ mod tests {
         );
         assert!(close_wait_pairs(Close as u32, Listen as u32) && close_wait_pairs(Listen as u32, Close as u32));
         assert!(!close_wait_pairs(Listen as u32, SynRecv as u32) && !close_wait_pairs(LastAck as u32, Close as u32));
+        assert!(
+            extra_pairs(STREAM_CLOSES, LastAck as u32, Close as u32) && !extra_pairs(0, LastAck as u32, Close as u32)
+        );
+        assert!(!extra_pairs(STREAM_CLOSES, Established as u32, CloseWait as u32));
         assert_eq!((family_slot(AF_INET), family_slot(AF_INET6), family_slot(0)), (0, 1, 0));
     }
 
@@ -534,7 +573,7 @@ mod tests {
     fn event_has_no_hidden_padding() {
         let e = Event::zeroed();
         let fields = 8 + 8 + 8 + 4 + 4 + 16 + 16 + 2 + 2 + 2 + 1 + 1 + 1 + 3 + 4 + 4 + 4 + 16 + 8 + 4 + 4;
-        let config = 8 + 15 * 2 + 4 * 10 * 2 + 1 + 1 + 8 + 8;
+        let config = 8 + 15 * 2 + 4 * 10 * 2 + 1 + 1 + 8 + 12 + 4;
         assert_eq!(core::mem::size_of::<Config>(), config);
         assert_eq!(core::mem::size_of_val(&e), fields);
     }

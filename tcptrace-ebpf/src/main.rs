@@ -26,8 +26,9 @@ use aya_ebpf::{
     EbpfContext as _,
 };
 use tcptrace_common::{
-    close_wait_pairs, family_slot, pairs, transition_slot, Config, Event, EventKind, TcpState, TransitionCounts,
-    ABSENT, AF_INET, AF_INET6, DEFAULT_RING_BYTES, FAMILY_SLOTS, IPPROTO_TCP, SK_ERR_UNKNOWN, SPAN_MAX, TW_GONE,
+    extra_pairs, family_slot, pairs, transition_slot, Config, Event, EventKind, TcpState, TransitionCounts, ABSENT,
+    AF_INET, AF_INET6, DEFAULT_RING_BYTES, FAMILY_SLOTS, IPPROTO_TCP, NET_GONE, NET_READ_PORT_RANGE,
+    NET_READ_TIME_WAIT, SK_ERR_UNKNOWN, SPAN_MAX,
 };
 
 /// Set by the loader (see [`Config`]); read field by field with [`cfg!`].
@@ -223,7 +224,7 @@ fn state_change(sk: u64, family: u16, old: u32, new: u32, tuple: impl FnOnce(&mu
         unsafe { (*counts)[core::ptr::read_volatile(&slot) & 0xff] += 1 };
     }
     let stream_all = cfg!(stream_all) != 0;
-    if !stream_all && !pairs(old, new) && !(cfg!(stream_close_wait) != 0 && close_wait_pairs(old, new)) {
+    if !stream_all && !pairs(old, new) && !extra_pairs(cfg!(stream_extra), old, new) {
         return;
     }
     let Some(mut entry) = EVENTS.reserve::<Event>(0) else {
@@ -261,44 +262,61 @@ fn state_change(sk: u64, family: u16, old: u32, new: u32, tuple: impl FnOnce(&mu
 }
 
 /// A namespace's own time-wait count (what its /proc/net/sockstat shows as `tw`) and
-/// its cap, from its `struct net` at the BTF offsets in `CONFIG.tw`; helper reads, as
+/// its cap, from its `struct net` at the BTF offsets in `CONFIG.net`; helper reads, as
 /// the death row may sit behind a pointer.
 #[inline(always)]
 fn time_wait_count(net: u64) -> Option<(u32, u32)> {
-    let mut row = net.checked_add(u64::from(cfg!(tw.death_row)))?;
-    if cfg!(tw.death_row) == ABSENT {
+    if cfg!(net.death_row) == ABSENT {
         return None;
     }
-    if cfg!(tw.indirect) != 0 {
+    let mut row = net.checked_add(u64::from(cfg!(net.death_row)))?;
+    if cfg!(net.indirect) != 0 {
         row = read::<u64>(row, 0)?;
     }
-    let count = read::<u32>(row, cfg!(tw.count))?;
-    let max = read::<u32>(row, cfg!(tw.max))?;
-    Some((count.wrapping_sub(u32::from(cfg!(tw.bias))), max))
+    let count = read::<u32>(row, cfg!(net.count))?;
+    let max = read::<u32>(row, cfg!(net.max))?;
+    Some((count.wrapping_sub(u32::from(cfg!(net.bias))), max))
+}
+
+/// A namespace's `net.ipv4.ip_local_port_range` as `low | high << 16`.
+#[inline(always)]
+fn port_range(net: u64) -> Option<u32> {
+    let words = read::<[u32; 2]>(net, cfg!(net.port_range))?;
+    if cfg!(net.port_range_packed) != 0 {
+        Some(words[0])
+    } else {
+        Some((words[0] & 0xffff) | (words[1] << 16))
+    }
 }
 
 /// Never attached: the daemon runs it with BPF_PROG_TEST_RUN, with a namespace's
-/// `struct net *` and inode number (from an earlier event) as arguments, and reads
-/// that namespace's time-wait count from its return value: the kernel's own number,
-/// also after a cap refused time-wait sockets or a timer ended them, with no event.
+/// `struct net *` and inode number (from an earlier event) and what to read as
+/// arguments, and takes the answer from its return value: the namespace's time-wait
+/// count (the kernel's own number, also after a cap refused time-wait sockets or a
+/// timer ended them, with no event), or its local port range.
 /// A deleted namespace's time-wait sockets are purged before its `struct net` is
 /// freed (the count then reads 0, or -1 where it is a reference count, which is
-/// [`TW_GONE`]); once the memory is reused, the inode no longer reads back.
+/// [`NET_GONE`]); once the memory is reused, the inode no longer reads back.
 ///
 /// Written out rather than with aya's `raw_tracepoint` macro, which returns 0
 /// whatever the function returns: the return value is the answer here.
 #[unsafe(no_mangle)]
-#[unsafe(link_section = "raw_tp/tw_count")]
-pub fn tw_count(ctx: *mut core::ffi::c_void) -> i32 {
+#[unsafe(link_section = "raw_tp/net_read")]
+pub fn net_read(ctx: *mut core::ffi::c_void) -> i32 {
     let args = ctx as *const u64;
-    // SAFETY: test runs pass two u64 arguments (the daemon always does).
-    let (net, inum) = unsafe { (*args, *args.add(1) as u32) };
+    // SAFETY: test runs pass three u64 arguments (the daemon always does).
+    let (net, inum, what) = unsafe { (*args, *args.add(1) as u32, *args.add(2)) };
     if read::<u32>(net, cfg!(sock.net_inum)) != Some(inum) {
-        return TW_GONE;
+        return NET_GONE;
     }
-    match time_wait_count(net) {
-        Some((count, _)) if count <= i32::MAX as u32 => count as i32,
-        _ => TW_GONE,
+    let value = match what {
+        NET_READ_TIME_WAIT => time_wait_count(net).map(|(count, _)| count),
+        NET_READ_PORT_RANGE => port_range(net),
+        _ => None,
+    };
+    match value {
+        Some(v) if v <= i32::MAX as u32 => v as i32,
+        _ => NET_GONE,
     }
 }
 

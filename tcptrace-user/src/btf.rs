@@ -164,8 +164,18 @@ impl Btf {
     /// Whether `member` of `struct <name>` is a pointer (typedefs and qualifiers
     /// followed): the same field is embedded on some kernels and pointed to on others.
     pub fn member_is_pointer(&self, name: &str, member: &str) -> Result<bool, BtfError> {
+        self.member_kind(name, member).map(|k| k == Some(KIND_PTR))
+    }
+
+    /// Whether `member` of `struct <name>` is an array (`int range[2]` on some
+    /// kernels, one packed `u32` on others).
+    pub fn member_is_array(&self, name: &str, member: &str) -> Result<bool, BtfError> {
+        self.member_kind(name, member).map(|k| k == Some(KIND_ARRAY))
+    }
+
+    fn member_kind(&self, name: &str, member: &str) -> Result<Option<u32>, BtfError> {
         let (_, ty) = self.member(name, member)?;
-        Ok(self.resolve(ty).is_some_and(|t| t.kind() == KIND_PTR))
+        Ok(self.resolve(ty).map(Type::kind))
     }
 
     /// Byte offset and type id of `member`.
@@ -278,6 +288,7 @@ mod tests {
         let srtt = btf.member_offset("tcp_sock", "srtt_us").unwrap();
         assert!(!btf.member_is_pointer("tcp_sock", "srtt_us").unwrap());
         assert!(btf.member_is_pointer("inet_timewait_death_row", "hashinfo").unwrap());
+        assert!(!btf.member_is_array("inet_timewait_death_row", "hashinfo").unwrap());
         let err = btf.member_offset("sock", "sk_err").unwrap();
         assert!(srtt > 512 && srtt < 8192, "tcp_sock.srtt_us at {srtt}");
         assert!(err > 0 && err < 2048, "sock.sk_err at {err}");

@@ -147,7 +147,7 @@ pub fn run(args: &CheckArgs) -> Vec<Finding> {
     let options = LoadOptions {
         ring_bytes: args.ring_buffer_size.0,
         stream_all: false,
-        stream_close_wait: false,
+        stream_extra: 0,
         wakeup_bytes: 0,
         attach: args.attach,
     };

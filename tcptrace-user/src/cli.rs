@@ -229,6 +229,27 @@ pub struct DaemonArgs {
           value_parser = clap::value_parser!(u16).range(0..=crate::metrics::MAX_NETNS_LABELS as i64))]
     pub netns_labels: u16,
 
+    /// Add tcptrace_close_wait_sockets{port}: sockets waiting in CLOSE_WAIT for their
+    /// application to close() them, by service port (the listening port for accepted
+    /// connections, the remote port for this host's own), the N ports with the most,
+    /// the rest port="other". Streams CLOSE_WAIT entries and exits (two more events
+    /// per connection whose peer closes first). 0 (the default) leaves it out; the
+    /// total is always in tcptrace_sockets{state="close_wait"}. Worst case: N+1
+    /// series; N is at most 100.
+    #[arg(long, env = "TCPTRACE_CLOSE_WAIT_PORTS", default_value_t = 0, value_name = "N", value_parser = clap::value_parser!(u16).range(0..=100))]
+    pub close_wait_ports: u16,
+
+    /// Add tcptrace_destination_sockets{netns,destination,state}: the local ports
+    /// held toward each of the N destinations (remote address:port of connections
+    /// this host opened, per namespace) with the most, as open connections and
+    /// time-wait sockets, the rest destination="other"; and
+    /// tcptrace_local_ports{netns}, the size of each of their namespaces'
+    /// ip_local_port_range. Ports run out per destination: "27,000 of 28,232 ports
+    /// to 10.0.0.5:5432" shows before connects fail. Streams every close. 0 (the
+    /// default) leaves them out. Worst case: 2*(N+1) + N series; N is at most 100.
+    #[arg(long, env = "TCPTRACE_DESTINATION_LABELS", default_value_t = 0, value_name = "N", value_parser = clap::value_parser!(u16).range(0..=100))]
+    pub destination_labels: u16,
+
     /// Write one record to stdout for every handshake slower than this (e.g. 200ms,
     /// 1s) and for every failed handshake: time, direction, 4-tuple, pid and comm of
     /// the connect() caller, duration, retransmissions, failure reason.

@@ -34,7 +34,7 @@ use crate::{
     server, shutdown,
     tracker::{syn_sent_lifetime_ns, Eviction, Limits, Sink as _, Tracker},
 };
-use tcptrace_common::TransitionCounts;
+use tcptrace_common::{TransitionCounts, STREAM_CLOSES, STREAM_CLOSE_WAIT};
 
 /// How often the ring buffer is drained when the kernel has not woken the reader:
 /// it wakes it only once an eighth of the buffer is waiting, which saves a wake-up
@@ -139,6 +139,7 @@ impl State {
                 if let Some(at_seed) = at_seed {
                     metrics.seed_states(&seeds.states, &at_seed);
                 }
+                tracker.seed_services(&seeds.listeners, &seeds.connections);
                 tracker.seed_time_wait(seeds.sockets, metrics);
             }
             Err(err) => warn!(
@@ -170,6 +171,7 @@ impl State {
         self.drain();
         let mut totals = self.counters.read();
         totals.time_wait = self.counters.time_wait(&self.pipeline.time_wait_namespaces());
+        totals.port_ranges = self.counters.port_ranges(&self.pipeline.destination_namespaces());
         self.pipeline.refresh(monotonic_ns(), &totals);
     }
 }
@@ -225,7 +227,8 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
     let mut probe = Probe::load(LoadOptions {
         ring_bytes,
         stream_all: false,
-        stream_close_wait: false,
+        stream_extra: if args.close_wait_ports > 0 { STREAM_CLOSE_WAIT } else { 0 }
+            | if args.destination_labels > 0 { STREAM_CLOSES } else { 0 },
         wakeup_bytes: u64::from(ring_bytes / 8),
         attach: args.attach,
     })?;
@@ -243,14 +246,17 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
     };
     let max_time_wait = limits.max_time_wait;
     let netns_labels = usize::from(args.netns_labels);
+    let (close_wait_ports, destinations) = (usize::from(args.close_wait_ports), usize::from(args.destination_labels));
     let mut pipeline = Pipeline::new(
-        Tracker::new(limits),
+        Tracker::new(limits).with_services(close_wait_ports > 0, destinations > 0),
         Metrics::new(MetricsConfig {
             process: !args.no_process_metrics,
             ports: args.port_labels.clone(),
             comms: usize::from(args.comm_labels),
             netns: netns_labels,
             host_netns: procnet::own_netns(),
+            close_wait_ports,
+            destinations,
         })?,
     );
     let programs: Vec<_> = probe.programs.iter().map(|p| (p.tracepoint, p.attached)).collect();
@@ -275,7 +281,7 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
     let drainer = Drainer { shared: shared.clone(), keep: keep.clone(), drained_ms: drained_ms.clone() };
     let reader = Reader::spawn(ring_fd, pace, drainer)?;
     // Events carry their namespace when BTF gave its offsets; seeds must match them.
-    seed_time_wait(&shared, probe.netns, max_time_wait).await;
+    seed_time_wait(&shared, probe.netns, max_time_wait, close_wait_ports + destinations > 0).await;
     // Everything that needed privilege is done: attach, tracefs, other namespaces.
     match privileges::drop_all_but(&keep) {
         Ok(left) if left.permitted.is_empty() => info!("dropped every capability"),
@@ -378,13 +384,13 @@ fn join_msg<T: std::fmt::Debug>(r: std::result::Result<T, tokio::task::JoinError
 
 /// Seeds the TIME_WAIT model with the time-wait sockets of every network namespace,
 /// read while the reader keeps draining (into [`Held`]), then applies what it held.
-async fn seed_time_wait(shared: &Shared, tag_netns: bool, cap: usize) {
+async fn seed_time_wait(shared: &Shared, tag_netns: bool, cap: usize, connections: bool) {
     // A thread of its own rather than the blocking pool, whose threads outlive the
     // task: it exits with its capabilities before the daemon drops them.
     let at_seed = lock(shared).counters.read().transitions;
     let (tx, rx) = tokio::sync::oneshot::channel();
     let spawned = std::thread::Builder::new().name("tcptrace-seed".into()).spawn(move || {
-        let _ = tx.send(procnet::time_wait_sockets(monotonic_ns(), tag_netns, cap));
+        let _ = tx.send(procnet::time_wait_sockets(monotonic_ns(), tag_netns, cap, connections));
     });
     let read = match spawned {
         Ok(thread) => {

@@ -90,6 +90,8 @@ pub struct KernelTotals {
     pub transitions: Option<Box<[TransitionCounts; 2]>>,
     /// Namespaces' own time-wait counts read just now (`None`: the namespace is gone).
     pub time_wait: Vec<(u32, Option<u32>)>,
+    /// Namespaces' `ip_local_port_range` (low, high) read just now (`None`: gone).
+    pub port_ranges: Vec<(u32, Option<(u16, u16)>)>,
     /// Runs the kernel skipped, by tracepoint (its program's `recursion_misses`).
     pub missed: Vec<(&'static str, u64)>,
 }

@@ -7,6 +7,7 @@ mod comms;
 mod netns;
 mod ports;
 mod states;
+mod top;
 
 use prometheus::{
     core::{Collector, MetricVec, MetricVecBuilder},
@@ -53,6 +54,21 @@ pub struct MetricsConfig {
     pub netns: usize,
     /// The daemon's own network namespace inode, labelled `host`.
     pub host_netns: Option<u32>,
+    /// How many service ports get their own CLOSE_WAIT series (0: none; the tracker
+    /// must keep them, [`Tracker::with_services`]).
+    pub close_wait_ports: usize,
+    /// How many destinations get their own ports-in-use series (0: none).
+    pub destinations: usize,
+}
+
+/// A namespace's `netns` label where the breakdowns name one: `host` for the
+/// daemon's own, `unknown` without BTF, else its inode.
+fn netns_label(netns: u32, host: Option<u32>) -> String {
+    match netns {
+        _ if Some(netns) == host => "host".into(),
+        0 => "unknown".into(),
+        n => n.to_string(),
+    }
 }
 
 /// Label handles, indexed densely: those of `other` (slot 0) made at start, so
@@ -115,6 +131,11 @@ pub struct Metrics {
     time_wait_entries: [IntCounter; 2],
     time_wait_overflows: [IntCounter; 2],
     states: states::SocketStates,
+    close_wait: Option<top::TopGauge>,
+    destinations: Option<top::TopGauge>,
+    /// `tcptrace_local_ports{netns}`, with the namespaces it exports.
+    local_ports: Option<(IntGaugeVec, Vec<String>)>,
+    host_netns: Option<u32>,
     time_wait_sockets: [IntGauge; 2],
     netns_time_wait: Option<NetnsGauge>,
     events: IntCounter,
@@ -219,6 +240,44 @@ impl Metrics {
         reg(Box::new(tw_sockets_vec.clone()))?;
         let netns_time_wait = NetnsGauge::new(config.netns, config.host_netns, &registry)?;
         let states = states::SocketStates::new(&registry)?;
+        let close_wait = match config.close_wait_ports {
+            0 => None,
+            n => Some(top::TopGauge::new(
+                "tcptrace_close_wait_sockets",
+                "Sockets in CLOSE_WAIT (the peer closed, the application has not) by service port: the listening \
+                 port for accepted connections, the remote one for this host's own; the busiest ports, the rest \
+                 port=\"other\".",
+                &["port"],
+                ("", &[]),
+                n,
+                &registry,
+            )?),
+        };
+        let (destinations, local_ports) = match config.destinations {
+            0 => (None, None),
+            n => {
+                let gauge = top::TopGauge::new(
+                    "tcptrace_destination_sockets",
+                    "Local ports held toward a destination (remote address:port of connections this host opened, \
+                     per namespace): state=open from the handshake's end to the close, state=time_wait after; the \
+                     busiest destinations, the rest destination=\"other\".",
+                    &["netns", "destination"],
+                    ("state", &["open", "time_wait"]),
+                    n,
+                    &registry,
+                )?;
+                let ports = IntGaugeVec::new(
+                    Opts::new(
+                        "tcptrace_local_ports",
+                        "Local ports a namespace's connects choose from (net.ipv4.ip_local_port_range, both ends \
+                         included), for the namespaces of tcptrace_destination_sockets.",
+                    ),
+                    &["netns"],
+                )?;
+                reg(Box::new(ports.clone()))?;
+                (Some(gauge), Some((ports, Vec::new())))
+            }
+        };
 
         let counter = |name: &str, help: &str| -> prometheus::Result<IntCounter> {
             let c = IntCounter::new(name, help)?;
@@ -366,6 +425,10 @@ impl Metrics {
             time_wait_entries,
             time_wait_overflows,
             states,
+            close_wait,
+            destinations,
+            local_ports,
+            host_netns: config.host_netns,
             time_wait_sockets: Family::ALL.map(|f| tw_sockets_vec.with_label_values(&[f.label()])),
             netns_time_wait,
             events,
@@ -526,6 +589,37 @@ impl Metrics {
             g.refresh(tracker.netns_time_wait_sockets());
         }
         self.tracked_sockets.set(tracker.tracked_sockets() as i64);
+        let Some(svc) = tracker.services() else { return };
+        if let Some(g) = &mut self.close_wait {
+            g.refresh(svc.close_wait_by_port().map(|(port, n)| (vec![port.to_string()], vec![n])).collect());
+        }
+        if let Some(g) = &mut self.destinations {
+            let host = self.host_netns;
+            let rows = svc
+                .destinations()
+                .map(|(d, p)| (vec![netns_label(d.netns, host), d.label()], vec![p.open, p.time_wait]))
+                .collect();
+            g.refresh(rows);
+        }
+    }
+
+    /// Sets `tcptrace_local_ports` from the namespaces' ranges read just now.
+    pub fn set_port_ranges(&mut self, ranges: &[(u32, Option<(u16, u16)>)]) {
+        let Some((vec, exported)) = &mut self.local_ports else { return };
+        let now: Vec<(String, i64)> = ranges
+            .iter()
+            .filter_map(|&(netns, r)| {
+                let (low, high) = r?;
+                Some((netns_label(netns, self.host_netns), i64::from(high) - i64::from(low) + 1))
+            })
+            .collect();
+        for gone in exported.iter().filter(|old| !now.iter().any(|(l, _)| l == *old)) {
+            let _ = vec.remove_label_values(&[gone]);
+        }
+        for (label, n) in &now {
+            vec.with_label_values(&[label]).set((*n).max(0));
+        }
+        *exported = now.into_iter().map(|(l, _)| l).collect();
     }
 
     /// Network namespaces the per-namespace breakdown needs names for (none when

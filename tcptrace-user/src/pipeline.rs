@@ -77,7 +77,13 @@ impl Pipeline {
         for &(netns, count) in &kernel.time_wait {
             self.tracker.kernel_time_wait(netns, count);
         }
+        for &(netns, range) in &kernel.port_ranges {
+            if range.is_none() {
+                self.tracker.kernel_time_wait(netns, None);
+            }
+        }
         self.metrics.refresh(&self.tracker);
+        self.metrics.set_port_ranges(&kernel.port_ranges);
         if let Some(total) = kernel.lost {
             self.metrics.set_events_lost(total);
         }
@@ -104,6 +110,11 @@ impl Pipeline {
     /// Namespaces whose own time-wait count the kernel can be asked for.
     pub fn time_wait_namespaces(&self) -> Vec<(u32, u64)> {
         self.tracker.time_wait_namespaces()
+    }
+
+    /// Namespaces whose port range the destinations breakdown needs.
+    pub fn destination_namespaces(&self) -> Vec<(u32, u64)> {
+        self.tracker.destination_namespaces()
     }
 
     pub fn metrics(&self) -> &Metrics {

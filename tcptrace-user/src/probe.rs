@@ -13,8 +13,8 @@ use aya::{
 };
 use log::{debug, info, warn};
 use tcptrace_common::{
-    Config, RecordLayout, SockOffsets, TransitionCounts, TwOffsets, ABSENT, CONFIG_GLOBAL, EVENTS_MAP, FAMILY_SLOTS,
-    LOST_MAP, SPAN_MAX, TRANSITIONS_MAP, TW_COUNT_PROGRAM, TW_GONE,
+    Config, NetOffsets, RecordLayout, SockOffsets, TransitionCounts, ABSENT, CONFIG_GLOBAL, EVENTS_MAP, FAMILY_SLOTS,
+    LOST_MAP, NET_GONE, NET_READ_PORT_RANGE, NET_READ_PROGRAM, NET_READ_TIME_WAIT, SPAN_MAX, TRANSITIONS_MAP,
 };
 
 use crate::{
@@ -182,18 +182,32 @@ fn offsets_from(btf: &Btf) -> SockOffsets {
     offsets
 }
 
-/// Reads where each namespace keeps its time-wait count from the running kernel's
-/// BTF; [`TwOffsets::UNKNOWN`] (logged) when the kernel describes it differently.
-pub fn time_wait_offsets() -> TwOffsets {
+/// Reads where each namespace keeps its time-wait count and local port range from
+/// the running kernel's BTF; what is missing is logged and left [`ABSENT`].
+pub fn net_offsets() -> NetOffsets {
     match Btf::from_file(Path::new(VMLINUX_BTF)) {
-        Ok(btf) => tw_offsets_from(&btf),
-        Err(_) => TwOffsets::UNKNOWN,
+        Ok(btf) => net_offsets_from(&btf),
+        Err(_) => NetOffsets::UNKNOWN,
     }
 }
 
-fn tw_offsets_from(btf: &Btf) -> TwOffsets {
+fn net_offsets_from(btf: &Btf) -> NetOffsets {
     const ROW: &str = "inet_timewait_death_row";
     let small = |o: u32| u16::try_from(o).ok().filter(|&o| o != ABSENT);
+    let mut offsets = NetOffsets::UNKNOWN;
+    let ipv4 = btf.member_offset("net", "ipv4").ok();
+    let ports = (|| {
+        let range = small(
+            ipv4?
+                + btf.member_offset("netns_ipv4", "ip_local_ports").ok()?
+                + btf.member_offset("local_ports", "range").ok()?,
+        )?;
+        Some((range, !btf.member_is_array("local_ports", "range").ok()?))
+    })();
+    match ports {
+        Some((range, packed)) => (offsets.port_range, offsets.port_range_packed) = (range, u8::from(packed)),
+        None => warn!("the kernel's BTF does not show where a namespace keeps ip_local_port_range; tcptrace_local_ports is not exported"),
+    }
     let found = (|| {
         let death_row =
             small(btf.member_offset("net", "ipv4").ok()? + btf.member_offset("netns_ipv4", "tcp_death_row").ok()?)?;
@@ -204,12 +218,13 @@ fn tw_offsets_from(btf: &Btf) -> TwOffsets {
             Err(_) => (small(btf.member_offset(ROW, "tw_count").ok()?)?, 0),
         };
         let max = small(btf.member_offset(ROW, "sysctl_max_tw_buckets").ok()?)?;
-        Some(TwOffsets { death_row, count, max, indirect: u8::from(indirect), bias })
+        Some((death_row, count, max, u8::from(indirect), bias))
     })();
-    found.unwrap_or_else(|| {
-        warn!("the kernel's BTF does not show where a namespace counts its time-wait sockets (net.ipv4.tcp_death_row); tcptrace_time_wait_sockets is modelled from transitions");
-        TwOffsets::UNKNOWN
-    })
+    match found {
+        Some(tw) => (offsets.death_row, offsets.count, offsets.max, offsets.indirect, offsets.bias) = tw,
+        None => warn!("the kernel's BTF does not show where a namespace counts its time-wait sockets (net.ipv4.tcp_death_row); tcptrace_time_wait_sockets is modelled from transitions"),
+    }
+    offsets
 }
 
 /// The bytes from the start that hold every field (offset, size): what one read must
@@ -253,8 +268,8 @@ pub struct Probe {
     pub netns: bool,
     /// Every tracepoint of [`ATTACHMENTS`], attached or not.
     pub programs: Vec<ProgramStatus>,
-    /// Whether each namespace's own time-wait count can be read (`tw_count` loaded).
-    pub tw_count: bool,
+    /// What can be read of each namespace (the `net_read` program loaded).
+    pub net: NetOffsets,
 }
 
 /// How to load the programs.
@@ -263,9 +278,9 @@ pub struct LoadOptions {
     pub ring_bytes: u32,
     /// Stream every state change (`watch`), not only those the daemon pairs.
     pub stream_all: bool,
-    /// Also stream entries into and exits from CLOSE_WAIT and listeners' opening and
-    /// closing (CLOSE_WAIT by service port).
-    pub stream_close_wait: bool,
+    /// What else to stream: `STREAM_CLOSE_WAIT` (CLOSE_WAIT by service port),
+    /// `STREAM_CLOSES` (ports in use per destination).
+    pub stream_extra: u8,
     /// Wake the reader only once this many bytes wait (0: for every event); the
     /// reader must then also drain on a timer.
     pub wakeup_bytes: u64,
@@ -280,8 +295,9 @@ pub struct KernelCounters {
     transitions: PerCpuArray<MapData, TransitionCounts>,
     /// The attached programs, to read their `recursion_misses` (a field since Linux 5.12).
     programs: Vec<(&'static str, aya::programs::ProgramFd)>,
-    /// The `tw_count` program, when it loaded.
-    tw_count: Option<aya::programs::ProgramFd>,
+    /// The `net_read` program, when it loaded, and what it can read.
+    net_read: Option<aya::programs::ProgramFd>,
+    net: NetOffsets,
 }
 
 impl KernelCounters {
@@ -324,20 +340,36 @@ impl KernelCounters {
                 }
             })
             .collect();
-        KernelTotals { lost, transitions, missed, time_wait: Vec::new() }
+        KernelTotals { lost, transitions, missed, ..KernelTotals::default() }
     }
 
     /// Each namespace's own time-wait count, asked of the kernel now (one
-    /// BPF_PROG_TEST_RUN of the `tw_count` program each, about a microsecond);
+    /// BPF_PROG_TEST_RUN of the `net_read` program each, about a microsecond);
     /// nothing when this kernel's BTF did not show where namespaces keep it.
     pub fn time_wait(&self, namespaces: &[(u32, u64)]) -> Vec<(u32, Option<u32>)> {
-        let Some(fd) = &self.tw_count else { return Vec::new() };
+        if !self.net.time_wait() {
+            return Vec::new();
+        }
+        self.net_read(namespaces, NET_READ_TIME_WAIT)
+    }
+
+    /// Each namespace's `net.ipv4.ip_local_port_range` (low, high), asked of the kernel now.
+    pub fn port_ranges(&self, namespaces: &[(u32, u64)]) -> Vec<(u32, Option<(u16, u16)>)> {
+        if self.net.port_range == ABSENT {
+            return Vec::new();
+        }
+        let ranges = self.net_read(namespaces, NET_READ_PORT_RANGE);
+        ranges.into_iter().map(|(netns, r)| (netns, r.map(|r| (r as u16, (r >> 16) as u16)))).collect()
+    }
+
+    fn net_read(&self, namespaces: &[(u32, u64)], what: u64) -> Vec<(u32, Option<u32>)> {
+        let Some(fd) = &self.net_read else { return Vec::new() };
         let mut out = Vec::with_capacity(namespaces.len());
         for &(netns, net) in namespaces {
-            let read = test_run(fd, &[net, u64::from(netns)]);
-            log::trace!("namespace {netns} (struct net at {net:#x}): time-wait count {read:?}");
+            let read = test_run(fd, &[net, u64::from(netns), what]);
+            log::trace!("namespace {netns} (struct net at {net:#x}): figure {what} is {read:?}");
             match read {
-                Ok(TW_GONE) => out.push((netns, None)),
+                Ok(NET_GONE) => out.push((netns, None)),
                 Ok(n) => out.push((netns, u32::try_from(n).ok())),
                 Err(err) => {
                     warn!("reading namespace {netns}'s time-wait count failed: {err}");
@@ -425,7 +457,7 @@ impl Probe {
     /// classic tracepoints tracefs and its record layouts), loads the object with a
     /// ring buffer of `ring_bytes` and attaches one program per tracepoint.
     pub fn load(options: LoadOptions) -> Result<Self> {
-        let LoadOptions { ring_bytes, stream_all, stream_close_wait, wakeup_bytes, attach } = options;
+        let LoadOptions { ring_bytes, stream_all, stream_extra, wakeup_bytes, attach } = options;
         if OBJECT.is_empty() {
             return Err(Error::EmptyObject);
         }
@@ -436,10 +468,10 @@ impl Probe {
         let mut config = Config::UNSET;
         config.wakeup_bytes = wakeup_bytes;
         config.stream_all = u8::from(stream_all);
-        config.stream_close_wait = u8::from(stream_close_wait);
+        config.stream_extra = stream_extra;
         config.sock = sock.unwrap_or(SockOffsets::UNKNOWN);
         if sock.is_some() && config.sock.net != ABSENT && config.sock.net_inum != ABSENT {
-            config.tw = time_wait_offsets();
+            config.net = net_offsets();
         }
         let mode = match attach {
             AttachMode::Auto if config.sock.has_tuple() => AttachMode::Raw,
@@ -524,8 +556,9 @@ impl Probe {
         let attached: Vec<_> = programs.iter().filter(|p| p.attached).map(|p| p.tracepoint).collect();
         info!("attached {mode} tracepoint programs to {}", attached.join(", "));
         let netns = config.sock.net != ABSENT && config.sock.net_inum != ABSENT;
-        let tw_count = config.tw.known() && load_tw_count(&mut ebpf);
-        Ok(Self { ebpf, mode, btf: sock.is_some(), netns, programs, tw_count })
+        let net_read = (config.net.time_wait() || config.net.port_range != ABSENT) && load_net_read(&mut ebpf);
+        let net = if net_read { config.net } else { NetOffsets::UNKNOWN };
+        Ok(Self { ebpf, mode, btf: sock.is_some(), netns, programs, net })
     }
 
     /// The ring buffer the programs write events to (can be taken once).
@@ -548,12 +581,13 @@ impl Probe {
                 }
             }
         }
-        let tw_count = match self.tw_count.then(|| self.ebpf.program(TW_COUNT_PROGRAM)).flatten() {
+        let net_read = match self.ebpf.program(NET_READ_PROGRAM).filter(|_| self.net != NetOffsets::UNKNOWN) {
             Some(p) => p.fd().ok().and_then(|fd| fd.try_clone().ok()),
             None => None,
         };
         Ok(KernelCounters {
-            tw_count,
+            net_read,
+            net: self.net,
             lost: PerCpuArray::try_from(lost).map_err(|e| Error::Object(format!("per-CPU array {LOST_MAP}: {e}")))?,
             transitions: PerCpuArray::try_from(transitions)
                 .map_err(|e| Error::Object(format!("per-CPU array {TRANSITIONS_MAP}: {e}")))?,
@@ -562,15 +596,15 @@ impl Probe {
     }
 }
 
-/// Loads (never attaches) the program that reads a namespace's time-wait count;
-/// false, with the reason logged, when this kernel refuses it.
-fn load_tw_count(ebpf: &mut Ebpf) -> bool {
-    let loaded = match ebpf.program_mut(TW_COUNT_PROGRAM) {
+/// Loads (never attaches) the program that reads a namespace's time-wait count and
+/// port range; false, with the reason logged, when this kernel refuses it.
+fn load_net_read(ebpf: &mut Ebpf) -> bool {
+    let loaded = match ebpf.program_mut(NET_READ_PROGRAM) {
         Some(Program::RawTracePoint(p)) => p.load().map_err(|e| e.to_string()),
-        _ => Err(format!("no raw tracepoint program {TW_COUNT_PROGRAM} in the object")),
+        _ => Err(format!("no raw tracepoint program {NET_READ_PROGRAM} in the object")),
     };
     if let Err(err) = &loaded {
-        warn!("cannot read namespaces' own time-wait counts ({err}); tcptrace_time_wait_sockets is modelled from transitions");
+        warn!("cannot read namespaces' own time-wait counts and port ranges ({err}); tcptrace_time_wait_sockets is modelled from transitions");
     }
     loaded.is_ok()
 }

@@ -47,6 +47,10 @@ pub struct Seeds {
     /// Every socket listed, by family (0 IPv4, 1 IPv6: the table it is in, as the
     /// kernel's `sk_family`) and state number; request sockets are left out.
     pub states: StateCounts,
+    /// Listening sockets: namespace (when tagged) and port.
+    pub listeners: Vec<(u32, u16)>,
+    /// Other full sockets with their state number, when asked for (at most the cap).
+    pub connections: Vec<(Tuple, u8)>,
 }
 
 /// The inode of a network namespace file (`/proc/PID/ns/net` or a bind mount of
@@ -67,11 +71,12 @@ pub fn own_netns() -> Option<u32> {
 /// Keeps at most `cap` sockets, those expiring last, as the capped model would.
 /// Only failing to read the daemon's own namespace is an error; other namespaces
 /// may vanish or be unreadable, and are counted in [`Seeds::unreadable`].
-pub fn time_wait_sockets(now_ns: u64, tag_netns: bool, cap: usize) -> io::Result<Seeds> {
+/// With `connections`, also every other full socket (see [`Seeds::connections`]).
+pub fn time_wait_sockets(now_ns: u64, tag_netns: bool, cap: usize, connections: bool) -> io::Result<Seeds> {
     // SAFETY: sysconf has no preconditions.
     let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
     let ns_per_tick = 1_000_000_000 / u64::try_from(ticks).ok().filter(|&t| t > 0).unwrap_or(100);
-    let mut out = Collector { seeds: Seeds::default(), cap: cap.max(1) };
+    let mut out = Collector { seeds: Seeds::default(), cap: cap.max(1), connections };
     let tag = |inode: u32| if tag_netns { inode } else { 0 };
     let mut seen = HashSet::new();
     let mut warned = false;
@@ -128,7 +133,7 @@ pub fn time_wait_sockets(now_ns: u64, tag_netns: bool, cap: usize) -> io::Result
         let read = std::thread::scope(|s| {
             s.spawn(|| -> io::Result<Seeds> {
                 enter_netns(&path)?;
-                let mut mine = Collector { seeds: Seeds::default(), cap };
+                let mut mine = Collector { seeds: Seeds::default(), cap, connections };
                 let dir = fs::File::open("/proc/thread-self")?;
                 read_tables(&dir, "/proc/thread-self", tag(inode), now_ns, ns_per_tick, &mut mine)?;
                 Ok(mine.finish())
@@ -141,6 +146,13 @@ pub fn time_wait_sockets(now_ns: u64, tag_netns: bool, cap: usize) -> io::Result
                 out.seeds.namespaces += 1;
                 out.seeds.dropped += seeds.dropped;
                 seeds.sockets.into_iter().for_each(|s| out.push(s));
+                out.seeds.listeners.extend(seeds.listeners);
+                for (total, n) in out.seeds.states.iter_mut().flatten().zip(seeds.states.iter().flatten()) {
+                    *total += n;
+                }
+                for c in seeds.connections {
+                    out.connection(c);
+                }
             }
             Err(err) => {
                 denied(&path.display().to_string(), &err);
@@ -160,9 +172,18 @@ fn vanished(err: &io::Error) -> bool {
 struct Collector {
     seeds: Seeds,
     cap: usize,
+    connections: bool,
 }
 
 impl Collector {
+    fn connection(&mut self, c: (Tuple, u8)) {
+        if self.seeds.connections.len() < self.cap {
+            self.seeds.connections.push(c);
+        } else {
+            self.seeds.dropped += 1;
+        }
+    }
+
     fn push(&mut self, seed: (Tuple, u64)) {
         self.seeds.sockets.push(seed);
         if self.seeds.sockets.len() >= 2 * self.cap {
@@ -208,6 +229,15 @@ fn read_tables(
             let line = line.map_err(|err| io::Error::new(err.kind(), format!("reading {}: {err}", path())))?;
             if let Some(state) = state_of(&line) {
                 found[state] += 1;
+                if state == TcpState::Listen as usize {
+                    if let Some((tuple, _)) = parse_tuple(&line, family, netns) {
+                        out.seeds.listeners.push((netns, tuple.sport));
+                    }
+                } else if out.connections && state != TcpState::TimeWait as usize {
+                    if let Some((tuple, _)) = parse_tuple(&line, family, netns) {
+                        out.connection((tuple, state as u8));
+                    }
+                }
             }
             if let Some(seed) = parse_line(&line, family, netns, now_ns, ns_per_tick) {
                 out.push(seed);
@@ -320,21 +350,26 @@ fn state_of(line: &str) -> Option<usize> {
 /// One table line: its tuple (in canonical form, tagged with `netns`) and expiry if
 /// it is a time-wait socket.
 fn parse_line(line: &str, family: u16, netns: u32, now_ns: u64, ns_per_tick: u64) -> Option<(Tuple, u64)> {
-    let mut f = line.split_whitespace();
-    let (_sl, local, remote, state, _queues, timer) =
-        (f.next()?, f.next()?, f.next()?, f.next()?, f.next()?, f.next()?);
-    if state != TCP_TIME_WAIT_HEX {
+    let (tuple, timer) = parse_tuple(line, family, netns)?;
+    if line.split_whitespace().nth(3)? != TCP_TIME_WAIT_HEX {
         return None;
     }
-    let (saddr, sport) = endpoint(local)?;
-    let (daddr, dport) = endpoint(remote)?;
     let (_kind, when) = timer.split_once(':')?;
     let left = u64::from_str_radix(when, 16).ok()?;
-    // A dual-stack socket's time-wait socket is listed in tcp6, v4-mapped; events
-    // call it IPv4, and so must its seed.
-    let (family, saddr, daddr) = canonical(family, saddr, daddr);
-    let tuple = Tuple { family, sport, dport, netns, saddr, daddr };
     Some((tuple, now_ns + left * ns_per_tick))
+}
+
+/// One table line's tuple (in canonical form, tagged with `netns`) and its timer field.
+fn parse_tuple(line: &str, family: u16, netns: u32) -> Option<(Tuple, &str)> {
+    let mut f = line.split_whitespace();
+    let (_sl, local, remote, _state, _queues, timer) =
+        (f.next()?, f.next()?, f.next()?, f.next()?, f.next()?, f.next()?);
+    let (saddr, sport) = endpoint(local)?;
+    let (daddr, dport) = endpoint(remote)?;
+    // A dual-stack socket is listed in tcp6, v4-mapped; events call it IPv4, and so
+    // must its seed.
+    let (family, saddr, daddr) = canonical(family, saddr, daddr);
+    Some((Tuple { family, sport, dport, netns, saddr, daddr }, timer))
 }
 
 /// `0100007F:1F90` (IPv4) or 32 hex digits (IPv6): the address is printed as
@@ -411,7 +446,7 @@ mod tests {
 
     #[test]
     fn the_collector_keeps_the_latest_expiring_within_its_cap() {
-        let mut c = Collector { seeds: Seeds::default(), cap: 3 };
+        let mut c = Collector { seeds: Seeds::default(), cap: 3, connections: false };
         let (t, _) = parse(V4, AF_INET, 0, 1).next().unwrap();
         for expires in [5, 1, 9, 7, 3, 8, 2, 6] {
             c.push((t, expires));
@@ -437,14 +472,14 @@ mod tests {
     /// as permissions allow (a plain `cargo test` runs as any user).
     #[test]
     fn reads_this_hosts_namespaces() {
-        let seeds = time_wait_sockets(0, true, 1_000_000).expect("the own namespace is readable");
+        let seeds = time_wait_sockets(0, true, 1_000_000, true).expect("the own namespace is readable");
         assert!(seeds.namespaces >= 1);
         let own = own_netns().unwrap();
         assert!(seeds.sockets.iter().all(|(t, _)| t.netns != 0));
         let names = netns_cgroups(&[own, 1]);
         assert_eq!(names.get(&1).map(String::as_str), Some(""), "no process is in namespace 1");
         assert!(names.contains_key(&own));
-        let untagged = time_wait_sockets(0, false, 1_000_000).unwrap();
+        let untagged = time_wait_sockets(0, false, 1_000_000, false).unwrap();
         assert!(untagged.sockets.iter().all(|(t, _)| t.netns == 0));
     }
 

@@ -7,12 +7,16 @@
 //! [`Tracker::tracked_sockets`].
 
 pub(crate) mod expiring;
+pub mod services;
 
 use std::{collections::HashMap, hash::BuildHasher as _};
 
 use tcptrace_common::{ip_addr, Event, EventKind, TcpState, TW_UNKNOWN};
 
-use self::expiring::ExpiringMap;
+use self::{
+    expiring::ExpiringMap,
+    services::{Destination, Services},
+};
 use crate::events::Family;
 
 /// How long a time-wait socket lives: the kernel's TCP_TIMEWAIT_LEN (60 s), plus 1 s
@@ -317,6 +321,9 @@ struct Pending {
 struct TimeWait {
     family: Family,
     netns: u32,
+    /// Where the connection went, when it was one this host opened and destinations
+    /// are counted.
+    dest: Option<Destination>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -329,6 +336,7 @@ struct SynAck {
 pub struct Tracker {
     /// From [`Limits`]; the caps live in the maps themselves.
     handshake_timeout_ns: u64,
+    max_services: usize,
     /// Active opens in SYN_SENT, by socket address.
     pending: ExpiringMap<u64, Pending>,
     /// SYN-ACK retransmissions by the 4-tuple of the connection they belong to: the
@@ -348,6 +356,8 @@ pub struct Tracker {
     netns_time_wait: NetnsCounts,
     /// Sockets that just received a reset, by address and tuple.
     reset: ExpiringMap<(u64, Tuple), ()>,
+    /// The opt-in breakdowns by service port and destination.
+    services: Option<Services>,
 }
 
 impl Tracker {
@@ -361,6 +371,44 @@ impl Tracker {
             netns_time_wait: HashMap::default(),
             reset: ExpiringMap::new(limits.max_pending),
             handshake_timeout_ns: limits.handshake_timeout_ns,
+            services: None,
+            max_services: limits.max_time_wait,
+        }
+    }
+
+    /// Also keeps CLOSE_WAIT sockets by service port and the ports in use per
+    /// destination (each table capped like the TIME_WAIT model), when asked.
+    pub fn with_services(mut self, close_wait: bool, destinations: bool) -> Self {
+        if close_wait || destinations {
+            self.services = Some(Services::new(self.max_services, close_wait, destinations));
+        }
+        self
+    }
+
+    /// The breakdowns, when on.
+    pub fn services(&self) -> Option<&Services> {
+        self.services.as_ref()
+    }
+
+    /// Namespaces whose local port range the destinations breakdown needs.
+    pub fn destination_namespaces(&self) -> Vec<(u32, u64)> {
+        self.services.as_ref().map_or_else(Vec::new, Services::destination_namespaces)
+    }
+
+    /// Adds the listeners and connections that existed before the daemon started
+    /// (state number by tuple). Call before [`Tracker::seed_time_wait`].
+    pub fn seed_services(&mut self, listeners: &[(u32, u16)], connections: &[(Tuple, u8)]) {
+        let Some(svc) = &mut self.services else { return };
+        for &(netns, port) in listeners {
+            svc.listen(netns, port);
+        }
+        for &(tuple, state) in connections {
+            if state == TcpState::CloseWait as u8 {
+                svc.close_wait_entered(tuple);
+            }
+            if svc.is_outgoing(&tuple) && state != TcpState::SynSent as u8 {
+                svc.opened(tuple, 0);
+            }
         }
     }
 
@@ -390,6 +438,9 @@ impl Tracker {
                 self.netns_time_wait.remove(&netns);
                 let counts = &mut self.time_wait_count;
                 self.time_wait.retain(|tw| tw.netns != netns, |gone| counts[gone.family as usize] -= 1);
+                if let Some(svc) = &mut self.services {
+                    svc.forget_netns(netns);
+                }
             }
         }
         self.netns_time_wait.retain(|_, ns| !ns.is_empty());
@@ -418,7 +469,12 @@ impl Tracker {
         seeds.sort_by_key(|&(_, expires)| expires);
         for (tuple, expires_ns) in seeds {
             if let Some(family) = Family::from_raw(tuple.family) {
-                self.insert_time_wait(tuple, family, expires_ns, sink);
+                let dest = self
+                    .services
+                    .as_ref()
+                    .filter(|s| s.destinations_enabled() && s.is_outgoing(&tuple))
+                    .map(|_| Destination::of(&tuple));
+                self.insert_time_wait(tuple, family, expires_ns, dest, sink);
             }
         }
     }
@@ -479,6 +535,7 @@ impl Tracker {
             self.remove_time_wait(&tuple);
         }
 
+        let dest = self.services.as_mut().and_then(|svc| services_change(svc, old, new, tuple, ev.net));
         let reset_received =
             new == TcpState::Close && !self.reset.is_empty() && self.reset.remove(&(ev.skaddr, tuple)).is_some();
         match (old, new) {
@@ -570,7 +627,7 @@ impl Tracker {
             {
                 if self.kernel_made_time_wait(ev) {
                     sink.time_wait_entered(family);
-                    self.insert_time_wait(tuple, family, ev.ts_ns.saturating_add(TIME_WAIT_NS), sink);
+                    self.insert_time_wait(tuple, family, ev.ts_ns.saturating_add(TIME_WAIT_NS), dest, sink);
                 } else {
                     sink.time_wait_overflow(family);
                 }
@@ -589,8 +646,8 @@ impl Tracker {
     /// Expires what is due at `now_ns` (CLOSE_MONOTONIC ns): time-wait sockets whose
     /// timer fired, handshakes and SYN-ACK records whose outcome can no longer come.
     pub fn advance(&mut self, now_ns: u64, sink: &mut impl Sink) {
-        let (counts, per_netns) = (&mut self.time_wait_count, &mut self.netns_time_wait);
-        self.time_wait.expire(now_ns, |_, gone| forget_time_wait(counts, per_netns, gone));
+        let (counts, per_netns, svc) = (&mut self.time_wait_count, &mut self.netns_time_wait, &mut self.services);
+        self.time_wait.expire(now_ns, |_, gone| forget_time_wait(counts, per_netns, svc, gone));
         let mut expired = 0;
         self.pending.expire(now_ns, |_, _| expired += 1);
         self.synack.expire(now_ns, |_, _| {});
@@ -613,11 +670,21 @@ impl Tracker {
         n < max || (n == max && modelled < n)
     }
 
-    fn insert_time_wait(&mut self, tuple: Tuple, family: Family, expires_ns: u64, sink: &mut impl Sink) {
+    fn insert_time_wait(
+        &mut self,
+        tuple: Tuple,
+        family: Family,
+        expires_ns: u64,
+        dest: Option<Destination>,
+        sink: &mut impl Sink,
+    ) {
         let key = self.fingerprint.hash_one(tuple);
-        let (replaced, evicted) = self.time_wait.insert(key, TimeWait { family, netns: tuple.netns }, expires_ns);
+        let (replaced, evicted) = self.time_wait.insert(key, TimeWait { family, netns: tuple.netns, dest }, expires_ns);
         for gone in replaced.into_iter().chain(evicted) {
-            forget_time_wait(&mut self.time_wait_count, &mut self.netns_time_wait, gone);
+            forget_time_wait(&mut self.time_wait_count, &mut self.netns_time_wait, &mut self.services, gone);
+        }
+        if let (Some(svc), Some(dest)) = (&mut self.services, dest) {
+            svc.time_wait(dest, true);
         }
         if evicted.is_some() {
             sink.evicted(Eviction::TimeWaitCap, 1);
@@ -628,8 +695,25 @@ impl Tracker {
 
     fn remove_time_wait(&mut self, tuple: &Tuple) {
         if let Some(gone) = self.time_wait.remove(&self.fingerprint.hash_one(tuple)) {
-            forget_time_wait(&mut self.time_wait_count, &mut self.netns_time_wait, gone);
+            forget_time_wait(&mut self.time_wait_count, &mut self.netns_time_wait, &mut self.services, gone);
         }
+    }
+}
+
+/// What a transition changes in the breakdowns; a closing connection's destination.
+fn services_change(svc: &mut Services, old: TcpState, new: TcpState, tuple: Tuple, net: u64) -> Option<Destination> {
+    match (old, new) {
+        (TcpState::Close, TcpState::Listen) => svc.listen(tuple.netns, tuple.sport),
+        (TcpState::Listen, TcpState::Close) => svc.unlisten(tuple.netns, tuple.sport),
+        (TcpState::Established, TcpState::CloseWait) => svc.close_wait_entered(tuple),
+        (TcpState::CloseWait, _) => svc.close_wait_left(&tuple),
+        (TcpState::SynSent, TcpState::Established) => svc.opened(tuple, net),
+        _ => {}
+    }
+    if new == TcpState::Close {
+        svc.closed(&tuple)
+    } else {
+        None
     }
 }
 
@@ -670,8 +754,11 @@ impl NetnsTimeWait {
 type NetnsCounts = HashMap<u32, NetnsTimeWait, foldhash::fast::RandomState>;
 
 /// Takes a time-wait socket that ended out of the counts.
-fn forget_time_wait(counts: &mut [usize; 2], per_netns: &mut NetnsCounts, gone: TimeWait) {
+fn forget_time_wait(counts: &mut [usize; 2], per_netns: &mut NetnsCounts, svc: &mut Option<Services>, gone: TimeWait) {
     counts[gone.family as usize] -= 1;
+    if let (Some(svc), Some(dest)) = (svc, gone.dest) {
+        svc.time_wait(dest, false);
+    }
     if let std::collections::hash_map::Entry::Occupied(mut e) = per_netns.entry(gone.netns) {
         e.get_mut().model[gone.family as usize] -= 1;
         if e.get().is_empty() {

@@ -212,7 +212,7 @@ pub async fn run(args: WatchArgs) -> Result<()> {
     let mut probe = Probe::load(LoadOptions {
         ring_bytes: args.ring_buffer_size.0,
         stream_all: !args.handshakes,
-        stream_close_wait: false,
+        stream_extra: 0,
         wakeup_bytes: 0, // A live view: every event at once.
         attach: args.attach,
     })?;

@@ -263,8 +263,9 @@ fn limits() -> impl Strategy<Value = Limits> {
 
 fn metrics_config() -> impl Strategy<Value = MetricsConfig> {
     let ports = prop_oneof![Just(PortLabels::Off), Just(PortLabels::Top(2)), Just("80,40000".parse().unwrap())];
-    (ports, 0usize..3, 0usize..3, prop::option::of(0u32..3))
-        .prop_map(|(ports, comms, netns, host_netns)| MetricsConfig { process: false, ports, comms, netns, host_netns })
+    (ports, 0usize..3, 0usize..3, prop::option::of(0u32..3)).prop_map(|(ports, comms, netns, host_netns)| {
+        MetricsConfig { process: false, ports, comms, netns, host_netns, close_wait_ports: comms, destinations: netns }
+    })
 }
 
 /// Time-wait sockets said to exist at start.
@@ -503,7 +504,7 @@ proptest! {
         seeds in seeds(),
         ops in ops(200),
     ) {
-        let mut tracker = Tracker::new(limits.clone());
+        let mut tracker = Tracker::new(limits.clone()).with_services(true, true);
         let mut metrics = Metrics::new(config).unwrap();
         let mut counts = Counts::default();
         let mut seeded = [0u64; 2];
@@ -568,14 +569,14 @@ proptest! {
     ) {
         let max_pending = limits.max_pending;
         let max_time_wait = limits.max_time_wait;
-        let tracker = Tracker::new(limits);
+        let tracker = Tracker::new(limits).with_services(true, true);
         let mut pipeline = Pipeline::new(tracker, Metrics::new(config).unwrap());
         let (mut good, mut bad) = (0u64, 0u64);
         let mut kernel = KernelTotals {
             lost,
             transitions: Some(Box::new([transitions.try_into().unwrap(), [0; 256]])),
             missed: vec![("inet_sock_set_state", 7)],
-            time_wait: Vec::new(),
+            ..KernelTotals::default()
         };
         let mut refreshes = now.iter().cycle();
         for record in records {

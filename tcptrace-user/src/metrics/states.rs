@@ -58,7 +58,7 @@ impl SocketStates {
         for f in 0..2 {
             let moved = net_moves(&at_seed[f]);
             for s in 0..16 {
-                self.base[f][s] = found[f][s] as i64 - moved[s];
+                self.base[f][s] = i64::try_from(found[f][s]).unwrap_or(i64::MAX).saturating_sub(moved[s]);
             }
         }
     }
@@ -69,7 +69,11 @@ impl SocketStates {
             let moved = net_moves(&totals[f]);
             for (i, state) in STATES.iter().enumerate() {
                 let s = *state as usize;
-                let n = if *state == TcpState::TimeWait { time_wait[f] as i64 } else { self.base[f][s] + moved[s] };
+                let n = if *state == TcpState::TimeWait {
+                    i64::try_from(time_wait[f]).unwrap_or(i64::MAX)
+                } else {
+                    self.base[f][s].saturating_add(moved[s])
+                };
                 // Below zero only when transitions were missed (runs the kernel skipped).
                 self.gauges[f][i].set(n.max(0));
             }
@@ -83,13 +87,14 @@ fn net_moves(counts: &TransitionCounts) -> [i64; 16] {
     let mut moved = [0i64; 16];
     for old in 1..16u32 {
         for new in 1..16u32 {
-            let n = counts[transition_slot(old, new)] as i64;
+            let n = i64::try_from(counts[transition_slot(old, new)]).unwrap_or(i64::MAX);
             if n == 0 || old == new {
                 continue;
             }
-            moved[new as usize] += n;
+            // Saturating: the kernel's counts are trusted, not assumed small.
+            moved[new as usize] = moved[new as usize].saturating_add(n);
             if !(old == TcpState::Listen as u32 && new == TcpState::SynRecv as u32) {
-                moved[old as usize] -= n;
+                moved[old as usize] = moved[old as usize].saturating_sub(n);
             }
         }
     }

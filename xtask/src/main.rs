@@ -314,6 +314,8 @@ fn root_test_binaries() -> Result<Vec<PathBuf>> {
         "fidelity",
         "--test",
         "resilience",
+        "--test",
+        "sockets",
     ])
 }
 

@@ -752,3 +752,57 @@ fn a_connect_to_a_mapped_address_pairs_across_the_unset_source() {
     assert_eq!(seen.handshakes, vec![(Direction::Active, Family::Ipv4, 25)]);
     assert_eq!(seen.full[0].tuple.remote().to_string(), "10.0.0.2:80");
 }
+
+#[test]
+fn close_wait_sockets_count_under_their_service_port() {
+    let mut t = Tracker::new(Limits::default()).with_services(true, false);
+    let mut seen = Seen::default();
+    let mut listener = server_child(50, 0);
+    listener.remote = (v4([0, 0, 0, 0]), 0);
+    t.handle(&ev(listener, S, Close, Listen), &mut seen);
+    // Two accepted connections whose clients closed first, one this host opened
+    // whose server closed first, all stuck in CLOSE_WAIT.
+    for (i, peer) in [(1u64, 40000u16), (2, 40001)] {
+        t.handle(&ev(server_child(i, peer), 2 * S, Established, CloseWait), &mut seen);
+    }
+    t.handle(&ev(client(3, 41000), 2 * S, Established, CloseWait), &mut seen);
+    let mut ports: Vec<_> = t.services().unwrap().close_wait_by_port().collect();
+    ports.sort();
+    assert_eq!(ports, vec![(80, 3)], "the listener's port and the remote port agree here");
+    // Another listener port: the host's own connection to port 80 stays under 80.
+    let mut other = server_child(60, 0);
+    other.local.1 = 8080;
+    t.handle(&ev(other, 3 * S, Close, Listen), &mut seen);
+    let mut accepted = server_child(4, 40002);
+    accepted.local.1 = 8080;
+    t.handle(&ev(accepted, 3 * S, Established, CloseWait), &mut seen);
+    t.handle(&ev(server_child(1, 40000), 4 * S, CloseWait, LastAck), &mut seen);
+    t.handle(&ev(client(3, 41000), 4 * S, CloseWait, Close), &mut seen);
+    let mut ports: Vec<_> = t.services().unwrap().close_wait_by_port().collect();
+    ports.sort();
+    assert_eq!(ports, vec![(80, 1), (8080, 1)]);
+}
+
+#[test]
+fn destinations_hold_their_open_and_time_wait_ports() {
+    let mut t = Tracker::new(Limits::default()).with_services(false, true);
+    let mut seen = Seen::default();
+    for i in 0..5u16 {
+        active_open(&mut t, &mut seen, client(u64::from(i), 40000 + i), S, 10);
+    }
+    for i in 0..3u16 {
+        active_close(&mut t, &mut seen, client(u64::from(i), 40000 + i), 2 * S);
+    }
+    // One closed by a reset: no time-wait socket.
+    let sock = client(3, 40003);
+    t.handle(&reset(sock, 3 * S), &mut seen);
+    t.handle(&ev(sock, 3 * S + 1, Established, Close), &mut seen);
+    let svc = t.services().unwrap();
+    let all: Vec<_> = svc.destinations().map(|(d, p)| (d.label(), *p)).collect();
+    assert_eq!(all.len(), 1);
+    assert_eq!(all[0].0, "10.0.0.2:80");
+    assert_eq!((all[0].1.open, all[0].1.time_wait), (1, 3));
+    t.advance(100 * S, &mut seen);
+    let all: Vec<_> = t.services().unwrap().destinations().map(|(_, p)| (p.open, p.time_wait)).collect();
+    assert_eq!(all, vec![(1, 0)], "time-wait sockets expire out of their destination");
+}

@@ -26,13 +26,16 @@ pub const fn family_slot(family: u16) -> u32 {
 
 /// Name of the raw tracepoint program the daemon runs on demand (BPF_PROG_TEST_RUN,
 /// never attached) to read one namespace's own figures: args `struct net *`, the
-/// namespace's inode and what to read ([`NET_READ_TIME_WAIT`] or
-/// [`NET_READ_PORT_RANGE`]); return value the figure or [`NET_GONE`].
+/// namespace's inode and what to read ([`NET_READ_TIME_WAIT`],
+/// [`NET_READ_PORT_LOW`], [`NET_READ_PORT_HIGH`]); return value the figure or
+/// [`NET_GONE`].
 pub const NET_READ_PROGRAM: &str = "net_read";
 /// [`NET_READ_PROGRAM`]: the namespace's time-wait count (sockstat's `tw`).
 pub const NET_READ_TIME_WAIT: u64 = 0;
-/// [`NET_READ_PROGRAM`]: `net.ipv4.ip_local_port_range`, as `low | high << 16`.
-pub const NET_READ_PORT_RANGE: u64 = 1;
+/// [`NET_READ_PROGRAM`]: the low end of `net.ipv4.ip_local_port_range`.
+pub const NET_READ_PORT_LOW: u64 = 1;
+/// [`NET_READ_PROGRAM`]: its high end (one read each: a return value is an `i32`).
+pub const NET_READ_PORT_HIGH: u64 = 2;
 /// What [`NET_READ_PROGRAM`] returns when the `struct net` no longer holds that
 /// namespace (it was deleted) or cannot be read.
 pub const NET_GONE: i32 = -1;

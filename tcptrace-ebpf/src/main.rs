@@ -27,7 +27,7 @@ use aya_ebpf::{
 };
 use tcptrace_common::{
     extra_pairs, family_slot, pairs, transition_slot, Config, Event, EventKind, TcpState, TransitionCounts, ABSENT,
-    AF_INET, AF_INET6, DEFAULT_RING_BYTES, FAMILY_SLOTS, IPPROTO_TCP, NET_GONE, NET_READ_PORT_RANGE,
+    AF_INET, AF_INET6, DEFAULT_RING_BYTES, FAMILY_SLOTS, IPPROTO_TCP, NET_GONE, NET_READ_PORT_HIGH, NET_READ_PORT_LOW,
     NET_READ_TIME_WAIT, SK_ERR_UNKNOWN, SPAN_MAX,
 };
 
@@ -278,14 +278,14 @@ fn time_wait_count(net: u64) -> Option<(u32, u32)> {
     Some((count.wrapping_sub(u32::from(cfg!(net.bias))), max))
 }
 
-/// A namespace's `net.ipv4.ip_local_port_range` as `low | high << 16`.
+/// A namespace's `net.ipv4.ip_local_port_range`: (low, high).
 #[inline(always)]
-fn port_range(net: u64) -> Option<u32> {
+fn port_range(net: u64) -> Option<(u32, u32)> {
     let words = read::<[u32; 2]>(net, cfg!(net.port_range))?;
     if cfg!(net.port_range_packed) != 0 {
-        Some(words[0])
+        Some((words[0] & 0xffff, words[0] >> 16))
     } else {
-        Some((words[0] & 0xffff) | (words[1] << 16))
+        Some((words[0], words[1]))
     }
 }
 
@@ -311,7 +311,8 @@ pub fn net_read(ctx: *mut core::ffi::c_void) -> i32 {
     }
     let value = match what {
         NET_READ_TIME_WAIT => time_wait_count(net).map(|(count, _)| count),
-        NET_READ_PORT_RANGE => port_range(net),
+        NET_READ_PORT_LOW => port_range(net).map(|(low, _)| low),
+        NET_READ_PORT_HIGH => port_range(net).map(|(_, high)| high),
         _ => None,
     };
     match value {

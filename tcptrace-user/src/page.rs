@@ -153,6 +153,66 @@ fn total(families: &[MetricFamily], name: &str, want: &[(&str, &str)]) -> f64 {
         .sum()
 }
 
+/// Sockets per state, CLOSE_WAIT by service port and the busiest destinations' ports
+/// (the last two when their flags are on), from the gauges.
+fn sockets(p: &mut String, families: &[MetricFamily]) {
+    p.push_str(r#"<section id="sockets"><h2>Sockets</h2><table><tr><th>state</th><th>ipv4</th><th>ipv6</th></tr>"#);
+    for state in crate::metrics::STATES.map(|s| s.name()) {
+        let n = |f: &str| total(families, "tcptrace_sockets", &[("state", state), ("family", f)]);
+        let _ =
+            write!(p, r#"<tr data-state="{state}"><th>{state}</th><td>{}</td><td>{}</td></tr>"#, n("ipv4"), n("ipv6"));
+    }
+    p.push_str("</table>");
+    let mut by_port = samples(families, "tcptrace_close_wait_sockets");
+    if !by_port.is_empty() {
+        by_port.sort_by(|a, b| b.1.total_cmp(&a.1));
+        p.push_str(
+            r#"<h3>CLOSE_WAIT by service port</h3><table id="close-wait"><tr><th>port</th><th>sockets</th></tr>"#,
+        );
+        for (labels, n) in &by_port {
+            let _ = write!(p, "<tr><th>{}</th><td>{n}</td></tr>", escape(label(labels, "port")));
+        }
+        p.push_str("</table>");
+    }
+    let held = samples(families, "tcptrace_destination_sockets");
+    if !held.is_empty() {
+        let ranges = samples(families, "tcptrace_local_ports");
+        let mut rows: Vec<(&str, &str, f64, f64)> = Vec::new();
+        for (labels, n) in &held {
+            let key = (label(labels, "netns"), label(labels, "destination"));
+            let row = match rows.iter_mut().find(|r| (r.0, r.1) == key) {
+                Some(r) => r,
+                None => {
+                    rows.push((key.0, key.1, 0.0, 0.0));
+                    rows.last_mut().expect("just pushed")
+                }
+            };
+            if label(labels, "state") == "open" {
+                row.2 += n;
+            } else {
+                row.3 += n;
+            }
+        }
+        rows.sort_by(|a, b| (b.2 + b.3).total_cmp(&(a.2 + a.3)));
+        p.push_str(r#"<h3>Local ports by destination</h3><table id="destinations"><tr><th>namespace</th><th>destination</th><th>open</th><th>TIME_WAIT</th><th>of the port range</th></tr>"#);
+        for (netns, dest, open, tw) in rows {
+            let range = ranges.iter().find(|(l, _)| label(l, "netns") == netns).map(|(_, v)| *v);
+            let share = match range {
+                Some(r) if r > 0.0 && dest != "other" => format!("{:.1} % of {r}", 100.0 * (open + tw) / r),
+                _ => "-".into(),
+            };
+            let _ = write!(
+                p,
+                "<tr><td>{}</td><th>{}</th><td>{open}</td><td>{tw}</td><td>{share}</td></tr>",
+                escape(netns),
+                escape(dest)
+            );
+        }
+        p.push_str("</table>");
+    }
+    p.push_str("</section>");
+}
+
 /// One histogram's buckets, summed over port labels: (upper bound, count in it).
 fn buckets(families: &[MetricFamily], name: &str, direction: &str, family: &str) -> Vec<(f64, u64)> {
     let Some(f) = families.iter().find(|f| f.name() == name) else { return Vec::new() };
@@ -277,6 +337,8 @@ td,th{{border:1px solid #ccc;padding:2px 8px;text-align:right}}th{{background:#e
 <tr><th>events lost / skipped by the kernel</th><td id="lost">{lost} / {missed}</td></tr></table></section>"#
     );
 
+    sockets(&mut p, families);
+
     let _ = write!(
         p,
         r#"<section id="recent"><h2>Recent slow (≥ {}) or failed handshakes</h2><table><tr><th>time</th><th>direction</th><th>peer</th><th>port</th><th>process</th><th>duration</th><th>outcome</th><th>retransmits</th></tr>"#,
@@ -370,6 +432,31 @@ mod tests {
         assert!(rows[0].starts_with(r#""failed""#) && rows[0].contains("refused"), "newest first");
         assert!(rows[1].contains("1200.000 ms") && rows[1].contains("10.0.0.2:443"));
         assert!(page.contains("&lt;script&gt; (7)") && !page.contains("<script>"), "commands are escaped");
+    }
+
+    #[test]
+    fn shows_states_close_wait_by_port_and_destinations() {
+        use tcptrace_common::{EventKind, TcpState};
+        let config = MetricsConfig { close_wait_ports: 3, destinations: 3, ..MetricsConfig::default() };
+        let mut m = Metrics::new(config).unwrap();
+        let mut t = crate::tracker::Tracker::new(Default::default()).with_services(true, true);
+        let ev = |old: TcpState, new: TcpState, dport: u16| {
+            let mut e = tcptrace_common::Event::zeroed();
+            (e.kind, e.family, e.skaddr, e.netns) = (EventKind::StateChange as u8, tcptrace_common::AF_INET, 1, 7);
+            (e.old_state, e.new_state, e.sport, e.dport) = (old as u8, new as u8, 40000, dport);
+            e.daddr[..4].copy_from_slice(&[10, 0, 0, 5]);
+            e
+        };
+        t.handle(&ev(TcpState::SynSent, TcpState::Established, 5432), &mut m);
+        t.handle(&ev(TcpState::Established, TcpState::CloseWait, 5432), &mut m);
+        m.refresh(&t);
+        m.set_port_ranges(&[(7, Some((32768, 60999)))]);
+        let about =
+            About { version: "0", attach: "raw".into(), started: SystemTime::now(), slow_threshold: Duration::ZERO };
+        let page = render(&m.registry().gather(), &[], &about);
+        assert!(page.contains(r#"<tr data-state="close_wait"><th>close_wait</th>"#), "{page}");
+        assert!(page.contains("<tr><th>5432</th><td>1</td></tr>"), "{page}");
+        assert!(page.contains("<th>10.0.0.5:5432</th><td>1</td><td>0</td><td>0.0 % of 28232</td>"), "{page}");
     }
 
     #[test]

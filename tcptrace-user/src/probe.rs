@@ -14,7 +14,8 @@ use aya::{
 use log::{debug, info, warn};
 use tcptrace_common::{
     Config, NetOffsets, RecordLayout, SockOffsets, TransitionCounts, ABSENT, CONFIG_GLOBAL, EVENTS_MAP, FAMILY_SLOTS,
-    LOST_MAP, NET_GONE, NET_READ_PORT_RANGE, NET_READ_PROGRAM, NET_READ_TIME_WAIT, SPAN_MAX, TRANSITIONS_MAP,
+    LOST_MAP, NET_GONE, NET_READ_PORT_HIGH, NET_READ_PORT_LOW, NET_READ_PROGRAM, NET_READ_TIME_WAIT, SPAN_MAX,
+    TRANSITIONS_MAP,
 };
 
 use crate::{
@@ -358,8 +359,9 @@ impl KernelCounters {
         if self.net.port_range == ABSENT {
             return Vec::new();
         }
-        let ranges = self.net_read(namespaces, NET_READ_PORT_RANGE);
-        ranges.into_iter().map(|(netns, r)| (netns, r.map(|r| (r as u16, (r >> 16) as u16)))).collect()
+        let (low, high) = (self.net_read(namespaces, NET_READ_PORT_LOW), self.net_read(namespaces, NET_READ_PORT_HIGH));
+        let port = |v: Option<u32>| v.and_then(|v| u16::try_from(v).ok());
+        low.into_iter().zip(high).map(|((netns, low), (_, high))| (netns, port(low).zip(port(high)))).collect()
     }
 
     fn net_read(&self, namespaces: &[(u32, u64)], what: u64) -> Vec<(u32, Option<u32>)> {

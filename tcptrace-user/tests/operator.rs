@@ -350,8 +350,22 @@ fn packaging_list(name: &str) -> Vec<String> {
 fn a_real_prometheus_sees_slow_handshakes_with_the_projects_rules_and_dashboard() {
     require_root();
     // Every optional metric on, so that every dashboard query can find its series.
-    let daemon = Daemon::start(&["--netns-labels", "2", "--comm-labels", "2", "--port-labels", "top:3"]);
+    let daemon = Daemon::start(&[
+        "--netns-labels",
+        "2",
+        "--comm-labels",
+        "2",
+        "--port-labels",
+        "top:3",
+        "--close-wait-ports",
+        "3",
+        "--destination-labels",
+        "3",
+    ]);
     let prometheus = Prometheus::start(daemon.addr);
+    // One connection held open: a destination holding a port, for the ports panel.
+    let backlog = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+    let _held = TcpStream::connect(backlog.local_addr().unwrap()).unwrap();
     let scraped =
         wait_for(deadline(Duration::from_secs(20)), || !prometheus.query("up{job=\"tcptrace\"} == 1").is_empty());
     assert!(scraped, "prometheus does not scrape the daemon: {}", prometheus.log());

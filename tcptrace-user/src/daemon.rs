@@ -14,9 +14,9 @@ use std::{
 
 use aya::maps::{MapData, RingBuf};
 use log::{error, info, warn};
+use tcptrace_common::{TransitionCounts, STREAM_CLOSES, STREAM_CLOSE_WAIT};
 use tokio::{net::TcpListener, sync::watch};
 
-use crate::web_config::WebConfigFile;
 use crate::{
     check,
     cli::DaemonArgs,
@@ -33,8 +33,8 @@ use crate::{
     report::SlowLog,
     server, shutdown,
     tracker::{syn_sent_lifetime_ns, Eviction, Limits, Sink as _, Tracker},
+    web_config::WebConfigFile,
 };
-use tcptrace_common::{TransitionCounts, STREAM_CLOSES, STREAM_CLOSE_WAIT};
 
 /// How often the ring buffer is drained when the kernel has not woken the reader:
 /// it wakes it only once an eighth of the buffer is waiting, which saves a wake-up

@@ -659,15 +659,22 @@ impl Tracker {
 
     /// Whether the kernel made a time-wait socket for this close, from its namespace's
     /// count `n` (the new one included) and cap `max`, read at the transition: below
-    /// the cap it did; above, it did not; at the cap, it did only if the namespace held
-    /// fewer before (the model's count of it, as the count alone cannot tell).
+    /// the cap it did; above, it did not; at the cap, it did only if there was room
+    /// before. The kernel's previous reading of that namespace (at its last such close
+    /// or refresh, a second ago at most) tells: creations are all seen, and what died
+    /// since only makes room. Without one, the model's count of it decides; the model
+    /// is not asked first because the kernel's timers fire up to seconds after its own.
     fn kernel_made_time_wait(&self, ev: &Event) -> bool {
         if ev.tw_count == TW_UNKNOWN || ev.tw_max == TW_UNKNOWN {
             return true;
         }
         let (n, max) = (ev.tw_count as usize, ev.tw_max as usize);
-        let modelled = self.netns_time_wait.get(&ev.netns).map_or(0, |ns| ns.model.iter().sum());
-        n < max || (n == max && modelled < n)
+        let ns = self.netns_time_wait.get(&ev.netns);
+        match ns.and_then(|ns| ns.kernel) {
+            _ if n != max => n < max,
+            Some(before) => before < max,
+            None => ns.map_or(0, |ns| ns.model.iter().sum()) < n,
+        }
     }
 
     fn insert_time_wait(

@@ -66,6 +66,37 @@ fn close_first_in(ns: &Netns, port: u16, n: usize) {
     .expect("connections in the namespace");
 }
 
+/// Connections made by `make` in a thread inside the namespace, kept open there
+/// until dropped (also when the test fails).
+struct Held {
+    done: Option<mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Held {
+    fn new(ns: &Netns, make: impl FnOnce() -> Vec<TcpStream> + Send + 'static) -> Self {
+        let (ready_tx, ready) = mpsc::channel();
+        let (done, done_rx) = mpsc::channel::<()>();
+        let thread = ns.run(move || {
+            let kept = make();
+            ready_tx.send(()).unwrap();
+            let _ = done_rx.recv_timeout(Duration::from_secs(300));
+            drop(kept);
+        });
+        ready.recv_timeout(deadline(AGREE)).expect("the workload's connections");
+        Self { done: Some(done), thread: Some(thread) }
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        drop(self.done.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 #[test]
 #[ignore = "needs root and the real kernel: run `cargo xtask test`"]
 fn a_connect_without_a_local_port_fails_with_reason_no_local_port() {
@@ -121,7 +152,9 @@ fn time_wait_at_the_kernels_cap_is_the_kernels_count() {
     require_root();
     let daemon = Daemon::start(&[]);
     let ns = Netns::new();
-    let cap = scaled(100, 20);
+    // Under emulation, few enough that the closes end before the first time-wait
+    // socket's timer (60 s): near an expiry the count alone cannot tell an overflow.
+    let cap = scaled(100, 10);
     sysctl(&ns, "net.ipv4.tcp_max_tw_buckets", &cap.to_string());
     let before = (daemon.scrape(), tcp_ext(&ns, "TCPTimeWaitOverflow"));
     close_first_in(&ns, 7000, 4 * cap);
@@ -204,22 +237,17 @@ fn socket_states_equal_ss_and_a_close_wait_leak_names_its_port() {
     let n = scaled(100, 30);
     // A server that never closes what its clients closed: n sockets in CLOSE_WAIT on
     // port 7000, their clients (which keep their sockets) in FIN_WAIT2.
-    let (ready_tx, ready) = mpsc::channel();
-    let (done, done_rx) = mpsc::channel::<()>();
-    let workload = ns.run(move || {
+    let held = Held::new(&ns, move || {
         let listener = TcpListener::bind("127.0.0.1:7000").unwrap();
         let mut kept = Vec::new();
         for _ in 0..n {
             let client = TcpStream::connect("127.0.0.1:7000").unwrap();
             let (server, _) = listener.accept().unwrap();
             client.shutdown(Shutdown::Write).unwrap();
-            kept.push((client, server));
+            kept.extend([client, server]);
         }
-        ready_tx.send(()).unwrap();
-        let _ = done_rx.recv_timeout(Duration::from_secs(300));
-        drop(kept);
+        kept
     });
-    ready.recv_timeout(deadline(AGREE)).expect("the workload's connections");
     let mut last = Vec::new();
     let agree = wait_for(deadline(AGREE), || {
         let s = daemon.scrape();
@@ -240,8 +268,7 @@ fn socket_states_equal_ss_and_a_close_wait_leak_names_its_port() {
     for (name, ours, kernel) in &last {
         eprintln!("{name}: tcptrace {ours}, kernel {kernel}");
     }
-    let _ = done.send(());
-    workload.join().unwrap();
+    drop(held);
     assert!(agree, "tcptrace_sockets differs from the kernel's: {last:?}\n{}", kernel_socket_summary());
 }
 
@@ -253,23 +280,18 @@ fn ports_in_use_per_destination_equal_ss() {
     let ns = Netns::new();
     sysctl(&ns, "net.ipv4.ip_local_port_range", "30000 30999");
     let (open, closed_a, closed_b) = (scaled(20, 8), scaled(15, 6), scaled(8, 4));
-    let (ready_tx, ready) = mpsc::channel();
-    let (done, done_rx) = mpsc::channel::<()>();
-    let workload = ns.run(move || {
+    let held = Held::new(&ns, move || {
         let a = TcpListener::bind("127.0.0.1:7100").unwrap();
         let mut kept = Vec::new();
         for _ in 0..open {
             let client = TcpStream::connect("127.0.0.1:7100").unwrap();
-            kept.push((client, a.accept().unwrap().0));
+            kept.extend([client, a.accept().unwrap().0]);
         }
         support::lockstep_close(a, closed_a, |_| TcpStream::connect("127.0.0.1:7100").unwrap());
         let b = TcpListener::bind("127.0.0.1:7200").unwrap();
         support::lockstep_close(b, closed_b, |_| TcpStream::connect("127.0.0.1:7200").unwrap());
-        ready_tx.send(()).unwrap();
-        let _ = done_rx.recv_timeout(Duration::from_secs(300));
-        drop(kept);
+        kept
     });
-    ready.recv_timeout(deadline(AGREE)).expect("the workload's connections");
     let netns = ns.inode().to_string();
     let mut last = Vec::new();
     let agree = wait_for(deadline(AGREE), || {
@@ -306,7 +328,6 @@ fn ports_in_use_per_destination_equal_ss() {
     for (name, ours, kernel) in &last {
         eprintln!("{name}: tcptrace {ours}, kernel {kernel}");
     }
-    let _ = done.send(());
-    workload.join().unwrap();
+    drop(held);
     assert!(agree, "ports in use per destination differ from ss: {last:?}");
 }

@@ -168,13 +168,13 @@ fn run(cmd: Cmd) -> Result<()> {
             step("root tests against the real kernel (one at a time)");
             let bins = root_test_binaries()?;
             for bin in &bins {
-                as_root(bin, &["--ignored".into(), "--test-threads=1".into()])?;
+                as_root(bin, &["--ignored".into(), "--test-threads=1".into(), "--show-output".into()])?;
             }
             // Not in the VMs: nothing here depends on the kernel, and a browser under
             // software emulation takes minutes.
             step("operator root tests (systemd unit's privileges, landing page in Chromium, check)");
             for bin in test_binaries(&["--package", "tcptrace-user", "--test", "operator"])? {
-                as_root(&bin, &["--ignored".into(), "--test-threads=1".into()])?;
+                as_root(&bin, &["--ignored".into(), "--test-threads=1".into(), "--show-output".into()])?;
             }
             if vms {
                 step("the same root tests inside VMs, one kernel at a time");

@@ -673,6 +673,15 @@ fn at_the_cap_the_kernel_makes_no_time_wait_socket_and_none_is_modelled() {
     assert_eq!(t.time_wait_namespaces(), vec![(9, 0xffff_0000_0000_0009)]);
     t.kernel_time_wait(9, Some(4));
     assert_eq!(t.time_wait_sockets(Family::Ipv4), 4);
+    // Two died since (a refresh reads 2): the next close at the cap made one.
+    t.kernel_time_wait(9, Some(2));
+    counted_close(&mut t, &mut seen, in_netns(client(20, 42000), 9), 2 * S, (3, 3));
+    assert_eq!(seen.time_wait_entered.len(), 4);
+    // The model's sockets expired while the kernel's timers have not fired yet: a
+    // close at the cap after a reading of 3 made none, whatever the model says.
+    t.advance(100 * S, &mut seen);
+    counted_close(&mut t, &mut seen, in_netns(client(21, 42001), 9), 100 * S, (3, 3));
+    assert_eq!(seen.time_wait_entered.len(), 4);
 }
 
 #[test]

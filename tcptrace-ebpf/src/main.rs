@@ -28,7 +28,7 @@ use aya_ebpf::{
 use tcptrace_common::{
     extra_pairs, family_slot, pairs, transition_slot, Config, Event, EventKind, TcpState, TransitionCounts, ABSENT,
     AF_INET, AF_INET6, DEFAULT_RING_BYTES, FAMILY_SLOTS, IPPROTO_TCP, NET_GONE, NET_READ_PORT_HIGH, NET_READ_PORT_LOW,
-    NET_READ_TIME_WAIT, SK_ERR_UNKNOWN, SPAN_MAX,
+    NET_READ_TIME_WAIT, SK_ERR_UNKNOWN, SPAN_MAX, TW_UNKNOWN,
 };
 
 /// Set by the loader (see [`Config`]); read field by field with [`cfg!`].
@@ -111,6 +111,8 @@ fn cleared(entry: &mut aya_ebpf::maps::ring_buf::RingBufEntry<Event>) -> &mut Ev
     // SAFETY: every byte is initialised now, and all zeroes is a valid `Event`.
     let ev = unsafe { entry.assume_init_mut() };
     ev.sk_err = SK_ERR_UNKNOWN;
+    // Unread, not 0: a namespace may have tcp_max_tw_buckets = 0.
+    (ev.tw_count, ev.tw_max) = (TW_UNKNOWN, TW_UNKNOWN);
     ev
 }
 
@@ -302,7 +304,7 @@ fn port_range(net: u64) -> Option<(u32, u32)> {
 /// whatever the function returns: the return value is the answer here.
 #[unsafe(no_mangle)]
 #[unsafe(link_section = "raw_tp/net_read")]
-pub fn net_read(ctx: *mut core::ffi::c_void) -> i32 {
+pub extern "C" fn net_read(ctx: *mut core::ffi::c_void) -> i32 {
     let args = ctx as *const u64;
     // SAFETY: test runs pass three u64 arguments (the daemon always does).
     let (net, inum, what) = unsafe { (*args, *args.add(1) as u32, *args.add(2)) };

@@ -136,6 +136,9 @@ impl State {
                 if seeds.dropped > 0 {
                     metrics.evicted(Eviction::TimeWaitCap, seeds.dropped as u64);
                 }
+                if seeds.connections_dropped > 0 {
+                    metrics.evicted(Eviction::ServicesCap, seeds.connections_dropped as u64);
+                }
                 if let Some(at_seed) = at_seed {
                     metrics.seed_states(&seeds.states, &at_seed);
                 }

@@ -135,6 +135,7 @@ pub struct Metrics {
     destinations: Option<top::TopGauge>,
     /// `tcptrace_local_ports{netns}`, with the namespaces it exports.
     local_ports: Option<(IntGaugeVec, Vec<String>)>,
+    destination_count: usize,
     host_netns: Option<u32>,
     time_wait_sockets: [IntGauge; 2],
     netns_time_wait: Option<NetnsGauge>,
@@ -299,8 +300,9 @@ impl Metrics {
                 "Entries tcptrace dropped before their natural end, by table and reason. handshakes: an \
                  active open's start (cap: --max-tracked-sockets; timeout: no outcome within the SYN \
                  retry time; replaced: its end was missed), its end then counts untimed. time_wait: a \
-                 modelled time-wait socket (cap: --max-time-wait-sockets), the gauge undercounts until it \
-                 would have expired. synack, resets: records that attribute retransmissions and reasons.",
+                 modelled time-wait socket (cap: --max-time-wait-sockets), the model undercounts until it \
+                 would have expired. synack, resets: records that attribute retransmissions and reasons. \
+                 services: a listener, CLOSE_WAIT socket or connection the breakdowns' full tables refused.",
             ),
             &["table", "reason"],
         )?;
@@ -428,6 +430,7 @@ impl Metrics {
             close_wait,
             destinations,
             local_ports,
+            destination_count: config.destinations,
             host_netns: config.host_netns,
             time_wait_sockets: Family::ALL.map(|f| tw_sockets_vec.with_label_values(&[f.label()])),
             netns_time_wait,
@@ -601,6 +604,11 @@ impl Metrics {
                 .collect();
             g.refresh(rows);
         }
+    }
+
+    /// How many destinations get their own series (0: the breakdown is off).
+    pub fn destination_labels(&self) -> usize {
+        self.destination_count
     }
 
     /// Sets `tcptrace_local_ports` from the namespaces' ranges read just now.

@@ -112,9 +112,9 @@ impl Pipeline {
         self.tracker.time_wait_namespaces()
     }
 
-    /// Namespaces whose port range the destinations breakdown needs.
+    /// Namespaces whose port range the destinations breakdown exports.
     pub fn destination_namespaces(&self) -> Vec<(u32, u64)> {
-        self.tracker.destination_namespaces()
+        self.tracker.destination_namespaces(self.metrics.destination_labels())
     }
 
     pub fn metrics(&self) -> &Metrics {

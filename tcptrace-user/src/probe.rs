@@ -111,9 +111,10 @@ impl fmt::Display for AttachMode {
     }
 }
 
-/// Reads the socket offsets the programs need from the running kernel's BTF. `None`
-/// (logged) without BTF; members that are missing are logged and left [`ABSENT`].
-pub fn socket_offsets() -> Option<SockOffsets> {
+/// Reads the socket and namespace offsets the programs need from the running
+/// kernel's BTF, parsed once. `None` (logged) without BTF; members that are missing
+/// are logged and left [`ABSENT`].
+pub fn kernel_offsets() -> Option<(SockOffsets, NetOffsets)> {
     let btf = match Btf::from_file(Path::new(VMLINUX_BTF)) {
         Ok(btf) => btf,
         Err(err) => {
@@ -121,7 +122,9 @@ pub fn socket_offsets() -> Option<SockOffsets> {
             return None;
         }
     };
-    Some(offsets_from(&btf))
+    let sock = offsets_from(&btf);
+    let net = if sock.net != ABSENT && sock.net_inum != ABSENT { net_offsets_from(&btf) } else { NetOffsets::UNKNOWN };
+    Some((sock, net))
 }
 
 fn offsets_from(btf: &Btf) -> SockOffsets {
@@ -143,13 +146,10 @@ fn offsets_from(btf: &Btf) -> SockOffsets {
         lookup("sock_common", member).and_then(|m| m.checked_add(base)).filter(|&o| o != ABSENT)
     };
     // skc_net is a possible_net_t, a struct whose one member is the `struct net *`.
-    let in_net = |member: &str| {
-        lookup("net", "ns")
-            .zip(lookup("ns_common", member))
-            .and_then(|(a, b)| a.checked_add(b))
-            .filter(|&o| o != ABSENT)
-    };
-    let net_inum = in_net("inum");
+    let net_inum = lookup("net", "ns")
+        .zip(lookup("ns_common", "inum"))
+        .and_then(|(a, b)| a.checked_add(b))
+        .filter(|&o| o != ABSENT);
     let or_absent = |o: Option<u16>| o.unwrap_or(ABSENT);
     let mut offsets = SockOffsets {
         family: or_absent(common("skc_family")),
@@ -183,26 +183,18 @@ fn offsets_from(btf: &Btf) -> SockOffsets {
     offsets
 }
 
-/// Reads where each namespace keeps its time-wait count and local port range from
-/// the running kernel's BTF; what is missing is logged and left [`ABSENT`].
-pub fn net_offsets() -> NetOffsets {
-    match Btf::from_file(Path::new(VMLINUX_BTF)) {
-        Ok(btf) => net_offsets_from(&btf),
-        Err(_) => NetOffsets::UNKNOWN,
-    }
-}
-
+/// Where each namespace keeps its time-wait count and local port range in `struct
+/// net`; what is missing is logged and left [`ABSENT`].
 fn net_offsets_from(btf: &Btf) -> NetOffsets {
     const ROW: &str = "inet_timewait_death_row";
     let small = |o: u32| u16::try_from(o).ok().filter(|&o| o != ABSENT);
+    // Offsets add up in u32 and corrupted ones must not overflow, as in btf.rs.
+    let path = |steps: &[(&str, &str)]| {
+        steps.iter().try_fold(0u32, |at, (st, member)| at.checked_add(btf.member_offset(st, member).ok()?))
+    };
     let mut offsets = NetOffsets::UNKNOWN;
-    let ipv4 = btf.member_offset("net", "ipv4").ok();
     let ports = (|| {
-        let range = small(
-            ipv4?
-                + btf.member_offset("netns_ipv4", "ip_local_ports").ok()?
-                + btf.member_offset("local_ports", "range").ok()?,
-        )?;
+        let range = small(path(&[("net", "ipv4"), ("netns_ipv4", "ip_local_ports"), ("local_ports", "range")])?)?;
         Some((range, !btf.member_is_array("local_ports", "range").ok()?))
     })();
     match ports {
@@ -210,8 +202,7 @@ fn net_offsets_from(btf: &Btf) -> NetOffsets {
         None => warn!("the kernel's BTF does not show where a namespace keeps ip_local_port_range; tcptrace_local_ports is not exported"),
     }
     let found = (|| {
-        let death_row =
-            small(btf.member_offset("net", "ipv4").ok()? + btf.member_offset("netns_ipv4", "tcp_death_row").ok()?)?;
+        let death_row = small(path(&[("net", "ipv4"), ("netns_ipv4", "tcp_death_row")])?)?;
         let indirect = btf.member_is_pointer("netns_ipv4", "tcp_death_row").ok()?;
         // 5.17 replaced the count by a reference count that starts at 1.
         let (count, bias) = match btf.member_offset(ROW, "tw_refcount") {
@@ -299,6 +290,7 @@ pub struct KernelCounters {
     /// The `net_read` program, when it loaded, and what it can read.
     net_read: Option<aya::programs::ProgramFd>,
     net: NetOffsets,
+    warned: std::sync::atomic::AtomicBool,
 }
 
 impl KernelCounters {
@@ -374,7 +366,10 @@ impl KernelCounters {
                 Ok(NET_GONE) => out.push((netns, None)),
                 Ok(n) => out.push((netns, u32::try_from(n).ok())),
                 Err(err) => {
-                    warn!("reading namespace {netns}'s time-wait count failed: {err}");
+                    // Said once: it would repeat at every refresh.
+                    if !self.warned.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                        warn!("reading namespace figures with BPF_PROG_TEST_RUN failed ({err}); tcptrace_time_wait_sockets falls back to its model");
+                    }
                     return out;
                 }
             }
@@ -466,15 +461,12 @@ impl Probe {
         check_capabilities()?;
         raise_memlock_rlimit();
 
-        let sock = socket_offsets();
+        let offsets = kernel_offsets();
         let mut config = Config::UNSET;
         config.wakeup_bytes = wakeup_bytes;
         config.stream_all = u8::from(stream_all);
         config.stream_extra = stream_extra;
-        config.sock = sock.unwrap_or(SockOffsets::UNKNOWN);
-        if sock.is_some() && config.sock.net != ABSENT && config.sock.net_inum != ABSENT {
-            config.net = net_offsets();
-        }
+        (config.sock, config.net) = offsets.unwrap_or((SockOffsets::UNKNOWN, NetOffsets::UNKNOWN));
         let mode = match attach {
             AttachMode::Auto if config.sock.has_tuple() => AttachMode::Raw,
             AttachMode::Auto => AttachMode::Classic,
@@ -560,7 +552,7 @@ impl Probe {
         let netns = config.sock.net != ABSENT && config.sock.net_inum != ABSENT;
         let net_read = (config.net.time_wait() || config.net.port_range != ABSENT) && load_net_read(&mut ebpf);
         let net = if net_read { config.net } else { NetOffsets::UNKNOWN };
-        Ok(Self { ebpf, mode, btf: sock.is_some(), netns, programs, net })
+        Ok(Self { ebpf, mode, btf: offsets.is_some(), netns, programs, net })
     }
 
     /// The ring buffer the programs write events to (can be taken once).
@@ -590,6 +582,7 @@ impl Probe {
         Ok(KernelCounters {
             net_read,
             net: self.net,
+            warned: Default::default(),
             lost: PerCpuArray::try_from(lost).map_err(|e| Error::Object(format!("per-CPU array {LOST_MAP}: {e}")))?,
             transitions: PerCpuArray::try_from(transitions)
                 .map_err(|e| Error::Object(format!("per-CPU array {TRANSITIONS_MAP}: {e}")))?,

@@ -51,6 +51,8 @@ pub struct Seeds {
     pub listeners: Vec<(u32, u16)>,
     /// Other full sockets with their state number, when asked for (at most the cap).
     pub connections: Vec<(Tuple, u8)>,
+    /// Connections left out because there were more than the cap.
+    pub connections_dropped: usize,
 }
 
 /// The inode of a network namespace file (`/proc/PID/ns/net` or a bind mount of
@@ -145,6 +147,7 @@ pub fn time_wait_sockets(now_ns: u64, tag_netns: bool, cap: usize, connections: 
             Ok(seeds) => {
                 out.seeds.namespaces += 1;
                 out.seeds.dropped += seeds.dropped;
+                out.seeds.connections_dropped += seeds.connections_dropped;
                 seeds.sockets.into_iter().for_each(|s| out.push(s));
                 out.seeds.listeners.extend(seeds.listeners);
                 for (total, n) in out.seeds.states.iter_mut().flatten().zip(seeds.states.iter().flatten()) {
@@ -180,7 +183,7 @@ impl Collector {
         if self.seeds.connections.len() < self.cap {
             self.seeds.connections.push(c);
         } else {
-            self.seeds.dropped += 1;
+            self.seeds.connections_dropped += 1;
         }
     }
 
@@ -341,19 +344,20 @@ fn parse(text: &str, family: u16, now_ns: u64, ns_per_tick: u64) -> impl Iterato
 /// The state number of one table line; `None` for request sockets (listed as
 /// SYN_RECV with no inode: no full socket exists yet) and lines that do not parse.
 fn state_of(line: &str) -> Option<usize> {
-    let f: Vec<&str> = line.split_whitespace().take(10).collect();
-    let state = usize::from_str_radix(f.get(3)?, 16).ok().filter(|&s| s < 16)?;
-    let inode = f.get(9)?;
-    (state != TcpState::SynRecv as usize || *inode != "0").then_some(state)
+    let mut f = line.split_whitespace().skip(3);
+    let state = usize::from_str_radix(f.next()?, 16).ok().filter(|&s| s < 16)?;
+    // The inode is the sixth field after the state.
+    let inode = f.nth(5)?;
+    (state != TcpState::SynRecv as usize || inode != "0").then_some(state)
 }
 
 /// One table line: its tuple (in canonical form, tagged with `netns`) and expiry if
 /// it is a time-wait socket.
 fn parse_line(line: &str, family: u16, netns: u32, now_ns: u64, ns_per_tick: u64) -> Option<(Tuple, u64)> {
-    let (tuple, timer) = parse_tuple(line, family, netns)?;
     if line.split_whitespace().nth(3)? != TCP_TIME_WAIT_HEX {
         return None;
     }
+    let (tuple, timer) = parse_tuple(line, family, netns)?;
     let (_kind, when) = timer.split_once(':')?;
     let left = u64::from_str_radix(when, 16).ok()?;
     Some((tuple, now_ns + left * ns_per_tick))

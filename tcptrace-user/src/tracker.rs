@@ -206,16 +206,21 @@ pub enum Eviction {
     /// A received reset waiting for its socket's CLOSE, to make room: that failure's
     /// reason may read `aborted` or `unknown` instead of `refused`/`reset`.
     ResetCap = 5,
+    /// A listener, CLOSE_WAIT socket or open connection the breakdowns' full tables
+    /// (`--close-wait-ports`, `--destination-labels`) could not take: it is missing
+    /// from them until it ends.
+    ServicesCap = 6,
 }
 
 impl Eviction {
-    pub const ALL: [Self; 6] = [
+    pub const ALL: [Self; 7] = [
         Self::HandshakeCap,
         Self::HandshakeTimeout,
         Self::HandshakeReplaced,
         Self::TimeWaitCap,
         Self::SynAckCap,
         Self::ResetCap,
+        Self::ServicesCap,
     ];
 
     /// The `table` and `reason` labels.
@@ -227,6 +232,7 @@ impl Eviction {
             Self::TimeWaitCap => ["time_wait", "cap"],
             Self::SynAckCap => ["synack", "cap"],
             Self::ResetCap => ["resets", "cap"],
+            Self::ServicesCap => ["services", "cap"],
         }
     }
 }
@@ -390,9 +396,10 @@ impl Tracker {
         self.services.as_ref()
     }
 
-    /// Namespaces whose local port range the destinations breakdown needs.
-    pub fn destination_namespaces(&self) -> Vec<(u32, u64)> {
-        self.services.as_ref().map_or_else(Vec::new, Services::destination_namespaces)
+    /// Namespaces whose local port range the destinations breakdown needs: those of
+    /// the `n` busiest destinations.
+    pub fn destination_namespaces(&self, n: usize) -> Vec<(u32, u64)> {
+        self.services.as_ref().map_or_else(Vec::new, |s| s.destination_namespaces(n))
     }
 
     /// Adds the listeners and connections that existed before the daemon started
@@ -430,8 +437,11 @@ impl Tracker {
     pub fn kernel_time_wait(&mut self, netns: u32, count: Option<u32>) {
         match count {
             Some(n) => {
-                if let Some(ns) = self.netns_time_wait.get_mut(&netns) {
-                    ns.kernel = Some(n as usize);
+                if let std::collections::hash_map::Entry::Occupied(mut e) = self.netns_time_wait.entry(netns) {
+                    e.get_mut().kernel = Some(n as usize);
+                    if e.get().is_empty() {
+                        e.remove();
+                    }
                 }
             }
             None => {
@@ -443,7 +453,6 @@ impl Tracker {
                 }
             }
         }
-        self.netns_time_wait.retain(|_, ns| !ns.is_empty());
     }
 
     /// Sockets with a handshake in progress.
@@ -655,6 +664,12 @@ impl Tracker {
         if expired > 0 {
             sink.evicted(Eviction::HandshakeTimeout, expired);
         }
+        if let Some(svc) = &mut self.services {
+            let refused = svc.trim();
+            if refused > 0 {
+                sink.evicted(Eviction::ServicesCap, refused);
+            }
+        }
     }
 
     /// Whether the kernel made a time-wait socket for this close, from its namespace's
@@ -712,7 +727,8 @@ fn services_change(svc: &mut Services, old: TcpState, new: TcpState, tuple: Tupl
     match (old, new) {
         (TcpState::Close, TcpState::Listen) => svc.listen(tuple.netns, tuple.sport),
         (TcpState::Listen, TcpState::Close) => svc.unlisten(tuple.netns, tuple.sport),
-        (TcpState::Established, TcpState::CloseWait) => svc.close_wait_entered(tuple),
+        // From ESTABLISHED, or SYN_RECV when a FIN came with the handshake's last ACK.
+        (_, TcpState::CloseWait) => svc.close_wait_entered(tuple),
         (TcpState::CloseWait, _) => svc.close_wait_left(&tuple),
         (TcpState::SynSent, TcpState::Established) => svc.opened(tuple, net),
         _ => {}

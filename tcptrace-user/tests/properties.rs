@@ -263,9 +263,18 @@ fn limits() -> impl Strategy<Value = Limits> {
 
 fn metrics_config() -> impl Strategy<Value = MetricsConfig> {
     let ports = prop_oneof![Just(PortLabels::Off), Just(PortLabels::Top(2)), Just("80,40000".parse().unwrap())];
-    (ports, 0usize..3, 0usize..3, prop::option::of(0u32..3)).prop_map(|(ports, comms, netns, host_netns)| {
-        MetricsConfig { process: false, ports, comms, netns, host_netns, close_wait_ports: comms, destinations: netns }
-    })
+    let counts = (0usize..3, 0usize..3, 0usize..3, 0usize..3);
+    (ports, counts, prop::option::of(0u32..3)).prop_map(
+        |(ports, (comms, netns, close_wait_ports, destinations), host_netns)| MetricsConfig {
+            process: false,
+            ports,
+            comms,
+            netns,
+            host_netns,
+            close_wait_ports,
+            destinations,
+        },
+    )
 }
 
 /// Time-wait sockets said to exist at start.
@@ -504,7 +513,8 @@ proptest! {
         seeds in seeds(),
         ops in ops(200),
     ) {
-        let mut tracker = Tracker::new(limits.clone()).with_services(true, true);
+        let mut tracker =
+            Tracker::new(limits.clone()).with_services(config.close_wait_ports > 0, config.destinations > 0);
         let mut metrics = Metrics::new(config).unwrap();
         let mut counts = Counts::default();
         let mut seeded = [0u64; 2];
@@ -566,17 +576,20 @@ proptest! {
         now in prop::collection::vec(any::<u64>(), 1..4),
         lost in prop::option::of(any::<u64>()),
         transitions in prop::collection::vec(any::<u64>(), 256),
+        readings in prop::collection::vec((0u32..3, prop::option::of(any::<u32>())), 0..4),
     ) {
         let max_pending = limits.max_pending;
         let max_time_wait = limits.max_time_wait;
-        let tracker = Tracker::new(limits).with_services(true, true);
+        let tracker = Tracker::new(limits).with_services(config.close_wait_ports > 0, config.destinations > 0);
         let mut pipeline = Pipeline::new(tracker, Metrics::new(config).unwrap());
         let (mut good, mut bad) = (0u64, 0u64);
         let mut kernel = KernelTotals {
             lost,
             transitions: Some(Box::new([transitions.try_into().unwrap(), [0; 256]])),
             missed: vec![("inet_sock_set_state", 7)],
-            ..KernelTotals::default()
+            // Namespaces' own counts and ranges, some gone: the purge path too.
+            time_wait: readings.clone(),
+            port_ranges: readings.iter().map(|&(ns, r)| (ns, r.map(|r| (r as u16, (r >> 16) as u16)))).collect(),
         };
         let mut refreshes = now.iter().cycle();
         for record in records {

@@ -51,8 +51,8 @@ pub struct Services {
     by_destination: HashMap<Destination, PortsInUse, RandomState>,
     /// Each destination namespace's `struct net`, to read its port range.
     nets: HashMap<u32, u64, RandomState>,
-    /// Entries a full table could not take.
-    pub refused: u64,
+    /// Entries a full table could not take, since the last [`Services::trim`].
+    refused: u64,
 }
 
 impl Services {
@@ -177,13 +177,35 @@ impl Services {
         self.by_destination.iter()
     }
 
-    /// Namespaces that hold ports toward some destination, with their `struct net`.
-    pub fn destination_namespaces(&self) -> Vec<(u32, u64)> {
+    /// The namespaces of the `n` destinations holding the most ports (those the
+    /// breakdown exports), with their `struct net`.
+    pub fn destination_namespaces(&self, n: usize) -> Vec<(u32, u64)> {
+        if n == 0 {
+            return Vec::new();
+        }
+        let mut busiest: Vec<(&Destination, usize)> =
+            self.by_destination.iter().map(|(d, p)| (d, p.open + p.time_wait)).collect();
+        if busiest.len() > n {
+            busiest.select_nth_unstable_by(n - 1, |a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(b.0)));
+            busiest.truncate(n);
+        }
         let mut out: Vec<(u32, u64)> =
-            self.by_destination.keys().filter_map(|d| self.nets.get(&d.netns).map(|&net| (d.netns, net))).collect();
+            busiest.iter().filter_map(|(d, _)| self.nets.get(&d.netns).map(|&net| (d.netns, net))).collect();
         out.sort_unstable();
         out.dedup();
         out
+    }
+
+    /// Forgets the `struct net` of namespaces that hold no port any more, and returns
+    /// how many entries full tables refused since the last call. Once a refresh:
+    /// O(destinations + namespaces).
+    pub fn trim(&mut self) -> u64 {
+        if !self.nets.is_empty() {
+            let used: std::collections::HashSet<u32, RandomState> =
+                self.by_destination.keys().map(|d| d.netns).collect();
+            self.nets.retain(|netns, _| used.contains(netns));
+        }
+        std::mem::take(&mut self.refused)
     }
 
     /// Every trace of a deleted namespace.
@@ -191,7 +213,13 @@ impl Services {
         self.listeners.retain(|&(ns, _), _| ns != netns);
         if let Some(sockets) = &mut self.close_wait {
             let by_port = &mut self.close_wait_by_port;
-            sockets.retain(|t, port| t.netns != netns || decrement(by_port, *port));
+            sockets.retain(|t, port| {
+                let keep = t.netns != netns;
+                if !keep {
+                    decrement(by_port, *port);
+                }
+                keep
+            });
         }
         if let Some(open) = &mut self.open {
             open.retain(|t, _| t.netns != netns);
@@ -210,13 +238,12 @@ impl Services {
     }
 }
 
-/// Takes one from a count, removing it at 0; false, for `retain`.
-fn decrement(counts: &mut HashMap<u16, usize, RandomState>, key: u16) -> bool {
+/// Takes one from a count, removing it at 0.
+fn decrement(counts: &mut HashMap<u16, usize, RandomState>, key: u16) {
     if let std::collections::hash_map::Entry::Occupied(mut e) = counts.entry(key) {
         *e.get_mut() = e.get().saturating_sub(1);
         if *e.get() == 0 {
             e.remove();
         }
     }
-    false
 }

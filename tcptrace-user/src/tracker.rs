@@ -327,9 +327,6 @@ struct Pending {
 struct TimeWait {
     family: Family,
     netns: u32,
-    /// Where the connection went, when it was one this host opened and destinations
-    /// are counted.
-    dest: Option<Destination>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -447,7 +444,16 @@ impl Tracker {
             None => {
                 self.netns_time_wait.remove(&netns);
                 let counts = &mut self.time_wait_count;
-                self.time_wait.retain(|tw| tw.netns != netns, |gone| counts[gone.family as usize] -= 1);
+                let svc = &mut self.services;
+                self.time_wait.retain(
+                    |tw| tw.netns != netns,
+                    |key, gone| {
+                        counts[gone.family as usize] -= 1;
+                        if let Some(svc) = svc.as_mut() {
+                            svc.time_wait_ended(key);
+                        }
+                    },
+                );
                 if let Some(svc) = &mut self.services {
                     svc.forget_netns(netns);
                 }
@@ -495,7 +501,7 @@ impl Tracker {
             Some(EventKind::StateChange) => self.state_change(ev, sink),
             Some(EventKind::ResetReceived) => {
                 let key = (ev.skaddr, Tuple::of(ev));
-                if let (_, Some(())) = self.reset.insert(key, (), ev.ts_ns.saturating_add(RESET_MEMORY_NS)) {
+                if let (_, Some(_)) = self.reset.insert(key, (), ev.ts_ns.saturating_add(RESET_MEMORY_NS)) {
                     sink.evicted(Eviction::ResetCap, 1);
                 }
             }
@@ -656,7 +662,7 @@ impl Tracker {
     /// timer fired, handshakes and SYN-ACK records whose outcome can no longer come.
     pub fn advance(&mut self, now_ns: u64, sink: &mut impl Sink) {
         let (counts, per_netns, svc) = (&mut self.time_wait_count, &mut self.netns_time_wait, &mut self.services);
-        self.time_wait.expire(now_ns, |_, gone| forget_time_wait(counts, per_netns, svc, gone));
+        self.time_wait.expire(now_ns, |key, gone| forget_time_wait(counts, per_netns, svc, key, gone));
         let mut expired = 0;
         self.pending.expire(now_ns, |_, _| expired += 1);
         self.synack.expire(now_ns, |_, _| {});
@@ -701,14 +707,15 @@ impl Tracker {
         sink: &mut impl Sink,
     ) {
         let key = self.fingerprint.hash_one(tuple);
-        let (replaced, evicted) = self.time_wait.insert(key, TimeWait { family, netns: tuple.netns, dest }, expires_ns);
-        for gone in replaced.into_iter().chain(evicted) {
-            forget_time_wait(&mut self.time_wait_count, &mut self.netns_time_wait, &mut self.services, gone);
+        let (replaced, evicted) = self.time_wait.insert(key, TimeWait { family, netns: tuple.netns }, expires_ns);
+        let evicted_some = evicted.is_some();
+        for (k, gone) in replaced.map(|r| (key, r)).into_iter().chain(evicted) {
+            forget_time_wait(&mut self.time_wait_count, &mut self.netns_time_wait, &mut self.services, k, gone);
         }
         if let (Some(svc), Some(dest)) = (&mut self.services, dest) {
-            svc.time_wait(dest, true);
+            svc.time_wait_made(key, dest);
         }
-        if evicted.is_some() {
+        if evicted_some {
             sink.evicted(Eviction::TimeWaitCap, 1);
         }
         self.time_wait_count[family as usize] += 1;
@@ -716,8 +723,9 @@ impl Tracker {
     }
 
     fn remove_time_wait(&mut self, tuple: &Tuple) {
-        if let Some(gone) = self.time_wait.remove(&self.fingerprint.hash_one(tuple)) {
-            forget_time_wait(&mut self.time_wait_count, &mut self.netns_time_wait, &mut self.services, gone);
+        let key = self.fingerprint.hash_one(tuple);
+        if let Some(gone) = self.time_wait.remove(&key) {
+            forget_time_wait(&mut self.time_wait_count, &mut self.netns_time_wait, &mut self.services, key, gone);
         }
     }
 }
@@ -776,11 +784,17 @@ impl NetnsTimeWait {
 /// Time-wait sockets by network namespace inode.
 type NetnsCounts = HashMap<u32, NetnsTimeWait, foldhash::fast::RandomState>;
 
-/// Takes a time-wait socket that ended out of the counts.
-fn forget_time_wait(counts: &mut [usize; 2], per_netns: &mut NetnsCounts, svc: &mut Option<Services>, gone: TimeWait) {
+/// Takes a time-wait socket that ended (its model key and entry) out of the counts.
+fn forget_time_wait(
+    counts: &mut [usize; 2],
+    per_netns: &mut NetnsCounts,
+    svc: &mut Option<Services>,
+    key: u64,
+    gone: TimeWait,
+) {
     counts[gone.family as usize] -= 1;
-    if let (Some(svc), Some(dest)) = (svc, gone.dest) {
-        svc.time_wait(dest, false);
+    if let Some(svc) = svc {
+        svc.time_wait_ended(key);
     }
     if let std::collections::hash_map::Entry::Occupied(mut e) = per_netns.entry(gone.netns) {
         e.get_mut().model[gone.family as usize] -= 1;

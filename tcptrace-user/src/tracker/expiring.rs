@@ -39,9 +39,9 @@ impl<K: Hash + Eq + Copy, V> ExpiringMap<K, V> {
         self.map.remove(key).map(|(v, _)| v)
     }
 
-    /// Inserts or replaces. Returns the replaced value, and the oldest entry when
-    /// the insert pushed the map over its cap.
-    pub(crate) fn insert(&mut self, key: K, value: V, deadline: u64) -> (Option<V>, Option<V>) {
+    /// Inserts or replaces. Returns the replaced value, and the oldest entry (with its
+    /// key) when the insert pushed the map over its cap.
+    pub(crate) fn insert(&mut self, key: K, value: V, deadline: u64) -> (Option<V>, Option<(K, V)>) {
         let replaced = self.map.insert(key, (value, deadline)).map(|(v, _)| v);
         self.order.push_back((deadline, key));
         let evicted = if replaced.is_none() && self.map.len() > self.cap { self.pop_oldest() } else { None };
@@ -66,20 +66,20 @@ impl<K: Hash + Eq + Copy, V> ExpiringMap<K, V> {
 
     /// Removes every entry `keep` refuses, handing each to `gone`: O(entries), for rare
     /// events (a namespace deleted).
-    pub(crate) fn retain(&mut self, mut keep: impl FnMut(&V) -> bool, mut gone: impl FnMut(V)) {
+    pub(crate) fn retain(&mut self, mut keep: impl FnMut(&V) -> bool, mut gone: impl FnMut(K, V)) {
         let doomed: Vec<K> = self.map.iter().filter(|(_, (v, _))| !keep(v)).map(|(k, _)| *k).collect();
         for key in doomed {
             if let Some((v, _)) = self.map.remove(&key) {
-                gone(v);
+                gone(key, v);
             }
         }
         self.compact();
     }
 
-    fn pop_oldest(&mut self) -> Option<V> {
+    fn pop_oldest(&mut self) -> Option<(K, V)> {
         while let Some((deadline, key)) = self.order.pop_front() {
             if self.is_current(deadline, &key) {
-                return self.map.remove(&key).map(|(v, _)| v);
+                return self.map.remove(&key).map(|(v, _)| (key, v));
             }
         }
         None
@@ -130,7 +130,7 @@ mod tests {
         m.insert(2, 2, 2);
         m.remove(&1);
         m.insert(3, 3, 3);
-        assert_eq!(m.insert(4, 4, 4), (None, Some(2)));
+        assert_eq!(m.insert(4, 4, 4), (None, Some((2, 2))));
         assert_eq!(m.len(), 2);
         assert_eq!(m.insert(4, 5, 5), (Some(4), None), "replacing never evicts");
     }
@@ -142,7 +142,7 @@ mod tests {
             m.insert(i, i % 2, i);
         }
         let mut gone = Vec::new();
-        m.retain(|&v| v == 0, |v| gone.push(v));
+        m.retain(|&v| v == 0, |_, v| gone.push(v));
         assert_eq!((m.len(), gone), (3, vec![1, 1, 1]));
         let mut out = Vec::new();
         m.expire(10, |k, _| out.push(k));

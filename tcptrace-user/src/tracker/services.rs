@@ -49,6 +49,10 @@ pub struct Services {
     close_wait_by_port: HashMap<u16, usize, RandomState>,
     open: Option<HashMap<Tuple, Destination, RandomState>>,
     by_destination: HashMap<Destination, PortsInUse, RandomState>,
+    /// Where the model's time-wait sockets toward a destination go, by the model's key:
+    /// kept here, not in every modelled socket, so the breakdown costs memory only
+    /// when on. At most as many as the model holds.
+    time_wait_dest: HashMap<u64, Destination, RandomState>,
     /// Each destination namespace's `struct net`, to read its port range.
     nets: HashMap<u32, u64, RandomState>,
     /// Entries a full table could not take, since the last [`Services::trim`].
@@ -64,6 +68,7 @@ impl Services {
             close_wait_by_port: HashMap::default(),
             open: destinations.then(HashMap::default),
             by_destination: HashMap::default(),
+            time_wait_dest: HashMap::default(),
             nets: HashMap::default(),
             refused: 0,
         }
@@ -163,11 +168,17 @@ impl Services {
         Some(dest)
     }
 
-    /// A time-wait socket toward `dest` was made or ended.
-    pub fn time_wait(&mut self, dest: Destination, made: bool) {
-        if made {
-            self.by_destination.entry(dest).or_default().time_wait += 1;
-        } else {
+    /// A time-wait socket toward `dest` was made; `key` is the model's for it.
+    pub fn time_wait_made(&mut self, key: u64, dest: Destination) {
+        if let Some(old) = self.time_wait_dest.insert(key, dest) {
+            self.change(old, |p| p.time_wait = p.time_wait.saturating_sub(1));
+        }
+        self.by_destination.entry(dest).or_default().time_wait += 1;
+    }
+
+    /// The model's time-wait socket `key` ended (expired, reused, evicted, purged).
+    pub fn time_wait_ended(&mut self, key: u64) {
+        if let Some(dest) = self.time_wait_dest.remove(&key) {
             self.change(dest, |p| p.time_wait = p.time_wait.saturating_sub(1));
         }
     }
@@ -225,6 +236,7 @@ impl Services {
             open.retain(|t, _| t.netns != netns);
         }
         self.by_destination.retain(|d, _| d.netns != netns);
+        self.time_wait_dest.retain(|_, d| d.netns != netns);
         self.nets.remove(&netns);
     }
 

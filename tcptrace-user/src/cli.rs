@@ -151,6 +151,14 @@ pub struct DaemonArgs {
           value_parser = clap::value_parser!(u16).range(1..))]
     pub web_max_connections: u16,
 
+    /// Most of those one peer address may hold (default: a quarter of
+    /// --web.max-connections, rounded up), so that one client, hostile or careless,
+    /// never keeps another address (the Prometheus server) out. Past it, the address's
+    /// own longest-idle connection makes room, or the new one is closed and counted.
+    #[arg(long = "web.max-connections-per-address", env = "TCPTRACE_WEB_MAX_CONNECTIONS_PER_ADDRESS", value_name = "N",
+          value_parser = clap::value_parser!(u16).range(1..))]
+    pub web_max_connections_per_address: Option<u16>,
+
     /// Close a connection whose request head is not complete this long after its
     /// first byte (slow or stuck clients).
     #[arg(long = "web.header-timeout", env = "TCPTRACE_WEB_HEADER_TIMEOUT", default_value = "10s", value_name = "DURATION", value_parser = parse_duration)]
@@ -160,6 +168,12 @@ pub struct DaemonArgs {
     /// interval keeps Prometheus's keep-alive connection open.
     #[arg(long = "web.idle-timeout", env = "TCPTRACE_WEB_IDLE_TIMEOUT", default_value = "2m", value_name = "DURATION", value_parser = parse_duration)]
     pub web_idle_timeout: Duration,
+
+    /// Close a connection whose first request (its TLS handshake included) is not
+    /// complete this long after it connected: a client that connects and stalls holds
+    /// one of --web.max-connections this long at most. Scrapers send at once.
+    #[arg(long = "web.first-request-timeout", env = "TCPTRACE_WEB_FIRST_REQUEST_TIMEOUT", default_value = "3s", value_name = "DURATION", value_parser = parse_duration)]
+    pub web_first_request_timeout: Duration,
 
     /// TLS and basic authentication for every route (/metrics, /, /healthz), in the
     /// Prometheus exporter-toolkit format node_exporter reads: tls_server_config
@@ -417,6 +431,7 @@ mod tests {
         assert!(d.listen.ip().is_loopback(), "exposing the endpoint is a choice");
         assert_eq!(d.web_max_connections, 64);
         assert_eq!((d.web_header_timeout, d.web_idle_timeout), (Duration::from_secs(10), Duration::from_secs(120)));
+        assert_eq!(d.web_first_request_timeout, Duration::from_secs(3));
         assert_eq!(d.ring_buffer_size, ByteSize(1 << 20));
         assert_eq!(d.max_tracked_sockets, 65_536);
         assert_eq!(d.handshake_timeout, None);

@@ -330,6 +330,10 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
         max_connections: usize::from(args.web_max_connections),
         header_timeout: args.web_header_timeout,
         idle_timeout: args.web_idle_timeout,
+        first_request_timeout: args.web_first_request_timeout,
+        max_per_address: args
+            .web_max_connections_per_address
+            .map_or_else(|| server::Limits::per_address(usize::from(args.web_max_connections)), usize::from),
     };
     let security = web_config.current();
     let mut server = tokio::spawn(server::serve(listener, routes, limits, web, web_config.clone(), stop_rx));

@@ -6,6 +6,7 @@
 mod comms;
 mod netns;
 mod ports;
+mod process;
 mod states;
 mod top;
 
@@ -100,6 +101,11 @@ pub struct WebCounters {
     pub rejected: IntCounter,
     /// A TLS handshake that failed (plaintext HTTP, an untrusted client certificate...).
     pub tls_handshake: IntCounter,
+    /// A connection whose first request (TLS handshake included) was not complete in time.
+    pub first_request_timeout: IntCounter,
+    /// A new connection from an address already holding its share of the cap, all
+    /// of them mid-request.
+    pub address_share: IntCounter,
     /// Requests refused with 401 by `basic_auth_users`.
     pub unauthorized: IntCounter,
 }
@@ -320,7 +326,10 @@ impl Metrics {
                  (a request not complete within --web.header-timeout), idle_timeout (no request for \
                  --web.idle-timeout), evicted (the longest-idle one, to make room at --web.max-connections), \
                  rejected (a new one at the cap, every connection mid-request), tls_handshake (a failed \
-                 TLS handshake with --web.config.file: plaintext HTTP, no or an untrusted client certificate).",
+                 TLS handshake with --web.config.file: plaintext HTTP, no or an untrusted client certificate), \
+                 first_request_timeout (no complete first request, TLS handshake included, within \
+                 --web.first-request-timeout of connecting), address_share (a new one from an address \
+                 holding a quarter of --web.max-connections, every one of them mid-request).",
             ),
             &["reason"],
         )?;
@@ -332,6 +341,8 @@ impl Metrics {
             evicted: closed("evicted"),
             rejected: closed("rejected"),
             tls_handshake: closed("tls_handshake"),
+            first_request_timeout: closed("first_request_timeout"),
+            address_share: closed("address_share"),
             unauthorized: counter(
                 "tcptrace_http_requests_unauthorized_total",
                 "Requests refused with 401: no or wrong credentials for basic_auth_users in --web.config.file.",
@@ -378,7 +389,7 @@ impl Metrics {
         build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
 
         if config.process {
-            reg(Box::new(prometheus::process_collector::ProcessCollector::for_self()))?;
+            reg(Box::new(process::ProcessCollector::new()?))?;
         }
 
         let comms = CommLabeler::new(config.comms);

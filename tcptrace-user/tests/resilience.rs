@@ -210,8 +210,21 @@ fn idle_and_half_sent_http_connections_are_closed_by_the_timeouts() {
     require_root();
     let (header, idle) = (deadline(Duration::from_secs(2)), deadline(Duration::from_secs(4)));
     let (h, i) = (format!("{}ms", header.as_millis()), format!("{}ms", idle.as_millis()));
-    let daemon =
-        Daemon::start(&["--web.max-connections", "1100", "--web.header-timeout", &h, "--web.idle-timeout", &i]);
+    // One address (loopback) plays every client here: the per-address share and the
+    // first-request deadline (their own tests are in server::tests) are lifted.
+    let first = format!("{}ms", (2 * idle).as_millis());
+    let daemon = Daemon::start(&[
+        "--web.max-connections",
+        "1100",
+        "--web.max-connections-per-address",
+        "1100",
+        "--web.header-timeout",
+        &h,
+        "--web.idle-timeout",
+        &i,
+        "--web.first-request-timeout",
+        &first,
+    ]);
     assert!(raise_fd_limit() > 1_300, "the test needs 1,300 open files");
     let rss_before = daemon.rss_kib();
     let opened = Instant::now();
@@ -274,7 +287,10 @@ fn idle_and_half_sent_http_connections_are_closed_by_the_timeouts() {
 #[ignore = "needs root and the real kernel: run `cargo xtask test`"]
 fn idle_clients_beyond_the_cap_never_lock_out_a_scraper_and_memory_stays_flat() {
     require_root();
-    let daemon = Daemon::start(&[]); // --web.max-connections 64
+    // --web.max-connections 64, all of them for one address (loopback plays every
+    // client), and idle ones are not closed for never sending: what is measured is
+    // the cap's eviction.
+    let daemon = Daemon::start(&["--web.max-connections-per-address", "64", "--web.first-request-timeout", "10m"]);
     let before = daemon.scrape();
     let rss_before = daemon.rss_kib();
     // Nearly this process's whole file descriptor limit (20,000 natively here).

@@ -141,25 +141,35 @@ pub async fn serve(
             _ = crate::shutdown::stopped(&mut shutdown) => break,
         };
         // One address past its share makes room among its own connections, or is
-        // refused: the others' slots stay free for other addresses.
-        if open.count(peer) >= limits.max_per_address {
+        // refused: the others' slots stay free for other addresses. (A share of the
+        // whole cap is the cap's own rule below.)
+        let past_share = limits.max_per_address < limits.max_connections && open.count(peer) >= limits.max_per_address;
+        let permit = if past_share {
             if open.evict_longest_idle(Some(peer)) {
                 counters.evicted.inc();
+                match slots.clone().try_acquire_owned() {
+                    Ok(permit) => Some(permit),
+                    Err(_) => tokio::time::timeout(EVICTION_WAIT, slots.clone().acquire_owned())
+                        .await
+                        .ok()
+                        .and_then(Result::ok),
+                }
             } else {
                 counters.address_share.inc();
                 let _ = stream.set_zero_linger();
                 continue;
             }
-        }
-        let permit = match slots.clone().try_acquire_owned() {
-            Ok(permit) => Some(permit),
-            // At the cap: the longest-idle connection makes room, so that a scraper
-            // always gets in while idle clients hold every slot.
-            Err(_) if open.evict_longest_idle(None) => {
-                counters.evicted.inc();
-                tokio::time::timeout(EVICTION_WAIT, slots.clone().acquire_owned()).await.ok().and_then(Result::ok)
+        } else {
+            match slots.clone().try_acquire_owned() {
+                Ok(permit) => Some(permit),
+                // At the cap: the longest-idle connection makes room, so that a scraper
+                // always gets in while idle clients hold every slot.
+                Err(_) if open.evict_longest_idle(None) => {
+                    counters.evicted.inc();
+                    tokio::time::timeout(EVICTION_WAIT, slots.clone().acquire_owned()).await.ok().and_then(Result::ok)
+                }
+                Err(_) => None,
             }
-            Err(_) => None,
         };
         let Some(permit) = permit else {
             counters.rejected.inc();

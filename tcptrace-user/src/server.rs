@@ -707,11 +707,15 @@ mod tests {
     }
 
     async fn start(render: Render) -> (std::net::SocketAddr, WebCounters, watch::Sender<bool>) {
+        start_with(render, LIMITS).await
+    }
+
+    async fn start_with(render: Render, limits: Limits) -> (std::net::SocketAddr, WebCounters, watch::Sender<bool>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = watch::channel(false);
         let c = counters();
-        tokio::spawn(serve(listener, routes(render), LIMITS, c.clone(), plain(), rx));
+        tokio::spawn(serve(listener, routes(render), limits, c.clone(), plain(), rx));
         (addr, c, tx)
     }
 
@@ -752,11 +756,7 @@ mod tests {
             max_per_address: 100,
             ..LIMITS
         };
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (_stop, rx) = watch::channel(false);
-        let c = counters();
-        tokio::spawn(serve(listener, routes(Arc::new(|| "x 1\n".to_string())), limits, c.clone(), plain(), rx));
+        let (addr, c, _stop) = start_with(Arc::new(|| "x 1\n".to_string()), limits).await;
         let c2 = c.clone();
         let results = tokio::task::spawn_blocking(move || {
             let connect = || std::net::TcpStream::connect(addr).unwrap();
@@ -808,11 +808,7 @@ mod tests {
             }
             format!("renders {}\n", r.fetch_add(1, Ordering::SeqCst) + 1)
         });
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (_stop, rx) = watch::channel(false);
-        let limits = Limits { max_connections: 32, max_per_address: 32, ..LIMITS };
-        tokio::spawn(serve(listener, routes(render), limits, counters(), plain(), rx));
+        let (addr, _c, _stop) = start_with(render, Limits { max_connections: 32, max_per_address: 32, ..LIMITS }).await;
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let hostile: Vec<_> = (0..8)
             .map(|i| {
@@ -886,11 +882,7 @@ mod tests {
             header_timeout: Duration::from_secs(5),
             ..LIMITS
         };
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (_stop, rx) = watch::channel(false);
-        let c = counters();
-        tokio::spawn(serve(listener, routes(Arc::new(|| "x 1\n".to_string())), limits, c.clone(), plain(), rx));
+        let (addr, c, _stop) = start_with(Arc::new(|| "x 1\n".to_string()), limits).await;
         let c2 = c.clone();
         let (share_t, stalled_t, answered) = tokio::task::spawn_blocking(move || {
             let from = |ip: &str| {

@@ -22,6 +22,9 @@ use support::{deadline, host_sockstat_tw, kernel_socket_summary, require_root, s
 /// How long the daemon may take to show what the kernel shows (stretched in VMs).
 const AGREE: Duration = Duration::from_secs(10);
 const EADDRNOTAVAIL: i32 = 99;
+/// Time-wait sockets per destination the kernel may end without any event (README,
+/// "How exact"), which the model keeps until their timer.
+const INVISIBLE_KILLS: f64 = 2.0;
 
 /// Sets a sysctl inside the namespace.
 fn sysctl(ns: &Netns, key: &str, value: &str) {
@@ -326,7 +329,17 @@ fn ports_in_use_per_destination_equal_ss() {
             ),
             ("local ports", s.find("tcptrace_local_ports", &[("netns", &netns)]).unwrap_or(-1.0), 1000),
         ];
-        last.iter().all(|&(_, ours, kernel)| ours == kernel as f64)
+        // Time-wait sockets per destination are the model's: one the kernel killed
+        // without an event (a reset drawn by a late duplicate ACK on loopback; a 6.1
+        // VM lost one of 6) stays there until its timer, so those may be high by as
+        // many. The first ones expire 60 s after they were made: check before.
+        last.iter().all(|&(name, ours, kernel)| {
+            let kernel = kernel as f64;
+            match name.ends_with("time_wait") {
+                true => ours >= kernel && ours <= kernel + INVISIBLE_KILLS,
+                false => ours == kernel,
+            }
+        })
     });
     for (name, ours, kernel) in &last {
         eprintln!("{name}: tcptrace {ours}, kernel {kernel}");

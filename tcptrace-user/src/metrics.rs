@@ -62,8 +62,8 @@ pub struct MetricsConfig {
     pub destinations: usize,
 }
 
-/// A namespace's `netns` label where the breakdowns name one: `host` for the
-/// daemon's own, `unknown` without BTF, else its inode.
+/// A namespace's `netns` label wherever one is named: `host` for the daemon's own,
+/// `unknown` without BTF (events without a namespace: one for all), else its inode.
 fn netns_label(netns: u32, host: Option<u32>) -> String {
     match netns {
         _ if Some(netns) == host => "host".into(),
@@ -596,8 +596,9 @@ impl Metrics {
 
     /// Copies the tracker's gauges.
     pub fn refresh(&mut self, tracker: &Tracker) {
+        let time_wait = tracker.time_wait_by_family();
         for f in Family::ALL {
-            self.time_wait_sockets[f as usize].set(tracker.time_wait_sockets(f) as i64);
+            self.time_wait_sockets[f as usize].set(time_wait[f as usize] as i64);
         }
         if let Some(g) = &mut self.netns_time_wait {
             g.refresh(tracker.netns_time_wait_sockets());

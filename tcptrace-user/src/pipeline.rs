@@ -79,7 +79,7 @@ impl Pipeline {
         }
         for &(netns, range) in &kernel.port_ranges {
             if range.is_none() {
-                self.tracker.kernel_time_wait(netns, None);
+                self.tracker.namespace_gone(netns);
             }
         }
         self.metrics.refresh(&self.tracker);
@@ -88,8 +88,7 @@ impl Pipeline {
             self.metrics.set_events_lost(total);
         }
         if let Some(transitions) = &kernel.transitions {
-            let time_wait = Family::ALL.map(|f| self.tracker.time_wait_sockets(f));
-            self.metrics.set_transitions(transitions, time_wait);
+            self.metrics.set_transitions(transitions, self.tracker.time_wait_by_family());
         }
         self.metrics.set_missed(&kernel.missed);
         if let Some(ended) = self.slow_log.as_mut().and_then(|log| log.output().ended()) {

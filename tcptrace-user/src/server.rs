@@ -140,12 +140,15 @@ pub async fn serve(
             },
             _ = crate::shutdown::stopped(&mut shutdown) => break,
         };
-        // One address past its share makes room among its own connections, or is
-        // refused: the others' slots stay free for other addresses. (A share of the
-        // whole cap is the cap's own rule below.)
+        // At the cap, the longest-idle connection makes room, so that a scraper always
+        // gets in while idle clients hold every slot. An address past its share makes
+        // room among its own connections, even below the cap: the others' slots stay
+        // free for other addresses. (A share of the whole cap is the cap's rule.)
         let past_share = limits.max_per_address < limits.max_connections && open.count(peer) >= limits.max_per_address;
-        let permit = if past_share {
-            if open.evict_longest_idle(Some(peer)) {
+        let free = if past_share { None } else { slots.clone().try_acquire_owned().ok() };
+        let permit = match free {
+            Some(permit) => Some(permit),
+            None if open.evict_longest_idle(past_share.then_some(peer)) => {
                 counters.evicted.inc();
                 match slots.clone().try_acquire_owned() {
                     Ok(permit) => Some(permit),
@@ -154,22 +157,13 @@ pub async fn serve(
                         .ok()
                         .and_then(Result::ok),
                 }
-            } else {
+            }
+            None if past_share => {
                 counters.address_share.inc();
                 let _ = stream.set_zero_linger();
                 continue;
             }
-        } else {
-            match slots.clone().try_acquire_owned() {
-                Ok(permit) => Some(permit),
-                // At the cap: the longest-idle connection makes room, so that a scraper
-                // always gets in while idle clients hold every slot.
-                Err(_) if open.evict_longest_idle(None) => {
-                    counters.evicted.inc();
-                    tokio::time::timeout(EVICTION_WAIT, slots.clone().acquire_owned()).await.ok().and_then(Result::ok)
-                }
-                Err(_) => None,
-            }
+            None => None,
         };
         let Some(permit) = permit else {
             counters.rejected.inc();
@@ -457,12 +451,12 @@ struct Slot {
 }
 
 impl Slot {
-    /// Whether this window's render time is used up (a new window starts afresh).
-    fn over_budget(&mut self) -> bool {
+    /// The render time spent in the current window (a new window starts afresh).
+    fn spent(&mut self) -> &mut Duration {
         if self.window.is_none_or(|w| w.elapsed() >= BUDGET_WINDOW) {
             (self.window, self.spent) = (Some(Instant::now()), Duration::ZERO);
         }
-        self.spent >= RENDER_BUDGET
+        &mut self.spent
     }
 }
 
@@ -480,7 +474,7 @@ impl Cache {
             }
             let recent = finished.elapsed() <= MAX_STALE;
             let body = body.clone();
-            if recent && slot.over_budget() {
+            if recent && *slot.spent() >= RENDER_BUDGET {
                 return Some(body);
             }
         }
@@ -489,8 +483,7 @@ impl Cache {
         // Rendering takes the tracker's lock: off the runtime, so other clients and
         // the timeouts keep running meanwhile.
         let body = Bytes::from(tokio::task::spawn_blocking(move || render()).await.ok()?);
-        let _ = slot.over_budget();
-        slot.spent += started.elapsed();
+        *slot.spent() += started.elapsed();
         slot.body = Some((Instant::now(), body.clone()));
         Some(body)
     }

@@ -469,7 +469,21 @@ impl Tracker {
     /// Time-wait sockets of one family: in each namespace whose count the kernel
     /// gave, that count (split by family as the model splits it), elsewhere the model.
     pub fn time_wait_sockets(&self, family: Family) -> usize {
-        self.netns_time_wait.values().map(|ns| ns.split()[family as usize]).sum()
+        self.time_wait_by_family()[family as usize]
+    }
+
+    /// [`Tracker::time_wait_sockets`] of both families, in one pass over the namespaces.
+    pub fn time_wait_by_family(&self) -> [usize; 2] {
+        self.netns_time_wait.values().fold([0, 0], |[v4, v6], ns| {
+            let [a, b] = ns.split();
+            [v4 + a, v6 + b]
+        })
+    }
+
+    /// A namespace is gone (deleted): its modelled time-wait sockets and breakdown
+    /// entries go with it, as the kernel purged them.
+    pub fn namespace_gone(&mut self, netns: u32) {
+        self.kernel_time_wait(netns, None);
     }
 
     /// Modelled time-wait sockets of one family (what [`Tracker::time_wait_sockets`]
@@ -489,7 +503,7 @@ impl Tracker {
                     .as_ref()
                     .filter(|s| s.destinations_enabled() && s.is_outgoing(&tuple))
                     .map(|_| Destination::of(&tuple));
-                self.insert_time_wait(tuple, family, expires_ns, dest, sink);
+                self.insert_time_wait(tuple, family, expires_ns, dest, None, sink);
             }
         }
     }
@@ -640,18 +654,18 @@ impl Tracker {
             (TcpState::FinWait2 | TcpState::Closing, TcpState::Close)
                 if !reset_received && !matches!(ev.sk_err, ECONNRESET | ECONNREFUSED) =>
             {
+                // The kernel's reading comes with the close: it updates the namespace's
+                // entry in the same lookup that counts the new socket.
+                let reading = (ev.tw_count != TW_UNKNOWN).then_some((ev.tw_count as usize, ev.net));
                 if self.kernel_made_time_wait(ev) {
                     sink.time_wait_entered(family);
-                    self.insert_time_wait(tuple, family, ev.ts_ns.saturating_add(TIME_WAIT_NS), dest, sink);
+                    let expires = ev.ts_ns.saturating_add(TIME_WAIT_NS);
+                    self.insert_time_wait(tuple, family, expires, dest, reading, sink);
                 } else {
                     sink.time_wait_overflow(family);
-                }
-                let room = self.netns_time_wait.len() < MAX_COUNTED_NAMESPACES
-                    || self.netns_time_wait.contains_key(&tuple.netns);
-                if ev.tw_count != TW_UNKNOWN && room {
-                    let ns = self.netns_time_wait.entry(tuple.netns).or_default();
-                    ns.kernel = Some(ev.tw_count as usize);
-                    ns.net = ev.net;
+                    if let Some(reading) = reading {
+                        self.note_reading(tuple.netns, reading);
+                    }
                 }
             }
             _ => {}
@@ -698,12 +712,26 @@ impl Tracker {
         }
     }
 
+    /// Keeps the kernel's reading (count, `struct net`) of a namespace the model has
+    /// no socket in, while there is room for one more namespace.
+    fn note_reading(&mut self, netns: u32, (count, net): (usize, u64)) {
+        let room = self.netns_time_wait.len() < MAX_COUNTED_NAMESPACES;
+        if let Some(ns) = self.netns_time_wait.get_mut(&netns) {
+            (ns.kernel, ns.net) = (Some(count), net);
+        } else if room {
+            self.netns_time_wait.insert(netns, NetnsTimeWait { kernel: Some(count), net, ..Default::default() });
+        }
+    }
+
+    /// Models one time-wait socket; `reading` is its namespace's count from the kernel
+    /// at its close (none for seeds).
     fn insert_time_wait(
         &mut self,
         tuple: Tuple,
         family: Family,
         expires_ns: u64,
         dest: Option<Destination>,
+        reading: Option<(usize, u64)>,
         sink: &mut impl Sink,
     ) {
         let key = self.fingerprint.hash_one(tuple);
@@ -719,7 +747,11 @@ impl Tracker {
             sink.evicted(Eviction::TimeWaitCap, 1);
         }
         self.time_wait_count[family as usize] += 1;
-        self.netns_time_wait.entry(tuple.netns).or_default().model[family as usize] += 1;
+        let ns = self.netns_time_wait.entry(tuple.netns).or_default();
+        ns.model[family as usize] += 1;
+        if let Some((count, net)) = reading {
+            (ns.kernel, ns.net) = (Some(count), net);
+        }
     }
 
     fn remove_time_wait(&mut self, tuple: &Tuple) {

@@ -48,14 +48,9 @@ impl NetnsGauge {
     /// The labels of a namespace, once it can be named: a namespace waits in
     /// `other` until its cgroup is known, so its series never changes labels.
     fn labels(&self, netns: u32) -> Option<[String; 2]> {
-        if Some(netns) == self.host {
-            Some(["host".into(), String::new()])
-        } else if netns == 0 {
-            // Events without a namespace (no BTF): one namespace for all.
-            Some(["unknown".into(), String::new()])
-        } else {
-            self.cgroups.get(&netns).map(|cgroup| [netns.to_string(), cgroup.clone()])
-        }
+        let named = Some(netns) == self.host || netns == 0;
+        let cgroup = if named { Some(String::new()) } else { self.cgroups.get(&netns).cloned() };
+        cgroup.map(|cgroup| [super::netns_label(netns, self.host), cgroup])
     }
 
     /// Sets the series from per-namespace counts.

@@ -361,6 +361,10 @@ pub struct Tracker {
     reset: ExpiringMap<(u64, Tuple), ()>,
     /// The opt-in breakdowns by service port and destination.
     services: Option<Services>,
+    /// Some namespace has modelled time-wait sockets (seeded at start) but no known
+    /// `struct net`, so its count cannot be read: the next event from it names it.
+    /// Checked before any lookup, so the event path pays only while it is true.
+    awaiting_net: bool,
 }
 
 impl Tracker {
@@ -375,6 +379,7 @@ impl Tracker {
             reset: ExpiringMap::new(limits.max_pending),
             handshake_timeout_ns: limits.handshake_timeout_ns,
             services: None,
+            awaiting_net: false,
             max_services: limits.max_time_wait,
         }
     }
@@ -506,6 +511,7 @@ impl Tracker {
                 self.insert_time_wait(tuple, family, expires_ns, dest, None, sink);
             }
         }
+        self.awaiting_net = self.netns_time_wait.values().any(|ns| ns.net == 0);
     }
 
     /// Applies one event. Its time is taken as it comes (a corrupted record's may be
@@ -554,6 +560,11 @@ impl Tracker {
             return;
         };
         let tuple = Tuple::of(ev);
+        if self.awaiting_net && ev.net != 0 {
+            if let Some(ns) = self.netns_time_wait.get_mut(&tuple.netns).filter(|ns| ns.net == 0) {
+                ns.net = ev.net;
+            }
+        }
 
         // A new connection on a 4-tuple in TIME_WAIT means the kernel reused (killed)
         // that time-wait socket. Only connection-opening transitions can do that.
@@ -683,6 +694,9 @@ impl Tracker {
         self.reset.expire(now_ns, |_, _| {});
         if expired > 0 {
             sink.evicted(Eviction::HandshakeTimeout, expired);
+        }
+        if self.awaiting_net {
+            self.awaiting_net = self.netns_time_wait.values().any(|ns| ns.net == 0);
         }
         if let Some(svc) = &mut self.services {
             let refused = svc.trim();

@@ -815,3 +815,18 @@ fn destinations_hold_their_open_and_time_wait_ports() {
     let all: Vec<_> = t.services().unwrap().destinations().map(|(_, p)| (p.open, p.time_wait)).collect();
     assert_eq!(all, vec![(1, 0)], "time-wait sockets expire out of their destination");
 }
+
+#[test]
+fn a_seeded_namespace_is_read_from_the_kernel_once_an_event_names_its_struct_net() {
+    let (mut t, mut seen) = tracker();
+    let sock = in_netns(client(1, 40000), 5);
+    t.seed_time_wait(vec![(Tuple::of(&ev(sock, 0, Close, Close)), 30 * S)], &mut seen);
+    assert!(t.time_wait_namespaces().is_empty(), "seeds carry no struct net");
+    let mut e = ev(in_netns(client(2, 40001), 5), S, SynSent, Established);
+    e.net = 0xffff_0000_0000_0005;
+    t.handle(&e, &mut seen);
+    assert_eq!(t.time_wait_namespaces(), vec![(5, 0xffff_0000_0000_0005)]);
+    // The kernel's reading wins over the seeded model from then on.
+    t.kernel_time_wait(5, Some(0));
+    assert_eq!(t.time_wait_sockets(Family::Ipv4), 0);
+}

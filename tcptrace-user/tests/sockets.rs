@@ -232,6 +232,12 @@ const STATES: [(&str, &str); 8] = [
     ("closing", "closing"),
 ];
 
+/// Runs of the state-change program the kernel skipped (a transition in softirq while
+/// the program ran on that CPU), each a transition neither counted nor streamed.
+fn missed(s: &support::Scrape) -> f64 {
+    s.get("tcptrace_kernel_events_missed_total", &[("program", "inet_sock_set_state")])
+}
+
 #[test]
 #[ignore = "needs root and the real kernel: run `cargo xtask test`"]
 fn socket_states_equal_ss_and_a_close_wait_leak_names_its_port() {
@@ -239,6 +245,7 @@ fn socket_states_equal_ss_and_a_close_wait_leak_names_its_port() {
     let daemon = Daemon::start(&["--close-wait-ports", "5"]);
     let ns = Netns::new();
     let n = scaled(100, 30);
+    let before = missed(&daemon.scrape());
     // A server that never closes what its clients closed: n sockets in CLOSE_WAIT on
     // port 7000, their clients (which keep their sockets) in FIN_WAIT2.
     let held = Held::new(&ns, move || {
@@ -252,7 +259,7 @@ fn socket_states_equal_ss_and_a_close_wait_leak_names_its_port() {
         }
         kept
     });
-    let mut last = Vec::new();
+    let (mut last, mut skipped, mut gap) = (Vec::new(), 0.0, 0.0);
     let agree = wait_for(deadline(AGREE), || {
         let s = daemon.scrape();
         last = STATES
@@ -263,17 +270,27 @@ fn socket_states_equal_ss_and_a_close_wait_leak_names_its_port() {
                 (*name, ours, kernel)
             })
             .collect();
-        let tw = (s.sum("tcptrace_sockets", &[("state", "time_wait")]), host_sockstat_tw() + ns.sockstat_tw());
-        last.push(("time_wait (sockstat)", tw.0, tw.1));
         let leak = (s.get("tcptrace_close_wait_sockets", &[("port", "7000")]), ss(Some(&ns), &["state", "close-wait"]));
         last.push(("close_wait port 7000", leak.0, leak.1));
-        last.iter().all(|&(_, ours, kernel)| ours == kernel as f64)
+        // A skipped transition leaves one state a socket too high and another one too
+        // low (the breakdown by port one off): that much may differ, and no more.
+        skipped = missed(&s) - before;
+        gap = last.iter().map(|&(_, ours, kernel)| (ours - kernel as f64).abs()).sum::<f64>();
+        // time_wait is the kernel's own count, read in each namespace: exact.
+        let tw = (s.sum("tcptrace_sockets", &[("state", "time_wait")]), host_sockstat_tw() + ns.sockstat_tw());
+        last.push(("time_wait (sockstat)", tw.0, tw.1));
+        tw.0 == tw.1 as f64 && gap <= 3.0 * skipped
     });
     for (name, ours, kernel) in &last {
         eprintln!("{name}: tcptrace {ours}, kernel {kernel}");
     }
+    eprintln!("runs the kernel skipped meanwhile: {skipped}; states off by {gap} in all");
     drop(held);
-    assert!(agree, "tcptrace_sockets differs from the kernel's: {last:?}\n{}", kernel_socket_summary());
+    assert!(
+        agree,
+        "tcptrace_sockets differs from the kernel's by {gap}, beyond the {skipped} skipped runs exported: {last:?}\n{}",
+        kernel_socket_summary()
+    );
 }
 
 #[test]

@@ -434,7 +434,8 @@ struct Suite {
     /// From libtest's `running N tests`, so a suite that died still shows its size.
     total: Option<usize>,
     status: Option<i32>,
-    /// The failing tests' output, or the end of the whole output when it died.
+    /// Each test's output libtest printed (a failure's, and with `--show-output` a
+    /// success's too), or the end of the whole output when it died.
     tails: Vec<(String, String)>,
     /// The test running when the binary died or was stopped.
     stuck: Option<String>,
@@ -443,6 +444,11 @@ struct Suite {
 }
 
 impl Suite {
+    /// The output of what did not pass: failed tests, or the binary's end when it died.
+    fn failure_tails(&self) -> impl Iterator<Item = &(String, String)> {
+        self.tails.iter().filter(|(test, _)| !self.passed.contains(test))
+    }
+
     fn ok(&self) -> bool {
         self.status == Some(0) && self.failed.is_empty() && self.counts.is_some_and(|(_, failed)| failed == 0)
     }
@@ -644,9 +650,14 @@ pub fn run_matrix(root: &Path, kernels: &[Kernel], binaries: &[PathBuf], deadlin
     let report = summary(&outcomes);
     let path = root.join("target/vm/summary.md");
     fs::write(&path, &report).with_context(|| format!("writing {}", path.display()))?;
+    step("kernel matrix:");
+    for outcome in &outcomes {
+        eprintln!("  {}", outcome.line());
+    }
+    // Last, so that the end of a long log (all a CI page may show) names what failed.
     for outcome in outcomes.iter().filter(|o| !o.ok()) {
         for suite in &outcome.suites {
-            for (test, tail) in &suite.tails {
+            for (test, tail) in suite.failure_tails() {
                 let lines: Vec<&str> = tail.lines().collect();
                 let more = if lines.len() > 12 { "\n[... more in the summary]" } else { "" };
                 eprintln!(
@@ -661,10 +672,6 @@ pub fn run_matrix(root: &Path, kernels: &[Kernel], binaries: &[PathBuf], deadlin
     for outcome in outcomes.iter().filter(|o| o.heartbeat.is_some()) {
         let heartbeat = outcome.heartbeat.as_deref().unwrap_or_default();
         eprintln!("--- {} was killed; the guest's last heartbeat:\n{}", outcome.kernel.release, heartbeat.trim_end());
-    }
-    step("kernel matrix:");
-    for outcome in &outcomes {
-        eprintln!("  {}", outcome.line());
     }
     step(&format!("summary written to {}", path.display()));
     let failed: Vec<&str> = outcomes.iter().filter(|o| !o.ok()).map(|o| o.kernel.release.as_str()).collect();
@@ -979,6 +986,10 @@ mod tests {
         );
         assert_eq!(suite.summary(), "kernel 1/3 passed");
         assert!(!suite.ok());
+        let shown = "successes:\n\n---- a stdout ----\nfigures\n\n".to_owned() + out;
+        let shown = parse_libtest("kernel", &shown, Some(101));
+        let names: Vec<&str> = shown.failure_tails().map(|(t, _)| t.as_str()).collect();
+        assert_eq!(names, ["b", "c"], "a success's --show-output is not a failure");
 
         let ok = "test a ... ok\n\ntest result: ok. 1 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out\n";
         assert!(parse_libtest("forensics", ok, Some(0)).ok());

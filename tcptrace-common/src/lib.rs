@@ -39,6 +39,37 @@ pub const NET_READ_PORT_HIGH: u64 = 2;
 /// What [`NET_READ_PROGRAM`] returns when the `struct net` no longer holds that
 /// namespace (it was deleted) or cannot be read.
 pub const NET_GONE: i32 = -1;
+/// Name of the raw tracepoint program the daemon runs on demand (never attached) to
+/// read one listening socket's figures: args its `struct sock *`, its namespace's
+/// inode and what to read ([`LISTENER_QUEUE`], [`LISTENER_LIMIT`],
+/// [`LISTENER_DROPS`], [`LISTENER_PORT`]); return value the figure, or [`NET_GONE`]
+/// when the socket is no longer a listener of that namespace.
+pub const LISTENER_READ_PROGRAM: &str = "listener_read";
+/// [`LISTENER_READ_PROGRAM`]: completed handshakes waiting for `accept()` (`ss -ltn` Recv-Q).
+pub const LISTENER_QUEUE: u64 = 0;
+/// [`LISTENER_READ_PROGRAM`]: the backlog in force (`ss -ltn` Send-Q).
+pub const LISTENER_LIMIT: u64 = 1;
+/// [`LISTENER_READ_PROGRAM`]: the socket's drop count (`ss -ltm`'s `d`), below 2^31.
+pub const LISTENER_DROPS: u64 = 2;
+/// [`LISTENER_READ_PROGRAM`]: the listening port.
+pub const LISTENER_PORT: u64 = 3;
+/// Name of the BPF iterator program (`iter/tcp`) that writes the `struct sock *` of
+/// every listening socket of the namespace its reader opened it in, 8 bytes each:
+/// how the daemon finds the listeners that existed before it started.
+pub const LISTENERS_ITER_PROGRAM: &str = "listeners";
+/// Name of the per-CPU array (one [`ResetCounts`] slot) counting the resets sent and
+/// received, by [`reset_slot`].
+pub const RESETS_MAP: &str = "RESETS";
+/// Resets by direction and the socket's state, indexed by [`reset_slot`].
+pub type ResetCounts = [u64; 32];
+
+/// Index in [`ResetCounts`] of a reset sent (`sent`) or received by a socket in
+/// `state`; 0 is "no socket" (a reset for a segment no socket took), and states above
+/// 15 share it.
+pub const fn reset_slot(sent: bool, state: u32) -> usize {
+    (sent as usize) << 4 | if state > 15 { 0 } else { state as usize }
+}
+
 /// [`Event::tw_count`] and [`Event::tw_max`] when not read.
 pub const TW_UNKNOWN: u32 = u32::MAX;
 /// Counts of state changes, indexed by [`transition_slot`].
@@ -78,16 +109,17 @@ pub const fn extra_pairs(extra: u8, old: u32, new: u32) -> bool {
 }
 
 /// Whether the daemon needs this transition streamed (the rest are only counted):
-/// handshake starts and ends, and the entries into TIME_WAIT. (LISTEN->SYN_RECV is
-/// not needed: the child's SYN_RECV->ESTABLISHED follows at once with the same
-/// 4-tuple.)
+/// handshake starts and ends, the entries into TIME_WAIT, and listeners opening and
+/// closing (whose queues it reads). (LISTEN->SYN_RECV is not needed: the child's
+/// SYN_RECV->ESTABLISHED follows at once with the same 4-tuple.)
 pub const fn pairs(old: u32, new: u32) -> bool {
     const CLOSE: u32 = TcpState::Close as u32;
+    const LISTEN: u32 = TcpState::Listen as u32;
     const SYN_SENT: u32 = TcpState::SynSent as u32;
     const SYN_RECV: u32 = TcpState::SynRecv as u32;
     const FIN_WAIT2: u32 = TcpState::FinWait2 as u32;
     const CLOSING: u32 = TcpState::Closing as u32;
-    matches!((old, new), (CLOSE, SYN_SENT) | (SYN_SENT, _) | (SYN_RECV, _))
+    matches!((old, new), (CLOSE, SYN_SENT) | (SYN_SENT, _) | (SYN_RECV, _) | (CLOSE, LISTEN) | (LISTEN, CLOSE))
         || (new == CLOSE && (old == FIN_WAIT2 || old == CLOSING))
 }
 
@@ -239,6 +271,31 @@ pub struct Config {
     pub _pad: [u8; 8],
     pub net: NetOffsets,
     pub _pad2: [u8; 4],
+    pub listener: ListenerOffsets,
+    /// `tcp:tcp_send_reset`'s record: only `state` (in `old_state`) is read.
+    pub send_reset: RecordLayout,
+    pub _pad3: [u8; 4],
+}
+
+/// Where a listening socket keeps its queue, backlog and drop count in `struct
+/// sock`, from the kernel's BTF (`sk_ack_backlog`, `sk_max_ack_backlog`, both u32
+/// since 5.5; `sk_drops`, an `atomic_t`); [`ABSENT`] when unknown.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ListenerOffsets {
+    pub ack_backlog: u16,
+    pub max_ack_backlog: u16,
+    pub drops: u16,
+    pub _pad: u16,
+}
+
+impl ListenerOffsets {
+    pub const UNKNOWN: Self = Self { ack_backlog: ABSENT, max_ack_backlog: ABSENT, drops: ABSENT, _pad: 0 };
+
+    /// Whether every figure can be read.
+    pub const fn known(&self) -> bool {
+        self.ack_backlog != ABSENT && self.max_ack_backlog != ABSENT && self.drops != ABSENT
+    }
 }
 
 /// Where a network namespace keeps its time-wait count and cap and its local port
@@ -298,10 +355,13 @@ impl Config {
         _pad: [0; 8],
         net: NetOffsets::UNKNOWN,
         _pad2: [0; 4],
+        listener: ListenerOffsets::UNKNOWN,
+        send_reset: RecordLayout::ABSENT,
+        _pad3: [0; 4],
     };
 }
 
-const _: () = assert!(core::mem::size_of::<Config>() == 144);
+const _: () = assert!(core::mem::size_of::<Config>() == 176);
 
 /// `AF_INET`, as the kernel reports it in `family`.
 pub const AF_INET: u16 = 2;
@@ -316,7 +376,8 @@ pub const IPPROTO_TCP: u16 = 6;
 pub enum EventKind {
     /// `sock:inet_sock_set_state`: `old_state` -> `new_state`.
     StateChange = 1,
-    /// `tcp:tcp_receive_reset`: a RST arrived for the socket (states are unset).
+    /// `tcp:tcp_receive_reset`: a RST arrived for the socket (`old_state` is the
+    /// socket's state where the kernel's BTF gives it, else 0).
     ResetReceived = 2,
     /// `tcp:tcp_retransmit_skb` on a socket in SYN_SENT: a SYN was retransmitted.
     SynRetransmit = 3,
@@ -558,6 +619,8 @@ mod tests {
         assert_eq!(transition_slot(99, 1), transition_slot(0, 1));
         assert!(pairs(Close as u32, SynSent as u32) && pairs(FinWait2 as u32, Close as u32));
         assert!(pairs(SynRecv as u32, Established as u32) && !pairs(Listen as u32, SynRecv as u32));
+        assert!(pairs(Close as u32, Listen as u32) && pairs(Listen as u32, Close as u32));
+        assert_eq!((reset_slot(false, 0), reset_slot(true, 1), reset_slot(true, 99)), (0, 17, 16));
         assert!(!pairs(Established as u32, FinWait1 as u32) && !pairs(LastAck as u32, Close as u32));
         assert!(
             close_wait_pairs(Established as u32, CloseWait as u32)
@@ -576,7 +639,7 @@ mod tests {
     fn event_has_no_hidden_padding() {
         let e = Event::zeroed();
         let fields = 8 + 8 + 8 + 4 + 4 + 16 + 16 + 2 + 2 + 2 + 1 + 1 + 1 + 3 + 4 + 4 + 4 + 16 + 8 + 4 + 4;
-        let config = 8 + 15 * 2 + 4 * 10 * 2 + 1 + 1 + 8 + 12 + 4;
+        let config = 8 + 15 * 2 + 5 * 10 * 2 + 1 + 1 + 8 + 12 + 4 + 8 + 4;
         assert_eq!(core::mem::size_of::<Config>(), config);
         assert_eq!(core::mem::size_of_val(&e), fields);
     }

@@ -26,9 +26,10 @@ use aya_ebpf::{
     EbpfContext as _,
 };
 use tcptrace_common::{
-    extra_pairs, family_slot, pairs, transition_slot, Config, Event, EventKind, TcpState, TransitionCounts, ABSENT,
-    AF_INET, AF_INET6, DEFAULT_RING_BYTES, FAMILY_SLOTS, IPPROTO_TCP, NET_GONE, NET_READ_PORT_HIGH, NET_READ_PORT_LOW,
-    NET_READ_TIME_WAIT, SK_ERR_UNKNOWN, SPAN_MAX, TW_UNKNOWN,
+    extra_pairs, family_slot, pairs, reset_slot, transition_slot, Config, Event, EventKind, ResetCounts, TcpState,
+    TransitionCounts, ABSENT, AF_INET, AF_INET6, DEFAULT_RING_BYTES, FAMILY_SLOTS, IPPROTO_TCP, LISTENER_DROPS,
+    LISTENER_LIMIT, LISTENER_PORT, LISTENER_QUEUE, NET_GONE, NET_READ_PORT_HIGH, NET_READ_PORT_LOW, NET_READ_TIME_WAIT,
+    SK_ERR_UNKNOWN, SPAN_MAX, TW_UNKNOWN,
 };
 
 /// Set by the loader (see [`Config`]); read field by field with [`cfg!`].
@@ -60,6 +61,11 @@ macro_rules! from_record {
 /// slot per socket family (`family_slot`).
 #[map]
 static TRANSITIONS: PerCpuArray<TransitionCounts> = PerCpuArray::with_max_entries(FAMILY_SLOTS, 0);
+
+/// Resets sent and received, by the socket's state (`reset_slot`): counted here, as
+/// a storm of them must cost no ring buffer space.
+#[map]
+static RESETS: PerCpuArray<ResetCounts> = PerCpuArray::with_max_entries(1, 0);
 
 /// Userspace resizes this at load time (`--ring-buffer-size`).
 #[map]
@@ -323,6 +329,60 @@ pub extern "C" fn net_read(ctx: *mut core::ffi::c_void) -> i32 {
     }
 }
 
+/// Never attached, as [`net_read`]: run with a listening socket's `struct sock *`
+/// (from its CLOSE->LISTEN event or the [`listeners`] iterator), its namespace's
+/// inode and what to read. A socket that is no longer a listener of that namespace
+/// (closed, or its memory reused: TCP sockets are SLAB_TYPESAFE_BY_RCU, so it is
+/// still a socket) reads as [`NET_GONE`].
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "raw_tp/listener_read")]
+pub extern "C" fn listener_read(ctx: *mut core::ffi::c_void) -> i32 {
+    let args = ctx as *const u64;
+    // SAFETY: test runs pass three u64 arguments (the daemon always does).
+    let (sk, inum, what) = unsafe { (*args, *args.add(1) as u32, *args.add(2)) };
+    if read::<u8>(sk, cfg!(sock.state)) != Some(TcpState::Listen as u8) {
+        return NET_GONE;
+    }
+    let net = read::<u64>(sk, cfg!(sock.net)).unwrap_or(0);
+    if read::<u32>(net, cfg!(sock.net_inum)) != Some(inum) {
+        return NET_GONE;
+    }
+    let value = match what {
+        LISTENER_QUEUE => read::<u32>(sk, cfg!(listener.ack_backlog)),
+        LISTENER_LIMIT => read::<u32>(sk, cfg!(listener.max_ack_backlog)),
+        // A count that wraps as the kernel's does, kept in 31 bits.
+        LISTENER_DROPS => read::<u32>(sk, cfg!(listener.drops)).map(|d| d & i32::MAX as u32),
+        LISTENER_PORT => read::<u16>(sk, cfg!(sock.num)).map(u32::from),
+        _ => None,
+    };
+    match value {
+        Some(v) if v <= i32::MAX as u32 => v as i32,
+        _ => NET_GONE,
+    }
+}
+
+/// A BPF iterator over the TCP sockets of the namespace its reader was in when it
+/// opened it (`iter/tcp`, Linux 5.9+): writes the `struct sock *` of each listener,
+/// 8 bytes each, so that listeners made before the daemon started can be read with
+/// [`listener_read`] too. Written out: aya's macros have no iterator.
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "iter/tcp")]
+pub extern "C" fn listeners(ctx: *mut core::ffi::c_void) -> i32 {
+    // struct bpf_iter__tcp { struct bpf_iter_meta *meta; struct sock_common *sk_common; uid_t uid; }
+    let ctx = ctx as *const *const u8;
+    // SAFETY: the kernel passes a `struct bpf_iter__tcp`; the verifier checks these loads.
+    let (meta, sk) = unsafe { (*ctx, *ctx.add(1)) };
+    if sk.is_null() || field::<u8>(sk, cfg!(sock.state)) != Some(TcpState::Listen as u8) {
+        return 0;
+    }
+    // SAFETY: `struct bpf_iter_meta` starts with its `struct seq_file *seq`.
+    let seq = unsafe { *(meta as *const *mut aya_ebpf::bindings::seq_file) };
+    let found = sk as u64;
+    // SAFETY: 8 bytes of a local; the helper copies them into the iterator's output.
+    unsafe { generated::bpf_seq_write(seq, (&raw const found).cast(), 8) };
+    0
+}
+
 /// The benchmark's floor for raw tracepoints: what attaching any program to
 /// inet_sock_set_state costs, of the same type as [`set_state_raw`] (`tp_btf`). Only
 /// `cargo xtask bench` (through the `floor` example) attaches it; the daemon never does.
@@ -392,7 +452,9 @@ pub fn retransmit_synack_tp(ctx: TracePointContext) -> u32 {
 pub fn receive_reset_raw(ctx: BtfTracePointContext) -> i32 {
     // TP_PROTO(struct sock *sk)
     let sk: *const u8 = ctx.arg(0);
-    rare(EventKind::ResetReceived, sk as u64, 0, |ev| sock_tuple(ev, SLOT_RECEIVE_RESET, sk, true));
+    let state = field::<u8>(sk, cfg!(sock.state)).unwrap_or(0);
+    count_reset(false, state);
+    rare(EventKind::ResetReceived, sk as u64, state, |ev| sock_tuple(ev, SLOT_RECEIVE_RESET, sk, true));
     0
 }
 
@@ -402,8 +464,42 @@ pub fn receive_reset_tp(ctx: TracePointContext) -> u32 {
         return 0;
     };
     let sk = rec.get::<u64>(cfg!(receive_reset.skaddr)).unwrap_or(0);
-    rare(EventKind::ResetReceived, sk, 0, from_record!(&rec, sk, receive_reset));
+    // The record has no state; the socket has, where BTF says where.
+    let state = read::<u8>(sk, cfg!(sock.state)).unwrap_or(0);
+    count_reset(false, state);
+    rare(EventKind::ResetReceived, sk, state, from_record!(&rec, sk, receive_reset));
     0
+}
+
+// ---- tcp_send_reset: counted only ----
+
+#[btf_tracepoint(function = "tcp_send_reset")]
+pub fn send_reset_raw(ctx: BtfTracePointContext) -> i32 {
+    // TP_PROTO(const struct sock *sk, const struct sk_buff *skb[, reason]): sk is
+    // NULL (6.10+) for a segment no socket took, a time-wait or request socket for
+    // theirs; before 6.10 the kernel fires it only with a full socket.
+    let sk: *const u8 = ctx.arg(0);
+    let state = if sk.is_null() { 0 } else { field::<u8>(sk, cfg!(sock.state)).unwrap_or(0) };
+    count_reset(true, state);
+    0
+}
+
+#[tracepoint(category = "tcp", name = "tcp_send_reset")]
+pub fn send_reset_tp(ctx: TracePointContext) -> u32 {
+    let state = read::<i32>(ctx.as_ptr() as u64, cfg!(send_reset.old_state)).unwrap_or(0);
+    count_reset(true, state as u8);
+    0
+}
+
+/// Counts one reset in this CPU's [`RESETS`] slot.
+#[inline(always)]
+fn count_reset(sent: bool, state: u8) {
+    if let Some(counts) = RESETS.get_ptr_mut(0) {
+        let slot = reset_slot(sent, u32::from(state));
+        // SAFETY: a read of a local; then this CPU's slot, masked into the array (the
+        // volatile read keeps the mask, as in `state_change`).
+        unsafe { (*counts)[core::ptr::read_volatile(&slot) & 31] += 1 };
+    }
 }
 
 /// Streams one event of the rare tracepoints, filled in place, or counts it as lost.

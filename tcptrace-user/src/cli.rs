@@ -243,6 +243,16 @@ pub struct DaemonArgs {
           value_parser = clap::value_parser!(u16).range(0..=crate::metrics::MAX_NETNS_LABELS as i64))]
     pub netns_labels: u16,
 
+    /// Label the listener metrics (tcptrace_listen_queue_length, _queue_limit,
+    /// _overflows_total, _synack_retransmits_total) with the listening port, for the
+    /// first N ports seen listening (labels are never reassigned; the rest are
+    /// port="other"). With --netns-labels, also with the namespace, so two namespaces
+    /// listening on one port are told apart. Worst case: 4*(N+1) series; N is at
+    /// most 100.
+    #[arg(long, env = "TCPTRACE_LISTENER_LABELS", default_value_t = 20, value_name = "N",
+          value_parser = clap::value_parser!(u16).range(1..=crate::metrics::listeners::MAX_LISTENER_LABELS as i64))]
+    pub listener_labels: u16,
+
     /// Add tcptrace_close_wait_sockets{port}: sockets waiting in CLOSE_WAIT for their
     /// application to close() them, by service port (the listening port for accepted
     /// connections, the remote port for this host's own), the N ports with the most,

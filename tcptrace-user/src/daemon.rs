@@ -23,6 +23,7 @@ use crate::{
     clock::monotonic_ns,
     error::{Error, Result},
     lines::LineQueue,
+    listeners::ListenerKey,
     metrics::{self, Metrics, MetricsConfig},
     page,
     pipeline::Pipeline,
@@ -175,6 +176,7 @@ impl State {
         let mut totals = self.counters.read();
         totals.time_wait = self.counters.time_wait(&self.pipeline.time_wait_namespaces());
         totals.port_ranges = self.counters.port_ranges(&self.pipeline.destination_namespaces());
+        totals.listeners = self.counters.listeners(&self.pipeline.listener_sockets());
         self.pipeline.refresh(monotonic_ns(), &totals);
     }
 }
@@ -260,6 +262,7 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
             host_netns: procnet::own_netns(),
             close_wait_ports,
             destinations,
+            listener_labels: probe.listeners.then_some(usize::from(args.listener_labels)),
         })?,
     );
     let programs: Vec<_> = probe.programs.iter().map(|p| (p.tracepoint, p.attached)).collect();
@@ -284,7 +287,13 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
     let drainer = Drainer { shared: shared.clone(), keep: keep.clone(), drained_ms: drained_ms.clone() };
     let reader = Reader::spawn(ring_fd, pace, drainer)?;
     // Events carry their namespace when BTF gave its offsets; seeds must match them.
-    seed_time_wait(&shared, probe.netns, max_time_wait, close_wait_ports + destinations > 0).await;
+    let listener_namespaces =
+        seed_time_wait(&shared, probe.netns, max_time_wait, close_wait_ports + destinations > 0).await;
+    // Listeners older than the daemon, listed from inside their namespaces (which
+    // needs the privileges about to be dropped); newer ones announce themselves.
+    let found = probe.listeners_in(listener_namespaces);
+    info!("{} listening sockets already open", found.len());
+    lock(&shared).pipeline.seed_listeners(found.into_iter().map(|(netns, sk)| ListenerKey { netns, sk }));
     // Everything that needed privilege is done: attach, tracefs, other namespaces.
     match privileges::drop_all_but(&keep) {
         Ok(left) if left.permitted.is_empty() => info!("dropped every capability"),
@@ -391,7 +400,8 @@ fn join_msg<T: std::fmt::Debug>(r: std::result::Result<T, tokio::task::JoinError
 
 /// Seeds the TIME_WAIT model with the time-wait sockets of every network namespace,
 /// read while the reader keeps draining (into [`Held`]), then applies what it held.
-async fn seed_time_wait(shared: &Shared, tag_netns: bool, cap: usize, connections: bool) {
+/// Returns the namespaces that have listeners, open, for the listener iterator.
+async fn seed_time_wait(shared: &Shared, tag_netns: bool, cap: usize, connections: bool) -> Vec<(u32, std::fs::File)> {
     // A thread of its own rather than the blocking pool, whose threads outlive the
     // task: it exits with its capabilities before the daemon drops them.
     let at_seed = lock(shared).counters.read().transitions;
@@ -399,7 +409,7 @@ async fn seed_time_wait(shared: &Shared, tag_netns: bool, cap: usize, connection
     let spawned = std::thread::Builder::new().name("tcptrace-seed".into()).spawn(move || {
         let _ = tx.send(procnet::time_wait_sockets(monotonic_ns(), tag_netns, cap, connections));
     });
-    let read = match spawned {
+    let mut read = match spawned {
         Ok(thread) => {
             let read = rx.await.map_err(std::io::Error::other).and_then(|r| r);
             let _ = thread.join();
@@ -407,11 +417,13 @@ async fn seed_time_wait(shared: &Shared, tag_netns: bool, cap: usize, connection
         }
         Err(err) => Err(err),
     };
+    let listener_namespaces = read.as_mut().map(|s| std::mem::take(&mut s.listener_namespaces)).unwrap_or_default();
     lock(shared).seed(read, at_seed);
     while !lock(shared).release_some(RELEASE_SLICE) {
         tokio::task::yield_now().await;
     }
     trim_heap();
+    listener_namespaces
 }
 
 /// Hands freed heap pages back to the system. Start-up parses megabytes (kernel

@@ -94,6 +94,10 @@ pub struct KernelTotals {
     pub port_ranges: Vec<(u32, Option<(u16, u16)>)>,
     /// Runs the kernel skipped, by tracepoint (its program's `recursion_misses`).
     pub missed: Vec<(&'static str, u64)>,
+    /// Resets sent and received, by `tcptrace_common::reset_slot`.
+    pub resets: Option<Box<tcptrace_common::ResetCounts>>,
+    /// Listeners' figures read just now (`None`: no longer a listener).
+    pub listeners: Vec<(crate::listeners::ListenerKey, Option<crate::listeners::ListenerFigures>)>,
 }
 
 #[cfg(test)]

@@ -12,6 +12,7 @@ pub mod clock;
 pub mod daemon;
 pub mod error;
 pub mod events;
+pub mod listeners;
 pub mod lines;
 pub mod metrics;
 pub mod page;

@@ -4,6 +4,7 @@
 //! handles are resolved once, on first use, not hashed per event.
 
 mod comms;
+pub mod listeners;
 mod netns;
 mod ports;
 mod process;
@@ -60,6 +61,9 @@ pub struct MetricsConfig {
     pub close_wait_ports: usize,
     /// How many destinations get their own ports-in-use series (0: none).
     pub destinations: usize,
+    /// How many listening ports get their own listener series; `None` when the
+    /// kernel's listeners cannot be read (the metrics are then left out).
+    pub listener_labels: Option<usize>,
 }
 
 /// A namespace's `netns` label wherever one is named: `host` for the daemon's own,
@@ -160,6 +164,8 @@ pub struct Metrics {
     missed_vec: IntCounterVec,
     probe_attached: IntGaugeVec,
     kernel_btf: IntGauge,
+    listeners: Option<listeners::ListenerMetrics>,
+    resets: listeners::ResetMetrics,
 }
 
 impl Metrics {
@@ -246,6 +252,11 @@ impl Metrics {
         )?;
         reg(Box::new(tw_sockets_vec.clone()))?;
         let netns_time_wait = NetnsGauge::new(config.netns, config.host_netns, &registry)?;
+        let listeners = match config.listener_labels {
+            Some(n) => Some(listeners::ListenerMetrics::new(n, config.netns > 0, config.host_netns, &registry)?),
+            None => None,
+        };
+        let resets = listeners::ResetMetrics::new(&registry)?;
         let states = states::SocketStates::new(&registry)?;
         let close_wait = match config.close_wait_ports {
             0 => None,
@@ -457,6 +468,8 @@ impl Metrics {
             missed_vec,
             probe_attached,
             kernel_btf,
+            listeners,
+            resets,
             registry,
         };
         metrics.create_other_series();
@@ -566,6 +579,25 @@ impl Metrics {
                     *seen = total;
                 }
             }
+        }
+    }
+
+    /// One refresh's listener readings, by namespace and port.
+    pub fn set_listeners(&mut self, ports: &[crate::listeners::PortFigures]) {
+        if let Some(l) = &mut self.listeners {
+            l.update(ports);
+        }
+    }
+
+    /// Advances `tcptrace_resets_total` to the kernel's totals.
+    pub fn set_resets(&mut self, totals: &tcptrace_common::ResetCounts) {
+        self.resets.set(totals);
+    }
+
+    /// A SYN-ACK retransmitted by the listener on `port` in namespace `netns`.
+    pub fn listen_synack_retransmit(&mut self, netns: u32, port: u16) {
+        if let Some(l) = &mut self.listeners {
+            l.synack_retransmit(netns, port);
         }
     }
 

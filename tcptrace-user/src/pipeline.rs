@@ -7,15 +7,22 @@ use tcptrace_common::Event;
 
 use crate::{
     events::{self, Family, KernelTotals},
+    listeners::{ListenerKey, Listeners},
     metrics::Metrics,
     page::Recent,
     report::QueuedSlowLog,
     tracker::{Eviction, Failure, Handshake, Sink, Tracker},
 };
 
+/// Most listeners kept: hosts have tens or hundreds; each costs four test runs of
+/// the kernel's reader per refresh.
+pub const MAX_LISTENERS: usize = 16_384;
+
 pub struct Pipeline {
     tracker: Tracker,
     metrics: Metrics,
+    /// Every listener, whose queue the kernel is asked for at each refresh.
+    listeners: Listeners,
     slow_log: Option<QueuedSlowLog>,
     /// The landing page's list of recent slow and failed handshakes.
     recent: Option<Recent>,
@@ -27,7 +34,15 @@ pub struct Pipeline {
 
 impl Pipeline {
     pub fn new(tracker: Tracker, metrics: Metrics) -> Self {
-        Self { tracker, metrics, slow_log: None, recent: None, unreported: 0, warned_malformed: false }
+        Self {
+            tracker,
+            metrics,
+            listeners: Listeners::new(MAX_LISTENERS),
+            slow_log: None,
+            recent: None,
+            unreported: 0,
+            warned_malformed: false,
+        }
     }
 
     /// Also write slow and failed handshakes as records.
@@ -64,8 +79,12 @@ impl Pipeline {
     /// Handles one decoded event.
     pub fn event(&mut self, ev: &Event) {
         self.unreported += 1;
-        let mut outputs =
-            Outputs { metrics: &mut self.metrics, slow_log: self.slow_log.as_mut(), recent: self.recent.as_mut() };
+        let mut outputs = Outputs {
+            metrics: &mut self.metrics,
+            listeners: &mut self.listeners,
+            slow_log: self.slow_log.as_mut(),
+            recent: self.recent.as_mut(),
+        };
         self.tracker.handle(ev, &mut outputs);
     }
 
@@ -91,6 +110,11 @@ impl Pipeline {
             self.metrics.set_transitions(transitions, self.tracker.time_wait_by_family());
         }
         self.metrics.set_missed(&kernel.missed);
+        let ports = self.listeners.apply(&kernel.listeners);
+        self.metrics.set_listeners(&ports);
+        if let Some(resets) = &kernel.resets {
+            self.metrics.set_resets(resets);
+        }
         if let Some(ended) = self.slow_log.as_mut().and_then(|log| log.output().ended()) {
             // A closed stdout must not take the daemon down; say it once.
             let why = ended.map_or_else(|| "stdout closed".to_string(), |e| e.to_string());
@@ -116,6 +140,19 @@ impl Pipeline {
         self.tracker.destination_namespaces(self.metrics.destination_labels())
     }
 
+    /// The listeners whose queues the next refresh reads.
+    pub fn listener_sockets(&self) -> Vec<ListenerKey> {
+        self.listeners.sockets()
+    }
+
+    /// Adds the listeners that existed before the daemon started.
+    pub fn seed_listeners(&mut self, found: impl IntoIterator<Item = ListenerKey>) {
+        let refused = found.into_iter().filter(|&key| !self.listeners.opened(key)).count();
+        if refused > 0 {
+            self.metrics.evicted(Eviction::ListenerCap, refused as u64);
+        }
+    }
+
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
     }
@@ -130,6 +167,7 @@ impl Pipeline {
 /// failed handshakes also to the slow log when there is one.
 struct Outputs<'a> {
     metrics: &'a mut Metrics,
+    listeners: &'a mut Listeners,
     slow_log: Option<&'a mut QueuedSlowLog>,
     recent: Option<&'a mut Recent>,
 }
@@ -167,6 +205,17 @@ impl Sink for Outputs<'_> {
     }
     fn evicted(&mut self, what: Eviction, count: u64) {
         self.metrics.evicted(what, count);
+    }
+    fn listener_opened(&mut self, key: ListenerKey) {
+        if !self.listeners.opened(key) {
+            self.metrics.evicted(Eviction::ListenerCap, 1);
+        }
+    }
+    fn listener_closed(&mut self, key: ListenerKey) {
+        self.listeners.closed(key);
+    }
+    fn listener_synack_retransmit(&mut self, netns: u32, port: u16) {
+        self.metrics.listen_synack_retransmit(netns, port);
     }
 }
 

@@ -13,15 +13,17 @@ use aya::{
 };
 use log::{debug, info, warn};
 use tcptrace_common::{
-    Config, NetOffsets, RecordLayout, SockOffsets, TransitionCounts, ABSENT, CONFIG_GLOBAL, EVENTS_MAP, FAMILY_SLOTS,
-    LOST_MAP, NET_GONE, NET_READ_PORT_HIGH, NET_READ_PORT_LOW, NET_READ_PROGRAM, NET_READ_TIME_WAIT, SPAN_MAX,
-    TRANSITIONS_MAP,
+    Config, ListenerOffsets, NetOffsets, RecordLayout, ResetCounts, SockOffsets, TransitionCounts, ABSENT,
+    CONFIG_GLOBAL, EVENTS_MAP, FAMILY_SLOTS, LISTENERS_ITER_PROGRAM, LISTENER_DROPS, LISTENER_LIMIT, LISTENER_PORT,
+    LISTENER_QUEUE, LISTENER_READ_PROGRAM, LOST_MAP, NET_GONE, NET_READ_PORT_HIGH, NET_READ_PORT_LOW, NET_READ_PROGRAM,
+    NET_READ_TIME_WAIT, RESETS_MAP, SPAN_MAX, TRANSITIONS_MAP,
 };
 
 use crate::{
     btf::Btf,
     error::{Error, Result},
     events::KernelTotals,
+    listeners::{ListenerFigures, ListenerKey},
     tracefs::{self, Record},
 };
 
@@ -48,7 +50,7 @@ pub struct Attachment {
     lost_without: &'static str,
 }
 
-pub const ATTACHMENTS: [Attachment; 4] = [
+pub const ATTACHMENTS: [Attachment; 5] = [
     Attachment {
         category: "sock",
         name: "inet_sock_set_state",
@@ -85,6 +87,15 @@ pub const ATTACHMENTS: [Attachment; 4] = [
         required: false,
         lost_without: "no SYN-ACK retransmissions, passive durations without their retransmission delay",
     },
+    Attachment {
+        category: "tcp",
+        name: "tcp_send_reset",
+        raw: "send_reset_raw",
+        classic: "send_reset_tp",
+        record: Record::SendReset,
+        required: false,
+        lost_without: "resets sent are not counted (tcptrace_resets_total{direction=\"sent\"} stays 0)",
+    },
 ];
 
 pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
@@ -111,10 +122,18 @@ impl fmt::Display for AttachMode {
     }
 }
 
-/// Reads the socket and namespace offsets the programs need from the running
-/// kernel's BTF, parsed once. `None` (logged) without BTF; members that are missing
-/// are logged and left [`ABSENT`].
-pub fn kernel_offsets() -> Option<(SockOffsets, NetOffsets)> {
+/// Where the programs find what they read in the running kernel's structs.
+#[derive(Clone, Copy, Debug)]
+pub struct KernelOffsets {
+    pub sock: SockOffsets,
+    pub net: NetOffsets,
+    pub listener: ListenerOffsets,
+}
+
+/// Reads the socket, namespace and listener offsets the programs need from the
+/// running kernel's BTF, parsed once. `None` (logged) without BTF; members that are
+/// missing are logged and left [`ABSENT`].
+pub fn kernel_offsets() -> Option<KernelOffsets> {
     let btf = match Btf::from_file(Path::new(VMLINUX_BTF)) {
         Ok(btf) => btf,
         Err(err) => {
@@ -124,7 +143,25 @@ pub fn kernel_offsets() -> Option<(SockOffsets, NetOffsets)> {
     };
     let sock = offsets_from(&btf);
     let net = if sock.net != ABSENT && sock.net_inum != ABSENT { net_offsets_from(&btf) } else { NetOffsets::UNKNOWN };
-    Some((sock, net))
+    Some(KernelOffsets { sock, net, listener: listener_offsets_from(&btf) })
+}
+
+/// Where a listening socket keeps its accept queue length, backlog and drop count;
+/// all [`ABSENT`] (logged) unless every one is found.
+fn listener_offsets_from(btf: &Btf) -> ListenerOffsets {
+    let small = |member: &str| {
+        btf.member_offset("sock", member).ok().and_then(|o| u16::try_from(o).ok()).filter(|&o| o != ABSENT)
+    };
+    // `sk_drops` is an atomic_t, whose one member `counter` is at its start.
+    match (small("sk_ack_backlog"), small("sk_max_ack_backlog"), small("sk_drops")) {
+        (Some(ack_backlog), Some(max_ack_backlog), Some(drops)) => {
+            ListenerOffsets { ack_backlog, max_ack_backlog, drops, _pad: 0 }
+        }
+        _ => {
+            warn!("the kernel's BTF does not show where a listener keeps its queue (struct sock: sk_ack_backlog, sk_max_ack_backlog, sk_drops); the tcptrace_listen_* metrics are not exported");
+            ListenerOffsets::UNKNOWN
+        }
+    }
 }
 
 fn offsets_from(btf: &Btf) -> SockOffsets {
@@ -262,6 +299,8 @@ pub struct Probe {
     pub programs: Vec<ProgramStatus>,
     /// What can be read of each namespace (the `net_read` program loaded).
     pub net: NetOffsets,
+    /// Whether listeners can be read (`listener_read`) and listed (`listeners`).
+    pub listeners: bool,
 }
 
 /// How to load the programs.
@@ -290,6 +329,9 @@ pub struct KernelCounters {
     /// The `net_read` program, when it loaded, and what it can read.
     net_read: Option<aya::programs::ProgramFd>,
     net: NetOffsets,
+    /// The `listener_read` program, when it loaded.
+    listener_read: Option<aya::programs::ProgramFd>,
+    resets: PerCpuArray<MapData, ResetCounts>,
     warned: std::sync::atomic::AtomicBool,
 }
 
@@ -333,7 +375,53 @@ impl KernelCounters {
                 }
             })
             .collect();
-        KernelTotals { lost, transitions, missed, ..KernelTotals::default() }
+        let resets = match self.resets.get(&0, 0) {
+            Ok(per_cpu) => {
+                let mut sum: Box<ResetCounts> = Box::new([0; 32]);
+                for cpu in per_cpu.iter() {
+                    sum.iter_mut().zip(cpu).for_each(|(total, n)| *total += n);
+                }
+                Some(sum)
+            }
+            Err(err) => {
+                warn!("reading the resets map failed: {err}");
+                None
+            }
+        };
+        KernelTotals { lost, transitions, missed, resets, ..KernelTotals::default() }
+    }
+
+    /// Each listener's queue, backlog, drop count and port, asked of the kernel now
+    /// (four BPF_PROG_TEST_RUNs of `listener_read`, a microsecond or two each); `None`
+    /// for one that is no longer a listener. Nothing when the program did not load.
+    pub fn listeners(&self, sockets: &[ListenerKey]) -> Vec<(ListenerKey, Option<ListenerFigures>)> {
+        let Some(fd) = &self.listener_read else { return Vec::new() };
+        let mut out = Vec::with_capacity(sockets.len());
+        for &key in sockets {
+            let read = |what| match test_run(fd, &[key.sk, u64::from(key.netns), what]) {
+                Ok(NET_GONE) => Ok(None),
+                Ok(n) => Ok(u32::try_from(n).ok()),
+                Err(err) => Err(err),
+            };
+            let figures = (|| {
+                Ok::<_, io::Error>(match (read(LISTENER_PORT)?, read(LISTENER_QUEUE)?, read(LISTENER_LIMIT)?, read(LISTENER_DROPS)?) {
+                    (Some(port), Some(queue), Some(limit), Some(drops)) => {
+                        Some(ListenerFigures { port: port as u16, queue, limit, drops })
+                    }
+                    _ => None,
+                })
+            })();
+            match figures {
+                Ok(f) => out.push((key, f)),
+                Err(err) => {
+                    if !self.warned.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                        warn!("reading listeners with BPF_PROG_TEST_RUN failed ({err}); the tcptrace_listen_* metrics stand still");
+                    }
+                    return Vec::new();
+                }
+            }
+        }
+        out
     }
 
     /// Each namespace's own time-wait count, asked of the kernel now (one
@@ -466,7 +554,9 @@ impl Probe {
         config.wakeup_bytes = wakeup_bytes;
         config.stream_all = u8::from(stream_all);
         config.stream_extra = stream_extra;
-        (config.sock, config.net) = offsets.unwrap_or((SockOffsets::UNKNOWN, NetOffsets::UNKNOWN));
+        if let Some(o) = offsets {
+            (config.sock, config.net, config.listener) = (o.sock, o.net, o.listener);
+        }
         let mode = match attach {
             AttachMode::Auto if config.sock.has_tuple() => AttachMode::Raw,
             AttachMode::Auto => AttachMode::Classic,
@@ -552,7 +642,45 @@ impl Probe {
         let netns = config.sock.net != ABSENT && config.sock.net_inum != ABSENT;
         let net_read = (config.net.time_wait() || config.net.port_range != ABSENT) && load_net_read(&mut ebpf);
         let net = if net_read { config.net } else { NetOffsets::UNKNOWN };
-        Ok(Self { ebpf, mode, btf: offsets.is_some(), netns, programs, net })
+        let listeners = netns && config.listener.known() && load_listener_programs(&mut ebpf, kernel_btf.as_ref());
+        Ok(Self { ebpf, mode, btf: offsets.is_some(), netns, programs, net, listeners })
+    }
+
+    /// The `struct sock *` of every listener of each namespace (by inode, with an
+    /// open descriptor of it), found with the `listeners` iterator: for each one a
+    /// thread enters the namespace (CAP_SYS_ADMIN, so only before the daemon drops
+    /// its capabilities) and opens the iterator there. A namespace that cannot be
+    /// entered or read is logged and left out; empty when the iterator did not load.
+    pub fn listeners_in(&mut self, namespaces: Vec<(u32, std::fs::File)>) -> Vec<(u32, u64)> {
+        let mut found = Vec::new();
+        if !self.listeners {
+            return found;
+        }
+        let Some(Program::Iter(iter)) = self.ebpf.program_mut(LISTENERS_ITER_PROGRAM) else { return found };
+        for (netns, ns) in namespaces {
+            // A link per namespace: the iterator's namespace is its reader's when it is opened.
+            let link = iter.attach().map_err(|e| e.to_string()).and_then(|id| iter.take_link(id).map_err(|e| e.to_string()));
+            let read = link.and_then(|link| {
+                std::thread::scope(|s| {
+                    s.spawn(move || -> std::result::Result<Vec<u8>, String> {
+                        crate::procnet::enter_netns_fd(&ns).map_err(|e| format!("entering it: {e}"))?;
+                        let mut file = link.into_file().map_err(|e| format!("opening the iterator: {e}"))?;
+                        let mut bytes = Vec::new();
+                        io::Read::read_to_end(&mut file, &mut bytes).map_err(|e| format!("reading the iterator: {e}"))?;
+                        Ok(bytes)
+                    })
+                    .join()
+                    .unwrap_or_else(|_| Err("the reading thread panicked".to_owned()))
+                })
+            });
+            match read {
+                Ok(bytes) => found.extend(
+                    bytes.chunks_exact(8).map(|c| (netns, u64::from_ne_bytes(c.try_into().unwrap_or_default()))),
+                ),
+                Err(err) => warn!("cannot list the listeners of network namespace {netns} ({err}); their queues are read once they next open"),
+            }
+        }
+        found
     }
 
     /// The ring buffer the programs write events to (can be taken once).
@@ -564,7 +692,7 @@ impl Probe {
     /// The kernel-side counters (can be taken once).
     pub fn take_counters(&mut self) -> Result<KernelCounters> {
         let mut take = |name: &str| self.ebpf.take_map(name).ok_or_else(|| Error::Object(format!("map {name}")));
-        let (lost, transitions) = (take(LOST_MAP)?, take(TRANSITIONS_MAP)?);
+        let (lost, transitions, resets) = (take(LOST_MAP)?, take(TRANSITIONS_MAP)?, take(RESETS_MAP)?);
         let mut programs = Vec::new();
         for (a, status) in ATTACHMENTS.iter().zip(&self.programs) {
             let name = if self.mode == AttachMode::Raw { a.raw } else { a.classic };
@@ -579,9 +707,16 @@ impl Probe {
             Some(p) => p.fd().ok().and_then(|fd| fd.try_clone().ok()),
             None => None,
         };
+        let listener_read = match self.ebpf.program(LISTENER_READ_PROGRAM).filter(|_| self.listeners) {
+            Some(p) => p.fd().ok().and_then(|fd| fd.try_clone().ok()),
+            None => None,
+        };
         Ok(KernelCounters {
             net_read,
             net: self.net,
+            listener_read,
+            resets: PerCpuArray::try_from(resets)
+                .map_err(|e| Error::Object(format!("per-CPU array {RESETS_MAP}: {e}")))?,
             warned: Default::default(),
             lost: PerCpuArray::try_from(lost).map_err(|e| Error::Object(format!("per-CPU array {LOST_MAP}: {e}")))?,
             transitions: PerCpuArray::try_from(transitions)
@@ -589,6 +724,34 @@ impl Probe {
             programs,
         })
     }
+}
+
+/// Loads (never attaches) the program that reads a listener's queue, and the iterator
+/// that lists the listeners of a namespace; false, with the reason logged, when this
+/// kernel refuses either.
+fn load_listener_programs(ebpf: &mut Ebpf, kernel_btf: Option<&aya::Btf>) -> bool {
+    let read = match ebpf.program_mut(LISTENER_READ_PROGRAM) {
+        Some(Program::RawTracePoint(p)) => p.load().map_err(|e| e.to_string()),
+        _ => Err(format!("no raw tracepoint program {LISTENER_READ_PROGRAM} in the object")),
+    };
+    // Classic mode did not parse the kernel's BTF yet; the iterator is typed by it.
+    let owned;
+    let btf = match kernel_btf {
+        Some(btf) => Ok(btf),
+        None => {
+            owned = aya::Btf::from_sys_fs().map_err(|e| format!("the kernel's BTF: {e}"));
+            owned.as_ref().map_err(Clone::clone)
+        }
+    };
+    let iter = read.and_then(|()| match (ebpf.program_mut(LISTENERS_ITER_PROGRAM), btf) {
+        (Some(Program::Iter(p)), Ok(btf)) => p.load("tcp", btf).map_err(|e| e.to_string()),
+        (_, Err(err)) => Err(err),
+        _ => Err(format!("no iterator program {LISTENERS_ITER_PROGRAM} in the object")),
+    });
+    if let Err(err) = &iter {
+        warn!("cannot read listeners' queues ({err}); the tcptrace_listen_* metrics are not exported");
+    }
+    iter.is_ok()
 }
 
 /// Loads (never attaches) the program that reads a namespace's time-wait count and
@@ -611,6 +774,7 @@ fn slot(config: &mut Config, record: Record) -> &mut RecordLayout {
         Record::RetransmitSkb => &mut config.retransmit_skb,
         Record::RetransmitSynack => &mut config.retransmit_synack,
         Record::ReceiveReset => &mut config.receive_reset,
+        Record::SendReset => &mut config.send_reset,
     }
 }
 

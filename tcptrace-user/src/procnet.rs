@@ -49,6 +49,10 @@ pub struct Seeds {
     pub states: StateCounts,
     /// Listening sockets: namespace (when tagged) and port.
     pub listeners: Vec<(u32, u16)>,
+    /// Each namespace with a listener, by inode, open (for the listener iterator,
+    /// which must be opened from inside it); closed once read, so no namespace is
+    /// kept alive.
+    pub listener_namespaces: Vec<(u32, fs::File)>,
     /// Other full sockets with their state number, when asked for (at most the cap).
     pub connections: Vec<(Tuple, u8)>,
     /// Connections left out because there were more than the cap.
@@ -94,6 +98,7 @@ pub fn time_wait_sockets(now_ns: u64, tag_netns: bool, cap: usize, connections: 
     let dir = fs::File::open("/proc/self")?;
     read_tables(&dir, "/proc/self", tag(own), now_ns, ns_per_tick, &mut out)?;
     out.seeds.namespaces += 1;
+    out.keep_listener_namespace(own, 0, || open_at(&dir, c"ns/net"));
 
     for (pid, dir) in processes() {
         let inode = match stat_at(&dir, c"ns/net") {
@@ -109,8 +114,12 @@ pub fn time_wait_sockets(now_ns: u64, tag_netns: bool, cap: usize, connections: 
         }
         // Relative to the open /proc/PID directory: if the process exits and its
         // pid is reused meanwhile, these fail rather than read another namespace.
+        let listeners = out.seeds.listeners.len();
         match read_tables(&dir, &format!("/proc/{pid}"), tag(inode), now_ns, ns_per_tick, &mut out) {
-            Ok(()) => out.seeds.namespaces += 1,
+            Ok(()) => {
+                out.seeds.namespaces += 1;
+                out.keep_listener_namespace(inode, listeners, || open_at(&dir, c"ns/net"));
+            }
             // The process exited: a later one in the same namespace may be read
             // instead (sockets read twice merge in the model).
             Err(err) if vanished(&err) => {
@@ -146,6 +155,9 @@ pub fn time_wait_sockets(now_ns: u64, tag_netns: bool, cap: usize, connections: 
         match read {
             Ok(seeds) => {
                 out.seeds.namespaces += 1;
+                if !seeds.listeners.is_empty() {
+                    out.keep_listener_namespace(inode, 0, || fs::File::open(&path));
+                }
                 out.seeds.dropped += seeds.dropped;
                 out.seeds.connections_dropped += seeds.connections_dropped;
                 seeds.sockets.into_iter().for_each(|s| out.push(s));
@@ -179,6 +191,17 @@ struct Collector {
 }
 
 impl Collector {
+    /// Keeps the namespace `inode` open for the listener iterator when reading its
+    /// tables found listeners (more than `before`).
+    fn keep_listener_namespace(&mut self, inode: u32, before: usize, open: impl FnOnce() -> io::Result<fs::File>) {
+        if self.seeds.listeners.len() > before {
+            match open() {
+                Ok(ns) => self.seeds.listener_namespaces.push((inode, ns)),
+                Err(err) => debug!("cannot open network namespace {inode} to list its listeners: {err}"),
+            }
+        }
+    }
+
     fn connection(&mut self, c: (Tuple, u8)) {
         if self.seeds.connections.len() < self.cap {
             self.seeds.connections.push(c);
@@ -288,9 +311,13 @@ fn stat_at(dir: &fs::File, file: &std::ffi::CStr) -> io::Result<u32> {
 
 /// Moves the calling thread (only it) into the network namespace at `path`.
 fn enter_netns(path: &Path) -> io::Result<()> {
-    let ns = fs::File::open(path)?;
-    // SAFETY: setns with a namespace descriptor we opened; it changes only the
-    // calling thread, which the caller spawned for this and ends afterwards.
+    enter_netns_fd(&fs::File::open(path)?)
+}
+
+/// Moves the calling thread (only it) into the network namespace `ns` is open on;
+/// the caller spawned that thread for this and ends it afterwards.
+pub fn enter_netns_fd(ns: &fs::File) -> io::Result<()> {
+    // SAFETY: setns with a namespace descriptor; it changes only the calling thread.
     if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
         return Err(io::Error::last_os_error());
     }

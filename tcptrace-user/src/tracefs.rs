@@ -141,12 +141,20 @@ pub enum Record {
     RetransmitSkb,
     RetransmitSynack,
     ReceiveReset,
+    SendReset,
 }
 
 impl Record {
     /// The fields this tracepoint's classic program reads, at this kernel's offsets.
     pub fn layout(self, format: &Format) -> Result<RecordLayout, FormatError> {
         let mut at = RecordLayout::ABSENT;
+        // Resets sent are only counted, by state: the one field read, with a helper
+        // (6.10 replaced its ports and addresses by two sockaddrs).
+        if self == Self::SendReset {
+            at.old_state = format.required("state", 4)?;
+            at.span = at.old_state + 4;
+            return Ok(at);
+        }
         at.skaddr = format.required("skaddr", 8)?;
         at.sport = format.required("sport", 2)?;
         at.dport = format.required("dport", 2)?;
@@ -160,7 +168,7 @@ impl Record {
                 at.protocol = format.required("protocol", 2)?;
             }
             Self::RetransmitSkb => at.old_state = format.required("state", 4)?,
-            Self::RetransmitSynack | Self::ReceiveReset => {}
+            Self::RetransmitSynack | Self::ReceiveReset | Self::SendReset => {}
         }
         // One read copies the record's first `span` bytes; the IPv6 addresses are
         // copied two bytes at a time (records only 2-align them).

@@ -17,7 +17,7 @@ use self::{
     expiring::ExpiringMap,
     services::{Destination, Services},
 };
-use crate::events::Family;
+use crate::{events::Family, listeners::ListenerKey};
 
 /// How long a time-wait socket lives: the kernel's TCP_TIMEWAIT_LEN (60 s), plus 1 s
 /// because the kernel's timer wheel fires a 60 s timer late, by up to 2 s at HZ=250
@@ -185,6 +185,12 @@ pub trait Sink {
     fn time_wait_overflow(&mut self, _family: Family) {}
     /// Entries dropped before their natural end.
     fn evicted(&mut self, _what: Eviction, _count: u64) {}
+    /// A socket began listening (CLOSE->LISTEN).
+    fn listener_opened(&mut self, _key: ListenerKey) {}
+    /// A listener closed (LISTEN->CLOSE).
+    fn listener_closed(&mut self, _key: ListenerKey) {}
+    /// A SYN-ACK retransmitted by the listener on local `port` of namespace `netns`.
+    fn listener_synack_retransmit(&mut self, _netns: u32, _port: u16) {}
 }
 
 /// Which table dropped an entry before its natural end, and why.
@@ -210,10 +216,12 @@ pub enum Eviction {
     /// (`--close-wait-ports`, `--destination-labels`) could not take: it is missing
     /// from them until it ends.
     ServicesCap = 6,
+    /// A listener the full listener table could not take: its queue is not read.
+    ListenerCap = 7,
 }
 
 impl Eviction {
-    pub const ALL: [Self; 7] = [
+    pub const ALL: [Self; 8] = [
         Self::HandshakeCap,
         Self::HandshakeTimeout,
         Self::HandshakeReplaced,
@@ -221,6 +229,7 @@ impl Eviction {
         Self::SynAckCap,
         Self::ResetCap,
         Self::ServicesCap,
+        Self::ListenerCap,
     ];
 
     /// The `table` and `reason` labels.
@@ -233,6 +242,7 @@ impl Eviction {
             Self::SynAckCap => ["synack", "cap"],
             Self::ResetCap => ["resets", "cap"],
             Self::ServicesCap => ["services", "cap"],
+            Self::ListenerCap => ["listeners", "cap"],
         }
     }
 }
@@ -538,6 +548,7 @@ impl Tracker {
                 let Some(family) = Family::from_raw(ev.family) else { return };
                 sink.synack_retransmit(family);
                 let tuple = Tuple::of(ev);
+                sink.listener_synack_retransmit(tuple.netns, tuple.sport);
                 match self.synack.get_mut(&tuple) {
                     Some(s) => s.retransmits += 1,
                     None => {
@@ -579,6 +590,8 @@ impl Tracker {
         let reset_received =
             new == TcpState::Close && !self.reset.is_empty() && self.reset.remove(&(ev.skaddr, tuple)).is_some();
         match (old, new) {
+            (TcpState::Close, TcpState::Listen) => sink.listener_opened(ListenerKey { netns: tuple.netns, sk: ev.skaddr }),
+            (TcpState::Listen, TcpState::Close) => sink.listener_closed(ListenerKey { netns: tuple.netns, sk: ev.skaddr }),
             (TcpState::Close, TcpState::SynSent) => {
                 let p = Pending { since_ns: ev.ts_ns, retransmits: 0, origin: Origin::of(ev), start: tuple };
                 // The same address again means the earlier socket's end was never seen.

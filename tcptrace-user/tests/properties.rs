@@ -264,8 +264,8 @@ fn limits() -> impl Strategy<Value = Limits> {
 fn metrics_config() -> impl Strategy<Value = MetricsConfig> {
     let ports = prop_oneof![Just(PortLabels::Off), Just(PortLabels::Top(2)), Just("80,40000".parse().unwrap())];
     let counts = (0usize..3, 0usize..3, 0usize..3, 0usize..3);
-    (ports, counts, prop::option::of(0u32..3)).prop_map(
-        |(ports, (comms, netns, close_wait_ports, destinations), host_netns)| MetricsConfig {
+    (ports, counts, prop::option::of(0u32..3), prop::option::of(1usize..3)).prop_map(
+        |(ports, (comms, netns, close_wait_ports, destinations), host_netns, listener_labels)| MetricsConfig {
             process: false,
             ports,
             comms,
@@ -273,6 +273,7 @@ fn metrics_config() -> impl Strategy<Value = MetricsConfig> {
             host_netns,
             close_wait_ports,
             destinations,
+            listener_labels,
         },
     )
 }

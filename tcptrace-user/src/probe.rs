@@ -404,12 +404,14 @@ impl KernelCounters {
                 Err(err) => Err(err),
             };
             let figures = (|| {
-                Ok::<_, io::Error>(match (read(LISTENER_PORT)?, read(LISTENER_QUEUE)?, read(LISTENER_LIMIT)?, read(LISTENER_DROPS)?) {
-                    (Some(port), Some(queue), Some(limit), Some(drops)) => {
-                        Some(ListenerFigures { port: port as u16, queue, limit, drops })
-                    }
-                    _ => None,
-                })
+                Ok::<_, io::Error>(
+                    match (read(LISTENER_PORT)?, read(LISTENER_QUEUE)?, read(LISTENER_LIMIT)?, read(LISTENER_DROPS)?) {
+                        (Some(port), Some(queue), Some(limit), Some(drops)) => {
+                            Some(ListenerFigures { port: port as u16, queue, limit, drops })
+                        }
+                        _ => None,
+                    },
+                )
             })();
             match figures {
                 Ok(f) => out.push((key, f)),
@@ -659,14 +661,16 @@ impl Probe {
         let Some(Program::Iter(iter)) = self.ebpf.program_mut(LISTENERS_ITER_PROGRAM) else { return found };
         for (netns, ns) in namespaces {
             // A link per namespace: the iterator's namespace is its reader's when it is opened.
-            let link = iter.attach().map_err(|e| e.to_string()).and_then(|id| iter.take_link(id).map_err(|e| e.to_string()));
+            let link =
+                iter.attach().map_err(|e| e.to_string()).and_then(|id| iter.take_link(id).map_err(|e| e.to_string()));
             let read = link.and_then(|link| {
                 std::thread::scope(|s| {
                     s.spawn(move || -> std::result::Result<Vec<u8>, String> {
                         crate::procnet::enter_netns_fd(&ns).map_err(|e| format!("entering it: {e}"))?;
                         let mut file = link.into_file().map_err(|e| format!("opening the iterator: {e}"))?;
                         let mut bytes = Vec::new();
-                        io::Read::read_to_end(&mut file, &mut bytes).map_err(|e| format!("reading the iterator: {e}"))?;
+                        io::Read::read_to_end(&mut file, &mut bytes)
+                            .map_err(|e| format!("reading the iterator: {e}"))?;
                         Ok(bytes)
                     })
                     .join()

@@ -590,8 +590,12 @@ impl Tracker {
         let reset_received =
             new == TcpState::Close && !self.reset.is_empty() && self.reset.remove(&(ev.skaddr, tuple)).is_some();
         match (old, new) {
-            (TcpState::Close, TcpState::Listen) => sink.listener_opened(ListenerKey { netns: tuple.netns, sk: ev.skaddr }),
-            (TcpState::Listen, TcpState::Close) => sink.listener_closed(ListenerKey { netns: tuple.netns, sk: ev.skaddr }),
+            (TcpState::Close, TcpState::Listen) => {
+                sink.listener_opened(ListenerKey { netns: tuple.netns, sk: ev.skaddr })
+            }
+            (TcpState::Listen, TcpState::Close) => {
+                sink.listener_closed(ListenerKey { netns: tuple.netns, sk: ev.skaddr })
+            }
             (TcpState::Close, TcpState::SynSent) => {
                 let p = Pending { since_ns: ev.ts_ns, retransmits: 0, origin: Origin::of(ev), start: tuple };
                 // The same address again means the earlier socket's end was never seen.

@@ -591,6 +591,15 @@ proptest! {
             // Namespaces' own counts and ranges, some gone: the purge path too.
             time_wait: readings.clone(),
             port_ranges: readings.iter().map(|&(ns, r)| (ns, r.map(|r| (r as u16, (r >> 16) as u16)))).collect(),
+            resets: Some(Box::new([3; 32])),
+            // Readings of listeners the pipeline may not know: ignored, or applied.
+            listeners: readings
+                .iter()
+                .map(|&(netns, r)| {
+                    let key = tcptrace_user::listeners::ListenerKey { netns, sk: u64::from(netns) << 8 };
+                    (key, r.map(|r| tcptrace_user::listeners::ListenerFigures { port: r as u16, queue: r, limit: r, drops: r }))
+                })
+                .collect(),
         };
         let mut refreshes = now.iter().cycle();
         for record in records {

@@ -13,11 +13,10 @@ use std::{
     io::Read,
     net::{Shutdown, TcpListener, TcpStream},
     process::Command,
-    sync::mpsc,
     time::{Duration, Instant},
 };
 
-use support::{deadline, host_sockstat_tw, kernel_socket_summary, require_root, scaled, wait_for, Daemon, Netns};
+use support::{deadline, host_sockstat_tw, kernel_socket_summary, require_root, scaled, wait_for, Daemon, Held, Netns};
 
 /// How long the daemon may take to show what the kernel shows (stretched in VMs).
 const AGREE: Duration = Duration::from_secs(10);
@@ -49,11 +48,7 @@ fn ss(ns: Option<&Netns>, filter: &[&str]) -> usize {
 
 /// One TcpExt counter of the namespace (its /proc/net/netstat).
 fn tcp_ext(ns: &Netns, field: &'static str) -> u64 {
-    let text = ns.run(|| std::fs::read_to_string("/proc/thread-self/net/netstat")).join().unwrap().unwrap();
-    let mut lines = text.lines().filter(|l| l.starts_with("TcpExt:"));
-    let (names, values) = (lines.next().unwrap(), lines.next().unwrap());
-    let at = names.split_whitespace().position(|n| n == field).unwrap_or_else(|| panic!("no TcpExt {field}"));
-    values.split_whitespace().nth(at).unwrap().parse().unwrap()
+    ns.mib("netstat", "TcpExt", field)
 }
 
 /// `n` connections to `127.0.0.1:port` from inside `ns`, each closed by the client
@@ -67,37 +62,6 @@ fn close_first_in(ns: &Netns, port: u16, n: usize) {
     })
     .join()
     .expect("connections in the namespace");
-}
-
-/// Connections made by `make` in a thread inside the namespace, kept open there
-/// until dropped (also when the test fails).
-struct Held {
-    done: Option<mpsc::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Held {
-    fn new(ns: &Netns, make: impl FnOnce() -> Vec<TcpStream> + Send + 'static) -> Self {
-        let (ready_tx, ready) = mpsc::channel();
-        let (done, done_rx) = mpsc::channel::<()>();
-        let thread = ns.run(move || {
-            let kept = make();
-            ready_tx.send(()).unwrap();
-            let _ = done_rx.recv_timeout(Duration::from_secs(300));
-            drop(kept);
-        });
-        ready.recv_timeout(deadline(AGREE)).expect("the workload's connections");
-        Self { done: Some(done), thread: Some(thread) }
-    }
-}
-
-impl Drop for Held {
-    fn drop(&mut self) {
-        drop(self.done.take());
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
 }
 
 #[test]

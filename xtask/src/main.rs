@@ -316,6 +316,8 @@ fn root_test_binaries() -> Result<Vec<PathBuf>> {
         "resilience",
         "--test",
         "sockets",
+        "--test",
+        "listeners",
     ])
 }
 

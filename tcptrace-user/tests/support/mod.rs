@@ -7,7 +7,7 @@ use std::{
     io::{BufRead, BufReader, Read, Write},
     net::{SocketAddr, TcpStream},
     process::{Child, ChildStdout, Command, ExitStatus, Stdio},
-    sync::{Arc, Mutex},
+    sync::{mpsc, Arc, Mutex},
     thread,
     time::{Duration, Instant},
 };
@@ -488,6 +488,21 @@ pub fn unique(prefix: &str) -> String {
     format!("{prefix}{}x{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
 }
 
+/// One counter of a /proc/net/netstat or snmp text: the line after `group:`'s names.
+pub fn mib_of(text: &str, group: &str, field: &str) -> u64 {
+    let prefix = format!("{group}:");
+    let mut lines = text.lines().filter(|l| l.starts_with(&prefix));
+    let (names, values) = (lines.next().expect("the group's names"), lines.next().expect("the group's values"));
+    let at = names.split_whitespace().position(|n| n == field).unwrap_or_else(|| panic!("no {group} {field}"));
+    values.split_whitespace().nth(at).unwrap().parse().unwrap()
+}
+
+/// One counter of the test's own namespace (`/proc/net/<file>`), as [`Netns::mib`].
+pub fn host_mib(file: &str, group: &str, field: &str) -> u64 {
+    let text = std::fs::read_to_string(format!("/proc/self/net/{file}")).expect("read /proc/self/net");
+    mib_of(&text, group, field)
+}
+
 /// A network namespace with loopback up, deleted on drop (also on panic).
 pub struct Netns {
     pub name: String,
@@ -520,6 +535,13 @@ impl Netns {
         let text =
             self.run(|| std::fs::read_to_string("/proc/thread-self/net/sockstat")).join().expect("reader thread");
         sockstat_tw(&text.expect("read the namespace's sockstat"))
+    }
+
+    /// One counter of the namespace's `/proc/net/<file>` (`netstat`, `snmp`): `group`
+    /// (`TcpExt`, `Tcp`) and field, as nstat names them without the group.
+    pub fn mib(&self, file: &'static str, group: &'static str, field: &'static str) -> u64 {
+        let text = self.run(move || std::fs::read_to_string(format!("/proc/thread-self/net/{file}"))).join().unwrap();
+        mib_of(&text.unwrap_or_else(|e| panic!("reading the namespace's {file}: {e}")), group, field)
     }
 
     /// A process that lives in the namespace until dropped, as a container's would.
@@ -556,6 +578,37 @@ impl Netns {
 impl Drop for Netns {
     fn drop(&mut self) {
         let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+    }
+}
+
+/// Connections made by `make` in a thread inside the namespace, kept open there
+/// until dropped (also when the test fails).
+pub struct Held {
+    done: Option<mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Held {
+    pub fn new<T: Send + 'static>(ns: &Netns, make: impl FnOnce() -> T + Send + 'static) -> Self {
+        let (ready_tx, ready) = mpsc::channel();
+        let (done, done_rx) = mpsc::channel::<()>();
+        let thread = ns.run(move || {
+            let kept = make();
+            ready_tx.send(()).unwrap();
+            let _ = done_rx.recv_timeout(Duration::from_secs(300));
+            drop(kept);
+        });
+        ready.recv_timeout(deadline(Duration::from_secs(10))).expect("the workload's connections");
+        Self { done: Some(done), thread: Some(thread) }
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        drop(self.done.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }
 

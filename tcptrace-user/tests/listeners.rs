@@ -1,0 +1,180 @@
+//! Root tests of the server side, each against the kernel's own figures in a network
+//! namespace the test made: a listener whose accept queue overflows (`ss -ltn`'s
+//! Recv-Q/Send-Q, `ss -ltm`'s drop count, TcpExt ListenOverflows), also when it is
+//! older than the daemon, and resets in both directions (Tcp OutRsts, and the resets
+//! the test provoked).
+//!
+//! `#[ignore]`d for plain `cargo test`; `cargo xtask test` runs them as root, here and
+//! in the kernel VMs.
+
+mod support;
+
+use std::{
+    net::{SocketAddr, TcpListener, TcpStream},
+    process::Command,
+    time::Duration,
+};
+
+use socket2::{Domain, Socket, Type};
+use support::{deadline, host_mib, require_root, scaled, wait_for, Daemon, Held, Netns};
+
+/// How long the daemon may take to show what the kernel shows (stretched in VMs).
+const AGREE: Duration = Duration::from_secs(10);
+
+/// What `ss -ltnm` says of the listener on `port` in `ns`: Recv-Q (the accept
+/// queue now), Send-Q (the backlog) and the `d` of its skmem (its drop count).
+fn ss_listener(ns: &Netns, port: u16) -> (u64, u64, u64) {
+    let out = Command::new("ip")
+        .args(["netns", "exec", &ns.name, "ss", "-Hltnm", "sport", "=", &format!(":{port}")])
+        .output()
+        .expect("run ss");
+    assert!(out.status.success(), "ss failed: {}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let words: Vec<&str> = text.split_whitespace().collect();
+    let number = |i: usize| words.get(i).and_then(|w| w.parse().ok()).unwrap_or_else(|| panic!("ss said: {text}"));
+    let drops = text
+        .split(['(', ')', ','])
+        .find_map(|f| f.strip_prefix('d').and_then(|d| d.parse().ok()))
+        .unwrap_or_else(|| panic!("no drop count in: {text}"));
+    (number(1), number(2), drops)
+}
+
+/// tcptrace's figures for a listening port: queue, limit, overflows.
+fn ours(s: &support::Scrape, port: u16) -> (f64, f64, f64) {
+    let port = port.to_string();
+    let label = [("port", port.as_str())];
+    (
+        s.sum("tcptrace_listen_queue_length", &label),
+        s.sum("tcptrace_listen_queue_limit", &label),
+        s.sum("tcptrace_listen_overflows_total", &label),
+    )
+}
+
+/// In `ns`: a listener on `port` with a backlog of 2 that never accepts, 3 clients
+/// that fill its queue (it is full above the backlog), then `dropped` connects whose
+/// SYNs it drops, closed at once so that they retransmit nothing. Kept until dropped.
+fn overflow(ns: &Netns, port: u16, dropped: usize) -> Held {
+    Held::new(ns, move || {
+        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+        let listener = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+        listener.set_reuse_address(true).unwrap();
+        listener.bind(&addr.into()).unwrap();
+        listener.listen(2).unwrap();
+        let queued: Vec<TcpStream> = (0..3).map(|_| TcpStream::connect(addr).expect("a queued client")).collect();
+        for _ in 0..dropped {
+            let client = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+            client.set_nonblocking(true).unwrap();
+            // EINPROGRESS: the SYN is out, and on loopback already dropped.
+            let _ = client.connect(&addr.into());
+        }
+        (listener, queued)
+    })
+}
+
+#[test]
+#[ignore = "needs root and the real kernel: run `cargo xtask test`"]
+fn an_overflowing_accept_queue_is_the_listeners_own_drop_count_also_after_a_restart() {
+    require_root();
+    let daemon = Daemon::start(&[]);
+    let ns = Netns::new();
+    let port = 7300;
+    let dropped = scaled(20, 8);
+    let before = ns.mib("netstat", "TcpExt", "ListenOverflows");
+    let held = overflow(&ns, port, dropped);
+    let mut last = ((0.0, 0.0, 0.0), (0, 0, 0), 0);
+    let agree = wait_for(deadline(AGREE), || {
+        let s = daemon.scrape();
+        last = (ours(&s, port), ss_listener(&ns, port), ns.mib("netstat", "TcpExt", "ListenOverflows") - before);
+        let ((queue, limit, overflows), (recv_q, send_q, drops), listen_overflows) = last;
+        (queue, limit, overflows) == (recv_q as f64, send_q as f64, drops as f64) && drops == listen_overflows
+    });
+    let ((queue, limit, overflows), (recv_q, send_q, drops), listen_overflows) = last;
+    eprintln!(
+        "{dropped} SYNs dropped: tcptrace queue {queue}/{limit}, overflows {overflows}; ss -ltn {recv_q}/{send_q}, \
+         ss -ltm d {drops}; ListenOverflows {listen_overflows}"
+    );
+    assert!(
+        agree,
+        "tcptrace (queue {queue}, limit {limit}, overflows {overflows}) != ss (Recv-Q {recv_q}, Send-Q {send_q}, d \
+         {drops}) or ListenOverflows {listen_overflows}"
+    );
+    assert!(drops >= dropped as u64 && (recv_q, send_q) == (3, 2), "the overflow did not happen as planned");
+
+    // A daemon started now finds the listener in its namespace and counts every drop
+    // the kernel counted for it, from its first scrape on.
+    drop(daemon);
+    let restarted = Daemon::start(&[]);
+    let mut again = ((0.0, 0.0, 0.0), (0, 0, 0));
+    let found = wait_for(deadline(AGREE), || {
+        again = (ours(&restarted.scrape(), port), ss_listener(&ns, port));
+        let ((queue, limit, overflows), (recv_q, send_q, drops)) = again;
+        (queue, limit, overflows) == (recv_q as f64, send_q as f64, drops as f64)
+    });
+    eprintln!("after a restart: tcptrace {:?}, ss {:?}", again.0, again.1);
+    assert!(found, "a listener older than the daemon: tcptrace {:?} != ss {:?}", again.0, again.1);
+    drop(held);
+}
+
+#[test]
+#[ignore = "needs root and the real kernel: run `cargo xtask test`"]
+fn resets_sent_and_received_equal_the_kernels_counts() {
+    require_root();
+    let daemon = Daemon::start(&[]);
+    let ns = Netns::new();
+    let (aborted, refused) = (scaled(20, 8), scaled(10, 4));
+    let resets = |s: &support::Scrape, direction: &str, state: &str| {
+        s.get("tcptrace_resets_total", &[("direction", direction), ("state", state)])
+    };
+    let sent = |s: &support::Scrape| s.sum("tcptrace_resets_total", &[("direction", "sent")]);
+    let out_rsts = || ns.mib("snmp", "Tcp", "OutRsts") + host_mib("snmp", "Tcp", "OutRsts");
+    let before = (daemon.scrape(), out_rsts());
+    ns.run(move || {
+        let listener = TcpListener::bind("127.0.0.1:7400").unwrap();
+        for _ in 0..aborted {
+            // A close with SO_LINGER 0 aborts: a reset sent, and received by the server.
+            let client = Socket::from(TcpStream::connect("127.0.0.1:7400").unwrap());
+            let (server, _) = listener.accept().unwrap();
+            client.set_linger(Some(Duration::ZERO)).unwrap();
+            drop(client);
+            server.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            let _ = std::io::Read::read(&mut &server, &mut [0; 1]);
+        }
+        // A connect to a port nobody listens on: a reset for a segment no socket
+        // took, received by the client in SYN_SENT.
+        for _ in 0..refused {
+            assert!(TcpStream::connect("127.0.0.1:7401").is_err(), "nobody listens on 7401");
+        }
+    })
+    .join()
+    .expect("resets in the namespace");
+    let kernel_sent = out_rsts() - before.1;
+    // Before 6.10 the kernel fires tcp_send_reset only for full sockets, so the
+    // resets for a closed port are not seen; from 6.10 on every reset is.
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    let mut numbers = release.split(|c: char| !c.is_ascii_digit()).filter_map(|n| n.parse::<u32>().ok());
+    let every_reset = (numbers.next().unwrap_or(0), numbers.next().unwrap_or(0)) >= (6, 10);
+    let expected_sent = if every_reset { kernel_sent } else { kernel_sent - refused as u64 };
+    let mut last = (0.0, 0.0, 0.0);
+    let agree = wait_for(deadline(AGREE), || {
+        let s = daemon.scrape();
+        last = (
+            sent(&s) - sent(&before.0),
+            resets(&s, "received", "established") - resets(&before.0, "received", "established"),
+            resets(&s, "received", "syn_sent") - resets(&before.0, "received", "syn_sent"),
+        );
+        last == (expected_sent as f64, aborted as f64, refused as f64)
+    });
+    eprintln!(
+        "{aborted} aborted, {refused} refused: tcptrace sent {}, received in established {}, in syn_sent {}; OutRsts \
+         {kernel_sent} ({}: expected {expected_sent})",
+        last.0,
+        last.1,
+        last.2,
+        if every_reset { "every reset traced" } else { "resets without a socket are not traced before 6.10" }
+    );
+    assert!(
+        agree,
+        "resets sent {} != {expected_sent} (OutRsts {kernel_sent}), or received {}/{} != {aborted}/{refused}",
+        last.0, last.1, last.2
+    );
+}

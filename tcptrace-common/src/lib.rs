@@ -53,6 +53,19 @@ pub const LISTENER_LIMIT: u64 = 1;
 pub const LISTENER_DROPS: u64 = 2;
 /// [`LISTENER_READ_PROGRAM`]: the listening port.
 pub const LISTENER_PORT: u64 = 3;
+/// [`LISTENER_READ_PROGRAM`]: a counter of the listener's namespace, its
+/// `net->mib.net_statistics` (TcpExt) summed over CPUs, below 2^31 (it wraps there);
+/// more args: the counter's index, 0, and the number of possible CPUs (at most
+/// [`MAX_CPUS`]), whose offsets [`CPU_OFFSET_PROGRAM`] found.
+pub const LISTENER_NET_MIB: u64 = 4;
+/// Name of the raw tracepoint program run once on each CPU at start (never
+/// attached): args the CPU's number and the offset of `pptrs` in `struct bpf_array`;
+/// it stores that CPU's per-CPU offset for [`LISTENER_NET_MIB`].
+pub const CPU_OFFSET_PROGRAM: &str = "cpu_offset";
+/// Arguments every test run of [`LISTENER_READ_PROGRAM`] passes.
+pub const LISTENER_READ_ARGS: usize = 6;
+/// Most CPUs [`LISTENER_NET_MIB`] sums over.
+pub const MAX_CPUS: u64 = 1024;
 /// Name of the BPF iterator program (`iter/tcp`) that writes the `struct sock *` of
 /// every listening socket of the namespace its reader opened it in, 8 bytes each:
 /// how the daemon finds the listeners that existed before it started.
@@ -279,18 +292,20 @@ pub struct Config {
 
 /// Where a listening socket keeps its queue, backlog and drop count in `struct
 /// sock`, from the kernel's BTF (`sk_ack_backlog`, `sk_max_ack_backlog`, both u32
-/// since 5.5; `sk_drops`, an `atomic_t`); [`ABSENT`] when unknown.
+/// since 5.5; `sk_drops`, an `atomic_t`), and its namespace its TcpExt counters
+/// (`net->mib.net_statistics`, a per-CPU pointer); [`ABSENT`] when unknown.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ListenerOffsets {
     pub ack_backlog: u16,
     pub max_ack_backlog: u16,
     pub drops: u16,
-    pub _pad: u16,
+    pub net_statistics: u16,
 }
 
 impl ListenerOffsets {
-    pub const UNKNOWN: Self = Self { ack_backlog: ABSENT, max_ack_backlog: ABSENT, drops: ABSENT, _pad: 0 };
+    pub const UNKNOWN: Self =
+        Self { ack_backlog: ABSENT, max_ack_backlog: ABSENT, drops: ABSENT, net_statistics: ABSENT };
 
     /// Whether every figure can be read.
     pub const fn known(&self) -> bool {

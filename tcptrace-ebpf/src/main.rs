@@ -21,15 +21,15 @@ use aya_ebpf::{
         bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel, generated,
     },
     macros::{btf_tracepoint, map, tracepoint},
-    maps::{PerCpuArray, RingBuf},
+    maps::{Array, PerCpuArray, RingBuf},
     programs::{BtfTracePointContext, TracePointContext},
     EbpfContext as _,
 };
 use tcptrace_common::{
     extra_pairs, family_slot, pairs, reset_slot, transition_slot, Config, Event, EventKind, ResetCounts, TcpState,
     TransitionCounts, ABSENT, AF_INET, AF_INET6, DEFAULT_RING_BYTES, FAMILY_SLOTS, IPPROTO_TCP, LISTENER_DROPS,
-    LISTENER_LIMIT, LISTENER_PORT, LISTENER_QUEUE, NET_GONE, NET_READ_PORT_HIGH, NET_READ_PORT_LOW, NET_READ_TIME_WAIT,
-    SK_ERR_UNKNOWN, SPAN_MAX, TW_UNKNOWN,
+    LISTENER_LIMIT, LISTENER_NET_MIB, LISTENER_PORT, LISTENER_QUEUE, MAX_CPUS, NET_GONE, NET_READ_PORT_HIGH,
+    NET_READ_PORT_LOW, NET_READ_TIME_WAIT, SK_ERR_UNKNOWN, SPAN_MAX, TW_UNKNOWN,
 };
 
 /// Set by the loader (see [`Config`]); read field by field with [`cfg!`].
@@ -66,6 +66,16 @@ static TRANSITIONS: PerCpuArray<TransitionCounts> = PerCpuArray::with_max_entrie
 /// a storm of them must cost no ring buffer space.
 #[map]
 static RESETS: PerCpuArray<ResetCounts> = PerCpuArray::with_max_entries(1, 0);
+
+/// One slot per CPU, whose address on each CPU tells [`cpu_offset`] that CPU's
+/// per-CPU offset.
+#[map]
+static CPU_PROBE: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// Each CPU's per-CPU offset (what the kernel's `__per_cpu_offset` holds), written by
+/// [`cpu_offset`]; 0 for a CPU it never ran on.
+#[map]
+static CPU_OFFSETS: Array<u64> = Array::with_max_entries(MAX_CPUS as u32, 0);
 
 /// Userspace resizes this at load time (`--ring-buffer-size`).
 #[map]
@@ -338,7 +348,7 @@ pub extern "C" fn net_read(ctx: *mut core::ffi::c_void) -> i32 {
 #[unsafe(link_section = "raw_tp/listener_read")]
 pub extern "C" fn listener_read(ctx: *mut core::ffi::c_void) -> i32 {
     let args = ctx as *const u64;
-    // SAFETY: test runs pass three u64 arguments (the daemon always does).
+    // SAFETY: test runs pass `LISTENER_READ_ARGS` u64 arguments (the daemon always does).
     let (sk, inum, what) = unsafe { (*args, *args.add(1) as u32, *args.add(2)) };
     if read::<u8>(sk, cfg!(sock.state)) != Some(TcpState::Listen as u8) {
         return NET_GONE;
@@ -353,10 +363,70 @@ pub extern "C" fn listener_read(ctx: *mut core::ffi::c_void) -> i32 {
         // A count that wraps as the kernel's does, kept in 31 bits.
         LISTENER_DROPS => read::<u32>(sk, cfg!(listener.drops)).map(|d| d & i32::MAX as u32),
         LISTENER_PORT => read::<u16>(sk, cfg!(sock.num)).map(u32::from),
+        // SAFETY: as above, three more arguments.
+        LISTENER_NET_MIB => unsafe { net_mib(net, *args.add(3), *args.add(5)) }.map(|v| (v & i32::MAX as u64) as u32),
         _ => None,
     };
     match value {
         Some(v) if v <= i32::MAX as u32 => v as i32,
+        _ => NET_GONE,
+    }
+}
+
+/// Counter `index` of the namespace's TcpExt MIB (`net->mib.net_statistics`, one
+/// copy per CPU), summed over the first `ncpus` CPUs: each CPU's copy is at the
+/// per-CPU pointer plus that CPU's offset, from [`CPU_OFFSETS`].
+#[inline(always)]
+fn net_mib(net: u64, index: u64, ncpus: u64) -> Option<u64> {
+    let stats = read::<u64>(net, cfg!(listener.net_statistics))?;
+    if stats == 0 || index >= 1024 {
+        return None;
+    }
+    let mut sum = 0u64;
+    for cpu in 0..MAX_CPUS {
+        if cpu >= ncpus {
+            break;
+        }
+        let offset = CPU_OFFSETS.get(cpu as u32).copied().unwrap_or(0);
+        if offset != 0 {
+            sum = sum.wrapping_add(read::<u64>(stats.wrapping_add(offset) + 8 * index, 0).unwrap_or(0));
+        }
+    }
+    Some(sum)
+}
+
+/// A kernel address as a plain number: copied out of a stack slot by a helper, so
+/// the verifier sees a scalar it may do arithmetic with (a pointer it would not).
+#[inline(always)]
+fn address<T>(ptr: *const T) -> Option<u64> {
+    let slot = ptr as u64;
+    // SAFETY: reads 8 bytes of a local.
+    unsafe { bpf_probe_read_kernel(&raw const slot) }.ok()
+}
+
+/// Never attached: run once on each CPU (BPF_F_TEST_RUN_ON_CPU) with that CPU's
+/// number and the offset of `pptrs` in `struct bpf_array` (from BTF). This CPU's copy
+/// of [`CPU_PROBE`] lies at the map's per-CPU pointer plus this CPU's offset: the
+/// difference is stored in [`CPU_OFFSETS`], for [`net_mib`]. (The kernel's own
+/// `__per_cpu_offset` is not in every kernel's /proc/kallsyms, and never in BTF.)
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "raw_tp/cpu_offset")]
+pub extern "C" fn cpu_offset(ctx: *mut core::ffi::c_void) -> i32 {
+    let args = ctx as *const u64;
+    // SAFETY: test runs pass two u64 arguments (the daemon always does).
+    let (cpu, pptrs) = unsafe { (*args as u32, *args.add(1)) };
+    let (Some(here), Some(map)) = (CPU_PROBE.get_ptr_mut(0), address(&raw const CPU_PROBE)) else {
+        return NET_GONE;
+    };
+    let (Some(here), Some(base)) = (address(here), read::<u64>(map.wrapping_add(pptrs), 0)) else {
+        return NET_GONE;
+    };
+    match CPU_OFFSETS.get_ptr_mut(cpu) {
+        Some(slot) if base != 0 => {
+            // SAFETY: a slot of an array map, only written here.
+            unsafe { *slot = here.wrapping_sub(base) };
+            0
+        }
         _ => NET_GONE,
     }
 }

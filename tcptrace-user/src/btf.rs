@@ -178,6 +178,18 @@ impl Btf {
         Ok(self.resolve(ty).map(Type::kind))
     }
 
+    /// The value of the enumerator `name` (in any enum, as C scopes them): where a
+    /// kernel counter sits in its MIB array, e.g. `LINUX_MIB_SYNCOOKIESSENT`.
+    pub fn enum_value(&self, name: &str) -> Option<u32> {
+        self.types.iter().filter(|t| t.kind() == KIND_ENUM).find_map(|t| {
+            (0..t.vlen()).find_map(|i| {
+                let e = self.types_raw.get(t.extra + 8 * i..t.extra + 8 * i + 8)?;
+                let word = |k: usize| u32::from_le_bytes([e[k], e[k + 1], e[k + 2], e[k + 3]]);
+                (self.name(word(0)) == name.as_bytes()).then(|| word(4))
+            })
+        })
+    }
+
     /// Byte offset and type id of `member`.
     fn member(&self, name: &str, member: &str) -> Result<(u32, u32), BtfError> {
         let st = self

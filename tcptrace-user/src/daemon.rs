@@ -177,6 +177,7 @@ impl State {
         totals.time_wait = self.counters.time_wait(&self.pipeline.time_wait_namespaces());
         totals.port_ranges = self.counters.port_ranges(&self.pipeline.destination_namespaces());
         totals.listeners = self.counters.listeners(&self.pipeline.listener_sockets());
+        totals.namespace_counters = self.counters.namespace_counters(&self.pipeline.listener_namespaces());
         self.pipeline.refresh(monotonic_ns(), &totals);
     }
 }
@@ -263,6 +264,7 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
             close_wait_ports,
             destinations,
             listener_labels: probe.listeners.then_some(usize::from(args.listener_labels)),
+            namespace_counters: counters.reads_namespace_counters(),
         })?,
     );
     let programs: Vec<_> = probe.programs.iter().map(|p| (p.tracepoint, p.attached)).collect();

@@ -98,6 +98,9 @@ pub struct KernelTotals {
     pub resets: Option<Box<tcptrace_common::ResetCounts>>,
     /// Listeners' figures read just now (`None`: no longer a listener).
     pub listeners: Vec<(crate::listeners::ListenerKey, Option<crate::listeners::ListenerFigures>)>,
+    /// SyncookiesSent and TCPReqQFullDrop of each namespace with a listener, read
+    /// through one of its listeners (31 bits).
+    pub namespace_counters: Vec<(crate::listeners::ListenerKey, Option<[u32; 2]>)>,
 }
 
 #[cfg(test)]

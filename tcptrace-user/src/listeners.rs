@@ -54,11 +54,14 @@ struct Last {
 pub struct Listeners {
     known: HashMap<ListenerKey, Option<Last>>,
     cap: usize,
+    /// Each namespace's SyncookiesSent and TCPReqQFullDrop at the last reading, in
+    /// the 31 bits the kernel side returns.
+    namespaces: HashMap<u32, [u32; 2]>,
 }
 
 impl Listeners {
     pub fn new(cap: usize) -> Self {
-        Self { known: HashMap::new(), cap: cap.max(1) }
+        Self { known: HashMap::new(), cap: cap.max(1), namespaces: HashMap::new() }
     }
 
     /// A listener opened (or found at start). False when the table is full and it
@@ -90,6 +93,35 @@ impl Listeners {
     /// The listeners to read at this refresh.
     pub fn sockets(&self) -> Vec<ListenerKey> {
         self.known.keys().copied().collect()
+    }
+
+    /// One listener of each namespace that has one: its namespace's counters are
+    /// read through it.
+    pub fn namespaces(&self) -> Vec<ListenerKey> {
+        let mut one: HashMap<u32, ListenerKey> = HashMap::new();
+        for key in self.known.keys() {
+            one.entry(key.netns).or_insert(*key);
+        }
+        one.into_values().collect()
+    }
+
+    /// Applies readings of namespaces' SYN cookies sent and SYN-queue drops: the
+    /// increase of each since its last reading (all of it at the first), summed.
+    /// The counts wrap at 2^31; a refresh every second cannot miss a whole turn.
+    pub fn apply_namespaces(&mut self, readings: &[(ListenerKey, Option<[u32; 2]>)]) -> [u64; 2] {
+        let mut new = [0u64; 2];
+        for (key, now) in readings {
+            let Some(now) = now else { continue };
+            let last = self.namespaces.insert(key.netns, *now);
+            for (i, total) in new.iter_mut().enumerate() {
+                let before = last.map_or(0, |l| l[i]);
+                *total += u64::from(now[i].wrapping_sub(before) & i32::MAX as u32);
+            }
+        }
+        // Namespaces without a listener left are not read again.
+        let listening: std::collections::HashSet<u32> = self.known.keys().map(|k| k.netns).collect();
+        self.namespaces.retain(|netns, _| listening.contains(netns));
+        new
     }
 
     /// Applies the readings of [`Self::sockets`]: forgets the sockets that are no
@@ -157,6 +189,20 @@ mod tests {
         // A socket reused at A's address for another port: its drops are its own.
         let third = l.apply(&[(A, fig(81, 0, 5, 2))]);
         assert_eq!(third, [PortFigures { netns: 1, port: 81, queue: 0, limit: 5, new_drops: 2 }]);
+    }
+
+    #[test]
+    fn namespace_counters_advance_by_their_increase_across_the_wrap() {
+        let mut l = Listeners::new(10);
+        assert!(l.opened(A) && l.opened(B) && l.opened(C));
+        let mut one = l.namespaces();
+        one.sort_unstable_by_key(|k| k.netns);
+        assert_eq!(one.len(), 2, "one listener per namespace: {one:?}");
+        assert_eq!(l.apply_namespaces(&[(A, Some([5, 1])), (C, Some([2, 0]))]), [7, 1], "all of it at first");
+        assert_eq!(l.apply_namespaces(&[(A, Some([9, 1])), (C, None)]), [4, 0]);
+        let top = i32::MAX as u32;
+        assert_eq!(l.apply_namespaces(&[(A, Some([top, 1]))]), [u64::from(top) - 9, 0]);
+        assert_eq!(l.apply_namespaces(&[(A, Some([3, 1]))]), [4, 0], "past the wrap");
     }
 
     #[test]

@@ -64,6 +64,9 @@ pub struct MetricsConfig {
     /// How many listening ports get their own listener series; `None` when the
     /// kernel's listeners cannot be read (the metrics are then left out).
     pub listener_labels: Option<usize>,
+    /// Whether namespaces' SYN cookie counters can be read (the metrics are left out
+    /// otherwise).
+    pub namespace_counters: bool,
 }
 
 /// A namespace's `netns` label wherever one is named: `host` for the daemon's own,
@@ -166,6 +169,8 @@ pub struct Metrics {
     kernel_btf: IntGauge,
     listeners: Option<listeners::ListenerMetrics>,
     resets: listeners::ResetMetrics,
+    /// SYN cookies sent, SYN-queue drops, summed over namespaces.
+    namespace_counters: Option<[IntCounter; 2]>,
 }
 
 impl Metrics {
@@ -301,6 +306,19 @@ impl Metrics {
             let c = IntCounter::new(name, help)?;
             registry.register(Box::new(c.clone()))?;
             Ok(c)
+        };
+        let namespace_counters = match config.namespace_counters {
+            true => Some([
+                counter(
+                    "tcptrace_syncookies_sent_total",
+                    "SYN cookies sent, in every network namespace with a listener: SYN-ACKs answering SYNs the                      SYN queue had no room for, or all of them with net.ipv4.tcp_syncookies=2 (each namespace's                      TcpExt SyncookiesSent).",
+                )?,
+                counter(
+                    "tcptrace_syn_queue_drops_total",
+                    "SYNs dropped because a listener's SYN queue was full and SYN cookies were off, in every                      network namespace with a listener (each namespace's TcpExt TCPReqQFullDrop).",
+                )?,
+            ]),
+            false => None,
         };
         let events = counter("tcptrace_events_total", "Events read from the kernel ring buffer.")?;
         let events_lost = counter(
@@ -470,6 +488,7 @@ impl Metrics {
             kernel_btf,
             listeners,
             resets,
+            namespace_counters,
             registry,
         };
         metrics.create_other_series();
@@ -586,6 +605,14 @@ impl Metrics {
     pub fn set_listeners(&mut self, ports: &[crate::listeners::PortFigures]) {
         if let Some(l) = &mut self.listeners {
             l.update(ports);
+        }
+    }
+
+    /// SYN cookies sent and SYN-queue drops since the last refresh.
+    pub fn namespace_counters(&mut self, cookies: u64, syn_queue_drops: u64) {
+        if let Some([c, d]) = &self.namespace_counters {
+            c.inc_by(cookies);
+            d.inc_by(syn_queue_drops);
         }
     }
 

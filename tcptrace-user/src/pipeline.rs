@@ -112,6 +112,8 @@ impl Pipeline {
         self.metrics.set_missed(&kernel.missed);
         let ports = self.listeners.apply(&kernel.listeners);
         self.metrics.set_listeners(&ports);
+        let [cookies, syn_queue_drops] = self.listeners.apply_namespaces(&kernel.namespace_counters);
+        self.metrics.namespace_counters(cookies, syn_queue_drops);
         if let Some(resets) = &kernel.resets {
             self.metrics.set_resets(resets);
         }
@@ -143,6 +145,11 @@ impl Pipeline {
     /// The listeners whose queues the next refresh reads.
     pub fn listener_sockets(&self) -> Vec<ListenerKey> {
         self.listeners.sockets()
+    }
+
+    /// One listener per namespace that has one, to read its namespace's counters.
+    pub fn listener_namespaces(&self) -> Vec<ListenerKey> {
+        self.listeners.namespaces()
     }
 
     /// Adds the listeners that existed before the daemon started.

@@ -14,9 +14,10 @@ use aya::{
 use log::{debug, info, warn};
 use tcptrace_common::{
     Config, ListenerOffsets, NetOffsets, RecordLayout, ResetCounts, SockOffsets, TransitionCounts, ABSENT,
-    CONFIG_GLOBAL, EVENTS_MAP, FAMILY_SLOTS, LISTENERS_ITER_PROGRAM, LISTENER_DROPS, LISTENER_LIMIT, LISTENER_PORT,
-    LISTENER_QUEUE, LISTENER_READ_PROGRAM, LOST_MAP, NET_GONE, NET_READ_PORT_HIGH, NET_READ_PORT_LOW, NET_READ_PROGRAM,
-    NET_READ_TIME_WAIT, RESETS_MAP, SPAN_MAX, TRANSITIONS_MAP,
+    CONFIG_GLOBAL, CPU_OFFSET_PROGRAM, EVENTS_MAP, FAMILY_SLOTS, LISTENERS_ITER_PROGRAM, LISTENER_DROPS,
+    LISTENER_LIMIT, LISTENER_NET_MIB, LISTENER_PORT, LISTENER_QUEUE, LISTENER_READ_PROGRAM, LOST_MAP, MAX_CPUS,
+    NET_GONE, NET_READ_PORT_HIGH, NET_READ_PORT_LOW, NET_READ_PROGRAM, NET_READ_TIME_WAIT, RESETS_MAP, SPAN_MAX,
+    TRANSITIONS_MAP,
 };
 
 use crate::{
@@ -128,6 +129,8 @@ pub struct KernelOffsets {
     pub sock: SockOffsets,
     pub net: NetOffsets,
     pub listener: ListenerOffsets,
+    /// How to read namespaces' TcpExt counters, when everything it takes is there.
+    mib: Option<MibReader>,
 }
 
 /// Reads the socket, namespace and listener offsets the programs need from the
@@ -143,7 +146,9 @@ pub fn kernel_offsets() -> Option<KernelOffsets> {
     };
     let sock = offsets_from(&btf);
     let net = if sock.net != ABSENT && sock.net_inum != ABSENT { net_offsets_from(&btf) } else { NetOffsets::UNKNOWN };
-    Some(KernelOffsets { sock, net, listener: listener_offsets_from(&btf) })
+    let listener = listener_offsets_from(&btf);
+    let mib = if listener.net_statistics != ABSENT { MibReader::find(&btf) } else { None };
+    Some(KernelOffsets { sock, net, listener, mib })
 }
 
 /// Where a listening socket keeps its accept queue length, backlog and drop count;
@@ -152,10 +157,18 @@ fn listener_offsets_from(btf: &Btf) -> ListenerOffsets {
     let small = |member: &str| {
         btf.member_offset("sock", member).ok().and_then(|o| u16::try_from(o).ok()).filter(|&o| o != ABSENT)
     };
+    // The namespace's TcpExt counters: `net->mib.net_statistics`.
+    let net_statistics = btf
+        .member_offset("net", "mib")
+        .ok()
+        .zip(btf.member_offset("netns_mib", "net_statistics").ok())
+        .and_then(|(a, b)| u16::try_from(a.checked_add(b)?).ok())
+        .filter(|&o| o != ABSENT)
+        .unwrap_or(ABSENT);
     // `sk_drops` is an atomic_t, whose one member `counter` is at its start.
     match (small("sk_ack_backlog"), small("sk_max_ack_backlog"), small("sk_drops")) {
         (Some(ack_backlog), Some(max_ack_backlog), Some(drops)) => {
-            ListenerOffsets { ack_backlog, max_ack_backlog, drops, _pad: 0 }
+            ListenerOffsets { ack_backlog, max_ack_backlog, drops, net_statistics }
         }
         _ => {
             warn!("the kernel's BTF does not show where a listener keeps its queue (struct sock: sk_ack_backlog, sk_max_ack_backlog, sk_drops); the tcptrace_listen_* metrics are not exported");
@@ -301,6 +314,7 @@ pub struct Probe {
     pub net: NetOffsets,
     /// Whether listeners can be read (`listener_read`) and listed (`listeners`).
     pub listeners: bool,
+    mib: Option<MibReader>,
 }
 
 /// How to load the programs.
@@ -331,6 +345,8 @@ pub struct KernelCounters {
     net: NetOffsets,
     /// The `listener_read` program, when it loaded.
     listener_read: Option<aya::programs::ProgramFd>,
+    /// How to read namespaces' TcpExt counters through it, when the kernel shows where.
+    mib: Option<MibReader>,
     resets: PerCpuArray<MapData, ResetCounts>,
     warned: std::sync::atomic::AtomicBool,
 }
@@ -391,6 +407,27 @@ impl KernelCounters {
         KernelTotals { lost, transitions, missed, resets, ..KernelTotals::default() }
     }
 
+    /// Whether namespaces' TcpExt counters can be read (SYN cookies, SYN-queue drops).
+    pub fn reads_namespace_counters(&self) -> bool {
+        self.listener_read.is_some() && self.mib.is_some()
+    }
+
+    /// SyncookiesSent and TCPReqQFullDrop of each namespace, through one listener of
+    /// it (`keys`), in 31 bits (they wrap there); `None` for a listener gone.
+    pub fn namespace_counters(&self, keys: &[ListenerKey]) -> Vec<(ListenerKey, Option<[u32; 2]>)> {
+        let (Some(fd), Some(mib)) = (&self.listener_read, &self.mib) else { return Vec::new() };
+        let read = |key: ListenerKey, index: u32| {
+            let args = [key.sk, u64::from(key.netns), LISTENER_NET_MIB, u64::from(index), 0, mib.cpus];
+            match test_run(fd, &args) {
+                Ok(n) if n >= 0 => Some(n as u32),
+                _ => None,
+            }
+        };
+        keys.iter()
+            .map(|&key| (key, read(key, mib.indexes[0]).zip(read(key, mib.indexes[1])).map(|(a, b)| [a, b])))
+            .collect()
+    }
+
     /// Each listener's queue, backlog, drop count and port, asked of the kernel now
     /// (four BPF_PROG_TEST_RUNs of `listener_read`, a microsecond or two each); `None`
     /// for one that is no longer a listener. Nothing when the program did not load.
@@ -398,7 +435,7 @@ impl KernelCounters {
         let Some(fd) = &self.listener_read else { return Vec::new() };
         let mut out = Vec::with_capacity(sockets.len());
         for &key in sockets {
-            let read = |what| match test_run(fd, &[key.sk, u64::from(key.netns), what]) {
+            let read = |what| match test_run(fd, &[key.sk, u64::from(key.netns), what, 0, 0, 0]) {
                 Ok(NET_GONE) => Ok(None),
                 Ok(n) => Ok(u32::try_from(n).ok()),
                 Err(err) => Err(err),
@@ -468,10 +505,83 @@ impl KernelCounters {
     }
 }
 
+/// What reading a namespace's TcpExt counters takes: how many CPUs may exist (each
+/// one's per-CPU offset found by `cpu_offset`), and the counters' indexes.
+#[derive(Clone, Copy, Debug)]
+struct MibReader {
+    cpus: u64,
+    /// LINUX_MIB_SYNCOOKIESSENT, LINUX_MIB_TCPREQQFULLDROP.
+    indexes: [u32; 2],
+    /// Offset of `pptrs` in `struct bpf_array`.
+    pptrs: u16,
+}
+
+impl MibReader {
+    /// Finds what it needs in BTF; `None`, logged, when something is missing.
+    fn find(btf: &Btf) -> Option<Self> {
+        let indexes = ["LINUX_MIB_SYNCOOKIESSENT", "LINUX_MIB_TCPREQQFULLDROP"].map(|n| btf.enum_value(n));
+        let pptrs = btf.member_offset("bpf_array", "pptrs").ok().and_then(|o| u16::try_from(o).ok());
+        let cpus = std::fs::read_to_string("/sys/devices/system/cpu/possible").ok().and_then(|t| possible_cpus(&t));
+        match (indexes, pptrs, cpus) {
+            ([Some(a), Some(b)], Some(pptrs), Some(cpus)) => Some(Self { cpus, indexes: [a, b], pptrs }),
+            _ => {
+                warn!("the kernel's BTF does not show its SYN cookie counters or per-CPU arrays, or the possible CPUs are unknown; tcptrace_syncookies_sent_total and tcptrace_syn_queue_drops_total are not exported");
+                None
+            }
+        }
+    }
+}
+
+/// Runs `cpu_offset` on every possible CPU that is online, so that namespaces'
+/// per-CPU counters can be summed; false, logged, when it ran on none.
+fn find_cpu_offsets(ebpf: &mut Ebpf, mib: &MibReader) -> bool {
+    let loaded = match ebpf.program_mut(CPU_OFFSET_PROGRAM) {
+        Some(Program::RawTracePoint(p)) => p
+            .load()
+            .map_err(|e| e.to_string())
+            .and_then(|()| p.fd().map_err(|e| e.to_string()).and_then(|fd| fd.try_clone().map_err(|e| e.to_string()))),
+        _ => Err(format!("no raw tracepoint program {CPU_OFFSET_PROGRAM} in the object")),
+    };
+    let ran = loaded.and_then(|fd| {
+        // An offline CPU refuses (ENXIO): its counters are left out until a restart.
+        let ran = (0..mib.cpus as u32)
+            .filter(|&cpu| matches!(test_run_on(&fd, &[u64::from(cpu), u64::from(mib.pptrs)], Some(cpu)), Ok(0)))
+            .count();
+        if ran == 0 {
+            Err("it ran on no CPU".to_owned())
+        } else {
+            Ok(ran)
+        }
+    });
+    match ran {
+        Ok(n) => {
+            debug!("per-CPU offsets of {n} of {} possible CPUs found", mib.cpus);
+            true
+        }
+        Err(err) => {
+            warn!("cannot sum namespaces' per-CPU counters ({err}); tcptrace_syncookies_sent_total and tcptrace_syn_queue_drops_total are not exported");
+            false
+        }
+    }
+}
+
+/// How many CPUs `/sys/devices/system/cpu/possible` (`0-7`, `0`, `0-3,8-11`) allows
+/// for: its highest number plus one; `None` beyond [`MAX_CPUS`].
+fn possible_cpus(text: &str) -> Option<u64> {
+    let highest = text.trim().split([',', '-']).filter_map(|n| n.trim().parse::<u64>().ok()).max()?;
+    Some(highest + 1).filter(|&n| n <= MAX_CPUS)
+}
+
 /// Runs a raw tracepoint program once with `args` (BPF_PROG_TEST_RUN, Linux 5.10+)
 /// and returns what it returned. aya 0.14 has no test run.
 fn test_run(fd: &aya::programs::ProgramFd, args: &[u64]) -> io::Result<i32> {
+    test_run_on(fd, args, None)
+}
+
+/// [`test_run`], on CPU `cpu` when given (BPF_F_TEST_RUN_ON_CPU, Linux 5.10+).
+fn test_run_on(fd: &aya::programs::ProgramFd, args: &[u64], cpu: Option<u32>) -> io::Result<i32> {
     const BPF_PROG_TEST_RUN: libc::c_long = 10;
+    const BPF_F_TEST_RUN_ON_CPU: u32 = 1;
     /// `union bpf_attr`'s `test` member, up to `cpu` (what 5.10 knows).
     #[repr(C)]
     #[derive(Default)]
@@ -495,6 +605,8 @@ fn test_run(fd: &aya::programs::ProgramFd, args: &[u64]) -> io::Result<i32> {
         prog_fd: fd.as_fd().as_raw_fd() as u32,
         ctx_size_in: size_of_val(args) as u32,
         ctx_in: args.as_ptr() as u64,
+        flags: if cpu.is_some() { BPF_F_TEST_RUN_ON_CPU } else { 0 },
+        cpu: cpu.unwrap_or(0),
         ..TestAttr::default()
     };
     // SAFETY: `attr` and `args` are valid for the kernel to read (and `attr` to
@@ -645,7 +757,8 @@ impl Probe {
         let net_read = (config.net.time_wait() || config.net.port_range != ABSENT) && load_net_read(&mut ebpf);
         let net = if net_read { config.net } else { NetOffsets::UNKNOWN };
         let listeners = netns && config.listener.known() && load_listener_programs(&mut ebpf, kernel_btf.as_ref());
-        Ok(Self { ebpf, mode, btf: offsets.is_some(), netns, programs, net, listeners })
+        let mib = offsets.and_then(|o| o.mib).filter(|m| listeners && find_cpu_offsets(&mut ebpf, m));
+        Ok(Self { ebpf, mode, btf: offsets.is_some(), netns, programs, net, listeners, mib })
     }
 
     /// The `struct sock *` of every listener of each namespace (by inode, with an
@@ -719,6 +832,7 @@ impl Probe {
             net_read,
             net: self.net,
             listener_read,
+            mib: self.mib,
             resets: PerCpuArray::try_from(resets)
                 .map_err(|e| Error::Object(format!("per-CPU array {RESETS_MAP}: {e}")))?,
             warned: Default::default(),

@@ -178,3 +178,45 @@ fn resets_sent_and_received_equal_the_kernels_counts() {
         last.0, last.1, last.2
     );
 }
+
+#[test]
+#[ignore = "needs root and the real kernel: run `cargo xtask test`"]
+fn syn_cookies_sent_equal_the_namespaces_syncookies_sent() {
+    require_root();
+    let daemon = Daemon::start(&[]);
+    let ns = Netns::new();
+    // Cookies for every SYN, not only in a flood.
+    ns.exec("sysctl", &["-qw", "net.ipv4.tcp_syncookies=2"]);
+    let n = scaled(20, 8);
+    let kernel = || {
+        let both = |f| ns.mib("netstat", "TcpExt", f) + host_mib("netstat", "TcpExt", f);
+        (both("SyncookiesSent"), both("TCPReqQFullDrop"))
+    };
+    let ours = |s: &support::Scrape| {
+        (s.get("tcptrace_syncookies_sent_total", &[]), s.get("tcptrace_syn_queue_drops_total", &[]))
+    };
+    let before = (ours(&daemon.scrape()), kernel());
+    // The listener stays: a namespace's counters are read through its listeners.
+    let held = Held::new(&ns, move || {
+        let listener = TcpListener::bind("127.0.0.1:7500").unwrap();
+        for _ in 0..n {
+            let client = TcpStream::connect("127.0.0.1:7500").expect("a connect answered with a cookie");
+            drop((client, listener.accept().unwrap()));
+        }
+        listener
+    });
+    let mut last = ((0.0, 0.0), (0, 0));
+    let agree = wait_for(deadline(AGREE), || {
+        let (now, k) = (ours(&daemon.scrape()), kernel());
+        last = ((now.0 - before.0 .0, now.1 - before.0 .1), (k.0 - before.1 .0, k.1 - before.1 .1));
+        last.0 == (last.1 .0 as f64, last.1 .1 as f64)
+    });
+    let ((cookies, drops), (kernel_cookies, kernel_drops)) = last;
+    eprintln!(
+        "{n} connects with tcp_syncookies=2: tcptrace {cookies} cookies, {drops} SYN-queue drops; TcpExt \
+         SyncookiesSent {kernel_cookies}, TCPReqQFullDrop {kernel_drops}"
+    );
+    drop(held);
+    assert!(agree, "tcptrace ({cookies}, {drops}) != the kernel's ({kernel_cookies}, {kernel_drops})");
+    assert!(kernel_cookies >= n as u64, "the kernel sent {kernel_cookies} cookies for {n} connects");
+}

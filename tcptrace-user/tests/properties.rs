@@ -273,6 +273,7 @@ fn metrics_config() -> impl Strategy<Value = MetricsConfig> {
             host_netns,
             close_wait_ports,
             destinations,
+            namespace_counters: listener_labels.is_some(),
             listener_labels,
         },
     )
@@ -592,6 +593,10 @@ proptest! {
             time_wait: readings.clone(),
             port_ranges: readings.iter().map(|&(ns, r)| (ns, r.map(|r| (r as u16, (r >> 16) as u16)))).collect(),
             resets: Some(Box::new([3; 32])),
+            namespace_counters: readings
+                .iter()
+                .map(|&(netns, r)| (tcptrace_user::listeners::ListenerKey { netns, sk: 1 }, r.map(|r| [r, r >> 1])))
+                .collect(),
             // Readings of listeners the pipeline may not know: ignored, or applied.
             listeners: readings
                 .iter()

@@ -321,12 +321,12 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
     };
     let shown = shared.clone();
     let page: server::Render = Arc::new(move || {
-        let recent = {
+        let (recent, minute) = {
             let mut state = lock(&shown);
             state.refresh();
-            state.pipeline.recent()
+            (state.pipeline.recent(), state.pipeline.last_minute())
         };
-        page::render(&page_registry.gather(), &recent, &about)
+        page::render(&page_registry.gather(), &recent, &minute, monotonic_ns(), &about)
     });
     let attached = probe.programs.iter().filter(|p| p.attached).count();
     let health: server::Health = Arc::new(move || {

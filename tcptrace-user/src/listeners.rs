@@ -106,21 +106,32 @@ impl Listeners {
     }
 
     /// Applies readings of namespaces' SYN cookies sent and SYN-queue drops: the
-    /// increase of each since its last reading (all of it at the first), summed.
-    /// The counts wrap at 2^31; a refresh every second cannot miss a whole turn.
+    /// increase of each since its last reading, summed. A namespace's first reading
+    /// brings all of it; so does one that went back (a namespace deleted and its inode
+    /// reused). The counts wrap at 2^31, which a reading every second cannot miss.
+    /// The last readings outlive the namespaces' listeners (a namespace listening again
+    /// is not counted twice), up to as many namespaces as listeners are kept.
     pub fn apply_namespaces(&mut self, readings: &[(ListenerKey, Option<[u32; 2]>)]) -> [u64; 2] {
         let mut new = [0u64; 2];
         for (key, now) in readings {
             let Some(now) = now else { continue };
+            if self.namespaces.len() >= self.cap && !self.namespaces.contains_key(&key.netns) {
+                // Forget one that has no listener now, if any.
+                let idle = self.namespaces.keys().copied().find(|ns| !self.known.keys().any(|k| k.netns == *ns));
+                if let Some(ns) = idle {
+                    self.namespaces.remove(&ns);
+                }
+            }
             let last = self.namespaces.insert(key.netns, *now);
             for (i, total) in new.iter_mut().enumerate() {
-                let before = last.map_or(0, |l| l[i]);
-                *total += u64::from(now[i].wrapping_sub(before) & i32::MAX as u32);
+                *total += u64::from(match last {
+                    Some(l) if now[i] >= l[i] => now[i] - l[i],
+                    // Below i32::MAX + 1 again after a wrap at 2^31.
+                    Some(l) if l[i] - now[i] > 1 << 30 => now[i].wrapping_sub(l[i]) & i32::MAX as u32,
+                    _ => now[i],
+                });
             }
         }
-        // Namespaces without a listener left are not read again.
-        let listening: std::collections::HashSet<u32> = self.known.keys().map(|k| k.netns).collect();
-        self.namespaces.retain(|netns, _| listening.contains(netns));
         new
     }
 
@@ -203,6 +214,11 @@ mod tests {
         let top = i32::MAX as u32;
         assert_eq!(l.apply_namespaces(&[(A, Some([top, 1]))]), [u64::from(top) - 9, 0]);
         assert_eq!(l.apply_namespaces(&[(A, Some([3, 1]))]), [4, 0], "past the wrap");
+        l.closed(A);
+        l.closed(B);
+        assert!(l.opened(A));
+        assert_eq!(l.apply_namespaces(&[(A, Some([5, 1]))]), [2, 0], "listening again: not counted twice");
+        assert_eq!(l.apply_namespaces(&[(A, Some([1, 0]))]), [1, 0], "a namespace reborn at the inode");
     }
 
     #[test]

@@ -3,9 +3,10 @@
 //! Metric names and labels are a contract (dashboards depend on them). Label
 //! handles are resolved once, on first use, not hashed per event.
 
-mod comms;
+mod busiest;
 pub mod listeners;
 mod netns;
+mod pods;
 mod ports;
 mod process;
 mod states;
@@ -19,7 +20,7 @@ use prometheus::{
 use tcptrace_common::{TcpState, TransitionCounts};
 
 use self::{
-    comms::CommLabeler,
+    busiest::CommLabeler,
     netns::NetnsGauge,
     ports::{PortLabeler, OTHER},
 };
@@ -171,6 +172,8 @@ pub struct Metrics {
     resets: listeners::ResetMetrics,
     /// SYN cookies sent, SYN-queue drops, summed over namespaces.
     namespace_counters: Option<[IntCounter; 2]>,
+    /// Handshakes per namespace (`--netns-labels`).
+    pods: Option<pods::PodHandshakes>,
 }
 
 impl Metrics {
@@ -257,6 +260,7 @@ impl Metrics {
         )?;
         reg(Box::new(tw_sockets_vec.clone()))?;
         let netns_time_wait = NetnsGauge::new(config.netns, config.host_netns, &registry)?;
+        let pods = pods::PodHandshakes::new(config.netns, config.host_netns, &registry)?;
         let listeners = match config.listener_labels {
             Some(n) => Some(listeners::ListenerMetrics::new(n, config.netns > 0, config.host_netns, &registry)?),
             None => None,
@@ -489,6 +493,7 @@ impl Metrics {
             listeners,
             resets,
             namespace_counters,
+            pods,
             registry,
         };
         metrics.create_other_series();
@@ -704,11 +709,22 @@ impl Metrics {
     /// Network namespaces the per-namespace breakdown needs names for (none when
     /// it is off): the busiest ones not named yet, or with `all` every busiest one.
     pub fn netns_to_name(&self, all: bool) -> Vec<u32> {
-        self.netns_time_wait.as_ref().map_or_else(Vec::new, |g| g.to_name(all))
+        let mut wanted = self.netns_time_wait.as_ref().map_or_else(Vec::new, |g| g.to_name(all));
+        if let Some(p) = &self.pods {
+            for ns in p.to_name() {
+                if !wanted.contains(&ns) {
+                    wanted.push(ns);
+                }
+            }
+        }
+        wanted
     }
 
     /// Hands in the cgroups of namespaces asked for by [`Metrics::netns_to_name`].
     pub fn set_netns_cgroups(&mut self, cgroups: std::collections::HashMap<u32, String>) {
+        if let Some(p) = &mut self.pods {
+            p.set_cgroups(&cgroups);
+        }
         if let Some(g) = &mut self.netns_time_wait {
             g.set_cgroups(cgroups);
         }
@@ -743,6 +759,9 @@ pub fn render(registry: &Registry) -> String {
 
 impl Sink for Metrics {
     fn handshake(&mut self, h: &Handshake) {
+        if let Some(p) = &mut self.pods {
+            p.handshake(h);
+        }
         let slot = self.port_slot(h.direction, &h.tuple);
         let (completed, duration, retransmitted) = self.handshake_series(h.direction, h.family, slot);
         completed.inc();
@@ -753,17 +772,20 @@ impl Sink for Metrics {
             }
         }
         if let (Some((vec, handles)), Some(origin)) = (&mut self.process_handshakes, &h.origin) {
-            let slot = self.comms.slot(&origin.comm);
+            let slot = self.comms.slot(&origin.comm, || Some(crate::events::comm(&origin.comm).into_owned()));
             let comms = &self.comms;
             handles.get(slot, || vec.with_label_values(&[comms.label(slot)])).inc();
         }
     }
 
     fn handshake_failed(&mut self, f: &Failure) {
+        if let Some(p) = &mut self.pods {
+            p.failure(f);
+        }
         let slot = self.port_slot(f.direction, &f.tuple);
         self.failure_series(f.direction, f.family, f.reason, slot).inc();
         if let (Some((vec, handles)), Some(origin)) = (&mut self.process_failures, &f.origin) {
-            let slot = self.comms.slot(&origin.comm);
+            let slot = self.comms.slot(&origin.comm, || Some(crate::events::comm(&origin.comm).into_owned()));
             let comms = &self.comms;
             let index = f.reason as usize * comms.slots() + slot;
             handles.get(index, || vec.with_label_values(&[comms.label(slot), f.reason.label()])).inc();

@@ -10,7 +10,11 @@ use std::{
 
 use prometheus::proto::{MetricFamily, MetricType};
 
-use crate::tracker::{Direction, Failure, Handshake, Sink};
+use crate::{
+    events::Family,
+    metrics::HANDSHAKE_BUCKETS,
+    tracker::{Direction, Failure, Handshake, Sink},
+};
 
 /// How many recent slow or failed handshakes the page lists.
 pub const RECENT: usize = 20;
@@ -37,6 +41,7 @@ pub struct Entry {
 pub struct Recent {
     threshold_ns: u64,
     noted: VecDeque<Noted>,
+    minute: LastMinute,
 }
 
 #[derive(Clone, Copy)]
@@ -47,7 +52,16 @@ enum Noted {
 
 impl Recent {
     pub fn new(threshold: Duration) -> Self {
-        Self { threshold_ns: u64::try_from(threshold.as_nanos()).unwrap_or(u64::MAX), noted: VecDeque::new() }
+        Self {
+            threshold_ns: u64::try_from(threshold.as_nanos()).unwrap_or(u64::MAX),
+            noted: VecDeque::new(),
+            minute: LastMinute::default(),
+        }
+    }
+
+    /// The last minute's handshake durations.
+    pub fn last_minute(&self) -> &LastMinute {
+        &self.minute
     }
 
     /// Newest first.
@@ -92,6 +106,7 @@ impl Noted {
 
 impl Sink for Recent {
     fn handshake(&mut self, h: &Handshake) {
+        self.minute.record(h);
         if h.duration_ns.is_some_and(|ns| ns >= self.threshold_ns) {
             self.push(Noted::Slow(*h));
         }
@@ -100,6 +115,80 @@ impl Sink for Recent {
     fn handshake_failed(&mut self, f: &Failure) {
         self.push(Noted::Failed(*f));
     }
+}
+
+/// Seconds the page's "last minute" covers.
+const MINUTE: usize = 60;
+/// Bucket counts per histogram: the finite bounds, then +Inf.
+const BUCKETS: usize = HANDSHAKE_BUCKETS.len() + 1;
+
+/// The handshake durations of the last minute, by direction and family, in the
+/// histograms' buckets: one slot per second, so a spike that is happening now shows
+/// beside the totals since start, which hide it. Fixed size (about 26 KiB).
+#[derive(Clone)]
+pub struct LastMinute {
+    /// `[second % MINUTE]`: that second (CLOCK_MONOTONIC), and its counts by
+    /// `[direction * 2 + family][bucket]`.
+    slots: Box<[(u64, [[u32; BUCKETS]; 4]); MINUTE]>,
+}
+
+impl Default for LastMinute {
+    fn default() -> Self {
+        Self { slots: Box::new([(u64::MAX, [[0; BUCKETS]; 4]); MINUTE]) }
+    }
+}
+
+impl LastMinute {
+    fn record(&mut self, h: &Handshake) {
+        let Some(ns) = h.duration_ns else { return };
+        let second = h.ts_ns / 1_000_000_000;
+        let slot = &mut self.slots[(second % MINUTE as u64) as usize];
+        if slot.0 != second {
+            *slot = (second, [[0; BUCKETS]; 4]);
+        }
+        let secs = ns as f64 * 1e-9;
+        let bucket = HANDSHAKE_BUCKETS.iter().position(|&le| secs <= le).unwrap_or(BUCKETS - 1);
+        slot.1[h.direction as usize * 2 + h.family as usize][bucket] += 1;
+    }
+
+    /// The counts per bucket of the minute before `now_ns`, as (upper bound, count).
+    pub fn buckets(&self, now_ns: u64, direction: Direction, family: Family) -> Vec<(f64, u64)> {
+        let now = now_ns / 1_000_000_000;
+        let mut sum = [0u64; BUCKETS];
+        for (second, counts) in self.slots.iter() {
+            if *second <= now && now - *second < MINUTE as u64 {
+                sum.iter_mut()
+                    .zip(&counts[direction as usize * 2 + family as usize])
+                    .for_each(|(t, &n)| *t += u64::from(n));
+            }
+        }
+        HANDSHAKE_BUCKETS.iter().copied().chain([f64::INFINITY]).zip(sum).collect()
+    }
+}
+
+/// The `q` quantile of bucket counts, as Prometheus' histogram_quantile estimates it:
+/// linear within the bucket it falls in; the highest finite bound when it falls in
+/// +Inf. `None` without observations.
+pub fn quantile(q: f64, buckets: &[(f64, u64)]) -> Option<f64> {
+    let total: u64 = buckets.iter().map(|b| b.1).sum();
+    if total == 0 {
+        return None;
+    }
+    let rank = q * total as f64;
+    let (mut below, mut lower) = (0u64, 0f64);
+    for &(le, n) in buckets {
+        if (below + n) as f64 >= rank && n > 0 {
+            if le.is_infinite() {
+                return Some(lower);
+            }
+            return Some(lower + (le - lower) * (rank - below as f64) / n as f64);
+        }
+        below += n;
+        if le.is_finite() {
+            lower = le;
+        }
+    }
+    Some(lower)
 }
 
 /// What the page says about the daemon itself.
@@ -213,6 +302,32 @@ fn sockets(p: &mut String, families: &[MetricFamily]) {
     p.push_str("</section>");
 }
 
+/// Listening ports: queue fill and drops, from the `tcptrace_listen_*` series.
+fn listeners(p: &mut String, families: &[MetricFamily]) {
+    let queues = samples(families, "tcptrace_listen_queue_length");
+    if queues.is_empty() {
+        return;
+    }
+    p.push_str(r#"<section id="listeners"><h2>Listeners</h2><table><tr><th>namespace</th><th>port</th><th>accept queue</th><th>backlog</th><th>fill</th><th>overflows</th><th>SYN-ACK retransmissions</th></tr>"#);
+    for (labels, queue) in &queues {
+        let (netns, port) = (label(labels, "netns"), label(labels, "port"));
+        let key: Vec<(&str, &str)> = labels.clone();
+        let limit = total(families, "tcptrace_listen_queue_limit", &key);
+        let overflows = total(families, "tcptrace_listen_overflows_total", &key);
+        let synack = total(families, "tcptrace_listen_synack_retransmits_total", &key);
+        let fill = if limit > 0.0 { format!("{:.0} %", queue / limit * 100.0) } else { "-".into() };
+        let class = if limit > 0.0 && *queue > limit { "failed" } else { "" };
+        let _ = write!(
+            p,
+            r#"<tr class="{class}" data-port="{}"><td>{}</td><td>{}</td><td>{queue}</td><td>{limit}</td><td>{fill}</td><td>{overflows}</td><td>{synack}</td></tr>"#,
+            escape(port),
+            escape(if netns.is_empty() { "all" } else { netns }),
+            escape(port)
+        );
+    }
+    p.push_str("</table></section>");
+}
+
 /// One histogram's buckets, summed over port labels: (upper bound, count in it).
 fn buckets(families: &[MetricFamily], name: &str, direction: &str, family: &str) -> Vec<(f64, u64)> {
     let Some(f) = families.iter().find(|f| f.name() == name) else { return Vec::new() };
@@ -278,7 +393,8 @@ fn histogram_svg(id: &str, buckets: &[(f64, u64)]) -> String {
 }
 
 /// The whole page.
-pub fn render(families: &[MetricFamily], recent: &[Entry], about: &About) -> String {
+/// `now_ns`: CLOCK_MONOTONIC, for the last minute.
+pub fn render(families: &[MetricFamily], recent: &[Entry], minute: &LastMinute, now_ns: u64, about: &About) -> String {
     let mut p = String::with_capacity(32 * 1024);
     let up = about.started.elapsed().unwrap_or_default().as_secs();
     let _ = write!(
@@ -296,15 +412,23 @@ td,th{{border:1px solid #ccc;padding:2px 8px;text-align:right}}th{{background:#e
     );
 
     p.push_str(r#"<section id="latency"><h2>Handshake latency</h2><div class="charts">"#);
-    for direction in ["active", "passive"] {
-        for family in ["ipv4", "ipv6"] {
-            let b = buckets(families, "tcptrace_handshake_duration_seconds", direction, family);
+    let ms = |q: f64, b: &[(f64, u64)]| quantile(q, b).map_or("-".to_string(), |s| format!("{:.3} ms", s * 1e3));
+    for direction in [Direction::Active, Direction::Passive] {
+        for family in Family::ALL {
+            let (d, f) = (direction.label(), family.label());
+            let b = buckets(families, "tcptrace_handshake_duration_seconds", d, f);
             let timed: u64 = b.iter().map(|b| b.1).sum();
-            let done = total(families, "tcptrace_handshakes_total", &[("direction", direction), ("family", family)]);
-            let id = format!("latency-{direction}-{family}");
+            let done = total(families, "tcptrace_handshakes_total", &[("direction", d), ("family", f)]);
+            let last = minute.buckets(now_ns, direction, family);
+            let id = format!("latency-{d}-{f}");
             let _ = write!(
                 p,
-                r#"<figure><figcaption>{direction} {family}: <span class="completed">{done}</span> completed, {timed} timed</figcaption>{}</figure>"#,
+                r#"<figure><figcaption>{d} {f}: <span class="completed">{done}</span> completed, {timed} timed; p50 {}, p99 {}<br><span class="minute">last minute: {} timed, p50 {}, p99 {}</span></figcaption>{}</figure>"#,
+                ms(0.5, &b),
+                ms(0.99, &b),
+                last.iter().map(|b| b.1).sum::<u64>(),
+                ms(0.5, &last),
+                ms(0.99, &last),
                 histogram_svg(&id, &b)
             );
         }
@@ -338,6 +462,7 @@ td,th{{border:1px solid #ccc;padding:2px 8px;text-align:right}}th{{background:#e
     );
 
     sockets(&mut p, families);
+    listeners(&mut p, families);
 
     let _ = write!(
         p,
@@ -423,9 +548,13 @@ mod tests {
             started: SystemTime::now(),
             slow_threshold: Duration::from_millis(100),
         };
-        let page = render(&m.registry().gather(), &recent.entries(), &about);
+        let now = crate::clock::monotonic_ns();
+        let page = render(&m.registry().gather(), &recent.entries(), recent.last_minute(), now, &about);
         assert!(page.contains(r#"id="latency-active-ipv4""#) && page.contains(r#"data-count="1""#), "{page}");
-        assert!(page.contains(r#"<span class="completed">2</span> completed, 2 timed"#));
+        assert!(page.contains(r#"<span class="completed">2</span> completed, 2 timed; p50 "#), "{page}");
+        assert!(page.contains(r#"<span class="minute">last minute: 2 timed, p50 "#), "{page}");
+        let later = render(&m.registry().gather(), &[], recent.last_minute(), now + 61_000_000_000, &about);
+        assert!(later.contains("last minute: 0 timed, p50 -, p99 -"), "a minute later: {later}");
         assert!(page.contains(r#"<tr data-reason="refused"><th>refused</th><td>1</td>"#));
         let rows: Vec<&str> = page.split("<tr class=").skip(1).collect();
         assert_eq!(rows.len(), 2, "the slow one and the failed one, not the fast one");
@@ -437,7 +566,12 @@ mod tests {
     #[test]
     fn shows_states_close_wait_by_port_and_destinations() {
         use tcptrace_common::{EventKind, TcpState};
-        let config = MetricsConfig { close_wait_ports: 3, destinations: 3, ..MetricsConfig::default() };
+        let config = MetricsConfig {
+            close_wait_ports: 3,
+            destinations: 3,
+            listener_labels: Some(3),
+            ..MetricsConfig::default()
+        };
         let mut m = Metrics::new(config).unwrap();
         let mut t = crate::tracker::Tracker::new(Default::default()).with_services(true, true);
         let ev = |old: TcpState, new: TcpState, dport: u16| {
@@ -451,12 +585,27 @@ mod tests {
         t.handle(&ev(TcpState::Established, TcpState::CloseWait, 5432), &mut m);
         m.refresh(&t);
         m.set_port_ranges(&[(7, Some((32768, 60999)))]);
+        m.set_listeners(&[crate::listeners::PortFigures { netns: 7, port: 8080, queue: 3, limit: 2, new_drops: 9 }]);
         let about =
             About { version: "0", attach: "raw".into(), started: SystemTime::now(), slow_threshold: Duration::ZERO };
-        let page = render(&m.registry().gather(), &[], &about);
+        let page = render(&m.registry().gather(), &[], &LastMinute::default(), 0, &about);
+        assert!(
+            page.contains(r#"<tr class="failed" data-port="8080"><td>all</td><td>8080</td><td>3</td><td>2</td><td>150 %</td><td>9</td><td>0</td></tr>"#),
+            "{page}"
+        );
         assert!(page.contains(r#"<tr data-state="close_wait"><th>close_wait</th>"#), "{page}");
         assert!(page.contains("<tr><th>5432</th><td>1</td></tr>"), "{page}");
         assert!(page.contains("<th>10.0.0.5:5432</th><td>1</td><td>0</td><td>0.0 % of 28232</td>"), "{page}");
+    }
+
+    #[test]
+    fn quantiles_interpolate_within_buckets_as_prometheus_does() {
+        let b = [(0.001, 50), (0.01, 40), (1.0, 10), (f64::INFINITY, 0)];
+        assert_eq!(quantile(0.5, &b), Some(0.001));
+        assert!((quantile(0.9, &b).unwrap() - 0.01).abs() < 1e-12);
+        assert!((quantile(0.99, &b).unwrap() - 0.901).abs() < 1e-9, "{:?}", quantile(0.99, &b));
+        assert_eq!(quantile(0.5, &[(1.0, 0), (f64::INFINITY, 4)]), Some(1.0), "+Inf: the highest finite bound");
+        assert_eq!(quantile(0.5, &[(1.0, 0)]), None);
     }
 
     #[test]

@@ -57,6 +57,11 @@ impl Pipeline {
         self
     }
 
+    /// The landing page's last minute of handshake durations (a copy).
+    pub fn last_minute(&self) -> crate::page::LastMinute {
+        self.recent.as_ref().map_or_else(Default::default, |r| r.last_minute().clone())
+    }
+
     /// The landing page's recent slow and failed handshakes, newest first.
     pub fn recent(&self) -> Vec<crate::page::Entry> {
         self.recent.as_ref().map_or_else(Vec::new, Recent::entries)

@@ -720,7 +720,14 @@ impl Probe {
             _ => None,
         };
         // Every program is loaded (verified) before the first is attached: events
-        // flow from the first attach, and nobody drains them until this returns.
+        // flow from the first attach, and nobody drains them until this returns. The
+        // never-attached readers too (the MIB reader's loop over CPUs takes the
+        // verifier a while under emulation).
+        let netns = config.sock.net != ABSENT && config.sock.net_inum != ABSENT;
+        let net_read = (config.net.time_wait() || config.net.port_range != ABSENT) && load_net_read(&mut ebpf);
+        let net = if net_read { config.net } else { NetOffsets::UNKNOWN };
+        let listeners = netns && config.listener.known() && load_listener_programs(&mut ebpf, kernel_btf.as_ref());
+        let mib = offsets.and_then(|o| o.mib).filter(|m| listeners && find_cpu_offsets(&mut ebpf, m));
         let mut outcomes: Vec<Result<()>> = ATTACHMENTS
             .iter()
             .map(|a| match unusable.iter().find(|(n, _)| *n == a.name) {
@@ -753,11 +760,6 @@ impl Probe {
         }
         let attached: Vec<_> = programs.iter().filter(|p| p.attached).map(|p| p.tracepoint).collect();
         info!("attached {mode} tracepoint programs to {}", attached.join(", "));
-        let netns = config.sock.net != ABSENT && config.sock.net_inum != ABSENT;
-        let net_read = (config.net.time_wait() || config.net.port_range != ABSENT) && load_net_read(&mut ebpf);
-        let net = if net_read { config.net } else { NetOffsets::UNKNOWN };
-        let listeners = netns && config.listener.known() && load_listener_programs(&mut ebpf, kernel_btf.as_ref());
-        let mib = offsets.and_then(|o| o.mib).filter(|m| listeners && find_cpu_offsets(&mut ebpf, m));
         Ok(Self { ebpf, mode, btf: offsets.is_some(), netns, programs, net, listeners, mib })
     }
 

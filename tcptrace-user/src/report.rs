@@ -111,6 +111,18 @@ pub fn failure(f: &Failure, format: LogFormat) -> String {
     r.field("retransmits", f.retransmits).origin(f.origin.as_ref()).render(format)
 }
 
+/// A listening port whose listeners dropped handshakes since the last reading
+/// (`watch`): how many, and the queue and backlog now.
+pub fn listen_overflow(p: &crate::listeners::PortFigures, netns: String, now_ns: u64, format: LogFormat) -> String {
+    Record::new(now_ns, "listen_overflow")
+        .field("netns", netns)
+        .field("port", p.port)
+        .field("dropped", p.new_drops)
+        .field("queue", p.queue)
+        .field("limit", p.limit)
+        .render(format)
+}
+
 /// A state change, with the time the socket spent in its previous state if known.
 pub fn transition(ev: &Event, in_previous_ns: Option<u64>, format: LogFormat) -> String {
     let mut r = Record::new(ev.ts_ns, "transition")

@@ -18,7 +18,9 @@ use crate::{
     error::Result,
     events::{self, Family, KernelTotals},
     lines::{LineQueue, LineSink},
+    listeners::{ListenerKey, Listeners},
     probe::{KernelCounters, LoadOptions, Probe},
+    procnet,
     reader::{Consumer, Pace, Reader},
     report::{self, LogFormat},
     shutdown,
@@ -144,6 +146,12 @@ impl<O: LineSink> View<O> {
         }
     }
 
+    fn filter(&self) -> &Filter {
+        match self {
+            Self::Transitions { printer, .. } | Self::Handshakes { printer, .. } => &printer.filter,
+        }
+    }
+
     fn output(&mut self) -> &mut O {
         match self {
             Self::Transitions { printer, .. } | Self::Handshakes { printer, .. } => &mut printer.out,
@@ -163,6 +171,8 @@ struct Watcher {
     ring: RingBuf<MapData>,
     counters: KernelCounters,
     view: View<LineQueue>,
+    /// Every listener, read once a second: a drop is printed as it happens.
+    listeners: Overflows,
     losses: Losses,
     /// Loss reports, on stderr: a stuck terminal must not stall the reader either.
     notes: LineQueue,
@@ -174,14 +184,22 @@ impl Consumer for Watcher {
     fn drain(&mut self) {
         while let Some(item) = self.ring.next() {
             match events::decode(&item) {
-                Ok(ev) => self.view.event(&ev),
+                Ok(ev) => {
+                    self.listeners.event(&ev);
+                    self.view.event(&ev);
+                }
                 Err(err) => self.notes.line(format!("tcptrace watch: {err}")),
             }
         }
     }
 
     fn tick(&mut self) {
-        self.view.tick(monotonic_ns());
+        let now = monotonic_ns();
+        self.view.tick(now);
+        let Self { listeners, counters, view, .. } = self;
+        if let Some(lines) = listeners.read(now, counters, &view.filter().ports) {
+            lines.into_iter().for_each(|line| view.output().line(line));
+        }
         // Once a second at most, like tcpstates' "Possibly lost N samples".
         let dropped = self.view.output().dropped();
         if let Some(news) = self.losses.update(&self.counters.read(), dropped) {
@@ -219,12 +237,19 @@ pub async fn run(args: WatchArgs) -> Result<()> {
     let ring = probe.take_events()?;
     let fd = ring.as_raw_fd();
     let format = if args.json { LogFormat::Json } else { LogFormat::Text };
+    // Listeners older than `watch`, from every namespace with one.
+    let namespaces =
+        procnet::time_wait_sockets(monotonic_ns(), true, 1, false).map(|s| s.listener_namespaces).unwrap_or_default();
+    let found = probe.listeners_in(namespaces);
+    let counters = probe.take_counters()?;
+    let listeners = Overflows::new(found, &counters, format);
     let out = LineQueue::spawn("watch output (stdout)", OUTPUT_QUEUE, io::stdout())?;
     let ended = Arc::new(Mutex::new(None));
     let watcher = Watcher {
         ring,
-        counters: probe.take_counters()?,
+        counters,
         view: View::new(args.handshakes, Filter::from_args(&args), format, out),
+        listeners,
         losses: Losses::default(),
         notes: LineQueue::spawn("watch notes (stderr)", 1024, io::stderr())?,
         ended: ended.clone(),
@@ -246,6 +271,58 @@ pub async fn run(args: WatchArgs) -> Result<()> {
         Some(err) if err.kind() == io::ErrorKind::BrokenPipe => Ok(()),
         Some(err) => Err(err.into()),
         None => Ok(result?),
+    }
+}
+
+/// Listeners' drops as they happen: the daemon's listener table, read once a second.
+struct Overflows {
+    table: Listeners,
+    format: LogFormat,
+    host: Option<u32>,
+    read_ns: u64,
+}
+
+impl Overflows {
+    /// Starts from `found` (listeners older than `watch`), whose drops so far are
+    /// taken as the baseline rather than printed.
+    fn new(found: Vec<(u32, u64)>, counters: &KernelCounters, format: LogFormat) -> Self {
+        let mut table = Listeners::new(crate::pipeline::MAX_LISTENERS);
+        for (netns, sk) in found {
+            table.opened(ListenerKey { netns, sk });
+        }
+        table.apply(&counters.listeners(&table.sockets()));
+        Self { table, format, host: procnet::own_netns(), read_ns: 0 }
+    }
+
+    fn event(&mut self, ev: &Event) {
+        if ev.event_kind() != Some(EventKind::StateChange) {
+            return;
+        }
+        let key = ListenerKey { netns: ev.netns, sk: ev.skaddr };
+        match (TcpState::from_raw(ev.old_state), TcpState::from_raw(ev.new_state)) {
+            (Some(TcpState::Close), Some(TcpState::Listen)) => drop(self.table.opened(key)),
+            (Some(TcpState::Listen), Some(TcpState::Close)) => self.table.closed(key),
+            _ => {}
+        }
+    }
+
+    /// Once a second: a line for each port (among `ports`, when given) whose
+    /// listeners dropped handshakes since the last reading.
+    fn read(&mut self, now_ns: u64, counters: &KernelCounters, ports: &[u16]) -> Option<Vec<String>> {
+        if self.table.is_empty() || now_ns.saturating_sub(self.read_ns) < 1_000_000_000 {
+            return None;
+        }
+        self.read_ns = now_ns;
+        let figures = self.table.apply(&counters.listeners(&self.table.sockets()));
+        let lines = figures
+            .iter()
+            .filter(|p| p.new_drops > 0 && (ports.is_empty() || ports.contains(&p.port)))
+            .map(|p| {
+                let netns = if Some(p.netns) == self.host { "host".to_string() } else { p.netns.to_string() };
+                report::listen_overflow(p, netns, now_ns, self.format)
+            })
+            .collect();
+        Some(lines)
     }
 }
 

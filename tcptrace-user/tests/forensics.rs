@@ -504,3 +504,80 @@ fn a_dual_stack_listeners_syn_ack_retransmission_is_matched_to_its_ipv4_child() 
     assert!((1.0..8.0).contains(&secs), "passive duration {secs} s");
     eprintln!("dual-stack passive handshake with a SYN-ACK retransmission: {secs:.4} s, family ipv4");
 }
+
+/// `n` connections to a listener of its own on 127.0.0.1:`port` from inside `ns`,
+/// one after the other.
+fn connect_in(ns: &Netns, port: u16, n: usize) {
+    ns.run(move || {
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, port)).unwrap();
+        for _ in 0..n {
+            let client = TcpStream::connect_timeout(&SocketAddr::from((Ipv4Addr::LOCALHOST, port)), BASE_DEADLINE)
+                .expect("connect in the namespace");
+            drop((client, listener.accept().unwrap()));
+        }
+    })
+    .join()
+    .expect("connections in the namespace");
+}
+
+#[test]
+#[ignore = "needs root and the real kernel: run `cargo xtask test`"]
+fn handshakes_per_namespace_tell_the_one_dropping_syns_apart() {
+    require_root();
+    let daemon = Daemon::start(&["--netns-labels", "5"]);
+    let (fast, slow) = (Netns::new(), Netns::new());
+    let labels = |ns: &Netns| ns.inode().to_string();
+    let series = |s: &Scrape, ns: &str, name: &str, le: Option<&str>| {
+        let mut l = vec![("netns", ns), ("direction", "active")];
+        l.extend(le.map(|le| ("le", le)));
+        s.find(name, &l)
+    };
+    // A namespace gets its series once it made a few handshakes and was named.
+    for ns in [&fast, &slow] {
+        let netns = labels(ns);
+        let named = wait_for(deadline(BASE_DEADLINE), || {
+            connect_in(ns, 7700, 1);
+            series(&daemon.scrape(), &netns, "tcptrace_netns_handshakes_total", None).is_some()
+        });
+        assert!(named, "namespace {netns} never got series of its own:\n{}", daemon.scrape().text);
+    }
+    // Every connect's first SYN in `slow` is dropped: its retransmission passes.
+    let _drop = NftTable::new(
+        Some(&slow),
+        &["tcp dport 7700 tcp flags & (syn | ack) == syn numgen inc mod 2 == 0 counter drop".to_string()],
+    );
+    let n = 3;
+    let before = daemon.scrape();
+    let kernel = |ns: &Netns| (ns.mib("snmp", "Tcp", "ActiveOpens"), ns.mib("netstat", "TcpExt", "TCPSynRetrans"));
+    let kernel_before = [kernel(&fast), kernel(&slow)];
+    connect_in(&fast, 7700, n);
+    connect_in(&slow, 7700, n);
+    let kernel_after = [kernel(&fast), kernel(&slow)];
+    let delta = |s: &Scrape, ns: &Netns, name: &str, le: Option<&str>| {
+        let netns = labels(ns);
+        series(s, &netns, name, le).unwrap_or(0.0) - series(&before, &netns, name, le).unwrap_or(0.0)
+    };
+    let hist = "tcptrace_netns_handshake_duration_seconds";
+    let mut last = Vec::new();
+    let agree = wait_for(deadline(BASE_DEADLINE), || {
+        let s = daemon.scrape();
+        last = [&fast, &slow]
+            .iter()
+            .zip(kernel_before.iter().zip(&kernel_after))
+            .map(|(ns, (b, a))| {
+                let handshakes = delta(&s, ns, "tcptrace_netns_handshakes_total", None);
+                // Handshakes that took over a second: one SYN retransmission each.
+                let slow =
+                    delta(&s, ns, &format!("{hist}_count"), None) - delta(&s, ns, &format!("{hist}_bucket"), Some("1"));
+                (handshakes, slow, a.0 - b.0, a.1 - b.1)
+            })
+            .collect();
+        last.iter().all(|&(h, slow, opens, retrans)| h == opens as f64 && slow == retrans as f64)
+    });
+    eprintln!(
+        "per namespace (handshakes, over 1 s; ActiveOpens, TCPSynRetrans): fast {:?}, slow {:?}",
+        last[0], last[1]
+    );
+    assert!(agree, "per-namespace handshakes differ from the namespaces' own counts: {last:?}");
+    assert!(last[0].3 == 0 && last[1].3 == n as u64, "the drops did not happen as planned: {last:?}");
+}

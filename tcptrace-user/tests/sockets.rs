@@ -206,7 +206,8 @@ fn missed(s: &support::Scrape) -> f64 {
 #[ignore = "needs root and the real kernel: run `cargo xtask test`"]
 fn socket_states_equal_ss_and_a_close_wait_leak_names_its_port() {
     require_root();
-    let daemon = Daemon::start(&["--close-wait-ports", "5"]);
+    // Namespace labels: which namespace a difference in TIME_WAIT is in.
+    let daemon = Daemon::start(&["--close-wait-ports", "5", "--netns-labels", "10"]);
     let ns = Netns::new();
     let n = scaled(100, 30);
     let before = missed(&daemon.scrape());
@@ -250,9 +251,18 @@ fn socket_states_equal_ss_and_a_close_wait_leak_names_its_port() {
     }
     eprintln!("runs the kernel skipped meanwhile: {skipped}; states off by {gap} in all");
     drop(held);
+    let by_netns: Vec<String> = daemon
+        .scrape()
+        .text
+        .lines()
+        .filter(|l| l.starts_with("tcptrace_netns_time_wait_sockets"))
+        .map(str::to_owned)
+        .collect();
     assert!(
         agree,
-        "tcptrace_sockets differs from the kernel's by {gap}, beyond the {skipped} skipped runs exported: {last:?}\n{}",
+        "tcptrace_sockets differs from the kernel's by {gap}, beyond the {skipped} skipped runs exported: {last:?}\n\
+         namespaces: {by_netns:?} (this one {})\n{}",
+        ns.inode(),
         kernel_socket_summary()
     );
 }

@@ -46,6 +46,13 @@ pub struct BenchArgs {
     /// Connections held open for the memory measurement (0 skips it).
     #[arg(long, default_value_t = 100_000)]
     pub open: usize,
+    /// Network namespaces, each with --listeners-per-namespace listeners, for the
+    /// scrape latency with many listeners (0 skips it).
+    #[arg(long, default_value_t = 100)]
+    pub listener_namespaces: usize,
+    /// Listeners in each of those namespaces.
+    #[arg(long, default_value_t = 10)]
+    pub listeners_per_namespace: usize,
     /// Synthetic events for the userspace pipeline benchmark.
     #[arg(long, default_value_t = 5_000_000)]
     pub events: usize,
@@ -70,6 +77,8 @@ impl BenchArgs {
             closer: Closer::Server,
             ipv6: false,
             open: 1_000,
+            listener_namespaces: 5,
+            listeners_per_namespace: 4,
             events: 100_000,
             no_peers: true,
             baseline: None,
@@ -751,6 +760,100 @@ pub fn hold(n: usize) -> Result<()> {
     Ok(())
 }
 
+/// Runs in a helper process (`cargo xtask hold-listeners`, inside a namespace):
+/// listens on `n` loopback ports, says "ready", and holds them until stdin closes.
+pub fn hold_listeners(n: usize) -> Result<()> {
+    let kept: Vec<TcpListener> = (0..n).map(|_| TcpListener::bind("127.0.0.1:0")).collect::<std::io::Result<_>>()?;
+    println!("ready");
+    std::io::stdout().flush()?;
+    let _ = std::io::stdin().read_to_end(&mut Vec::new());
+    drop(kept);
+    Ok(())
+}
+
+/// Network namespaces made for a benchmark, deleted on drop (also on failure),
+/// with the helpers holding listeners in them.
+struct Namespaces {
+    names: Vec<String>,
+    helpers: Vec<std::process::Child>,
+}
+
+impl Namespaces {
+    /// `count` namespaces, each with a helper holding `per` listeners.
+    fn with_listeners(xtask: &Path, count: usize, per: usize) -> Result<Self> {
+        let mut made = Self { names: Vec::new(), helpers: Vec::new() };
+        for i in 0..count {
+            let name = format!("tcbench-{}-{i}", std::process::id());
+            run_quiet(Command::new("ip").args(["netns", "add", &name]))?;
+            made.names.push(name.clone());
+            run_quiet(Command::new("ip").args(["-n", &name, "link", "set", "lo", "up"]))?;
+            let mut child = Command::new("ip")
+                .args(["netns", "exec", &name])
+                .arg(xtask)
+                .args(["hold-listeners", &per.to_string()])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .spawn()?;
+            let mut line = String::new();
+            BufReader::new(child.stdout.take().context("stdout")?).read_line(&mut line)?;
+            made.helpers.push(child);
+            if line.trim() != "ready" {
+                bail!("a listener-holding helper in {name} failed");
+            }
+        }
+        Ok(made)
+    }
+}
+
+impl Drop for Namespaces {
+    fn drop(&mut self) {
+        for mut h in self.helpers.drain(..) {
+            drop(h.stdin.take());
+            let _ = h.wait();
+        }
+        for name in &self.names {
+            let _ = Command::new("ip").args(["netns", "del", name]).status();
+        }
+    }
+}
+
+fn run_quiet(cmd: &mut Command) -> Result<()> {
+    let out = cmd.output()?;
+    if !out.status.success() {
+        bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
+}
+
+/// Scrape latency with `count` namespaces of `per` listeners each, all older than
+/// the daemon (listed at start by its iterator, then read at every refresh): median
+/// and p95 in ms, and the listeners the daemon reads.
+fn listener_scrape_latency(bin: &Path, work: &Path, xtask: &Path, count: usize, per: usize) -> Result<(f64, f64, f64)> {
+    let _namespaces = Namespaces::with_listeners(xtask, count, per)?;
+    let (_running, addr) = start_daemon(bin, work)?;
+    let mut scraper = Scraper::new(addr);
+    settle(&mut scraper)?;
+    let limits = metric_sum(&scraper.get()?, "tcptrace_listen_queue_limit");
+    let (median, p95) = timed_scrapes(addr)?;
+    Ok((median, p95, limits))
+}
+
+/// 20 scrapes, each on a new connection, spaced like a busy Prometheus rather than
+/// back to back (the daemon renders at most every 200 ms, and a storm of scrapes
+/// waits for the next render by design): median and p95 in ms.
+fn timed_scrapes(addr: SocketAddr) -> Result<(f64, f64)> {
+    let mut times = Vec::new();
+    for _ in 0..20 {
+        std::thread::sleep(Duration::from_millis(250));
+        let t = Instant::now();
+        scrape(addr)?;
+        times.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    let mut sorted = times.clone();
+    sorted.sort_by(f64::total_cmp);
+    Ok((median(times), sorted[sorted.len() * 95 / 100]))
+}
+
 /// Waits until the daemon's event count stops moving (see [`drained`]), scraping
 /// over one kept-alive connection: a new connection per scrape would itself make
 /// the events it waits for.
@@ -808,18 +911,7 @@ fn scrape_latency(bin: &Path, work: &Path) -> Result<(f64, f64)> {
         closer: Closer::Server,
     }
     .run()?;
-    // Spaced like a busy Prometheus, not back to back: the daemon renders at most
-    // every 200 ms, and a storm of scrapes waits for the next render by design.
-    let mut times = Vec::new();
-    for _ in 0..20 {
-        std::thread::sleep(Duration::from_millis(250));
-        let t = Instant::now();
-        scrape(addr)?;
-        times.push(t.elapsed().as_secs_f64() * 1e3);
-    }
-    let mut sorted = times.clone();
-    sorted.sort_by(f64::total_cmp);
-    Ok((median(times), sorted[sorted.len() * 95 / 100]))
+    timed_scrapes(addr)
 }
 
 pub fn run(args: &BenchArgs, root: &Path, bin: &Path, xtask: &Path) -> Result<String> {
@@ -850,6 +942,16 @@ pub fn run(args: &BenchArgs, root: &Path, bin: &Path, xtask: &Path) -> Result<St
     out(format!("\nstart to first successful scrape: median {:.0} ms (3 starts)", median(starts)));
     let (scrape_med, scrape_p95) = scrape_latency(bin, &work)?;
     out(format!("GET /metrics over HTTP at default cardinality: median {scrape_med:.2} ms, p95 {scrape_p95:.2} ms"));
+    if args.listener_namespaces > 0 {
+        let (count, per) = (args.listener_namespaces, args.listeners_per_namespace);
+        let (med, p95, limits) = listener_scrape_latency(bin, &work, xtask, count, per)?;
+        out(format!(
+            "GET /metrics with {} listeners in {count} namespaces (backlogs summing to {limits}, so all read): \
+             median {med:.2} ms, p95 {p95:.2} ms; {:.2}x the default's median",
+            count * per,
+            med / scrape_med
+        ));
+    }
 
     if args.open > 0 {
         let n = args.open;

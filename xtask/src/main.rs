@@ -104,6 +104,9 @@ enum Cmd {
     /// (Used by bench.) Hold N loopback connections open until stdin closes.
     #[command(hide = true)]
     Hold { connections: usize },
+    /// (Used by bench.) Listen on N loopback ports until stdin closes.
+    #[command(hide = true)]
+    HoldListeners { listeners: usize },
 }
 
 fn main() -> ExitCode {
@@ -214,6 +217,7 @@ fn run(cmd: Cmd) -> Result<()> {
             }
         }
         Cmd::Hold { connections } => bench::hold(connections)?,
+        Cmd::HoldListeners { listeners } => bench::hold_listeners(listeners)?,
         Cmd::Packaging => {
             packaging::setup(&root)?;
             packaging::check(&root)?;

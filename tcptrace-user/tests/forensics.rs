@@ -528,7 +528,8 @@ fn handshakes_per_namespace_tell_the_one_dropping_syns_apart() {
     let (fast, slow) = (Netns::new(), Netns::new());
     let labels = |ns: &Netns| ns.inode().to_string();
     let series = |s: &Scrape, ns: &str, name: &str, le: Option<&str>| {
-        let mut l = vec![("netns", ns), ("direction", "active")];
+        // Namespaces made with `ip netns add` hold no process: no cgroup to name them by.
+        let mut l = vec![("netns", ns), ("cgroup", ""), ("direction", "active")];
         l.extend(le.map(|le| ("le", le)));
         s.find(name, &l)
     };

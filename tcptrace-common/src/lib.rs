@@ -67,8 +67,9 @@ pub const LISTENER_READ_ARGS: usize = 6;
 /// Most CPUs [`LISTENER_NET_MIB`] sums over.
 pub const MAX_CPUS: u64 = 1024;
 /// Name of the BPF iterator program (`iter/tcp`) that writes the `struct sock *` of
-/// every listening socket of the namespace its reader opened it in, 8 bytes each:
-/// how the daemon finds the listeners that existed before it started.
+/// every listening socket of the namespace its reader opened it in and the socket's
+/// `struct net *`, two u64 each: how the daemon finds the listeners that existed
+/// before it started, and the namespaces' `struct net`.
 pub const LISTENERS_ITER_PROGRAM: &str = "listeners";
 /// Name of the per-CPU array (one [`ResetCounts`] slot) counting the resets sent and
 /// received, by [`reset_slot`].
@@ -104,6 +105,9 @@ pub const fn transition_slot(old: u32, new: u32) -> usize {
 pub const STREAM_CLOSE_WAIT: u8 = 1;
 /// [`Config::stream_extra`] bit: stream every close (ports in use per destination).
 pub const STREAM_CLOSES: u8 = 2;
+/// [`Config::stream_extra`] bit: stream the resets sockets send (resets by port);
+/// they are counted in [`RESETS_MAP`] either way.
+pub const STREAM_RESETS: u8 = 4;
 
 /// Whether the daemon needs this transition streamed to attribute CLOSE_WAIT sockets
 /// to a service port: entries into and exits from CLOSE_WAIT, and listeners opening
@@ -399,6 +403,9 @@ pub enum EventKind {
     /// `tcp:tcp_retransmit_synack`: a SYN-ACK was retransmitted. `skaddr` is the
     /// listener; the 4-tuple is the future child's (local = listening address).
     SynAckRetransmit = 4,
+    /// `tcp:tcp_send_reset` from a socket (full, time-wait or request), with
+    /// [`STREAM_RESETS`]: `old_state` is its state, the 4-tuple its own.
+    ResetSent = 5,
 }
 
 impl EventKind {
@@ -409,6 +416,7 @@ impl EventKind {
             2 => Some(Self::ResetReceived),
             3 => Some(Self::SynRetransmit),
             4 => Some(Self::SynAckRetransmit),
+            5 => Some(Self::ResetSent),
             _ => None,
         }
     }

@@ -29,7 +29,7 @@ use tcptrace_common::{
     extra_pairs, family_slot, pairs, reset_slot, transition_slot, Config, Event, EventKind, ResetCounts, TcpState,
     TransitionCounts, ABSENT, AF_INET, AF_INET6, DEFAULT_RING_BYTES, FAMILY_SLOTS, IPPROTO_TCP, LISTENER_DROPS,
     LISTENER_LIMIT, LISTENER_NET_MIB, LISTENER_PORT, LISTENER_QUEUE, MAX_CPUS, NET_GONE, NET_READ_PORT_HIGH,
-    NET_READ_PORT_LOW, NET_READ_TIME_WAIT, SK_ERR_UNKNOWN, SPAN_MAX, TW_UNKNOWN,
+    NET_READ_PORT_LOW, NET_READ_TIME_WAIT, SK_ERR_UNKNOWN, SPAN_MAX, STREAM_RESETS, TW_UNKNOWN,
 };
 
 /// Set by the loader (see [`Config`]); read field by field with [`cfg!`].
@@ -89,7 +89,7 @@ static LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 /// tracepoint: a raw tracepoint program can be interrupted on its CPU by another
 /// one (never by itself), so they must not share.
 #[map]
-static SCRATCH: PerCpuArray<[u8; SCRATCH_BYTES]> = PerCpuArray::with_max_entries(4, 0);
+static SCRATCH: PerCpuArray<[u8; SCRATCH_BYTES]> = PerCpuArray::with_max_entries(5, 0);
 /// Twice [`SPAN_MAX`]: an offset masked below it plus a 16-byte read stays inside,
 /// which is what lets the verifier accept reads at offsets it only knows the bounds of.
 const SCRATCH_BYTES: usize = 2 * SPAN_MAX as usize;
@@ -97,6 +97,7 @@ const SLOT_SET_STATE: u32 = 0;
 const SLOT_RETRANSMIT_SKB: u32 = 1;
 const SLOT_RETRANSMIT_SYNACK: u32 = 2;
 const SLOT_RECEIVE_RESET: u32 = 3;
+const SLOT_SEND_RESET: u32 = 4;
 
 const BPF_RB_NO_WAKEUP: u64 = 1;
 const BPF_RB_FORCE_WAKEUP: u64 = 2;
@@ -432,9 +433,9 @@ pub extern "C" fn cpu_offset(ctx: *mut core::ffi::c_void) -> i32 {
 }
 
 /// A BPF iterator over the TCP sockets of the namespace its reader was in when it
-/// opened it (`iter/tcp`, Linux 5.9+): writes the `struct sock *` of each listener,
-/// 8 bytes each, so that listeners made before the daemon started can be read with
-/// [`listener_read`] too. Written out: aya's macros have no iterator.
+/// opened it (`iter/tcp`, Linux 5.9+): writes the `struct sock *` of each listener
+/// and its `struct net *`, 16 bytes each, so that listeners made before the daemon
+/// started can be read with [`listener_read`] too, and their namespaces' counts. Written out: aya's macros have no iterator.
 #[unsafe(no_mangle)]
 #[unsafe(link_section = "iter/tcp")]
 pub extern "C" fn listeners(ctx: *mut core::ffi::c_void) -> i32 {
@@ -447,9 +448,11 @@ pub extern "C" fn listeners(ctx: *mut core::ffi::c_void) -> i32 {
     }
     // SAFETY: `struct bpf_iter_meta` starts with its `struct seq_file *seq`.
     let seq = unsafe { *(meta as *const *mut aya_ebpf::bindings::seq_file) };
-    let found = sk as u64;
-    // SAFETY: 8 bytes of a local; the helper copies them into the iterator's output.
-    unsafe { generated::bpf_seq_write(seq, (&raw const found).cast(), 8) };
+    // Its namespace's `struct net` too: what the daemon reads the namespace's
+    // time-wait count through.
+    let found = [sk as u64, field::<u64>(sk, cfg!(sock.net)).unwrap_or(0)];
+    // SAFETY: 16 bytes of a local; the helper copies them into the iterator's output.
+    unsafe { generated::bpf_seq_write(seq, (&raw const found).cast(), 16) };
     0
 }
 
@@ -551,6 +554,11 @@ pub fn send_reset_raw(ctx: BtfTracePointContext) -> i32 {
     let sk: *const u8 = ctx.arg(0);
     let state = if sk.is_null() { 0 } else { field::<u8>(sk, cfg!(sock.state)).unwrap_or(0) };
     count_reset(true, state);
+    if !sk.is_null() && cfg!(stream_extra) & STREAM_RESETS != 0 {
+        // A time-wait or request socket is only a sock_common: its local port is skc_num.
+        let full = state != TcpState::TimeWait as u8 && state != TcpState::NewSynRecv as u8;
+        rare(EventKind::ResetSent, sk as u64, state, |ev| sock_tuple(ev, SLOT_SEND_RESET, sk, full));
+    }
     0
 }
 

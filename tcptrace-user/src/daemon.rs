@@ -14,7 +14,7 @@ use std::{
 
 use aya::maps::{MapData, RingBuf};
 use log::{error, info, warn};
-use tcptrace_common::{TransitionCounts, STREAM_CLOSES, STREAM_CLOSE_WAIT};
+use tcptrace_common::{TransitionCounts, STREAM_CLOSES, STREAM_CLOSE_WAIT, STREAM_RESETS};
 use tokio::{net::TcpListener, sync::watch};
 
 use crate::{
@@ -234,7 +234,8 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
         ring_bytes,
         stream_all: false,
         stream_extra: if args.close_wait_ports > 0 { STREAM_CLOSE_WAIT } else { 0 }
-            | if args.destination_labels > 0 { STREAM_CLOSES } else { 0 },
+            | if args.destination_labels > 0 { STREAM_CLOSES } else { 0 }
+            | if args.port_labels != metrics::PortLabels::Off { STREAM_RESETS } else { 0 },
         wakeup_bytes: u64::from(ring_bytes / 8),
         attach: args.attach,
     })?;
@@ -295,7 +296,7 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
     // needs the privileges about to be dropped); newer ones announce themselves.
     let found = probe.listeners_in(listener_namespaces);
     info!("{} listening sockets already open", found.len());
-    lock(&shared).pipeline.seed_listeners(found.into_iter().map(|(netns, sk)| ListenerKey { netns, sk }));
+    lock(&shared).pipeline.seed_listeners(found.into_iter().map(|(netns, sk, net)| (ListenerKey { netns, sk }, net)));
     // Everything that needed privilege is done: attach, tracefs, other namespaces.
     match privileges::drop_all_but(&keep) {
         Ok(left) if left.permitted.is_empty() => info!("dropped every capability"),

@@ -174,6 +174,8 @@ pub struct Metrics {
     namespace_counters: Option<[IntCounter; 2]>,
     /// Handshakes per namespace (`--netns-labels`).
     pods: Option<pods::PodHandshakes>,
+    /// With port labels: resets `[sent as usize][port slot]`.
+    resets_by_port: Option<(IntCounterVec, Handles<IntCounter>)>,
 }
 
 impl Metrics {
@@ -261,6 +263,26 @@ impl Metrics {
         reg(Box::new(tw_sockets_vec.clone()))?;
         let netns_time_wait = NetnsGauge::new(config.netns, config.host_netns, &registry)?;
         let pods = pods::PodHandshakes::new(config.netns, config.host_netns, &registry)?;
+        let resets_by_port = match ports.enabled() {
+            true => {
+                let vec = IntCounterVec::new(
+                    Opts::new(
+                        "tcptrace_resets_by_port_total",
+                        "TCP resets sent and received by sockets with a labelled port at either end (--port-labels; \
+                         the local port's label first), from streamed events: a reset for a segment no socket took has \
+                         no port and is only in tcptrace_resets_total.",
+                    ),
+                    &["direction", "port"],
+                )?;
+                registry.register(Box::new(vec.clone()))?;
+                let mut handles = Handles::new(2 * ports.slots());
+                for (sent, direction) in [(0, "received"), (1, "sent")] {
+                    handles.get(sent * ports.slots(), || vec.with_label_values(&[direction, OTHER]));
+                }
+                Some((vec, handles))
+            }
+            false => None,
+        };
         let listeners = match config.listener_labels {
             Some(n) => Some(listeners::ListenerMetrics::new(n, config.netns > 0, config.host_netns, &registry)?),
             None => None,
@@ -494,6 +516,7 @@ impl Metrics {
             resets,
             namespace_counters,
             pods,
+            resets_by_port,
             registry,
         };
         metrics.create_other_series();
@@ -624,6 +647,20 @@ impl Metrics {
     /// Advances `tcptrace_resets_total` to the kernel's totals.
     pub fn set_resets(&mut self, totals: &tcptrace_common::ResetCounts) {
         self.resets.set(totals);
+    }
+
+    /// A reset sent or received, by port when port labels are on: the local port's
+    /// label if it has one, else the remote port's.
+    pub fn reset(&mut self, sent: bool, tuple: &crate::tracker::Tuple) {
+        let Some((vec, handles)) = &mut self.resets_by_port else { return };
+        let slot = match self.ports.current_slot(tuple.sport) {
+            0 => self.ports.current_slot(tuple.dport),
+            s => s,
+        };
+        let (ports, direction) = (&self.ports, if sent { "sent" } else { "received" });
+        handles
+            .get(usize::from(sent) * ports.slots() + slot, || vec.with_label_values(&[direction, &ports.label(slot)]))
+            .inc();
     }
 
     /// A SYN-ACK retransmitted by the listener on `port` in namespace `netns`.

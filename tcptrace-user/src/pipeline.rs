@@ -157,9 +157,15 @@ impl Pipeline {
         self.listeners.namespaces()
     }
 
-    /// Adds the listeners that existed before the daemon started.
-    pub fn seed_listeners(&mut self, found: impl IntoIterator<Item = ListenerKey>) {
-        let refused = found.into_iter().filter(|&key| !self.listeners.opened(key)).count();
+    /// Adds the listeners that existed before the daemon started, each with its
+    /// namespace's `struct net *` (which lets the tracker read the kernel's count of
+    /// time-wait sockets seeded there without waiting for an event from it).
+    pub fn seed_listeners(&mut self, found: impl IntoIterator<Item = (ListenerKey, u64)>) {
+        let mut refused = 0;
+        for (key, net) in found {
+            self.tracker.learn_net(key.netns, net);
+            refused += usize::from(!self.listeners.opened(key));
+        }
         if refused > 0 {
             self.metrics.evicted(Eviction::ListenerCap, refused as u64);
         }
@@ -228,6 +234,9 @@ impl Sink for Outputs<'_> {
     }
     fn listener_synack_retransmit(&mut self, netns: u32, port: u16) {
         self.metrics.listen_synack_retransmit(netns, port);
+    }
+    fn reset(&mut self, sent: bool, tuple: &crate::tracker::Tuple) {
+        self.metrics.reset(sent, tuple);
     }
 }
 

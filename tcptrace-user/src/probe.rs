@@ -763,12 +763,12 @@ impl Probe {
         Ok(Self { ebpf, mode, btf: offsets.is_some(), netns, programs, net, listeners, mib })
     }
 
-    /// The `struct sock *` of every listener of each namespace (by inode, with an
-    /// open descriptor of it), found with the `listeners` iterator: for each one a
+    /// The `struct sock *` and `struct net *` of every listener of each namespace (by
+    /// inode, with an open descriptor of it), found with the `listeners` iterator: for each one a
     /// thread enters the namespace (CAP_SYS_ADMIN, so only before the daemon drops
     /// its capabilities) and opens the iterator there. A namespace that cannot be
     /// entered or read is logged and left out; empty when the iterator did not load.
-    pub fn listeners_in(&mut self, namespaces: Vec<(u32, std::fs::File)>) -> Vec<(u32, u64)> {
+    pub fn listeners_in(&mut self, namespaces: Vec<(u32, std::fs::File)>) -> Vec<(u32, u64, u64)> {
         let mut found = Vec::new();
         if !self.listeners {
             return found;
@@ -792,10 +792,9 @@ impl Probe {
                     .unwrap_or_else(|_| Err("the reading thread panicked".to_owned()))
                 })
             });
+            let word = |b: &[u8]| u64::from_ne_bytes(b.try_into().unwrap_or_default());
             match read {
-                Ok(bytes) => found.extend(
-                    bytes.chunks_exact(8).map(|c| (netns, u64::from_ne_bytes(c.try_into().unwrap_or_default()))),
-                ),
+                Ok(bytes) => found.extend(bytes.chunks_exact(16).map(|c| (netns, word(&c[..8]), word(&c[8..])))),
                 Err(err) => warn!("cannot list the listeners of network namespace {netns} ({err}); their queues are read once they next open"),
             }
         }

@@ -191,6 +191,8 @@ pub trait Sink {
     fn listener_closed(&mut self, _key: ListenerKey) {}
     /// A SYN-ACK retransmitted by the listener on local `port` of namespace `netns`.
     fn listener_synack_retransmit(&mut self, _netns: u32, _port: u16) {}
+    /// A reset sent (`sent`) or received by the socket with this 4-tuple.
+    fn reset(&mut self, _sent: bool, _tuple: &Tuple) {}
 }
 
 /// Which table dropped an entry before its natural end, and why.
@@ -524,6 +526,21 @@ impl Tracker {
         self.awaiting_net = self.netns_time_wait.values().any(|ns| ns.net == 0);
     }
 
+    /// A namespace's `struct net *`, learned otherwise than from an event (the
+    /// listener iterator at start): a namespace whose time-wait sockets were seeded
+    /// can have its count read from the kernel at once.
+    pub fn learn_net(&mut self, netns: u32, net: u64) {
+        if net == 0 {
+            return;
+        }
+        if let Some(ns) = self.netns_time_wait.get_mut(&netns).filter(|ns| ns.net == 0) {
+            ns.net = net;
+        }
+        if self.awaiting_net {
+            self.awaiting_net = self.netns_time_wait.values().any(|ns| ns.net == 0);
+        }
+    }
+
     /// Applies one event. Its time is taken as it comes (a corrupted record's may be
     /// anything), so deadlines computed from it saturate rather than wrap.
     pub fn handle(&mut self, ev: &Event, sink: &mut impl Sink) {
@@ -531,10 +548,12 @@ impl Tracker {
             Some(EventKind::StateChange) => self.state_change(ev, sink),
             Some(EventKind::ResetReceived) => {
                 let key = (ev.skaddr, Tuple::of(ev));
+                sink.reset(false, &key.1);
                 if let (_, Some(_)) = self.reset.insert(key, (), ev.ts_ns.saturating_add(RESET_MEMORY_NS)) {
                     sink.evicted(Eviction::ResetCap, 1);
                 }
             }
+            Some(EventKind::ResetSent) => sink.reset(true, &Tuple::of(ev)),
             Some(EventKind::SynRetransmit) => {
                 let tuple = Tuple::of(ev);
                 if let Some(p) = self.pending.get_mut(&ev.skaddr).filter(|p| p.start.same_peer(&tuple)) {

@@ -285,9 +285,9 @@ struct Overflows {
 impl Overflows {
     /// Starts from `found` (listeners older than `watch`), whose drops so far are
     /// taken as the baseline rather than printed.
-    fn new(found: Vec<(u32, u64)>, counters: &KernelCounters, format: LogFormat) -> Self {
+    fn new(found: Vec<(u32, u64, u64)>, counters: &KernelCounters, format: LogFormat) -> Self {
         let mut table = Listeners::new(crate::pipeline::MAX_LISTENERS);
-        for (netns, sk) in found {
+        for (netns, sk, _) in found {
             table.opened(ListenerKey { netns, sk });
         }
         table.apply(&counters.listeners(&table.sockets()));

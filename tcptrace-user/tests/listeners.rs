@@ -119,7 +119,7 @@ fn an_overflowing_accept_queue_is_the_listeners_own_drop_count_also_after_a_rest
 #[ignore = "needs root and the real kernel: run `cargo xtask test`"]
 fn resets_sent_and_received_equal_the_kernels_counts() {
     require_root();
-    let daemon = Daemon::start(&[]);
+    let daemon = Daemon::start(&["--port-labels", "7400,7401"]);
     let ns = Netns::new();
     let (aborted, refused) = (scaled(20, 8), scaled(10, 4));
     let resets = |s: &support::Scrape, direction: &str, state: &str| {
@@ -154,7 +154,11 @@ fn resets_sent_and_received_equal_the_kernels_counts() {
     let mut numbers = release.split(|c: char| !c.is_ascii_digit()).filter_map(|n| n.parse::<u32>().ok());
     let every_reset = (numbers.next().unwrap_or(0), numbers.next().unwrap_or(0)) >= (6, 10);
     let expected_sent = if every_reset { kernel_sent } else { kernel_sent - refused as u64 };
+    let by_port = |s: &support::Scrape, direction: &str, port: &str| {
+        s.get("tcptrace_resets_by_port_total", &[("direction", direction), ("port", port)])
+    };
     let mut last = (0.0, 0.0, 0.0);
+    let mut ports = (0.0, 0.0, 0.0);
     let agree = wait_for(deadline(AGREE), || {
         let s = daemon.scrape();
         last = (
@@ -162,8 +166,14 @@ fn resets_sent_and_received_equal_the_kernels_counts() {
             resets(&s, "received", "established") - resets(&before.0, "received", "established"),
             resets(&s, "received", "syn_sent") - resets(&before.0, "received", "syn_sent"),
         );
+        // By port: the aborts on 7400 both ways; the refusals on 7401 only as
+        // received (the reset for a segment no socket took has no socket to name).
+        let delta = |d, p| by_port(&s, d, p) - by_port(&before.0, d, p);
+        ports = (delta("sent", "7400"), delta("received", "7400"), delta("received", "7401"));
         last == (expected_sent as f64, aborted as f64, refused as f64)
+            && ports == (aborted as f64, aborted as f64, refused as f64)
     });
+    eprintln!("by port: sent on 7400 {}, received on 7400 {}, received on 7401 {}", ports.0, ports.1, ports.2);
     eprintln!(
         "{aborted} aborted, {refused} refused: tcptrace sent {}, received in established {}, in syn_sent {}; OutRsts \
          {kernel_sent} ({}: expected {expected_sent})",
@@ -174,7 +184,8 @@ fn resets_sent_and_received_equal_the_kernels_counts() {
     );
     assert!(
         agree,
-        "resets sent {} != {expected_sent} (OutRsts {kernel_sent}), or received {}/{} != {aborted}/{refused}",
+        "resets sent {} != {expected_sent} (OutRsts {kernel_sent}), or received {}/{} != {aborted}/{refused}, or by \
+         port {ports:?} != ({aborted}, {aborted}, {refused})",
         last.0, last.1, last.2
     );
 }

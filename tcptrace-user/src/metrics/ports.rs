@@ -126,6 +126,11 @@ impl PortLabeler {
         usize::from(slot)
     }
 
+    /// The slot `port` has now, without counting it towards one (0: `other`).
+    pub fn current_slot(&self, port: u16) -> usize {
+        self.slot_of.get(usize::from(port)).map_or(0, |&s| usize::from(s))
+    }
+
     /// The label value of a slot.
     pub fn label(&self, slot: usize) -> String {
         match slot.checked_sub(1).and_then(|i| self.ports.get(i)) {

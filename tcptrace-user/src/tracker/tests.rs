@@ -830,3 +830,15 @@ fn a_seeded_namespace_is_read_from_the_kernel_once_an_event_names_its_struct_net
     t.kernel_time_wait(5, Some(0));
     assert_eq!(t.time_wait_sockets(Family::Ipv4), 0);
 }
+
+#[test]
+fn a_seeded_namespace_is_read_from_the_kernel_once_its_listener_names_its_struct_net() {
+    let (mut t, mut seen) = tracker();
+    let sock = in_netns(client(1, 40000), 5);
+    t.seed_time_wait(vec![(Tuple::of(&ev(sock, 0, Close, Close)), 30 * S)], &mut seen);
+    t.learn_net(7, 0xffff_0000_0000_0007);
+    t.learn_net(5, 0);
+    assert!(t.time_wait_namespaces().is_empty(), "another namespace, or no pointer: nothing learned");
+    t.learn_net(5, 0xffff_0000_0000_0005);
+    assert_eq!(t.time_wait_namespaces(), vec![(5, 0xffff_0000_0000_0005)]);
+}

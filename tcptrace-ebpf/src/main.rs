@@ -390,7 +390,7 @@ fn net_mib(net: u64, index: u64, ncpus: u64) -> Option<u64> {
         }
         let offset = CPU_OFFSETS.get(cpu as u32).copied().unwrap_or(0);
         if offset != 0 {
-            sum = sum.wrapping_add(read::<u64>(stats.wrapping_add(offset) + 8 * index, 0).unwrap_or(0));
+            sum = sum.wrapping_add(read::<u64>(stats.wrapping_add(offset).wrapping_add(8 * index), 0).unwrap_or(0));
         }
     }
     Some(sum)
@@ -435,7 +435,8 @@ pub extern "C" fn cpu_offset(ctx: *mut core::ffi::c_void) -> i32 {
 /// A BPF iterator over the TCP sockets of the namespace its reader was in when it
 /// opened it (`iter/tcp`, Linux 5.9+): writes the `struct sock *` of each listener
 /// and its `struct net *`, 16 bytes each, so that listeners made before the daemon
-/// started can be read with [`listener_read`] too, and their namespaces' counts. Written out: aya's macros have no iterator.
+/// started can be read with [`listener_read`] too, and their namespaces' counts.
+/// Written out: aya's macros have no iterator.
 #[unsafe(no_mangle)]
 #[unsafe(link_section = "iter/tcp")]
 pub extern "C" fn listeners(ctx: *mut core::ffi::c_void) -> i32 {
@@ -544,7 +545,7 @@ pub fn receive_reset_tp(ctx: TracePointContext) -> u32 {
     0
 }
 
-// ---- tcp_send_reset: counted only ----
+// ---- tcp_send_reset: counted; streamed only for resets by port ----
 
 #[btf_tracepoint(function = "tcp_send_reset")]
 pub fn send_reset_raw(ctx: BtfTracePointContext) -> i32 {

@@ -992,6 +992,24 @@ mod tests {
     }
 
     #[test]
+    fn the_running_kernels_btf_describes_listeners_and_their_counters() {
+        let Ok(btf) = Btf::from_file(Path::new(VMLINUX_BTF)) else { return };
+        let l = listener_offsets_from(&btf);
+        assert!(l.known() && l.net_statistics != ABSENT, "{l:?}");
+        let mib = MibReader::find(&btf).expect("the SYN cookie counters and bpf_array.pptrs");
+        assert!(mib.indexes[0] > 0 && mib.indexes[0] < 256 && mib.indexes[1] < 256, "{mib:?}");
+    }
+
+    #[test]
+    fn possible_cpus_are_the_highest_number_plus_one() {
+        assert_eq!(possible_cpus("0-7\n"), Some(8));
+        assert_eq!(possible_cpus("0"), Some(1));
+        assert_eq!(possible_cpus("0-3,8-11"), Some(12));
+        assert_eq!(possible_cpus("0-4095"), None, "beyond what the reader sums");
+        assert_eq!(possible_cpus(""), None);
+    }
+
+    #[test]
     fn fields_that_one_read_cannot_copy_are_left_out() {
         let (mut a, mut b, mut c, mut d) = (0, 2, 120, ABSENT);
         assert_eq!(span_of([(&mut a, 2), (&mut b, 2), (&mut d, 4)], "t"), 4);

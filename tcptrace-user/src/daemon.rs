@@ -292,11 +292,7 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
     // Events carry their namespace when BTF gave its offsets; seeds must match them.
     let listener_namespaces =
         seed_time_wait(&shared, probe.netns, max_time_wait, close_wait_ports + destinations > 0).await;
-    // Listeners older than the daemon, listed from inside their namespaces (which
-    // needs the privileges about to be dropped); newer ones announce themselves.
-    let found = probe.listeners_in(listener_namespaces);
-    info!("{} listening sockets already open", found.len());
-    lock(&shared).pipeline.seed_listeners(found.into_iter().map(|(netns, sk, net)| (ListenerKey { netns, sk }, net)));
+    seed_listeners(&shared, &mut probe, listener_namespaces);
     // Everything that needed privilege is done: attach, tracefs, other namespaces.
     match privileges::drop_all_but(&keep) {
         Ok(left) if left.permitted.is_empty() => info!("dropped every capability"),
@@ -427,6 +423,14 @@ async fn seed_time_wait(shared: &Shared, tag_netns: bool, cap: usize, connection
     }
     trim_heap();
     listener_namespaces
+}
+
+/// Adds the listeners older than the daemon, listed from inside their namespaces
+/// (which needs the privileges about to be dropped); newer ones announce themselves.
+fn seed_listeners(shared: &Shared, probe: &mut Probe, namespaces: Vec<(u32, std::fs::File)>) {
+    let found = probe.listeners_in(namespaces);
+    info!("{} listening sockets already open", found.len());
+    lock(shared).pipeline.seed_listeners(found.into_iter().map(|(netns, sk, net)| (ListenerKey { netns, sk }, net)));
 }
 
 /// Hands freed heap pages back to the system. Start-up parses megabytes (kernel

@@ -243,6 +243,7 @@ pub async fn run(args: WatchArgs) -> Result<()> {
     let found = probe.listeners_in(namespaces);
     let counters = probe.take_counters()?;
     let listeners = Overflows::new(found, &counters, format);
+    log::info!("watching {} listening sockets for overflows", listeners.table.len());
     let out = LineQueue::spawn("watch output (stdout)", OUTPUT_QUEUE, io::stdout())?;
     let ended = Arc::new(Mutex::new(None));
     let watcher = Watcher {

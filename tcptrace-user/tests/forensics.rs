@@ -272,6 +272,15 @@ fn port_labels_stay_within_their_cap_over_a_thousand_ports() {
 
 /// `tcptrace watch` with `args`, stdout piped; waits until it has attached.
 fn start_watch(args: &[&str]) -> (std::process::Child, BufReader<std::process::ChildStdout>) {
+    // "attached raw tracepoint programs to inet_sock_set_state, ...".
+    start_watch_until(args, |line| line.contains("attached") && line.contains("inet_sock_set_state"))
+}
+
+/// `tcptrace watch` with `args`, once its stderr said `ready`.
+fn start_watch_until(
+    args: &[&str],
+    ready: impl Fn(&str) -> bool + Send + 'static,
+) -> (std::process::Child, BufReader<std::process::ChildStdout>) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_tcptrace"))
         .arg("watch")
         .args(args)
@@ -283,13 +292,12 @@ fn start_watch(args: &[&str]) -> (std::process::Child, BufReader<std::process::C
     let (tx, rx) = mpsc::channel();
     thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            // "attached raw tracepoint programs to inet_sock_set_state, ...".
-            if line.contains("attached") && line.contains("inet_sock_set_state") {
+            if ready(&line) {
                 let _ = tx.send(());
             }
         }
     });
-    rx.recv_timeout(Duration::from_secs(20)).expect("watch attaches");
+    rx.recv_timeout(Duration::from_secs(20)).expect("watch starts");
     let out = BufReader::new(child.stdout.take().unwrap());
     (child, out)
 }
@@ -362,6 +370,35 @@ fn watch_json_lines_match_the_connections_made() {
     let by_direction = |d: &str| lines.iter().filter(|v| v["event"] == "handshake" && v["direction"] == d).count();
     assert_eq!((by_direction("active"), by_direction("passive")), (3, 3), "{lines:?}");
     assert!(lines.iter().all(|v| v["duration_ms"].as_f64().is_some_and(|d| d > 0.0 && d < 100.0)));
+}
+
+#[test]
+#[ignore = "needs root and the real kernel: run `cargo xtask test`"]
+fn watch_prints_a_listeners_overflow_as_it_happens() {
+    require_root();
+    let ns = Netns::new();
+    let port = 7310;
+    // Ready once it read the listeners there already: the test's comes later.
+    let (mut child, out) = start_watch_until(&["--json", "--port", &port.to_string()], |line| {
+        line.contains("listening sockets for overflows")
+    });
+    let held = support::overflow(&ns, port, 5);
+    let overflowed = |lines: &[serde_json::Value]| -> u64 {
+        lines.iter().filter(|v| v["event"] == "listen_overflow").map(|v| v["dropped"].as_u64().unwrap_or(0)).sum()
+    };
+    let lines = read_json(out, |lines| overflowed(lines) >= 5);
+    assert!(interrupt(&mut child).success());
+    let (_, _, kernel) = support::ss_listener(&ns, port);
+    let line = lines.iter().rev().find(|v| v["event"] == "listen_overflow");
+    eprintln!("watch: {line:?}; ss -ltm d {kernel}");
+    assert_eq!(overflowed(&lines), kernel, "drops printed by watch against the listener's own count: {lines:?}");
+    let line = line.unwrap();
+    assert_eq!(
+        (line["port"].as_u64(), line["netns"].as_str()),
+        (Some(u64::from(port)), Some(ns.inode().to_string().as_str()))
+    );
+    assert_eq!((line["queue"].as_u64(), line["limit"].as_u64()), (Some(3), Some(2)), "{line}");
+    drop(held);
 }
 
 #[test]

@@ -612,6 +612,45 @@ impl Drop for Held {
     }
 }
 
+/// What `ss -ltnm` says of the listener on `port` in `ns`: Recv-Q (the accept
+/// queue now), Send-Q (the backlog) and the `d` of its skmem (its drop count).
+pub fn ss_listener(ns: &Netns, port: u16) -> (u64, u64, u64) {
+    let out = Command::new("ip")
+        .args(["netns", "exec", &ns.name, "ss", "-Hltnm", "sport", "=", &format!(":{port}")])
+        .output()
+        .expect("run ss");
+    assert!(out.status.success(), "ss failed: {}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let words: Vec<&str> = text.split_whitespace().collect();
+    let number = |i: usize| words.get(i).and_then(|w| w.parse().ok()).unwrap_or_else(|| panic!("ss said: {text}"));
+    let drops = text
+        .split(['(', ')', ','])
+        .find_map(|f| f.strip_prefix('d').and_then(|d| d.parse().ok()))
+        .unwrap_or_else(|| panic!("no drop count in: {text}"));
+    (number(1), number(2), drops)
+}
+
+/// In `ns`: a listener on `port` with a backlog of 2 that never accepts, 3 clients
+/// that fill its queue (it is full above the backlog), then `dropped` connects whose
+/// SYNs it drops, closed at once so that they retransmit nothing. Kept until dropped.
+pub fn overflow(ns: &Netns, port: u16, dropped: usize) -> Held {
+    Held::new(ns, move || {
+        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+        let listener = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        listener.set_reuse_address(true).unwrap();
+        listener.bind(&addr.into()).unwrap();
+        listener.listen(2).unwrap();
+        let queued: Vec<TcpStream> = (0..3).map(|_| TcpStream::connect(addr).expect("a queued client")).collect();
+        for _ in 0..dropped {
+            let client = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+            client.set_nonblocking(true).unwrap();
+            // EINPROGRESS: the SYN is out, and on loopback already dropped.
+            let _ = client.connect(&addr.into());
+        }
+        (listener, queued)
+    })
+}
+
 /// An nftables table (family inet) with one input-hook chain holding `rules`, in
 /// the current namespace or in `netns`; deleted on drop (also on panic). The input
 /// hook, because a packet dropped on output fails locally (6.1 counts it as

@@ -113,12 +113,16 @@ impl Listeners {
     /// is not counted twice), up to as many namespaces as listeners are kept.
     pub fn apply_namespaces(&mut self, readings: &[(ListenerKey, Option<[u32; 2]>)]) -> [u64; 2] {
         let mut new = [0u64; 2];
+        // At the cap, namespaces without a listener now make room (one pass each).
+        let mut idle: Vec<u32> = Vec::new();
+        if self.namespaces.len() >= self.cap {
+            let listening: std::collections::HashSet<u32> = self.known.keys().map(|k| k.netns).collect();
+            idle = self.namespaces.keys().copied().filter(|ns| !listening.contains(ns)).collect();
+        }
         for (key, now) in readings {
             let Some(now) = now else { continue };
             if self.namespaces.len() >= self.cap && !self.namespaces.contains_key(&key.netns) {
-                // Forget one that has no listener now, if any.
-                let idle = self.namespaces.keys().copied().find(|ns| !self.known.keys().any(|k| k.netns == *ns));
-                if let Some(ns) = idle {
+                if let Some(ns) = idle.pop() {
                     self.namespaces.remove(&ns);
                 }
             }
@@ -219,6 +223,19 @@ mod tests {
         assert!(l.opened(A));
         assert_eq!(l.apply_namespaces(&[(A, Some([5, 1]))]), [2, 0], "listening again: not counted twice");
         assert_eq!(l.apply_namespaces(&[(A, Some([1, 0]))]), [1, 0], "a namespace reborn at the inode");
+    }
+
+    #[test]
+    fn at_the_cap_a_namespace_without_listeners_makes_room() {
+        let mut l = Listeners::new(2);
+        assert!(l.opened(A) && l.opened(C));
+        l.apply_namespaces(&[(A, Some([1, 0])), (C, Some([1, 0]))]);
+        l.closed(A);
+        let d = ListenerKey { netns: 3, sk: 0xd0 };
+        assert!(l.opened(d));
+        assert_eq!(l.apply_namespaces(&[(d, Some([4, 0])), (C, Some([2, 0]))]), [5, 0]);
+        assert_eq!(l.namespaces.len(), 2, "namespace 1 (no listener left) made room: {:?}", l.namespaces);
+        assert!(l.namespaces.contains_key(&3) && l.namespaces.contains_key(&2));
     }
 
     #[test]

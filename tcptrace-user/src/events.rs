@@ -96,8 +96,9 @@ pub struct KernelTotals {
     pub missed: Vec<(&'static str, u64)>,
     /// Resets sent and received, by `tcptrace_common::reset_slot`.
     pub resets: Option<Box<tcptrace_common::ResetCounts>>,
-    /// Listeners' figures read just now (`None`: no longer a listener).
-    pub listeners: Vec<(crate::listeners::ListenerKey, Option<crate::listeners::ListenerFigures>)>,
+    /// Listeners' figures read just now (inside, `None`: no longer a listener); `None`
+    /// when they could not be read, and the gauges stand still.
+    pub listeners: Option<Vec<(crate::listeners::ListenerKey, Option<crate::listeners::ListenerFigures>)>>,
     /// SyncookiesSent and TCPReqQFullDrop of each namespace with a listener, read
     /// through one of its listeners (31 bits).
     pub namespace_counters: Vec<(crate::listeners::ListenerKey, Option<[u32; 2]>)>,

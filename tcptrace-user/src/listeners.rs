@@ -42,6 +42,18 @@ pub struct PortFigures {
     pub new_drops: u64,
 }
 
+/// How much a 31-bit count the kernel side returns grew from `before` to `now`: past
+/// a wrap at 2^31 when it went back by more than half the range (a reading every
+/// second cannot miss a whole turn), else it started again from 0 (another socket,
+/// or a namespace reborn at the same inode), so all of `now` is new.
+fn wrapped_increase(before: u32, now: u32) -> u32 {
+    match now.checked_sub(before) {
+        Some(up) => up,
+        None if before - now > 1 << 30 => now.wrapping_sub(before) & i32::MAX as u32,
+        None => now,
+    }
+}
+
 /// What the table last read of a listener.
 #[derive(Clone, Copy, Debug)]
 struct Last {
@@ -128,12 +140,7 @@ impl Listeners {
             }
             let last = self.namespaces.insert(key.netns, *now);
             for (i, total) in new.iter_mut().enumerate() {
-                *total += u64::from(match last {
-                    Some(l) if now[i] >= l[i] => now[i] - l[i],
-                    // Below i32::MAX + 1 again after a wrap at 2^31.
-                    Some(l) if l[i] - now[i] > 1 << 30 => now[i].wrapping_sub(l[i]) & i32::MAX as u32,
-                    _ => now[i],
-                });
+                *total += u64::from(last.map_or(now[i], |l| wrapped_increase(l[i], now[i])));
             }
         }
         new
@@ -154,7 +161,7 @@ impl Listeners {
             // Closed since the reading was asked for.
             let Some(last) = self.known.get_mut(key) else { continue };
             let new_drops = match *last {
-                Some(l) if l.port == f.port && f.drops >= l.drops => f.drops - l.drops,
+                Some(l) if l.port == f.port => wrapped_increase(l.drops, f.drops),
                 _ => f.drops,
             };
             *last = Some(Last { port: f.port, drops: f.drops });
@@ -201,6 +208,9 @@ mod tests {
         );
         let second = l.apply(&[(A, fig(80, 3, 2, 15)), (B, fig(80, 0, 2, 0)), (C, fig(80, 0, 128, 0))]);
         assert_eq!(second[0].new_drops, 5, "only the drops since the last reading");
+        let top = i32::MAX as u32;
+        l.apply(&[(A, fig(80, 3, 2, top))]);
+        assert_eq!(l.apply(&[(A, fig(80, 3, 2, 3))])[0].new_drops, 4, "past the 31-bit wrap");
         // A socket reused at A's address for another port: its drops are its own.
         let third = l.apply(&[(A, fig(81, 0, 5, 2))]);
         assert_eq!(third, [PortFigures { netns: 1, port: 81, queue: 0, limit: 5, new_drops: 2 }]);

@@ -115,8 +115,10 @@ impl Pipeline {
             self.metrics.set_transitions(transitions, self.tracker.time_wait_by_family());
         }
         self.metrics.set_missed(&kernel.missed);
-        let ports = self.listeners.apply(&kernel.listeners);
-        self.metrics.set_listeners(&ports);
+        if let Some(readings) = &kernel.listeners {
+            let ports = self.listeners.apply(readings);
+            self.metrics.set_listeners(&ports);
+        }
         let [cookies, syn_queue_drops] = self.listeners.apply_namespaces(&kernel.namespace_counters);
         self.metrics.namespace_counters(cookies, syn_queue_drops);
         if let Some(resets) = &kernel.resets {

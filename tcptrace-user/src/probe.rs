@@ -349,6 +349,8 @@ pub struct KernelCounters {
     mib: Option<MibReader>,
     resets: PerCpuArray<MapData, ResetCounts>,
     warned: std::sync::atomic::AtomicBool,
+    /// Said once, apart from `warned`: one failing reader must not hide another.
+    warned_listeners: std::sync::atomic::AtomicBool,
 }
 
 impl KernelCounters {
@@ -431,8 +433,8 @@ impl KernelCounters {
     /// Each listener's queue, backlog, drop count and port, asked of the kernel now
     /// (four BPF_PROG_TEST_RUNs of `listener_read`, a microsecond or two each); `None`
     /// for one that is no longer a listener. Nothing when the program did not load.
-    pub fn listeners(&self, sockets: &[ListenerKey]) -> Vec<(ListenerKey, Option<ListenerFigures>)> {
-        let Some(fd) = &self.listener_read else { return Vec::new() };
+    pub fn listeners(&self, sockets: &[ListenerKey]) -> Option<Vec<(ListenerKey, Option<ListenerFigures>)>> {
+        let fd = self.listener_read.as_ref()?;
         let mut out = Vec::with_capacity(sockets.len());
         for &key in sockets {
             let read = |what| match test_run(fd, &[key.sk, u64::from(key.netns), what, 0, 0, 0]) {
@@ -453,14 +455,14 @@ impl KernelCounters {
             match figures {
                 Ok(f) => out.push((key, f)),
                 Err(err) => {
-                    if !self.warned.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                    if !self.warned_listeners.swap(true, std::sync::atomic::Ordering::Relaxed) {
                         warn!("reading listeners with BPF_PROG_TEST_RUN failed ({err}); the tcptrace_listen_* metrics stand still");
                     }
-                    return Vec::new();
+                    return None;
                 }
             }
         }
-        out
+        Some(out)
     }
 
     /// Each namespace's own time-wait count, asked of the kernel now (one
@@ -837,6 +839,7 @@ impl Probe {
             resets: PerCpuArray::try_from(resets)
                 .map_err(|e| Error::Object(format!("per-CPU array {RESETS_MAP}: {e}")))?,
             warned: Default::default(),
+            warned_listeners: Default::default(),
             lost: PerCpuArray::try_from(lost).map_err(|e| Error::Object(format!("per-CPU array {LOST_MAP}: {e}")))?,
             transitions: PerCpuArray::try_from(transitions)
                 .map_err(|e| Error::Object(format!("per-CPU array {TRANSITIONS_MAP}: {e}")))?,

@@ -155,13 +155,12 @@ pub fn time_wait_sockets(now_ns: u64, tag_netns: bool, cap: usize, connections: 
         match read {
             Ok(seeds) => {
                 out.seeds.namespaces += 1;
-                if !seeds.listeners.is_empty() {
-                    out.keep_listener_namespace(inode, 0, || fs::File::open(&path));
-                }
                 out.seeds.dropped += seeds.dropped;
                 out.seeds.connections_dropped += seeds.connections_dropped;
                 seeds.sockets.into_iter().for_each(|s| out.push(s));
+                let before = out.seeds.listeners.len();
                 out.seeds.listeners.extend(seeds.listeners);
+                out.keep_listener_namespace(inode, before, || fs::File::open(&path));
                 for (total, n) in out.seeds.states.iter_mut().flatten().zip(seeds.states.iter().flatten()) {
                     *total += n;
                 }

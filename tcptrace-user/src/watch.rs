@@ -227,6 +227,10 @@ impl Consumer for Watcher {
 
 pub async fn run(args: WatchArgs) -> Result<()> {
     let mut signals = shutdown::Signals::install()?;
+    // The namespaces with listeners, from every /proc table: before the programs
+    // attach, since nothing drains the ring buffer until the reader starts.
+    let namespaces =
+        procnet::time_wait_sockets(monotonic_ns(), true, 1, false).map(|s| s.listener_namespaces).unwrap_or_default();
     let mut probe = Probe::load(LoadOptions {
         ring_bytes: args.ring_buffer_size.0,
         stream_all: !args.handshakes,
@@ -238,8 +242,6 @@ pub async fn run(args: WatchArgs) -> Result<()> {
     let fd = ring.as_raw_fd();
     let format = if args.json { LogFormat::Json } else { LogFormat::Text };
     // Listeners older than `watch`, from every namespace with one.
-    let namespaces =
-        procnet::time_wait_sockets(monotonic_ns(), true, 1, false).map(|s| s.listener_namespaces).unwrap_or_default();
     let found = probe.listeners_in(namespaces);
     let counters = probe.take_counters()?;
     let listeners = Overflows::new(found, &counters, format);
@@ -291,7 +293,7 @@ impl Overflows {
         for (netns, sk, _) in found {
             table.opened(ListenerKey { netns, sk });
         }
-        table.apply(&counters.listeners(&table.sockets()));
+        table.apply(&counters.listeners(&table.sockets()).unwrap_or_default());
         Self { table, format, host: procnet::own_netns(), read_ns: 0 }
     }
 
@@ -314,7 +316,7 @@ impl Overflows {
             return None;
         }
         self.read_ns = now_ns;
-        let figures = self.table.apply(&counters.listeners(&self.table.sockets()));
+        let figures = self.table.apply(&counters.listeners(&self.table.sockets())?);
         let lines = figures
             .iter()
             .filter(|p| p.new_drops > 0 && (ports.is_empty() || ports.contains(&p.port)))

@@ -598,13 +598,15 @@ proptest! {
                 .map(|&(netns, r)| (tcptrace_user::listeners::ListenerKey { netns, sk: 1 }, r.map(|r| [r, r >> 1])))
                 .collect(),
             // Readings of listeners the pipeline may not know: ignored, or applied.
-            listeners: readings
+            listeners: Some(
+                readings
                 .iter()
                 .map(|&(netns, r)| {
                     let key = tcptrace_user::listeners::ListenerKey { netns, sk: u64::from(netns) << 8 };
                     (key, r.map(|r| tcptrace_user::listeners::ListenerFigures { port: r as u16, queue: r, limit: r, drops: r }))
                 })
                 .collect(),
+            ),
         };
         let mut refreshes = now.iter().cycle();
         for record in records {

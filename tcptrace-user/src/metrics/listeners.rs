@@ -62,9 +62,10 @@ impl ListenerMetrics {
         )?;
         let overflows = counter(
             "tcptrace_listen_overflows_total",
-            "Packets the port's listeners dropped (their sk_drops, ss -ltm's d): SYNs and final ACKs that \
-             found the accept queue (or, without SYN cookies, the SYN queue) full, each a client that \
-             retransmits; the kernel counts a dropped final ACK twice.",
+            "Packets the port's listeners dropped (their sk_drops, ss -ltm's d): above all SYNs and final ACKs \
+             that found the accept queue (or, without SYN cookies, the SYN queue) full, each a client that \
+             retransmits (the kernel counts a dropped final ACK twice); also those a socket filter, a policy or \
+             an invalid ACK made it drop.",
         )?;
         let synack = counter(
             "tcptrace_listen_synack_retransmits_total",

@@ -129,21 +129,26 @@ fn time_wait_at_the_kernels_cap_is_the_kernels_count() {
     let overflows = |s: &support::Scrape| {
         s.sum("tcptrace_time_wait_overflows_total", &[]) - before.0.sum("tcptrace_time_wait_overflows_total", &[])
     };
-    let mut last = (0.0, 0, 0, 0.0);
+    let (mut last, mut skipped) = ((0.0, 0, 0, 0.0), 0.0);
     let agree = wait_for(deadline(AGREE), || {
         let s = daemon.scrape();
         last = (s.time_wait(), host_sockstat_tw(), ns.sockstat_tw(), overflows(&s));
-        last.0 == (last.1 + last.2) as f64 && last.3 == overflow_kernel as f64
+        // A close the kernel skipped is an overflow tcptrace never saw (a 6.1 VM:
+        // 29 of 30): that many may be missing, and no more.
+        skipped = missed(&s) - missed(&before.0);
+        let kernel = overflow_kernel as f64;
+        last.0 == (last.1 + last.2) as f64 && last.3 <= kernel && last.3 + skipped >= kernel
     });
     let (gauge, host, in_ns, overflowed) = last;
     eprintln!(
-        "cap {cap}, {} closes: gauge {gauge} = host {host} + namespace {in_ns}; overflows {overflowed}, TcpExt {overflow_kernel}",
+        "cap {cap}, {} closes: gauge {gauge} = host {host} + namespace {in_ns}; overflows {overflowed}, TcpExt \
+         {overflow_kernel}; runs the kernel skipped meanwhile {skipped}",
         4 * cap
     );
     assert!(
         agree,
         "tcptrace_time_wait_sockets {gauge} != host {host} + namespace {in_ns} (cap {cap}), or overflows {overflowed} != \
-         TCPTimeWaitOverflow {overflow_kernel}\n{}",
+         TCPTimeWaitOverflow {overflow_kernel} beyond the {skipped} skipped runs exported\n{}",
         kernel_socket_summary()
     );
     assert_eq!(in_ns, cap, "the namespace should be at its cap");

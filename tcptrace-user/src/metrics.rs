@@ -72,7 +72,7 @@ pub struct MetricsConfig {
 
 /// A namespace's `netns` label wherever one is named: `host` for the daemon's own,
 /// `unknown` without BTF (events without a namespace: one for all), else its inode.
-fn netns_label(netns: u32, host: Option<u32>) -> String {
+pub(crate) fn netns_label(netns: u32, host: Option<u32>) -> String {
     match netns {
         _ if Some(netns) == host => "host".into(),
         0 => "unknown".into(),

@@ -526,18 +526,15 @@ impl Tracker {
         self.awaiting_net = self.netns_time_wait.values().any(|ns| ns.net == 0);
     }
 
-    /// A namespace's `struct net *`, learned otherwise than from an event (the
-    /// listener iterator at start): a namespace whose time-wait sockets were seeded
-    /// can have its count read from the kernel at once.
+    /// A namespace's `struct net *`, from an event or the listener iterator at start:
+    /// a namespace whose time-wait sockets were seeded can have its count read from
+    /// the kernel from then on. (`advance` clears `awaiting_net` once none waits.)
     pub fn learn_net(&mut self, netns: u32, net: u64) {
         if net == 0 {
             return;
         }
         if let Some(ns) = self.netns_time_wait.get_mut(&netns).filter(|ns| ns.net == 0) {
             ns.net = net;
-        }
-        if self.awaiting_net {
-            self.awaiting_net = self.netns_time_wait.values().any(|ns| ns.net == 0);
         }
     }
 
@@ -590,10 +587,8 @@ impl Tracker {
             return;
         };
         let tuple = Tuple::of(ev);
-        if self.awaiting_net && ev.net != 0 {
-            if let Some(ns) = self.netns_time_wait.get_mut(&tuple.netns).filter(|ns| ns.net == 0) {
-                ns.net = ev.net;
-            }
+        if self.awaiting_net {
+            self.learn_net(tuple.netns, ev.net);
         }
 
         // A new connection on a 4-tuple in TIME_WAIT means the kernel reused (killed)

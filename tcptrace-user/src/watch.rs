@@ -320,10 +320,7 @@ impl Overflows {
         let lines = figures
             .iter()
             .filter(|p| p.new_drops > 0 && (ports.is_empty() || ports.contains(&p.port)))
-            .map(|p| {
-                let netns = if Some(p.netns) == self.host { "host".to_string() } else { p.netns.to_string() };
-                report::listen_overflow(p, netns, now_ns, self.format)
-            })
+            .map(|p| report::listen_overflow(p, crate::metrics::netns_label(p.netns, self.host), now_ns, self.format))
             .collect();
         Some(lines)
     }

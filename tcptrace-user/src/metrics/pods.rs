@@ -97,17 +97,16 @@ impl PodHandshakes {
     /// The slot of a namespace: its own once it made a few handshakes and its
     /// cgroup is known (the daemon's own and an unknown one need none).
     fn slot(&mut self, netns: u32) -> usize {
-        let host = self.host;
-        let cgroup = match netns {
-            _ if Some(netns) == host || netns == 0 => Some(String::new()),
-            _ => self.cgroups.get(&netns).cloned(),
-        };
+        let (host, cgroups) = (self.host, &self.cgroups);
         let before = self.series.len();
-        let slot = self.labels.slot(&netns, || cgroup.clone());
+        // Named only when it qualifies: a labelled namespace's handshakes cost one lookup.
+        let slot = self.labels.slot(&netns, || match netns {
+            _ if Some(netns) == host || netns == 0 => Some(String::new()),
+            _ => cgroups.get(&netns).cloned(),
+        });
         if slot >= before {
-            let cgroup = cgroup.unwrap_or_default();
+            let cgroup = self.cgroups.remove(&netns).unwrap_or_default();
             self.push(&netns_label(netns, host), &cgroup);
-            self.cgroups.remove(&netns);
         }
         slot
     }

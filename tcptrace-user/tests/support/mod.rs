@@ -403,14 +403,19 @@ impl Scrape {
 /// The `tw` count of a /proc/net/sockstat text: the kernel's time-wait sockets of
 /// that namespace (IPv4 and IPv6).
 pub fn sockstat_tw(text: &str) -> usize {
-    let tcp = text.lines().find_map(|l| l.strip_prefix("TCP:")).unwrap_or_else(|| panic!("no TCP line in {text}"));
-    let mut fields = tcp.split_whitespace();
-    while let Some(key) = fields.next() {
-        if key == "tw" {
-            return fields.next().and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("bad tw in {text}"));
+    sockstat_field(text, "TCP:", "tw").unwrap_or_else(|| panic!("no TCP tw in {text}"))
+}
+
+/// One figure of a sockstat line: `line` "TCP:" (sockstat) or "TCP6:" (sockstat6),
+/// `key` "tw", "inuse".
+fn sockstat_field(text: &str, line: &str, key: &str) -> Option<usize> {
+    let mut fields = text.lines().find_map(|l| l.strip_prefix(line))?.split_whitespace();
+    while let Some(k) = fields.next() {
+        if k == key {
+            return fields.next()?.parse().ok();
         }
     }
-    panic!("no tw in {text}")
+    None
 }
 
 /// Time-wait sockets of the test's own (the host's) network namespace, per
@@ -513,7 +518,28 @@ impl Netns {
         let ns = Self { name: unique("tctest") };
         sh("ip", &["netns", "add", &ns.name]);
         ns.exec("ip", &["link", "set", "lo", "up"]);
+        // An orphan whose last ACK came while it was being closed waits in FIN_WAIT2
+        // on a full socket for tcp_fin_timeout (60 s by default), keeping the namespace
+        // alive after its deletion: see Drop.
+        ns.exec("sysctl", &["-qw", "net.ipv4.tcp_fin_timeout=5"]);
         ns
+    }
+
+    /// Full TCP sockets of both families in the namespace (sockstat's `inuse`), or
+    /// `None` when it cannot be read.
+    fn tcp_in_use(&self) -> Option<usize> {
+        let path = format!("/run/netns/{}", self.name);
+        let read = thread::spawn(move || {
+            let file = std::fs::File::open(&path).ok()?;
+            // SAFETY: setns on a namespace fd we opened; affects only this thread.
+            if unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) } != 0 {
+                return None;
+            }
+            let v4 = std::fs::read_to_string("/proc/thread-self/net/sockstat").ok()?;
+            let v6 = std::fs::read_to_string("/proc/thread-self/net/sockstat6").unwrap_or_default();
+            Some(sockstat_field(&v4, "TCP:", "inuse")? + sockstat_field(&v6, "TCP6:", "inuse").unwrap_or(0))
+        });
+        read.join().ok().flatten()
     }
 
     /// Runs a command inside the namespace.
@@ -576,7 +602,17 @@ impl Netns {
 }
 
 impl Drop for Netns {
+    /// Deletes the namespace once its full sockets are gone (a few seconds at most):
+    /// a deleted namespace lives on, unreachable, while a socket holds it, and the next
+    /// test's daemon would count sockets there that no `ss` can list.
     fn drop(&mut self) {
+        let mut left = None;
+        if !wait_for(deadline(Duration::from_secs(10)), || {
+            left = self.tcp_in_use();
+            left.is_none_or(|n| n == 0)
+        }) {
+            eprintln!("{}: {left:?} TCP sockets still open; deleting it anyway", self.name);
+        }
         let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
     }
 }

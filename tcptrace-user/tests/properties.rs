@@ -593,6 +593,9 @@ proptest! {
             time_wait: readings.clone(),
             port_ranges: readings.iter().map(|&(ns, r)| (ns, r.map(|r| (r as u16, (r >> 16) as u16)))).collect(),
             resets: Some(Box::new([3; 32])),
+            pairing: Some([lost.unwrap_or(0), 1]),
+            // Nothing held in the kernel: the gauge is then the tracker's own.
+            active: Some((0, 1)),
             namespace_counters: readings
                 .iter()
                 .map(|&(netns, r)| (tcptrace_user::listeners::ListenerKey { netns, sk: 1 }, r.map(|r| [r, r >> 1])))

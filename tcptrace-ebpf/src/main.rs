@@ -267,6 +267,10 @@ fn state_change(sk: u64, family: u16, old: u32, new: u32, tuple: impl FnOnce(&mu
     }
     let Some(mut entry) = EVENTS.reserve::<Event>(0) else {
         count_lost();
+        if old == TcpState::SynSent as u32 {
+            // Lost with its end: the start must not wait for the sweep.
+            let _ = ACTIVE.remove(&sk);
+        }
         return;
     };
     let ev = cleared(&mut entry);
@@ -354,6 +358,7 @@ fn count_syn_retransmit(sk: u64) {
     }
 }
 
+/// Counts what [`ACTIVE`] could not keep.
 #[inline(always)]
 fn count_pairing(slot: u32) {
     if let Some(n) = PAIRING.get_ptr_mut(slot) {

@@ -84,43 +84,6 @@ pub const fn reset_slot(sent: bool, state: u32) -> usize {
     (sent as usize) << 4 | if state > 15 { 0 } else { state as usize }
 }
 
-/// Name of the hash map, keyed by `struct sock *`, holding each active open's
-/// [`ActiveStart`] from CLOSE->SYN_SENT until the socket leaves SYN_SENT: the kernel
-/// pairs active handshakes, and only their end is streamed, carrying the start.
-pub const ACTIVE_MAP: &str = "ACTIVE";
-/// Most active opens [`ACTIVE_MAP`] holds at once (as the daemon's own table of
-/// handshakes in progress did by default); one that finds it full is counted
-/// ([`PAIRING_FULL`]) and its end streams untimed.
-pub const ACTIVE_MAX: u32 = 65_536;
-/// Name of the per-CPU array counting what [`ACTIVE_MAP`] could not keep, by
-/// [`PAIRING_FULL`] and [`PAIRING_REPLACED`].
-pub const PAIRING_MAP: &str = "PAIRING";
-/// [`PAIRING_MAP`] slot: starts the full map could not hold.
-pub const PAIRING_FULL: u32 = 0;
-/// [`PAIRING_MAP`] slot: starts replaced by a new one at the same socket address
-/// (the earlier socket's end was never seen: a run the kernel skipped).
-pub const PAIRING_REPLACED: u32 = 1;
-/// Slots of [`PAIRING_MAP`].
-pub const PAIRING_SLOTS: u32 = 2;
-
-/// What the kernel keeps of an active open while it is in SYN_SENT: when and by whom
-/// `connect()` was called (only then is the current task the connecting one).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ActiveStart {
-    /// `bpf_ktime_get_ns()` at CLOSE->SYN_SENT.
-    pub ts_ns: u64,
-    pub cgroup_id: u64,
-    pub pid: u32,
-    pub tgid: u32,
-    pub comm: [u8; 16],
-    /// SYN retransmissions seen meanwhile.
-    pub retransmits: u32,
-    pub _pad: u32,
-}
-
-const _: () = assert!(core::mem::size_of::<ActiveStart>() == 48);
-
 /// [`Event::tw_count`] and [`Event::tw_max`] when not read.
 pub const TW_UNKNOWN: u32 = u32::MAX;
 /// Counts of state changes, indexed by [`transition_slot`].
@@ -163,10 +126,9 @@ pub const fn extra_pairs(extra: u8, old: u32, new: u32) -> bool {
 }
 
 /// Whether the daemon needs this transition streamed (the rest are only counted):
-/// handshake ends, the entries into TIME_WAIT, and listeners opening and closing
-/// (whose queues it reads). An active open's start (CLOSE->SYN_SENT) stays in the
-/// kernel ([`ACTIVE_MAP`]) and travels with its end; LISTEN->SYN_RECV is not needed
-/// either: the child's SYN_RECV->ESTABLISHED follows at once with the same 4-tuple.
+/// handshake starts and ends, the entries into TIME_WAIT, and listeners opening and
+/// closing (whose queues it reads). (LISTEN->SYN_RECV is not needed: the child's
+/// SYN_RECV->ESTABLISHED follows at once with the same 4-tuple.)
 pub const fn pairs(old: u32, new: u32) -> bool {
     const CLOSE: u32 = TcpState::Close as u32;
     const LISTEN: u32 = TcpState::Listen as u32;
@@ -174,7 +136,7 @@ pub const fn pairs(old: u32, new: u32) -> bool {
     const SYN_RECV: u32 = TcpState::SynRecv as u32;
     const FIN_WAIT2: u32 = TcpState::FinWait2 as u32;
     const CLOSING: u32 = TcpState::Closing as u32;
-    matches!((old, new), (SYN_SENT, _) | (SYN_RECV, _) | (CLOSE, LISTEN) | (LISTEN, CLOSE))
+    matches!((old, new), (CLOSE, SYN_SENT) | (SYN_SENT, _) | (SYN_RECV, _) | (CLOSE, LISTEN) | (LISTEN, CLOSE))
         || (new == CLOSE && (old == FIN_WAIT2 || old == CLOSING))
 }
 
@@ -569,10 +531,7 @@ pub struct Event {
     /// A [`TcpState`] as `u8` (0 when the kind carries no state).
     pub old_state: u8,
     pub new_state: u8,
-    /// SYN retransmissions of an active open paired in the kernel (see
-    /// [`Event::start_ns`]), at most 255.
-    pub syn_retransmits: u8,
-    pub _pad: [u8; 2],
+    pub _pad: [u8; 3],
     /// `tcp_sock.srtt_us` (smoothed RTT in us, times 8) when a socket became
     /// ESTABLISHED; for a passive child it holds the SYN-ACK round trip. 0 if unread.
     pub srtt_us: u32,
@@ -592,10 +551,6 @@ pub struct Event {
     /// (`net.ipv4.tcp_max_tw_buckets`); [`TW_UNKNOWN`] otherwise.
     pub tw_count: u32,
     pub tw_max: u32,
-    /// As a socket leaves SYN_SENT: when its `connect()` made it SYN_SENT, from
-    /// [`ACTIVE_MAP`] (the task fields are then the connecting task's, and
-    /// `syn_retransmits` its SYN retransmissions); 0 when the kernel held no start.
-    pub start_ns: u64,
 }
 
 impl Event {
@@ -615,8 +570,7 @@ impl Event {
             kind: 0,
             old_state: 0,
             new_state: 0,
-            syn_retransmits: 0,
-            _pad: [0; 2],
+            _pad: [0; 3],
             srtt_us: 0,
             sk_err: SK_ERR_UNKNOWN,
             netns: 0,
@@ -624,7 +578,6 @@ impl Event {
             net: 0,
             tw_count: TW_UNKNOWN,
             tw_max: TW_UNKNOWN,
-            start_ns: 0,
         }
     }
 }
@@ -650,7 +603,7 @@ pub fn ip_addr(family: u16, raw: &[u8; 16]) -> core::net::IpAddr {
     }
 }
 
-const _: () = assert!(core::mem::size_of::<Event>() == 128);
+const _: () = assert!(core::mem::size_of::<Event>() == 120);
 const _: () = assert!(core::mem::align_of::<Event>() == 8);
 
 // SAFETY: `Event` is `repr(C)`, made only of integers and byte arrays, with every
@@ -661,10 +614,6 @@ unsafe impl aya::Pod for Event {}
 // SAFETY: as for `Event`: `repr(C)`, integers only, padding spelled out.
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for Config {}
-
-// SAFETY: as for `Event`: `repr(C)`, integers and a byte array, padding spelled out.
-#[cfg(feature = "user")]
-unsafe impl aya::Pod for ActiveStart {}
 
 #[cfg(test)]
 mod tests {
@@ -691,8 +640,7 @@ mod tests {
             }
         }
         assert_eq!(transition_slot(99, 1), transition_slot(0, 1));
-        assert!(!pairs(Close as u32, SynSent as u32) && pairs(SynSent as u32, Established as u32));
-        assert!(pairs(FinWait2 as u32, Close as u32));
+        assert!(pairs(Close as u32, SynSent as u32) && pairs(FinWait2 as u32, Close as u32));
         assert!(pairs(SynRecv as u32, Established as u32) && !pairs(Listen as u32, SynRecv as u32));
         assert!(pairs(Close as u32, Listen as u32) && pairs(Listen as u32, Close as u32));
         assert_eq!((reset_slot(false, 0), reset_slot(true, 1), reset_slot(true, 99)), (0, 17, 16));
@@ -713,10 +661,9 @@ mod tests {
     #[test]
     fn event_has_no_hidden_padding() {
         let e = Event::zeroed();
-        let fields = 8 + 8 + 8 + 4 + 4 + 16 + 16 + 2 + 2 + 2 + 1 + 1 + 1 + 1 + 2 + 4 + 4 + 4 + 16 + 8 + 4 + 4 + 8;
+        let fields = 8 + 8 + 8 + 4 + 4 + 16 + 16 + 2 + 2 + 2 + 1 + 1 + 1 + 3 + 4 + 4 + 4 + 16 + 8 + 4 + 4;
         let config = 8 + 15 * 2 + 5 * 10 * 2 + 1 + 1 + 8 + 12 + 4 + 8 + 4;
         assert_eq!(core::mem::size_of::<Config>(), config);
         assert_eq!(core::mem::size_of_val(&e), fields);
-        assert_eq!(core::mem::size_of::<ActiveStart>(), 8 + 8 + 4 + 4 + 16 + 4 + 4);
     }
 }

@@ -11,29 +11,25 @@
 //! than helper calls. Nothing about the kernel is
 //! compiled in: every offset arrives in [`CONFIG`] at load time.
 //!
-//! Deliberately small: the one pairing done here is an active open's start and end
-//! (kept in a map, so only the end is streamed); every other decision (expiry,
-//! metrics, what a failure means) is made in userspace, where it can be tested
-//! without a kernel.
+//! Deliberately small: every decision (pairing, expiry, metrics) is made in
+//! userspace, where it can be tested without a kernel.
 #![no_std]
 #![no_main]
 
 use aya_ebpf::{
-    bindings::{BPF_ANY, BPF_NOEXIST},
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel, generated,
     },
     macros::{btf_tracepoint, map, tracepoint},
-    maps::{Array, HashMap, PerCpuArray, RingBuf},
+    maps::{Array, PerCpuArray, RingBuf},
     programs::{BtfTracePointContext, TracePointContext},
     EbpfContext as _,
 };
 use tcptrace_common::{
-    extra_pairs, family_slot, pairs, reset_slot, transition_slot, ActiveStart, Config, Event, EventKind, ResetCounts,
-    TcpState, TransitionCounts, ABSENT, ACTIVE_MAX, AF_INET, AF_INET6, DEFAULT_RING_BYTES, FAMILY_SLOTS, IPPROTO_TCP,
-    LISTENER_DROPS, LISTENER_LIMIT, LISTENER_NET_MIB, LISTENER_PORT, LISTENER_QUEUE, MAX_CPUS, NET_GONE,
-    NET_READ_PORT_HIGH, NET_READ_PORT_LOW, NET_READ_TIME_WAIT, PAIRING_FULL, PAIRING_REPLACED, PAIRING_SLOTS,
-    SK_ERR_UNKNOWN, SPAN_MAX, STREAM_RESETS, TW_UNKNOWN,
+    extra_pairs, family_slot, pairs, reset_slot, transition_slot, Config, Event, EventKind, ResetCounts, TcpState,
+    TransitionCounts, ABSENT, AF_INET, AF_INET6, DEFAULT_RING_BYTES, FAMILY_SLOTS, IPPROTO_TCP, LISTENER_DROPS,
+    LISTENER_LIMIT, LISTENER_NET_MIB, LISTENER_PORT, LISTENER_QUEUE, MAX_CPUS, NET_GONE, NET_READ_PORT_HIGH,
+    NET_READ_PORT_LOW, NET_READ_TIME_WAIT, SK_ERR_UNKNOWN, SPAN_MAX, STREAM_RESETS, TW_UNKNOWN,
 };
 
 /// Set by the loader (see [`Config`]); read field by field with [`cfg!`].
@@ -80,18 +76,6 @@ static CPU_PROBE: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 /// [`cpu_offset`]; 0 for a CPU it never ran on.
 #[map]
 static CPU_OFFSETS: Array<u64> = Array::with_max_entries(MAX_CPUS as u32, 0);
-
-/// Each active open's start, from CLOSE->SYN_SENT until it leaves SYN_SENT, by
-/// socket address: one event per active handshake instead of two. A hash map rather
-/// than socket-local storage, which 5.10's tracing programs cannot use; userspace
-/// sets its size (`--max-tracked-sockets`) and removes starts whose end the kernel
-/// skipped.
-#[map]
-static ACTIVE: HashMap<u64, ActiveStart> = HashMap::with_max_entries(ACTIVE_MAX, 0);
-
-/// What [`ACTIVE`] could not keep (`PAIRING_FULL`, `PAIRING_REPLACED`).
-#[map]
-static PAIRING: PerCpuArray<u64> = PerCpuArray::with_max_entries(PAIRING_SLOTS, 0);
 
 /// Userspace resizes this at load time (`--ring-buffer-size`).
 #[map]
@@ -258,19 +242,12 @@ fn state_change(sk: u64, family: u16, old: u32, new: u32, tuple: impl FnOnce(&mu
         // SAFETY: a read of a local; then this CPU's slot, masked into the array.
         unsafe { (*counts)[core::ptr::read_volatile(&slot) & 0xff] += 1 };
     }
-    if old == TcpState::Close as u32 && new == TcpState::SynSent as u32 {
-        remember_active(sk);
-    }
     let stream_all = cfg!(stream_all) != 0;
     if !stream_all && !pairs(old, new) && !extra_pairs(cfg!(stream_extra), old, new) {
         return;
     }
     let Some(mut entry) = EVENTS.reserve::<Event>(0) else {
         count_lost();
-        if old == TcpState::SynSent as u32 {
-            // Lost with its end: the start must not wait for the sweep.
-            let _ = ACTIVE.remove(&sk);
-        }
         return;
     };
     let ev = cleared(&mut entry);
@@ -281,13 +258,10 @@ fn state_change(sk: u64, family: u16, old: u32, new: u32, tuple: impl FnOnce(&mu
     ev.old_state = old as u8;
     ev.new_state = new as u8;
     tuple(ev);
-    // The calling task is only meaningful in process context (`watch` shows it for
-    // everything); an active open's end carries its start's, the connecting task.
-    if stream_all {
+    // The calling task is only meaningful in process context: connect() makes
+    // CLOSE->SYN_SENT there. `watch` shows it for everything.
+    if stream_all || new == TcpState::SynSent as u32 {
         task(ev);
-    }
-    if old == TcpState::SynSent as u32 {
-        take_active(sk, ev);
     }
     // The SYN-ACK round trip as a passive child becomes ESTABLISHED; the error (why
     // a handshake failed, whether a reset ended it) as a socket closes.
@@ -304,67 +278,6 @@ fn state_change(sk: u64, family: u16, old: u32, new: u32, tuple: impl FnOnce(&mu
         }
     }
     entry.submit(wakeup_flags());
-}
-
-/// Keeps an active open's start: connect() is running, so the current task is the
-/// connecting one.
-#[inline(always)]
-fn remember_active(sk: u64) {
-    let pid_tgid = bpf_get_current_pid_tgid();
-    let mut start = ActiveStart {
-        // SAFETY: helpers without arguments.
-        ts_ns: unsafe { bpf_ktime_get_ns() },
-        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
-        pid: pid_tgid as u32,
-        tgid: (pid_tgid >> 32) as u32,
-        comm: [0; 16],
-        retransmits: 0,
-        _pad: 0,
-    };
-    // SAFETY: `comm` is 16 writable bytes; on failure the helper zeroes them.
-    unsafe { generated::bpf_get_current_comm(start.comm.as_mut_ptr().cast(), start.comm.len() as u32) };
-    match ACTIVE.insert(&sk, &start, u64::from(BPF_NOEXIST)) {
-        Ok(()) => {}
-        // An earlier socket at this address whose end was never seen.
-        Err(err) if err == -EEXIST => {
-            count_pairing(PAIRING_REPLACED);
-            let _ = ACTIVE.insert(&sk, &start, u64::from(BPF_ANY));
-        }
-        Err(_) => count_pairing(PAIRING_FULL),
-    }
-}
-
-const EEXIST: i32 = 17;
-
-/// Moves an active open's start into its end's event and forgets it.
-#[inline(always)]
-fn take_active(sk: u64, ev: &mut Event) {
-    // SAFETY: a map value, copied out before the entry is deleted (its memory is
-    // then reused).
-    let Some(start) = ACTIVE.get_ptr(&sk).map(|p| unsafe { *p }) else { return };
-    let _ = ACTIVE.remove(&sk);
-    ev.start_ns = start.ts_ns;
-    ev.cgroup_id = start.cgroup_id;
-    (ev.pid, ev.tgid, ev.comm) = (start.pid, start.tgid, start.comm);
-    ev.syn_retransmits = start.retransmits.min(255) as u8;
-}
-
-/// Counts a SYN retransmission of an active open on its start.
-#[inline(always)]
-fn count_syn_retransmit(sk: u64) {
-    if let Some(start) = ACTIVE.get_ptr_mut(&sk) {
-        // SAFETY: a map value; a lost increment under a race only undercounts.
-        unsafe { (*start).retransmits = (*start).retransmits.saturating_add(1) };
-    }
-}
-
-/// Counts what [`ACTIVE`] could not keep.
-#[inline(always)]
-fn count_pairing(slot: u32) {
-    if let Some(n) = PAIRING.get_ptr_mut(slot) {
-        // SAFETY: per-CPU slot, only this CPU writes it while the program runs.
-        unsafe { *n += 1 };
-    }
 }
 
 /// A namespace's own time-wait count (what its /proc/net/sockstat shows as `tw`) and
@@ -566,7 +479,6 @@ pub fn retransmit_skb_raw(ctx: BtfTracePointContext) -> i32 {
     let sk: *const u8 = ctx.arg(0);
     // Only handshake retransmissions feed a metric; data retransmits stay in the kernel.
     if field::<u8>(sk, cfg!(sock.state)) == Some(TcpState::SynSent as u8) {
-        count_syn_retransmit(sk as u64);
         rare(EventKind::SynRetransmit, sk as u64, TcpState::SynSent as u8, |ev| {
             sock_tuple(ev, SLOT_RETRANSMIT_SKB, sk, true);
         });
@@ -581,7 +493,6 @@ pub fn retransmit_skb_tp(ctx: TracePointContext) -> u32 {
     };
     if rec.get::<i32>(cfg!(retransmit_skb.old_state)) == Some(TcpState::SynSent as i32) {
         let sk = rec.get::<u64>(cfg!(retransmit_skb.skaddr)).unwrap_or(0);
-        count_syn_retransmit(sk);
         rare(EventKind::SynRetransmit, sk, TcpState::SynSent as u8, from_record!(&rec, sk, retransmit_skb));
     }
     0

@@ -150,7 +150,6 @@ pub fn run(args: &CheckArgs) -> Vec<Finding> {
         stream_extra: 0,
         wakeup_bytes: 0,
         attach: args.attach,
-        max_active: tcptrace_common::ACTIVE_MAX,
     };
     match Probe::load(options) {
         Ok(probe) => {

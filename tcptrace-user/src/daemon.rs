@@ -73,14 +73,7 @@ struct State {
     counters: KernelCounters,
     /// Records drained while the TIME_WAIT model is seeded, applied after the seeds.
     held: Option<Held>,
-    /// When the kernel's active opens were last swept, and how old a start may be.
-    swept_ns: u64,
-    handshake_timeout_ns: u64,
 }
-
-/// How often the kernel's table of active opens is swept for starts whose end it
-/// skipped (a syscall or two per start it holds).
-const SWEEP_EVERY_NS: u64 = 10_000_000_000;
 
 /// Records in arrival order. Seeding reads every namespace's tables, which takes
 /// longer the more namespaces and sockets the host has; the ring buffer must not
@@ -185,12 +178,7 @@ impl State {
         totals.port_ranges = self.counters.port_ranges(&self.pipeline.destination_namespaces());
         totals.listeners = self.counters.listeners(&self.pipeline.listener_sockets());
         totals.namespace_counters = self.counters.namespace_counters(&self.pipeline.listener_namespaces());
-        let now = monotonic_ns();
-        if now.saturating_sub(self.swept_ns) >= SWEEP_EVERY_NS {
-            totals.active = self.counters.expire_active(now, self.handshake_timeout_ns);
-            self.swept_ns = now;
-        }
-        self.pipeline.refresh(now, &totals);
+        self.pipeline.refresh(monotonic_ns(), &totals);
     }
 }
 
@@ -250,7 +238,6 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
             | if args.port_labels != metrics::PortLabels::Off { STREAM_RESETS } else { 0 },
         wakeup_bytes: u64::from(ring_bytes / 8),
         attach: args.attach,
-        max_active: args.max_tracked_sockets,
     })?;
     let ring = probe.take_events()?;
     let ring_fd = ring.as_raw_fd();
@@ -264,7 +251,7 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
             None => syn_sent_lifetime_ns(syn_retries()),
         },
     };
-    let (max_time_wait, handshake_timeout_ns) = (limits.max_time_wait, limits.handshake_timeout_ns);
+    let max_time_wait = limits.max_time_wait;
     let netns_labels = usize::from(args.netns_labels);
     let (close_wait_ports, destinations) = (usize::from(args.close_wait_ports), usize::from(args.destination_labels));
     let mut pipeline = Pipeline::new(
@@ -294,8 +281,7 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
     let registry = pipeline.metrics().registry().clone();
     let web = pipeline.metrics().web_counters();
     let held = Some(Held::default());
-    let state = State { pipeline, ring, counters, held, swept_ns: 0, handshake_timeout_ns };
-    let shared: Shared = Arc::new(Mutex::new(state));
+    let shared: Shared = Arc::new(Mutex::new(State { pipeline, ring, counters, held }));
 
     // Drain from now on: the programs are attached and the ring buffer fills.
     let pace = Pace { drain_every: DRAIN_EVERY, tick_every: REFRESH_EVERY };

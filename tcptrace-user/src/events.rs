@@ -102,12 +102,6 @@ pub struct KernelTotals {
     /// SyncookiesSent and TCPReqQFullDrop of each namespace with a listener, read
     /// through one of its listeners (31 bits).
     pub namespace_counters: Vec<(crate::listeners::ListenerKey, Option<[u32; 2]>)>,
-    /// What the kernel's table of active opens could not keep, by
-    /// `tcptrace_common::PAIRING_FULL` and `PAIRING_REPLACED`.
-    pub pairing: Option<[u64; tcptrace_common::PAIRING_SLOTS as usize]>,
-    /// Active opens the kernel holds, and those it held too long and userspace just
-    /// removed; only when they were swept at this refresh.
-    pub active: Option<(usize, u64)>,
 }
 
 #[cfg(test)]

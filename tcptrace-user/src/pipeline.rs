@@ -30,17 +30,6 @@ pub struct Pipeline {
     /// increment per event, and added to the counter before every scrape.
     unreported: u64,
     warned_malformed: bool,
-    /// What the kernel's table of active opens had counted at the last refresh.
-    pairing: KernelPairing,
-}
-
-/// The kernel's table of active opens (it pairs their start and end), as last read.
-#[derive(Default)]
-struct KernelPairing {
-    /// Its `PAIRING_FULL` and `PAIRING_REPLACED` totals already counted as evictions.
-    counted: [u64; 2],
-    /// Starts it held at the last sweep.
-    held: usize,
 }
 
 impl Pipeline {
@@ -53,7 +42,6 @@ impl Pipeline {
             recent: None,
             unreported: 0,
             warned_malformed: false,
-            pairing: KernelPairing::default(),
         }
     }
 
@@ -118,22 +106,7 @@ impl Pipeline {
                 self.tracker.namespace_gone(netns);
             }
         }
-        if let Some(totals) = kernel.pairing {
-            let kinds = [Eviction::HandshakeCap, Eviction::HandshakeReplaced];
-            for ((what, total), counted) in kinds.into_iter().zip(totals).zip(&mut self.pairing.counted) {
-                if total > *counted {
-                    self.metrics.evicted(what, total - *counted);
-                    *counted = total;
-                }
-            }
-        }
-        if let Some((held, removed)) = kernel.active {
-            self.pairing.held = held;
-            if removed > 0 {
-                self.metrics.evicted(Eviction::HandshakeTimeout, removed);
-            }
-        }
-        self.metrics.refresh(&self.tracker, self.pairing.held);
+        self.metrics.refresh(&self.tracker);
         self.metrics.set_port_ranges(&kernel.port_ranges);
         if let Some(total) = kernel.lost {
             self.metrics.set_events_lost(total);
@@ -294,23 +267,5 @@ mod tests {
         assert!(text.contains("\ntcptrace_events_total 1\n"));
         assert!(text.contains("\ntcptrace_events_lost_total 4\n"));
         assert!(text.contains("\ntcptrace_events_malformed_total 1\n"));
-    }
-
-    #[test]
-    fn what_the_kernels_table_of_active_opens_could_not_keep_is_counted_once() {
-        let mut p = Pipeline::new(Tracker::new(Limits::default()), Metrics::new(Default::default()).unwrap());
-        let evicted = |p: &Pipeline, reason: &str| {
-            let line = format!("tcptrace_tracked_sockets_evicted_total{{reason=\"{reason}\",table=\"handshakes\"}} ");
-            let text = render(p.metrics().registry());
-            text.lines().find_map(|l| l.strip_prefix(line.as_str())).map(|v| v.to_owned())
-        };
-        let at = |pairing, active| KernelTotals { pairing: Some(pairing), active, ..KernelTotals::default() };
-        p.refresh(1, &at([3, 1], Some((5, 2))));
-        p.refresh(2, &at([4, 1], None));
-        assert_eq!(evicted(&p, "cap").as_deref(), Some("4"));
-        assert_eq!(evicted(&p, "replaced").as_deref(), Some("1"));
-        assert_eq!(evicted(&p, "timeout").as_deref(), Some("2"));
-        // Held by the kernel as last swept.
-        assert!(render(p.metrics().registry()).contains("\ntcptrace_tracked_sockets 5\n"));
     }
 }

@@ -13,11 +13,11 @@ use aya::{
 };
 use log::{debug, info, warn};
 use tcptrace_common::{
-    ActiveStart, Config, ListenerOffsets, NetOffsets, RecordLayout, ResetCounts, SockOffsets, TransitionCounts, ABSENT,
-    ACTIVE_MAP, CONFIG_GLOBAL, CPU_OFFSET_PROGRAM, EVENTS_MAP, FAMILY_SLOTS, LISTENERS_ITER_PROGRAM, LISTENER_DROPS,
+    Config, ListenerOffsets, NetOffsets, RecordLayout, ResetCounts, SockOffsets, TransitionCounts, ABSENT,
+    CONFIG_GLOBAL, CPU_OFFSET_PROGRAM, EVENTS_MAP, FAMILY_SLOTS, LISTENERS_ITER_PROGRAM, LISTENER_DROPS,
     LISTENER_LIMIT, LISTENER_NET_MIB, LISTENER_PORT, LISTENER_QUEUE, LISTENER_READ_PROGRAM, LOST_MAP, MAX_CPUS,
-    NET_GONE, NET_READ_PORT_HIGH, NET_READ_PORT_LOW, NET_READ_PROGRAM, NET_READ_TIME_WAIT, PAIRING_MAP, PAIRING_SLOTS,
-    RESETS_MAP, SPAN_MAX, TRANSITIONS_MAP,
+    NET_GONE, NET_READ_PORT_HIGH, NET_READ_PORT_LOW, NET_READ_PROGRAM, NET_READ_TIME_WAIT, RESETS_MAP, SPAN_MAX,
+    TRANSITIONS_MAP,
 };
 
 use crate::{
@@ -330,8 +330,6 @@ pub struct LoadOptions {
     /// reader must then also drain on a timer.
     pub wakeup_bytes: u64,
     pub attach: AttachMode,
-    /// Active opens the kernel holds at once while it pairs them (`--max-tracked-sockets`).
-    pub max_active: u32,
 }
 
 /// Counters the kernel keeps for tcptrace: events the programs had to drop, every
@@ -350,8 +348,6 @@ pub struct KernelCounters {
     /// How to read namespaces' TcpExt counters through it, when the kernel shows where.
     mib: Option<MibReader>,
     resets: PerCpuArray<MapData, ResetCounts>,
-    pairing: PerCpuArray<MapData, u64>,
-    active: aya::maps::HashMap<MapData, u64, ActiveStart>,
     warned: std::sync::atomic::AtomicBool,
     /// Said once, apart from `warned`: one failing reader must not hide another.
     warned_listeners: std::sync::atomic::AtomicBool,
@@ -410,43 +406,7 @@ impl KernelCounters {
                 None
             }
         };
-        let mut pairing = Some([0u64; PAIRING_SLOTS as usize]);
-        for slot in 0..PAIRING_SLOTS {
-            match (self.pairing.get(&slot, 0), &mut pairing) {
-                (Ok(per_cpu), Some(sums)) => sums[slot as usize] = per_cpu.iter().sum(),
-                (Err(err), _) => {
-                    warn!("reading the pairing map failed: {err}");
-                    pairing = None;
-                }
-                _ => {}
-            }
-        }
-        KernelTotals { lost, transitions, missed, resets, pairing, ..KernelTotals::default() }
-    }
-
-    /// Removes the active opens the kernel has held for longer than `timeout_ns` at
-    /// `now_ns` (their end was never seen: a run the kernel skipped); returns how many
-    /// it holds now and how many it removed. A syscall or two per held start.
-    pub fn expire_active(&mut self, now_ns: u64, timeout_ns: u64) -> Option<(usize, u64)> {
-        let mut stale = Vec::new();
-        let mut held = 0;
-        for entry in self.active.iter() {
-            match entry {
-                Ok((sk, start)) => {
-                    held += 1;
-                    if now_ns.saturating_sub(start.ts_ns) > timeout_ns {
-                        stale.push(sk);
-                    }
-                }
-                Err(err) => {
-                    debug!("reading the active opens map failed: {err}");
-                    return None;
-                }
-            }
-        }
-        // One that left meanwhile is no longer there to remove: not counted.
-        let removed = stale.iter().filter(|sk| self.active.remove(sk).is_ok()).count();
-        Some((held - removed, removed as u64))
+        KernelTotals { lost, transitions, missed, resets, ..KernelTotals::default() }
     }
 
     /// Whether namespaces' TcpExt counters can be read (SYN cookies, SYN-queue drops).
@@ -698,7 +658,7 @@ impl Probe {
     /// classic tracepoints tracefs and its record layouts), loads the object with a
     /// ring buffer of `ring_bytes` and attaches one program per tracepoint.
     pub fn load(options: LoadOptions) -> Result<Self> {
-        let LoadOptions { ring_bytes, stream_all, stream_extra, wakeup_bytes, attach, max_active } = options;
+        let LoadOptions { ring_bytes, stream_all, stream_extra, wakeup_bytes, attach } = options;
         if OBJECT.is_empty() {
             return Err(Error::EmptyObject);
         }
@@ -742,7 +702,6 @@ impl Probe {
 
         let mut ebpf = EbpfLoader::new()
             .map_max_entries(EVENTS_MAP, ring_bytes)
-            .map_max_entries(ACTIVE_MAP, max_active.max(1))
             .override_global(CONFIG_GLOBAL, &config, true)
             .load(OBJECT)
             .map_err(|err| match &err {
@@ -854,7 +813,6 @@ impl Probe {
     pub fn take_counters(&mut self) -> Result<KernelCounters> {
         let mut take = |name: &str| self.ebpf.take_map(name).ok_or_else(|| Error::Object(format!("map {name}")));
         let (lost, transitions, resets) = (take(LOST_MAP)?, take(TRANSITIONS_MAP)?, take(RESETS_MAP)?);
-        let (pairing, active) = (take(PAIRING_MAP)?, take(ACTIVE_MAP)?);
         let mut programs = Vec::new();
         for (a, status) in ATTACHMENTS.iter().zip(&self.programs) {
             let name = if self.mode == AttachMode::Raw { a.raw } else { a.classic };
@@ -880,10 +838,6 @@ impl Probe {
             mib: self.mib,
             resets: PerCpuArray::try_from(resets)
                 .map_err(|e| Error::Object(format!("per-CPU array {RESETS_MAP}: {e}")))?,
-            pairing: PerCpuArray::try_from(pairing)
-                .map_err(|e| Error::Object(format!("per-CPU array {PAIRING_MAP}: {e}")))?,
-            active: aya::maps::HashMap::try_from(active)
-                .map_err(|e| Error::Object(format!("hash map {ACTIVE_MAP}: {e}")))?,
             warned: Default::default(),
             warned_listeners: Default::default(),
             lost: PerCpuArray::try_from(lost).map_err(|e| Error::Object(format!("per-CPU array {LOST_MAP}: {e}")))?,

@@ -157,7 +157,7 @@ fn syn_cookies_sent_equal_the_namespaces_syncookies_sent() {
     let daemon = Daemon::start(&[]);
     let ns = Netns::new();
     // Cookies for every SYN, not only in a flood.
-    ns.exec("sysctl", &["-qw", "net.ipv4.tcp_syncookies=2"]);
+    ns.sysctl("net.ipv4.tcp_syncookies", "2");
     let n = scaled(20, 8);
     let kernel = || {
         let both = |f| ns.mib("netstat", "TcpExt", f) + host_mib("netstat", "TcpExt", f);

@@ -25,11 +25,6 @@ const EADDRNOTAVAIL: i32 = 99;
 /// "How exact"), which the model keeps until their timer.
 const INVISIBLE_KILLS: f64 = 2.0;
 
-/// Sets a sysctl inside the namespace.
-fn sysctl(ns: &Netns, key: &str, value: &str) {
-    ns.exec("sysctl", &["-qw", &format!("{key}={value}")]);
-}
-
 /// Sockets `ss -Htan` lists with `filter` (e.g. `state close-wait`), in `ns` or, with
 /// `None`, in the test's own namespace.
 fn ss(ns: Option<&Netns>, filter: &[&str]) -> usize {
@@ -71,8 +66,8 @@ fn a_connect_without_a_local_port_fails_with_reason_no_local_port() {
     let daemon = Daemon::start(&[]);
     let ns = Netns::new();
     // Ten local ports, and time-wait sockets that keep theirs for 60 s.
-    sysctl(&ns, "net.ipv4.ip_local_port_range", "40000 40009");
-    sysctl(&ns, "net.ipv4.tcp_tw_reuse", "0");
+    ns.sysctl("net.ipv4.ip_local_port_range", "40000 40009");
+    ns.sysctl("net.ipv4.tcp_tw_reuse", "0");
     let before = daemon.scrape();
     let attempts = 30;
     let (made, unavailable) = ns
@@ -122,7 +117,7 @@ fn time_wait_at_the_kernels_cap_is_the_kernels_count() {
     // Under emulation, few enough that the closes end before the first time-wait
     // socket's timer (60 s): near an expiry the count alone cannot tell an overflow.
     let cap = scaled(100, 10);
-    sysctl(&ns, "net.ipv4.tcp_max_tw_buckets", &cap.to_string());
+    ns.sysctl("net.ipv4.tcp_max_tw_buckets", &cap.to_string());
     let before = (daemon.scrape(), tcp_ext(&ns, "TCPTimeWaitOverflow"));
     close_first_in(&ns, 7000, 4 * cap);
     let overflow_kernel = tcp_ext(&ns, "TCPTimeWaitOverflow") - before.1;
@@ -280,7 +275,7 @@ fn ports_in_use_per_destination_equal_ss() {
     // the host that must not outrank the namespace's.
     let daemon = Daemon::start(&["--destination-labels", "100"]);
     let ns = Netns::new();
-    sysctl(&ns, "net.ipv4.ip_local_port_range", "30000 30999");
+    ns.sysctl("net.ipv4.ip_local_port_range", "30000 30999");
     let (open, closed_a, closed_b) = (scaled(20, 8), scaled(15, 6), scaled(8, 4));
     let held = Held::new(&ns, move || {
         let a = TcpListener::bind("127.0.0.1:7100").unwrap();

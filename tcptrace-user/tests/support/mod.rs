@@ -521,20 +521,20 @@ impl Netns {
         // An orphan whose last ACK came while it was being closed waits in FIN_WAIT2
         // on a full socket for tcp_fin_timeout (60 s by default), keeping the namespace
         // alive after its deletion: see Drop.
-        ns.exec("sysctl", &["-qw", "net.ipv4.tcp_fin_timeout=5"]);
+        ns.sysctl("net.ipv4.tcp_fin_timeout", "5");
         ns
     }
 
+    /// Sets a sysctl inside the namespace.
+    pub fn sysctl(&self, key: &str, value: &str) {
+        self.exec("sysctl", &["-qw", &format!("{key}={value}")]);
+    }
+
     /// Full TCP sockets of both families in the namespace (sockstat's `inuse`), or
-    /// `None` when it cannot be read.
+    /// `None` when it cannot be read (also when the namespace cannot be entered: the
+    /// reading thread's panic ends up here, not in the caller).
     fn tcp_in_use(&self) -> Option<usize> {
-        let path = format!("/run/netns/{}", self.name);
-        let read = thread::spawn(move || {
-            let file = std::fs::File::open(&path).ok()?;
-            // SAFETY: setns on a namespace fd we opened; affects only this thread.
-            if unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) } != 0 {
-                return None;
-            }
+        let read = self.run(|| {
             let v4 = std::fs::read_to_string("/proc/thread-self/net/sockstat").ok()?;
             let v6 = std::fs::read_to_string("/proc/thread-self/net/sockstat6").unwrap_or_default();
             Some(sockstat_field(&v4, "TCP:", "inuse")? + sockstat_field(&v6, "TCP6:", "inuse").unwrap_or(0))

@@ -17,6 +17,7 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 use clap::{Parser, Subcommand};
 
+mod arch;
 mod bench;
 mod churn;
 mod dist;
@@ -33,8 +34,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Install what is missing: rust-src for nightly, bpf-linker, and with
-    /// --test-tools the Debian packages the tests use (nftables, iproute2, promtool).
+    /// Install what is missing: rust-src for nightly, bpf-linker, the Rust target and
+    /// Debian's cross gcc of the other shipped architecture (arm64 on x86_64), and
+    /// with --test-tools the Debian packages the tests use (nftables, iproute2, promtool).
     Setup {
         #[arg(long)]
         test_tools: bool,
@@ -76,8 +78,23 @@ enum Cmd {
     /// Build target/dist/: the release binary, man pages and shell completions from
     /// the clap definitions, and a Debian package (binary, systemd unit, man pages,
     /// completions, the Prometheus rules and Grafana dashboard under /usr/share),
-    /// then inspect it (dpkg-deb --contents, lintian). Part of `test`.
-    Dist,
+    /// then inspect it (dpkg-deb --contents, lintian), for amd64 and arm64 (the one
+    /// that is not this machine's cross-built); both embed the same eBPF object.
+    /// Part of `test`.
+    Dist {
+        /// Only this architecture (repeatable); default: both.
+        #[arg(long = "arch", value_enum)]
+        arches: Vec<arch::Arch>,
+    },
+    /// Build the release binary (eBPF object embedded) for one architecture, cross-built
+    /// when it is not this machine's, and copy it to OUT. What packaging/Containerfile
+    /// runs for each platform of a multi-architecture image.
+    Build {
+        #[arg(long, value_enum)]
+        arch: arch::Arch,
+        #[arg(long, value_name = "OUT")]
+        out: PathBuf,
+    },
     /// Print the metric names packaging/'s rules and dashboard need the daemon to
     /// export, one per line.
     PackagingMetrics,
@@ -125,6 +142,7 @@ fn run(cmd: Cmd) -> Result<()> {
     match cmd {
         Cmd::Setup { test_tools } => {
             setup_toolchain()?;
+            setup_cross(&arch::Arch::ALL)?;
             if test_tools {
                 setup_test_tools()?;
             }
@@ -148,7 +166,7 @@ fn run(cmd: Cmd) -> Result<()> {
             packaging::setup(&root)?;
             // Installs and downloads first, so a missing network fails in seconds.
             let kernels = if vms {
-                vm::setup()?;
+                vm::setup(&requests)?;
                 vm::prepare(&root, &requests)?
             } else {
                 Vec::new()
@@ -163,10 +181,8 @@ fn run(cmd: Cmd) -> Result<()> {
                 cargo(&["build", "--release", "--package", "tcptrace-user"])?;
                 let xtask = env::current_exe()?;
                 bench::run(&bench::BenchArgs::smoke(), &root, &root.join("target/release/tcptrace"), &xtask)?;
-                step("the Debian package (cargo xtask dist)");
-                setup_dist_tools()?;
-                let deb = dist::build(&root, &root.join("target/release/tcptrace"))?;
-                dist::check(&deb)?;
+                step("the Debian packages (cargo xtask dist)");
+                dist_all(&root, &arch::Arch::ALL)?;
             }
             step("root tests against the real kernel (one at a time)");
             let bins = root_test_binaries()?;
@@ -181,7 +197,8 @@ fn run(cmd: Cmd) -> Result<()> {
             }
             if vms {
                 step("the same root tests inside VMs, one kernel at a time");
-                vm::run_matrix(&root, &kernels, &bins, vm::DEADLINE)?;
+                let matrix = vm_binaries(&kernels, bins)?;
+                vm::run_matrix(&root, &kernels, &matrix, vm::DEADLINE)?;
             } else {
                 step("--no-vm: skipping the kernel VMs");
             }
@@ -190,10 +207,11 @@ fn run(cmd: Cmd) -> Result<()> {
             let requests = vm::parse_requests(&kernels)?;
             setup_toolchain()?;
             setup_test_tools()?; // the guest runs the host's nft, ip, ss, promtool
-            vm::setup()?;
+            vm::setup(&requests)?;
             let kernels = vm::prepare(&root, &requests)?;
-            let bins = root_test_binaries()?;
-            vm::run_matrix(&root, &kernels, &bins, Duration::from_secs(timeout))?;
+            let native = if kernels.iter().any(|k| k.arch.is_native()) { root_test_binaries()? } else { Vec::new() };
+            let matrix = vm_binaries(&kernels, native)?;
+            vm::run_matrix(&root, &kernels, &matrix, Duration::from_secs(timeout))?;
         }
         Cmd::Bench { args, smoke, soak } => {
             setup_toolchain()?;
@@ -223,12 +241,20 @@ fn run(cmd: Cmd) -> Result<()> {
             packaging::check(&root)?;
         }
         Cmd::PackagingMetrics => packaging::print_metrics(&root)?,
-        Cmd::Dist => {
+        Cmd::Build { arch, out } => {
             setup_toolchain()?;
-            setup_dist_tools()?;
-            cargo(&["build", "--release", "--package", "tcptrace-user"])?;
-            let deb = dist::build(&root, &root.join("target/release/tcptrace"))?;
-            dist::check(&deb)?;
+            arch.setup()?;
+            let release = dist::release(arch)?;
+            if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+                fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+            }
+            fs::copy(&release.bin, &out)
+                .with_context(|| format!("copying {} to {}", release.bin.display(), out.display()))?;
+            step(&format!("{} binary: {}", arch.debian(), out.display()));
+        }
+        Cmd::Dist { arches } => {
+            setup_toolchain()?;
+            dist_all(&root, &arch::or_all(&arches))?;
         }
         Cmd::Lint => {
             setup_toolchain()?;
@@ -325,6 +351,29 @@ fn root_test_binaries() -> Result<Vec<PathBuf>> {
     ])
 }
 
+/// The test binaries each kernel's architecture runs: `native` for this machine's,
+/// the suites of `vm::FOREIGN_SUITES` cross-built for another.
+fn vm_binaries(kernels: &[vm::Kernel], native: Vec<PathBuf>) -> Result<Vec<(arch::Arch, Vec<PathBuf>)>> {
+    let mut matrix = Vec::new();
+    for arch in arch::Arch::ALL {
+        if !kernels.iter().any(|k| k.arch == arch) {
+            continue;
+        }
+        if arch.is_native() {
+            matrix.push((arch, native.clone()));
+            continue;
+        }
+        step(&format!("cross-building the {} root suites for {}", vm::FOREIGN_SUITES.join(" and "), arch.debian()));
+        let mut args =
+            vec!["test", "--no-run", "--message-format=json-render-diagnostics", "--package", "tcptrace-user"];
+        for suite in vm::FOREIGN_SUITES {
+            args.extend(["--test", suite]);
+        }
+        matrix.push((arch, executables(&mut arch.cargo(&args))?));
+    }
+    Ok(matrix)
+}
+
 /// Whether this is CI (`CI=true` there); CI never skips a test stage.
 fn in_ci() -> bool {
     env::var_os("CI").is_some_and(|v| !v.is_empty() && v != "false" && v != "0")
@@ -334,7 +383,12 @@ fn in_ci() -> bool {
 fn test_binaries(select: &[&str]) -> Result<Vec<PathBuf>> {
     let mut args = vec!["test", "--no-run", "--message-format=json-render-diagnostics"];
     args.extend_from_slice(select);
-    let json = output(Command::new(env::var_os("CARGO").unwrap_or_else(|| "cargo".into())).args(&args))?;
+    executables(Command::new(env::var_os("CARGO").unwrap_or_else(|| "cargo".into())).args(&args))
+}
+
+/// The test executables a `cargo test --no-run --message-format=json...` names.
+fn executables(cmd: &mut Command) -> Result<Vec<PathBuf>> {
+    let json = output(cmd)?;
     // Each line is one JSON message; integration-test artifacts carry their executable.
     let bins: Vec<PathBuf> = json
         .lines()
@@ -344,7 +398,7 @@ fn test_binaries(select: &[&str]) -> Result<Vec<PathBuf>> {
         .map(PathBuf::from)
         .collect();
     if bins.is_empty() {
-        bail!("cargo test --no-run {select:?} produced no test binary");
+        bail!("{cmd:?} produced no test binary");
     }
     Ok(bins)
 }
@@ -441,6 +495,29 @@ fn setup_test_tools() -> Result<()> {
         return Ok(());
     }
     apt_install(&missing)
+}
+
+/// Builds, packages and checks each architecture in `arches`; the man pages come
+/// from the native build, built too when it is not among them.
+fn dist_all(root: &Path, arches: &[arch::Arch]) -> Result<()> {
+    setup_cross(arches)?;
+    setup_dist_tools()?;
+    let native = arch::Arch::native().context("cargo xtask dist runs on x86_64 or aarch64 hosts")?;
+    let releases = arches.iter().map(|a| dist::release(*a)).collect::<Result<Vec<_>>>()?;
+    let generator = match releases.iter().find(|r| r.arch == native) {
+        Some(r) => r.bin.clone(),
+        None => dist::release(native)?.bin,
+    };
+    for release in &releases {
+        let deb = dist::build(root, release, &generator)?;
+        dist::check(&deb)?;
+    }
+    dist::check_same_object(&releases)
+}
+
+/// The Rust targets and cross linkers of the architectures that are not this machine's.
+fn setup_cross(arches: &[arch::Arch]) -> Result<()> {
+    arches.iter().try_for_each(|a| a.setup())
 }
 
 /// dpkg-deb comes with Debian; strip, gzip and lintian may not.

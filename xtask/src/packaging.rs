@@ -772,13 +772,37 @@ fn container_base(root: &Path, containerfile: &Path) -> Result<()> {
         text.contains(r#"ENTRYPOINT ["/usr/bin/tcptrace"]"#),
         "the image's entry point should be /usr/bin/tcptrace"
     );
-    let Some(bin) =
-        ["target/release/tcptrace", "target/debug/tcptrace"].iter().map(|b| root.join(b)).find(|b| b.exists())
-    else {
-        step("packaging: Containerfile: no built tcptrace in target/ to check the base image's libraries against");
+    // Multi-architecture: the build stage runs on the build machine and cross-builds
+    // for each platform asked for, with the command `cargo xtask build` has.
+    let first_from = text.lines().find_map(|l| l.strip_prefix("FROM ")).context("no FROM")?;
+    ensure!(
+        first_from.starts_with("--platform=$BUILDPLATFORM "),
+        "the build stage should run on the build machine (`FROM --platform=$BUILDPLATFORM ...`), not {first_from}"
+    );
+    ensure!(
+        text.contains("ARG TARGETARCH") && text.contains(r#"cargo xtask build --arch "${TARGETARCH}""#),
+        "the build stage should cross-build for the image's platform: `ARG TARGETARCH` and \
+         `cargo xtask build --arch \"${{TARGETARCH}}\"`"
+    );
+    ok("Containerfile", "multi-architecture: built on $BUILDPLATFORM, cross-built for $TARGETARCH (amd64, arm64)");
+    // This machine's build (release, else the one `cargo test` left), and the arm64
+    // one `cargo xtask dist` cross-built, if there.
+    let native = ["target/release/tcptrace", "target/debug/tcptrace"].iter().map(|b| root.join(b)).find(|b| b.exists());
+    let arm64 = Some(root.join("target/aarch64-unknown-linux-gnu/release/tcptrace")).filter(|b| b.exists());
+    let bins: Vec<PathBuf> = native.into_iter().chain(arm64).collect();
+    if bins.is_empty() {
+        step("packaging: Containerfile: no release tcptrace in target/ to check the base image's libraries against");
         return Ok(());
-    };
-    let dynamic = crate::output(Command::new("readelf").arg("--dynamic").arg(&bin))?;
+    }
+    for bin in &bins {
+        base_provides(bin)?;
+    }
+    Ok(())
+}
+
+/// Every shared library `bin` needs is in distroless/cc.
+fn base_provides(bin: &Path) -> Result<()> {
+    let dynamic = crate::output(Command::new("readelf").arg("--dynamic").arg(bin))?;
     let needed: Vec<&str> = dynamic
         .lines()
         .filter(|l| l.contains("(NEEDED)"))

@@ -24,7 +24,7 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 
-use crate::{has, is_root, output, run_cmd, step};
+use crate::{arch::Arch, has, is_root, output, run_cmd, step};
 
 /// Root tests that run natively only: they test tcptrace's HTTP server, which no
 /// kernel difference reaches, and thousands of connections under emulation take
@@ -33,6 +33,22 @@ const NATIVE_ONLY: [(&str, &str); 2] = [
     ("resilience", "idle_and_half_sent_http_connections_are_closed_by_the_timeouts"),
     ("resilience", "idle_clients_beyond_the_cap_never_lock_out_a_scraper_and_memory_stays_flat"),
 ];
+
+/// Root tests that do not run in a guest of another architecture: promtool checks the
+/// exposition text, which the same code writes on every architecture (checked
+/// natively and in the x86 guests), and the arm64 root carries no Prometheus.
+const NATIVE_ARCH_ONLY: [(&str, &str); 1] = [("kernel", "promtool_accepts_a_real_scrape")];
+
+/// The root suites a guest of another architecture runs: under emulation of another
+/// instruction set everything is slower again, and these two are where an
+/// architecture would show (struct layouts from BTF, the `tp_btf` calling
+/// convention, the JIT: every program loaded, attached and counted exactly).
+pub const FOREIGN_SUITES: [&str; 2] = ["kernel", "fidelity"];
+
+/// What the root of a guest of another architecture holds beyond Debian's minbase:
+/// the tools the root suites and `xtask/vm-guest.sh` call, and a static busybox for
+/// virtme-ng's initramfs.
+const FOREIGN_PACKAGES: &str = "iproute2,nftables,python3-minimal,procps,kmod,util-linux,busybox-static";
 
 /// The guest side, written into each run's results directory.
 const GUEST_SCRIPT: &str = include_str!("../vm-guest.sh");
@@ -62,17 +78,41 @@ pub struct Series {
     suffixes: &'static [&'static str],
     /// Only in Debian 11's archive, which this Debian 12 machine does not list.
     bullseye: bool,
+    arch: Arch,
 }
 
 const SERIES: &[Series] = &[
-    Series { alias: "5.10", distro: "Debian 11", prefix: "linux-image-5.10.0-", suffixes: &["-amd64"], bullseye: true },
-    Series { alias: "6.1", distro: "Debian 12", prefix: "linux-image-6.1.0-", suffixes: &["-amd64"], bullseye: false },
+    Series {
+        alias: "5.10",
+        distro: "Debian 11",
+        prefix: "linux-image-5.10.0-",
+        suffixes: &["-amd64"],
+        bullseye: true,
+        arch: Arch::Amd64,
+    },
+    Series {
+        alias: "6.1",
+        distro: "Debian 12",
+        prefix: "linux-image-6.1.0-",
+        suffixes: &["-amd64"],
+        bullseye: false,
+        arch: Arch::Amd64,
+    },
     Series {
         alias: "6.12",
         distro: "Debian 12 security (6.12 LTS)",
         prefix: "linux-image-6.12.",
         suffixes: &["+deb12-amd64", "+deb12-amd64-unsigned"],
         bullseye: false,
+        arch: Arch::Amd64,
+    },
+    Series {
+        alias: "arm64-6.1",
+        distro: "Debian 12 arm64",
+        prefix: "linux-image-6.1.0-",
+        suffixes: &["-arm64"],
+        bullseye: false,
+        arch: Arch::Arm64,
     },
 ];
 
@@ -114,6 +154,14 @@ impl Request {
         match self {
             Self::Series(s) => format!("{} ({})", s.alias, s.distro),
             Self::Release(r) => r.clone(),
+        }
+    }
+
+    fn arch(&self) -> Arch {
+        match self {
+            Self::Series(s) => s.arch,
+            Self::Release(r) if r.ends_with("-arm64") || r.ends_with("-arm64-unsigned") => Arch::Arm64,
+            Self::Release(_) => Arch::Amd64,
         }
     }
 
@@ -170,6 +218,7 @@ pub struct Kernel {
     /// The release (`uname -r`), from the unpacked `boot/vmlinuz-*`.
     release: String,
     tree: PathBuf,
+    pub arch: Arch,
 }
 
 impl Kernel {
@@ -207,15 +256,22 @@ fn best<'a>(request: &Request, debs: &'a [Deb]) -> Option<&'a Deb> {
 }
 
 /// Installs what booting a kernel in a VM needs: qemu, kmod (depmod, modprobe),
-/// a static busybox (virtme-ng's initramfs) and virtme-ng itself.
-pub fn setup() -> Result<()> {
-    let missing: Vec<&str> =
-        ["qemu-system-x86", "kmod", "busybox-static"].into_iter().filter(|p| !dpkg_installed(p)).collect();
+/// a static busybox (virtme-ng's initramfs) and virtme-ng itself; for an arm64
+/// kernel also qemu-system-arm, and mmdebstrap with qemu-user-static and arch-test to
+/// make that guest's root, and the cross toolchain its test binaries are built with.
+pub fn setup(requests: &[Request]) -> Result<()> {
+    let mut wanted = vec!["qemu-system-x86", "kmod", "busybox-static"];
+    let foreign: Vec<Arch> = requests.iter().map(Request::arch).filter(|a| !a.is_native()).collect();
+    if !foreign.is_empty() {
+        wanted.extend(["qemu-system-arm", "qemu-user-static", "mmdebstrap", "arch-test"]);
+    }
+    let missing: Vec<&str> = wanted.iter().copied().filter(|p| !dpkg_installed(p)).collect();
     if missing.is_empty() {
-        step("VM tools (qemu-system-x86, kmod, busybox-static): present");
+        step(&format!("VM tools ({}): present", wanted.join(", ")));
     } else {
         crate::apt_install(&missing)?;
     }
+    foreign.iter().try_for_each(|a| a.setup())?;
 
     let version = if has("vng") { output(Command::new("vng").arg("--version")).ok() } else { None };
     match version.as_deref().map(str::trim) {
@@ -290,6 +346,15 @@ pub fn prepare(root: &Path, requests: &[Request]) -> Result<Vec<Kernel>> {
             bail!("kernels must be downloaded with apt, which needs root: run `sudo -E cargo xtask vmtest`");
         }
         let _bullseye = if wants_bullseye { Some(TemporarySource::add()?) } else { None };
+        let mut _architectures = Vec::new();
+        for request in requests.iter().zip(&chosen).filter(|(_, c)| c.is_none()).map(|(r, _)| r) {
+            let arch = request.arch();
+            if !arch.is_native() && !_architectures.iter().any(|a: &TemporaryArchitecture| a.arch == arch) {
+                if let Some(added) = TemporaryArchitecture::add(arch)? {
+                    _architectures.push(added);
+                }
+            }
+        }
         // The newest kernel needs current package lists; stale ones name uploads the
         // archive has already dropped.
         step("apt-get update (to find the newest kernels)");
@@ -311,9 +376,107 @@ pub fn prepare(root: &Path, requests: &[Request]) -> Result<Vec<Kernel>> {
         if kernels.iter().any(|k| k.package == deb.package && k.version == deb.version) {
             continue;
         }
-        kernels.push(unpack(root, &deb)?);
+        let arch = requests.iter().find(|r| r.rank(&deb.package).is_some()).map_or(Arch::Amd64, Request::arch);
+        kernels.push(unpack(root, &deb, arch)?);
+    }
+    for arch in kernels.iter().map(|k| k.arch).filter(|a| !a.is_native()) {
+        foreign_root(root, arch)?;
     }
     Ok(kernels)
+}
+
+/// A foreign architecture known to dpkg only while its kernel is downloaded
+/// (`apt-get download` finds no package of an architecture dpkg does not list);
+/// removed, and the lists refreshed, whichever way the download ends. One the
+/// machine listed before is left alone.
+struct TemporaryArchitecture {
+    arch: Arch,
+}
+
+impl TemporaryArchitecture {
+    fn add(arch: Arch) -> Result<Option<Self>> {
+        let listed = output(Command::new("dpkg").arg("--print-foreign-architectures"))?;
+        if listed.split_whitespace().any(|a| a == arch.debian()) {
+            return Ok(None);
+        }
+        step(&format!("dpkg --add-architecture {} (only while its kernel is downloaded)", arch.debian()));
+        run_cmd(Command::new("dpkg").args(["--add-architecture", arch.debian()]))?;
+        Ok(Some(Self { arch }))
+    }
+}
+
+impl Drop for TemporaryArchitecture {
+    fn drop(&mut self) {
+        step(&format!("dpkg --remove-architecture {} and apt-get update without it", self.arch.debian()));
+        let removed = Command::new("dpkg").args(["--remove-architecture", self.arch.debian()]).status();
+        if !removed.is_ok_and(|s| s.success()) {
+            eprintln!("xtask: warning: run `dpkg --remove-architecture {}` by hand", self.arch.debian());
+        }
+        if let Err(err) = apt_update() {
+            eprintln!("xtask: warning: {err:#}; run `apt-get update` by hand");
+        }
+    }
+}
+
+/// The root of a guest of another architecture: Debian 12 for it, made once by
+/// mmdebstrap into `target/vm/root-<arch>/` (its maintainer scripts run under
+/// qemu-user through binfmt_misc) and kept, like the kernels.
+fn foreign_root(root: &Path, arch: Arch) -> Result<PathBuf> {
+    let dir = root.join(format!("target/vm/root-{}", arch.debian()));
+    let marker = dir.join(".tcptrace-root");
+    if fs::read_to_string(&marker).is_ok_and(|m| m.trim() == FOREIGN_PACKAGES) {
+        step(&format!("{} guest root: cached in {} (remove it to make it again)", arch.debian(), dir.display()));
+        return Ok(dir);
+    }
+    if !is_root() {
+        bail!(
+            "the {} guest root is made with mmdebstrap, which needs root: run `sudo -E cargo xtask vmtest`",
+            arch.debian()
+        );
+    }
+    binfmt(arch)?;
+    let scratch = root.join(format!("target/vm/.root-{}", arch.debian()));
+    let _ = fs::remove_dir_all(&scratch);
+    step(&format!(
+        "making the {} guest root with mmdebstrap (Debian 12: {FOREIGN_PACKAGES}); takes minutes",
+        arch.debian()
+    ));
+    run_cmd(
+        Command::new("mmdebstrap")
+            .args(["--quiet", "--variant=minbase", &format!("--arch={}", arch.debian())])
+            .arg(format!("--include={FOREIGN_PACKAGES}"))
+            .arg("bookworm")
+            .arg(&scratch),
+    )
+    .context("mmdebstrap failed: check the network, and that binfmt_misc runs foreign binaries")?;
+    fs::write(scratch.join(".tcptrace-root"), FOREIGN_PACKAGES)?;
+    let _ = fs::remove_dir_all(&dir);
+    fs::rename(&scratch, &dir).with_context(|| format!("moving the guest root to {}", dir.display()))?;
+    Ok(dir)
+}
+
+/// Makes this machine run `arch`'s binaries through qemu-user: mounts binfmt_misc
+/// if it is not, and registers qemu-user-static's interpreter if it is not (it stays
+/// registered until the machine reboots, as systemd-binfmt would leave it).
+fn binfmt(arch: Arch) -> Result<()> {
+    let dir = Path::new("/proc/sys/fs/binfmt_misc");
+    if !dir.join("register").exists() {
+        run_cmd(Command::new("mount").args(["-t", "binfmt_misc", "binfmt_misc"]).arg(dir)).context(
+            "mounting binfmt_misc failed; mount it with `mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc`",
+        )?;
+    }
+    let name = match arch {
+        Arch::Arm64 => "qemu-aarch64",
+        Arch::Amd64 => "qemu-x86_64",
+    };
+    if dir.join(name).exists() {
+        return Ok(());
+    }
+    let conf = Path::new("/usr/lib/binfmt.d").join(format!("{name}.conf"));
+    let rule =
+        fs::read_to_string(&conf).with_context(|| format!("reading {} (from qemu-user-static)", conf.display()))?;
+    step(&format!("registering {name} with binfmt_misc"));
+    fs::write(dir.join("register"), rule.trim()).with_context(|| format!("registering {}", conf.display()))
 }
 
 fn apt_update() -> Result<()> {
@@ -386,7 +549,7 @@ impl Drop for TemporarySource {
 
 /// Unpacks a kernel package once into `target/vm/unpacked/`, with the modules.dep
 /// the .deb does not ship (so the guest's modprobe finds veth, nf_tables...).
-fn unpack(root: &Path, deb: &Deb) -> Result<Kernel> {
+fn unpack(root: &Path, deb: &Deb, arch: Arch) -> Result<Kernel> {
     let base = root.join("target/vm/unpacked");
     let tree = base.join(format!("{}_{}", deb.package, deb.version.replace(':', "%3a")));
     let marker = tree.join(".unpacked");
@@ -416,7 +579,7 @@ fn unpack(root: &Path, deb: &Deb) -> Result<Kernel> {
             release
         }
     };
-    let kernel = Kernel { package: deb.package.clone(), version: deb.version.clone(), release, tree };
+    let kernel = Kernel { package: deb.package.clone(), version: deb.version.clone(), release, tree, arch };
     if !kernel.vmlinuz().is_file() {
         bail!("{} is missing; remove {} and run again", kernel.vmlinuz().display(), kernel.tree.display());
     }
@@ -638,10 +801,16 @@ fn minutes(d: Duration) -> String {
 /// Runs the root suites on every kernel, one VM at a time (two cores), prints and
 /// writes `target/vm/summary.md`, and fails if anything failed on any kernel, after
 /// all of them ran.
-pub fn run_matrix(root: &Path, kernels: &[Kernel], binaries: &[PathBuf], deadline: Duration) -> Result<()> {
-    let suites: Vec<(String, PathBuf)> = binaries.iter().map(|b| (suite_name(b), b.clone())).collect();
+pub fn run_matrix(
+    root: &Path,
+    kernels: &[Kernel],
+    binaries: &[(Arch, Vec<PathBuf>)],
+    deadline: Duration,
+) -> Result<()> {
     let mut outcomes = Vec::new();
     for kernel in kernels {
+        let bins = binaries.iter().find(|(a, _)| *a == kernel.arch).map(|(_, b)| b.as_slice()).unwrap_or_default();
+        let suites: Vec<(String, PathBuf)> = bins.iter().map(|b| (suite_name(b), b.clone())).collect();
         let outcome = run_one(root, kernel, &suites, deadline)?;
         step(&outcome.line());
         outcomes.push(outcome);
@@ -707,13 +876,41 @@ fn run_one(root: &Path, kernel: &Kernel, suites: &[(String, PathBuf)], deadline:
     if let Some(ci) = std::env::var_os("CI") {
         env.push(format!("CI={}", ci.to_string_lossy()));
     }
+    // A guest of this machine's architecture shares the host's root read-only; one of
+    // another has its own (`foreign_root`), with the workspace at the same path (the
+    // test binaries name the daemon by its absolute path) and the results at /results.
+    let mut vng = Command::new("vng");
+    let guest_results = if kernel.arch.is_native() {
+        vng.arg(format!("--rwdir={}", results.display()));
+        path_str(&results)?
+    } else {
+        let guest_root = foreign_root(root, kernel.arch)?;
+        let workspace = path_str(root)?;
+        fs::create_dir_all(guest_root.join(workspace.trim_start_matches('/')))?;
+        fs::create_dir_all(guest_root.join("results"))?;
+        vng.args(["--arch", kernel.arch.debian()])
+            .arg("--root")
+            .arg(&guest_root)
+            .arg("--busybox")
+            .arg(guest_root.join("bin/busybox"))
+            .arg(format!("--rodir={workspace}={workspace}"))
+            .arg(format!("--rwdir=/results={}", results.display()));
+        "/results".to_owned()
+    };
     let mut guest = vec!["env".to_owned()];
     guest.extend(env.iter().map(|e| quote(e)));
     let limit = suite_limit(deadline, suites.len());
     let seconds = limit.as_secs().to_string();
-    guest.extend(["sh", &path_str(&script)?, &path_str(&results)?, &path_str(root)?, &seconds].map(quote));
+    let guest_script = format!("{guest_results}/vm-guest.sh");
+    guest.extend(["sh", &guest_script, &guest_results, &path_str(root)?, &seconds].map(quote));
     for (name, bin) in suites {
-        let skip = NATIVE_ONLY.iter().filter(|(suite, _)| suite == name).map(|(_, test)| *test).collect::<Vec<_>>();
+        let foreign = if kernel.arch.is_native() { &[][..] } else { &NATIVE_ARCH_ONLY[..] };
+        let skip = NATIVE_ONLY
+            .iter()
+            .chain(foreign)
+            .filter(|(suite, _)| suite == name)
+            .map(|(_, test)| *test)
+            .collect::<Vec<_>>();
         guest.push(quote(&format!("{name}={}:{}", path_str(bin)?, skip.join(","))));
     }
     let guest = guest.join(" ");
@@ -728,13 +925,12 @@ fn run_one(root: &Path, kernel: &Kernel, suites: &[(String, PathBuf)], deadline:
     ));
     let console = fs::File::create(results.join("console.log"))?;
     let started = Instant::now();
-    let child = Command::new("vng")
+    let child = vng
         .arg("-v")
         .arg("--disable-kvm")
         .arg("-r")
         .arg(kernel.vmlinuz())
         .args(["-m", "2G", "-p", "2", "--user", "root"])
-        .arg(format!("--rwdir={}", results.display()))
         .arg("-e")
         .arg(&guest)
         .stdin(Stdio::null())

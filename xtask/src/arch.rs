@@ -3,7 +3,10 @@
 //! linker (named per invocation, not in `.cargo/config.toml`, where it would also
 //! apply to a native build on a host whose gcc has another name).
 
-use std::{path::Path, process::Command};
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
 
 use anyhow::{bail, Context as _, Result};
 
@@ -26,6 +29,11 @@ impl Arch {
             "aarch64" => Some(Arch::Arm64),
             _ => None,
         }
+    }
+
+    /// From Debian's name for it.
+    pub fn from_debian(name: &str) -> Option<Arch> {
+        Self::ALL.into_iter().find(|a| a.debian() == name)
     }
 
     pub fn is_native(self) -> bool {
@@ -70,6 +78,15 @@ impl Arch {
             "strip".to_owned()
         } else {
             format!("{}-strip", self.gnu())
+        }
+    }
+
+    /// Where cargo puts this architecture's `profile` (release, debug) build.
+    pub fn target_dir(self, root: &Path, profile: &str) -> PathBuf {
+        if self.is_native() {
+            root.join("target").join(profile)
+        } else {
+            root.join("target").join(self.triple()).join(profile)
         }
     }
 
@@ -146,6 +163,8 @@ mod tests {
             assert!(arch.triple().starts_with(arch.gnu().split('-').next().unwrap()));
         }
         assert_eq!(Arch::Arm64.debian(), "arm64");
+        assert_eq!(Arch::from_debian("arm64"), Some(Arch::Arm64));
+        assert_eq!(Arch::from_debian("riscv64"), None);
         assert_eq!(or_all(&[]), Arch::ALL);
         assert_eq!(or_all(&[Arch::Arm64, Arch::Arm64]), [Arch::Arm64]);
         let cmd = Arch::Arm64.cargo(&["build"]);

@@ -192,7 +192,7 @@ fn run(cmd: Cmd) -> Result<()> {
             // Not in the VMs: nothing here depends on the kernel, and a browser under
             // software emulation takes minutes.
             step("operator root tests (systemd unit's privileges, landing page in Chromium, check)");
-            for bin in test_binaries(&["--package", "tcptrace-user", "--test", "operator"])? {
+            for bin in test_binaries(native_arch()?, &["--package", "tcptrace-user", "--test", "operator"])? {
                 as_root(&bin, &["--ignored".into(), "--test-threads=1".into(), "--show-output".into()])?;
             }
             if vms {
@@ -333,22 +333,25 @@ fn as_root(bin: &Path, args: &[OsString]) -> Result<()> {
 
 /// The root test suites (`#[ignore]`d, run with `--ignored --test-threads=1`).
 fn root_test_binaries() -> Result<Vec<PathBuf>> {
-    test_binaries(&[
-        "--package",
-        "tcptrace-user",
-        "--test",
-        "kernel",
-        "--test",
-        "forensics",
-        "--test",
-        "fidelity",
-        "--test",
-        "resilience",
-        "--test",
-        "sockets",
-        "--test",
-        "listeners",
-    ])
+    test_binaries(
+        native_arch()?,
+        &[
+            "--package",
+            "tcptrace-user",
+            "--test",
+            "kernel",
+            "--test",
+            "forensics",
+            "--test",
+            "fidelity",
+            "--test",
+            "resilience",
+            "--test",
+            "sockets",
+            "--test",
+            "listeners",
+        ],
+    )
 }
 
 /// The test binaries each kernel's architecture runs: `native` for this machine's,
@@ -364,12 +367,11 @@ fn vm_binaries(kernels: &[vm::Kernel], native: Vec<PathBuf>) -> Result<Vec<(arch
             continue;
         }
         step(&format!("cross-building the {} root suites for {}", vm::FOREIGN_SUITES.join(" and "), arch.debian()));
-        let mut args =
-            vec!["test", "--no-run", "--message-format=json-render-diagnostics", "--package", "tcptrace-user"];
+        let mut select = vec!["--package", "tcptrace-user"];
         for suite in vm::FOREIGN_SUITES {
-            args.extend(["--test", suite]);
+            select.extend(["--test", suite]);
         }
-        matrix.push((arch, executables(&mut arch.cargo(&args))?));
+        matrix.push((arch, test_binaries(arch, &select)?));
     }
     Ok(matrix)
 }
@@ -380,15 +382,11 @@ fn in_ci() -> bool {
 }
 
 /// Builds test targets without running them and returns their executables.
-fn test_binaries(select: &[&str]) -> Result<Vec<PathBuf>> {
+fn test_binaries(arch: arch::Arch, select: &[&str]) -> Result<Vec<PathBuf>> {
     let mut args = vec!["test", "--no-run", "--message-format=json-render-diagnostics"];
     args.extend_from_slice(select);
-    executables(Command::new(env::var_os("CARGO").unwrap_or_else(|| "cargo".into())).args(&args))
-}
-
-/// The test executables a `cargo test --no-run --message-format=json...` names.
-fn executables(cmd: &mut Command) -> Result<Vec<PathBuf>> {
-    let json = output(cmd)?;
+    let mut cmd = arch.cargo(&args);
+    let json = output(&mut cmd)?;
     // Each line is one JSON message; integration-test artifacts carry their executable.
     let bins: Vec<PathBuf> = json
         .lines()
@@ -502,7 +500,7 @@ fn setup_test_tools() -> Result<()> {
 fn dist_all(root: &Path, arches: &[arch::Arch]) -> Result<()> {
     setup_cross(arches)?;
     setup_dist_tools()?;
-    let native = arch::Arch::native().context("cargo xtask dist runs on x86_64 or aarch64 hosts")?;
+    let native = native_arch()?;
     let releases = arches.iter().map(|a| dist::release(*a)).collect::<Result<Vec<_>>>()?;
     let generator = match releases.iter().find(|r| r.arch == native) {
         Some(r) => r.bin.clone(),
@@ -513,6 +511,11 @@ fn dist_all(root: &Path, arches: &[arch::Arch]) -> Result<()> {
         dist::check(&deb)?;
     }
     dist::check_same_object(&releases)
+}
+
+/// This machine's architecture, which must be one tcptrace ships for.
+fn native_arch() -> Result<arch::Arch> {
+    arch::Arch::native().context("xtask builds on x86_64 or aarch64 hosts only")
 }
 
 /// The Rust targets and cross linkers of the architectures that are not this machine's.

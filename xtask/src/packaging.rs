@@ -785,11 +785,14 @@ fn container_base(root: &Path, containerfile: &Path) -> Result<()> {
          `cargo xtask build --arch \"${{TARGETARCH}}\"`"
     );
     ok("Containerfile", "multi-architecture: built on $BUILDPLATFORM, cross-built for $TARGETARCH (amd64, arm64)");
-    // This machine's build (release, else the one `cargo test` left), and the arm64
-    // one `cargo xtask dist` cross-built, if there.
-    let native = ["target/release/tcptrace", "target/debug/tcptrace"].iter().map(|b| root.join(b)).find(|b| b.exists());
-    let arm64 = Some(root.join("target/aarch64-unknown-linux-gnu/release/tcptrace")).filter(|b| b.exists());
-    let bins: Vec<PathBuf> = native.into_iter().chain(arm64).collect();
+    // Each architecture's build: release (`cargo xtask dist` makes both), else the
+    // debug one `cargo test` left.
+    let bins: Vec<PathBuf> = crate::arch::Arch::ALL
+        .iter()
+        .filter_map(|a| {
+            ["release", "debug"].iter().map(|p| a.target_dir(root, p).join("tcptrace")).find(|b| b.exists())
+        })
+        .collect();
     if bins.is_empty() {
         step("packaging: Containerfile: no release tcptrace in target/ to check the base image's libraries against");
         return Ok(());

@@ -219,6 +219,9 @@ pub struct Kernel {
     release: String,
     tree: PathBuf,
     pub arch: Arch,
+    /// The guest's own root when `arch` is not this machine's (`foreign_root`); the
+    /// host's is shared otherwise.
+    guest_root: Option<PathBuf>,
 }
 
 impl Kernel {
@@ -228,22 +231,29 @@ impl Kernel {
 }
 
 /// A downloaded package file, `NAME_VERSION_ARCH.deb` as apt names it.
-#[derive(Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 struct Deb {
     package: String,
     version: String,
+    /// Debian's architecture name, from the file name.
+    arch: String,
     path: PathBuf,
 }
 
 fn parse_deb_name(path: &Path) -> Option<Deb> {
     let name = path.file_name()?.to_str()?.strip_suffix(".deb")?;
     let mut parts = name.split('_');
-    let (package, version, _arch) = (parts.next()?, parts.next()?, parts.next()?);
+    let (package, version, arch) = (parts.next()?, parts.next()?, parts.next()?);
     if parts.next().is_some() {
         return None;
     }
     // apt writes an epoch's colon as %3a in file names.
-    Some(Deb { package: package.to_owned(), version: version.replace("%3a", ":"), path: path.to_path_buf() })
+    Some(Deb {
+        package: package.to_owned(),
+        version: version.replace("%3a", ":"),
+        arch: arch.to_owned(),
+        path: path.to_path_buf(),
+    })
 }
 
 fn debs_in(dir: &Path) -> Vec<Deb> {
@@ -271,7 +281,7 @@ pub fn setup(requests: &[Request]) -> Result<()> {
     } else {
         crate::apt_install(&missing)?;
     }
-    foreign.iter().try_for_each(|a| a.setup())?;
+    crate::setup_cross(&foreign)?;
 
     let version = if has("vng") { output(Command::new("vng").arg("--version")).ok() } else { None };
     match version.as_deref().map(str::trim) {
@@ -332,7 +342,7 @@ pub fn prepare(root: &Path, requests: &[Request]) -> Result<Vec<Kernel>> {
                 deb.version
             ));
         }
-        chosen.push(hit.map(|d| Deb { package: d.package.clone(), version: d.version.clone(), path: d.path.clone() }));
+        chosen.push(hit.cloned());
     }
 
     let wants_bullseye = requests.iter().zip(&chosen).any(|(r, c)| c.is_none() && r.needs_bullseye());
@@ -376,11 +386,12 @@ pub fn prepare(root: &Path, requests: &[Request]) -> Result<Vec<Kernel>> {
         if kernels.iter().any(|k| k.package == deb.package && k.version == deb.version) {
             continue;
         }
-        let arch = requests.iter().find(|r| r.rank(&deb.package).is_some()).map_or(Arch::Amd64, Request::arch);
+        let arch = Arch::from_debian(&deb.arch)
+            .with_context(|| format!("{} is for {}, an architecture xtask does not boot", deb.package, deb.arch))?;
         kernels.push(unpack(root, &deb, arch)?);
     }
-    for arch in kernels.iter().map(|k| k.arch).filter(|a| !a.is_native()) {
-        foreign_root(root, arch)?;
+    for kernel in kernels.iter_mut().filter(|k| !k.arch.is_native()) {
+        kernel.guest_root = Some(foreign_root(root, kernel.arch)?);
     }
     Ok(kernels)
 }
@@ -579,7 +590,8 @@ fn unpack(root: &Path, deb: &Deb, arch: Arch) -> Result<Kernel> {
             release
         }
     };
-    let kernel = Kernel { package: deb.package.clone(), version: deb.version.clone(), release, tree, arch };
+    let kernel =
+        Kernel { package: deb.package.clone(), version: deb.version.clone(), release, tree, arch, guest_root: None };
     if !kernel.vmlinuz().is_file() {
         bail!("{} is missing; remove {} and run again", kernel.vmlinuz().display(), kernel.tree.display());
     }
@@ -880,22 +892,21 @@ fn run_one(root: &Path, kernel: &Kernel, suites: &[(String, PathBuf)], deadline:
     // another has its own (`foreign_root`), with the workspace at the same path (the
     // test binaries name the daemon by its absolute path) and the results at /results.
     let mut vng = Command::new("vng");
-    let guest_results = if kernel.arch.is_native() {
-        vng.arg(format!("--rwdir={}", results.display()));
-        path_str(&results)?
-    } else {
-        let guest_root = foreign_root(root, kernel.arch)?;
+    let guest_results = if let Some(guest_root) = &kernel.guest_root {
         let workspace = path_str(root)?;
         fs::create_dir_all(guest_root.join(workspace.trim_start_matches('/')))?;
         fs::create_dir_all(guest_root.join("results"))?;
         vng.args(["--arch", kernel.arch.debian()])
             .arg("--root")
-            .arg(&guest_root)
+            .arg(guest_root)
             .arg("--busybox")
             .arg(guest_root.join("bin/busybox"))
             .arg(format!("--rodir={workspace}={workspace}"))
             .arg(format!("--rwdir=/results={}", results.display()));
         "/results".to_owned()
+    } else {
+        vng.arg(format!("--rwdir={}", results.display()));
+        path_str(&results)?
     };
     let mut guest = vec!["env".to_owned()];
     guest.extend(env.iter().map(|e| quote(e)));

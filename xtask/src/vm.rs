@@ -419,13 +419,20 @@ impl TemporaryArchitecture {
 impl Drop for TemporaryArchitecture {
     fn drop(&mut self) {
         step(&format!("dpkg --remove-architecture {} and apt-get update without it", self.arch.debian()));
-        let removed = Command::new("dpkg").args(["--remove-architecture", self.arch.debian()]).status();
-        if !removed.is_ok_and(|s| s.success()) {
-            eprintln!("xtask: warning: run `dpkg --remove-architecture {}` by hand", self.arch.debian());
-        }
-        if let Err(err) = apt_update() {
-            eprintln!("xtask: warning: {err:#}; run `apt-get update` by hand");
-        }
+        let removed = run_cmd(Command::new("dpkg").args(["--remove-architecture", self.arch.debian()]));
+        undo_apt_change(removed, &format!("dpkg --remove-architecture {}", self.arch.debian()));
+    }
+}
+
+/// The end of a temporary apt change: what `undo` did, and the package lists
+/// refreshed without the change; a failure of either is told with the command that
+/// finishes the job by hand (a drop cannot fail).
+fn undo_apt_change(undo: Result<()>, by_hand: &str) {
+    if let Err(err) = undo {
+        eprintln!("xtask: warning: {err:#}; run `{by_hand}` by hand");
+    }
+    if let Err(err) = apt_update() {
+        eprintln!("xtask: warning: {err:#}; run `apt-get update` by hand");
     }
 }
 
@@ -549,12 +556,7 @@ impl TemporarySource {
 impl Drop for TemporarySource {
     fn drop(&mut self) {
         step(&format!("removing {} and running apt-get update without it", self.path.display()));
-        if let Err(err) = fs::remove_file(&self.path) {
-            eprintln!("xtask: warning: could not remove {}: {err}; remove it by hand", self.path.display());
-        }
-        if let Err(err) = apt_update() {
-            eprintln!("xtask: warning: {err:#}; run `apt-get update` by hand");
-        }
+        undo_apt_change(fs::remove_file(&self.path).map_err(Into::into), &format!("rm {}", self.path.display()));
     }
 }
 

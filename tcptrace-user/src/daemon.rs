@@ -2,7 +2,6 @@
 
 use caps::CapsHashSet;
 use std::{
-    collections::VecDeque,
     fs,
     os::fd::AsRawFd,
     sync::{
@@ -14,8 +13,11 @@ use std::{
 
 use aya::maps::{MapData, RingBuf};
 use log::{error, info, warn};
-use tcptrace_common::{TransitionCounts, STREAM_CLOSES, STREAM_CLOSE_WAIT, STREAM_RESETS};
-use tokio::{net::TcpListener, sync::watch};
+use tcptrace_common::{STREAM_CLOSES, STREAM_CLOSE_WAIT, STREAM_RESETS};
+use tokio::{
+    net::TcpListener,
+    sync::{oneshot, watch},
+};
 
 use crate::{
     check,
@@ -32,8 +34,9 @@ use crate::{
     procnet,
     reader::{Consumer, Pace, Reader},
     report::SlowLog,
+    seeding::{self, Seeding},
     server, shutdown,
-    tracker::{syn_sent_lifetime_ns, Eviction, Limits, Sink as _, Tracker},
+    tracker::{syn_sent_lifetime_ns, Limits, Tracker},
     web_config::WebConfigFile,
 };
 
@@ -48,11 +51,6 @@ const REFRESH_EVERY: Duration = Duration::from_secs(1);
 /// namespace inodes are reused once a namespace is gone.
 const NAME_NETNS_EVERY: Duration = Duration::from_secs(2);
 const RENAME_NETNS_EVERY: u32 = 15;
-/// Most record bytes held back while seeding (about 320,000 events); beyond it the
-/// ring buffer fills and the kernel counts what it drops, as without holding.
-const HOLD_MAX_BYTES: usize = 32 << 20;
-/// Held records applied per hold of the lock (about a millisecond's work).
-const RELEASE_SLICE: usize = 4096;
 /// Slow-log records waiting for stdout; beyond it they are dropped and counted.
 const SLOW_LOG_QUEUE: usize = 8192;
 /// The landing page lists handshakes at least this slow when --slow-handshake is
@@ -71,102 +69,31 @@ struct State {
     pipeline: Pipeline,
     ring: RingBuf<MapData>,
     counters: KernelCounters,
-    /// Records drained while the TIME_WAIT model is seeded, applied after the seeds.
-    held: Option<Held>,
-}
-
-/// Records in arrival order. Seeding reads every namespace's tables, which takes
-/// longer the more namespaces and sockets the host has; the ring buffer must not
-/// fill meanwhile, and events must still apply after the seeds (a time-wait socket
-/// killed by 4-tuple reuse after its table was read must end up removed).
-#[derive(Default)]
-struct Held {
-    bytes: VecDeque<u8>,
-    lens: VecDeque<usize>,
-}
-
-impl Held {
-    fn push(&mut self, record: &[u8]) {
-        self.bytes.extend(record);
-        self.lens.push_back(record.len());
-    }
-
-    /// The oldest record, into `buf`; false when none is left.
-    fn pop_into(&mut self, buf: &mut Vec<u8>) -> bool {
-        let Some(len) = self.lens.pop_front() else { return false };
-        buf.clear();
-        buf.extend(self.bytes.drain(..len));
-        true
-    }
+    /// Until the sockets older than the daemon and the records held meanwhile are
+    /// applied.
+    seeding: Option<Seeding>,
 }
 
 impl State {
-    /// Hands every waiting record to the pipeline (or holds it while seeding).
-    fn drain(&mut self) {
-        match &mut self.held {
-            None => {
-                while let Some(item) = self.ring.next() {
-                    self.pipeline.record(&item);
-                }
+    /// Hands every waiting record to the pipeline, or while seeding holds them and
+    /// applies one slice of the start-up work; true when more of it waits.
+    fn drain(&mut self) -> bool {
+        let Some(seeding) = &mut self.seeding else {
+            while let Some(item) = self.ring.next() {
+                self.pipeline.record(&item);
             }
-            Some(held) => {
-                while held.bytes.len() < HOLD_MAX_BYTES {
-                    let Some(item) = self.ring.next() else { break };
-                    held.push(&item);
-                }
+            return false;
+        };
+        while let Some(item) = self.ring.next() {
+            if !seeding.hold(&item) {
+                break;
             }
         }
-    }
-
-    /// Seeds the TIME_WAIT model and the socket states (read once the kernel had
-    /// counted `at_seed` transitions), before any held record is applied.
-    fn seed(&mut self, read: std::io::Result<procnet::Seeds>, at_seed: Option<Box<[TransitionCounts; 2]>>) {
-        self.drain();
-        match read {
-            Ok(seeds) => {
-                info!(
-                    "{} TIME_WAIT sockets already in {} network namespaces{}",
-                    seeds.sockets.len(),
-                    seeds.namespaces,
-                    match seeds.unreadable {
-                        0 => String::new(),
-                        n => format!(" ({n} more could not be read; RUST_LOG=debug says why)"),
-                    }
-                );
-                let (tracker, metrics) = self.pipeline.parts();
-                if seeds.dropped > 0 {
-                    metrics.evicted(Eviction::TimeWaitCap, seeds.dropped as u64);
-                }
-                if seeds.connections_dropped > 0 {
-                    metrics.evicted(Eviction::ServicesCap, seeds.connections_dropped as u64);
-                }
-                if let Some(at_seed) = at_seed {
-                    metrics.seed_states(&seeds.states, &at_seed);
-                }
-                tracker.seed_services(&seeds.listeners, &seeds.connections);
-                tracker.seed_time_wait(seeds.sockets, metrics);
-            }
-            Err(err) => warn!(
-                "cannot read existing sockets ({err}); tcptrace_time_wait_sockets and tcptrace_sockets start from zero"
-            ),
+        if seeding.apply_some(&mut self.pipeline) {
+            self.seeding = None;
+            return true; // What arrived meanwhile goes straight to the pipeline.
         }
-    }
-
-    /// Applies up to `max` held records, oldest first; once none is left, stops
-    /// holding and returns true. In slices, so the reader (which keeps appending
-    /// meanwhile) never waits long for the lock.
-    fn release_some(&mut self, max: usize) -> bool {
-        let State { held, pipeline, .. } = self;
-        let Some(queue) = held else { return true };
-        let mut buf = Vec::with_capacity(size_of::<tcptrace_common::Event>());
-        for _ in 0..max {
-            if !queue.pop_into(&mut buf) {
-                *held = None;
-                return true;
-            }
-            pipeline.record(&buf);
-        }
-        false
+        seeding.busy()
     }
 
     /// Drains, then brings expiry, gauges and kernel counters up to now: what a
@@ -190,12 +117,19 @@ fn lock(s: &Mutex<State>) -> MutexGuard<'_, State> {
     s.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// The reader thread's view of [`State`].
+/// The reader thread's view of [`State`]. Dropped when the reader ends, which ends a
+/// seeding left unfinished, so start-up never waits on a reader that is gone.
 struct Drainer {
     shared: Shared,
     keep: CapsHashSet,
     /// CLOCK_MONOTONIC ms of the last drain, for `/healthz`.
     drained_ms: Arc<AtomicU64>,
+}
+
+impl Drop for Drainer {
+    fn drop(&mut self) {
+        lock(&self.shared).seeding = None;
+    }
 }
 
 impl Consumer for Drainer {
@@ -204,9 +138,10 @@ impl Consumer for Drainer {
             warn!("the event reader could not drop its capabilities: {err}");
         }
     }
-    fn drain(&mut self) {
-        lock(&self.shared).drain();
+    fn drain(&mut self) -> bool {
+        let more = lock(&self.shared).drain();
         self.drained_ms.store(monotonic_ns() / 1_000_000, Ordering::Relaxed);
+        more
     }
     fn tick(&mut self) {
         lock(&self.shared).refresh();
@@ -280,8 +215,8 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
     pipeline = pipeline.with_recent(page::Recent::new(recent_threshold));
     let registry = pipeline.metrics().registry().clone();
     let web = pipeline.metrics().web_counters();
-    let held = Some(Held::default());
-    let shared: Shared = Arc::new(Mutex::new(State { pipeline, ring, counters, held }));
+    let (seeding, seeded) = Seeding::new();
+    let shared: Shared = Arc::new(Mutex::new(State { pipeline, ring, counters, seeding: Some(seeding) }));
 
     // Drain from now on: the programs are attached and the ring buffer fills.
     let pace = Pace { drain_every: DRAIN_EVERY, tick_every: REFRESH_EVERY };
@@ -291,7 +226,7 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
     let reader = Reader::spawn(ring_fd, pace, drainer)?;
     // Events carry their namespace when BTF gave its offsets; seeds must match them.
     let listener_namespaces =
-        seed_time_wait(&shared, probe.netns, max_time_wait, close_wait_ports + destinations > 0).await;
+        seed_time_wait(&shared, seeded, probe.netns, max_time_wait, close_wait_ports + destinations > 0).await;
     seed_listeners(&shared, &mut probe, listener_namespaces);
     // Everything that needed privilege is done: attach, tracefs, other namespaces.
     match privileges::drop_all_but(&keep) {
@@ -397,18 +332,25 @@ fn join_msg<T: std::fmt::Debug>(r: std::result::Result<T, tokio::task::JoinError
     }
 }
 
-/// Seeds the TIME_WAIT model with the time-wait sockets of every network namespace,
-/// read while the reader keeps draining (into [`Held`]), then applies what it held.
-/// Returns the namespaces that have listeners, open, for the listener iterator.
-async fn seed_time_wait(shared: &Shared, tag_netns: bool, cap: usize, connections: bool) -> Vec<(u32, std::fs::File)> {
+/// Reads the time-wait sockets (and the other seeds) of every network namespace
+/// while the reader holds what it drains, hands them to the reader, which applies
+/// them and then what it held, and waits until it has. Returns the namespaces that
+/// have listeners, open, for the listener iterator.
+async fn seed_time_wait(
+    shared: &Shared,
+    seeded: oneshot::Receiver<()>,
+    tag_netns: bool,
+    cap: usize,
+    connections: bool,
+) -> Vec<(u32, std::fs::File)> {
     // A thread of its own rather than the blocking pool, whose threads outlive the
     // task: it exits with its capabilities before the daemon drops them.
     let at_seed = lock(shared).counters.read().transitions;
-    let (tx, rx) = tokio::sync::oneshot::channel();
+    let (tx, rx) = oneshot::channel();
     let spawned = std::thread::Builder::new().name("tcptrace-seed".into()).spawn(move || {
         let _ = tx.send(procnet::time_wait_sockets(monotonic_ns(), tag_netns, cap, connections));
     });
-    let mut read = match spawned {
+    let mut seeds = match spawned {
         Ok(thread) => {
             let read = rx.await.map_err(std::io::Error::other).and_then(|r| r);
             let _ = thread.join();
@@ -416,11 +358,12 @@ async fn seed_time_wait(shared: &Shared, tag_netns: bool, cap: usize, connection
         }
         Err(err) => Err(err),
     };
-    let listener_namespaces = read.as_mut().map(|s| std::mem::take(&mut s.listener_namespaces)).unwrap_or_default();
-    lock(shared).seed(read, at_seed);
-    while !lock(shared).release_some(RELEASE_SLICE) {
-        tokio::task::yield_now().await;
+    let listener_namespaces = seeds.as_mut().map(|s| std::mem::take(&mut s.listener_namespaces)).unwrap_or_default();
+    if let Some(seeding) = &mut lock(shared).seeding {
+        seeding.arrived(seeding::Read { seeds, at_seed });
     }
+    // Fails only if the reader ended, which the caller notices next.
+    let _ = seeded.await;
     trim_heap();
     listener_namespaces
 }

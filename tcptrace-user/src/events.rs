@@ -105,11 +105,12 @@ pub struct KernelTotals {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use tcptrace_common::{EventKind, TcpState};
 
-    fn bytes_of(ev: &Event) -> Vec<u8> {
+    /// A record as the ring buffer hands it over.
+    pub(crate) fn bytes_of(ev: &Event) -> Vec<u8> {
         // SAFETY: `Event` has no padding, so all its bytes are initialised.
         unsafe { std::slice::from_raw_parts((ev as *const Event).cast::<u8>(), size_of::<Event>()) }.to_vec()
     }

@@ -22,6 +22,7 @@ pub mod probe;
 pub mod procnet;
 pub mod reader;
 pub mod report;
+pub mod seeding;
 pub mod server;
 pub mod shutdown;
 pub mod tracefs;

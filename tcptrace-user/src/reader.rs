@@ -18,8 +18,9 @@ use std::{
 pub trait Consumer: Send + 'static {
     /// Runs first, on the reader thread.
     fn start(&mut self) {}
-    /// Takes every record waiting in the ring buffer.
-    fn drain(&mut self);
+    /// Takes every record waiting in the ring buffer; true when it has more work
+    /// that must not wait for the kernel's wake-up (the reader drains again at once).
+    fn drain(&mut self) -> bool;
     /// Periodic work (expiry, kernel counters); also called once at the end.
     fn tick(&mut self);
     /// Whether to stop reading (e.g. `watch`'s output was closed).
@@ -56,15 +57,18 @@ impl Reader {
         let thread = thread::Builder::new().name("tcptrace-reader".into()).spawn(move || {
             consumer.start();
             let mut next_tick = Instant::now() + pace.tick_every;
+            let mut more = false;
             let result = loop {
                 if flag.load(Ordering::Acquire) || consumer.done() {
                     break Ok(());
                 }
                 let until_tick = next_tick.saturating_duration_since(Instant::now());
-                if let Err(err) = wait_readable(fd, pace.drain_every.min(until_tick)) {
-                    break Err(err);
+                if !more {
+                    if let Err(err) = wait_readable(fd, pace.drain_every.min(until_tick)) {
+                        break Err(err);
+                    }
                 }
-                consumer.drain();
+                more = consumer.drain();
                 if Instant::now() >= next_tick {
                     consumer.tick();
                     next_tick = Instant::now() + pace.tick_every;
@@ -126,8 +130,9 @@ mod tests {
     }
 
     impl Consumer for Counting {
-        fn drain(&mut self) {
+        fn drain(&mut self) -> bool {
             self.drains.fetch_add(1, Ordering::Relaxed);
+            false
         }
         fn tick(&mut self) {
             self.ticks.fetch_add(1, Ordering::Relaxed);

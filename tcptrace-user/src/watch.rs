@@ -181,7 +181,7 @@ struct Watcher {
 }
 
 impl Consumer for Watcher {
-    fn drain(&mut self) {
+    fn drain(&mut self) -> bool {
         while let Some(item) = self.ring.next() {
             match events::decode(&item) {
                 Ok(ev) => {
@@ -191,6 +191,7 @@ impl Consumer for Watcher {
                 Err(err) => self.notes.line(format!("tcptrace watch: {err}")),
             }
         }
+        false
     }
 
     fn tick(&mut self) {

@@ -432,14 +432,20 @@ fn fill_time_wait(ns: &Netns, n: usize) {
     .join()
     .unwrap();
     let enough = wait_for(deadline(BASE_DEADLINE), || ns.sockstat_tw() >= n);
-    assert!(enough, "{} time-wait sockets of {n}", ns.sockstat_tw());
+    if !enough {
+        let cap = ns.run(|| std::fs::read_to_string("/proc/sys/net/ipv4/tcp_max_tw_buckets")).join();
+        let netstat = ns.run(|| std::fs::read_to_string("/proc/thread-self/net/netstat")).join();
+        panic!("{} time-wait sockets of {n}; tcp_max_tw_buckets {cap:?}; netstat {netstat:?}", ns.sockstat_tw());
+    }
 }
 
 #[test]
 #[ignore = "needs root and the real kernel: run `cargo xtask test`"]
 fn a_start_during_a_churn_with_100k_time_wait_sockets_loses_nothing() {
     require_root();
-    let n = scaled(100_000, 20_000);
+    // Under emulation fewer: a 5.10 guest once held only 1,492 of 20,000 when the
+    // wait for them ended (the fill's own printout says why if it recurs).
+    let n = scaled(100_000, 5_000);
     let ns = Netns::new();
     let made = Instant::now();
     fill_time_wait(&ns, n);

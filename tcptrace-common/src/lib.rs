@@ -84,6 +84,57 @@ pub const fn reset_slot(sent: bool, state: u32) -> usize {
     (sent as usize) << 4 | if state > 15 { 0 } else { state as usize }
 }
 
+/// Name of the array holding each active open's [`ActiveStart`] from CLOSE->SYN_SENT
+/// until the socket leaves SYN_SENT: the kernel pairs active handshakes, and only
+/// their end is streamed, carrying the start. Direct-mapped by socket address
+/// ([`active_hash`]): a lookup the verifier inlines, no lock and no allocation (a
+/// hash map's insert and delete cost more than the ring buffer event they saved).
+pub const ACTIVE_MAP: &str = "ACTIVE";
+/// Name of the read-only global holding [`ACTIVE_MAP`]'s slot count less one (a
+/// power of two: `--max-tracked-sockets` rounded up).
+pub const ACTIVE_MASK_GLOBAL: &str = "ACTIVE_MASK";
+/// [`ACTIVE_MAP`]'s slots when nothing sets them (56 bytes each).
+pub const ACTIVE_SLOTS_DEFAULT: u32 = 65_536;
+/// Name of the per-CPU array counting starts kept ([`PAIRING_STARTED`]), taken by
+/// their end ([`PAIRING_TAKEN`]) and evicted before it ([`PAIRING_EVICTED`]).
+pub const PAIRING_MAP: &str = "PAIRING";
+/// [`PAIRING_MAP`] slot: starts kept.
+pub const PAIRING_STARTED: u32 = 0;
+/// [`PAIRING_MAP`] slot: starts taken by their end (or forgotten with an end lost).
+pub const PAIRING_TAKEN: u32 = 1;
+/// [`PAIRING_MAP`] slot: starts overwritten by another socket's start in the same
+/// slot (both in flight, or the earlier end skipped by the kernel): that end
+/// streams untimed.
+pub const PAIRING_EVICTED: u32 = 2;
+/// Slots of [`PAIRING_MAP`].
+pub const PAIRING_SLOTS: u32 = 3;
+
+/// The [`ACTIVE_MAP`] slot of a socket before masking: a multiplicative hash of its
+/// address (sockets are slab objects, so the low bits say little).
+pub const fn active_hash(sk: u64) -> u32 {
+    ((sk >> 6).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 32) as u32
+}
+
+/// What the kernel keeps of an active open while it is in SYN_SENT: when and by whom
+/// `connect()` was called (only then is the current task the connecting one).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ActiveStart {
+    /// The socket whose start this is; 0 when the slot is free.
+    pub sk: u64,
+    /// `bpf_ktime_get_ns()` at CLOSE->SYN_SENT.
+    pub ts_ns: u64,
+    pub cgroup_id: u64,
+    pub pid: u32,
+    pub tgid: u32,
+    pub comm: [u8; 16],
+    /// SYN retransmissions seen meanwhile.
+    pub retransmits: u32,
+    pub _pad: u32,
+}
+
+const _: () = assert!(core::mem::size_of::<ActiveStart>() == 56);
+
 /// [`Event::tw_count`] and [`Event::tw_max`] when not read.
 pub const TW_UNKNOWN: u32 = u32::MAX;
 /// Counts of state changes, indexed by [`transition_slot`].
@@ -126,9 +177,10 @@ pub const fn extra_pairs(extra: u8, old: u32, new: u32) -> bool {
 }
 
 /// Whether the daemon needs this transition streamed (the rest are only counted):
-/// handshake starts and ends, the entries into TIME_WAIT, and listeners opening and
-/// closing (whose queues it reads). (LISTEN->SYN_RECV is not needed: the child's
-/// SYN_RECV->ESTABLISHED follows at once with the same 4-tuple.)
+/// handshake ends, the entries into TIME_WAIT, and listeners opening and closing
+/// (whose queues it reads). An active open's start (CLOSE->SYN_SENT) stays in the
+/// kernel ([`ACTIVE_MAP`]) and travels with its end; LISTEN->SYN_RECV is not needed
+/// either: the child's SYN_RECV->ESTABLISHED follows at once with the same 4-tuple.
 pub const fn pairs(old: u32, new: u32) -> bool {
     const CLOSE: u32 = TcpState::Close as u32;
     const LISTEN: u32 = TcpState::Listen as u32;
@@ -136,7 +188,7 @@ pub const fn pairs(old: u32, new: u32) -> bool {
     const SYN_RECV: u32 = TcpState::SynRecv as u32;
     const FIN_WAIT2: u32 = TcpState::FinWait2 as u32;
     const CLOSING: u32 = TcpState::Closing as u32;
-    matches!((old, new), (CLOSE, SYN_SENT) | (SYN_SENT, _) | (SYN_RECV, _) | (CLOSE, LISTEN) | (LISTEN, CLOSE))
+    matches!((old, new), (SYN_SENT, _) | (SYN_RECV, _) | (CLOSE, LISTEN) | (LISTEN, CLOSE))
         || (new == CLOSE && (old == FIN_WAIT2 || old == CLOSING))
 }
 
@@ -531,7 +583,10 @@ pub struct Event {
     /// A [`TcpState`] as `u8` (0 when the kind carries no state).
     pub old_state: u8,
     pub new_state: u8,
-    pub _pad: [u8; 3],
+    /// SYN retransmissions of an active open paired in the kernel (see
+    /// [`Event::start_ns`]), at most 255.
+    pub syn_retransmits: u8,
+    pub _pad: [u8; 2],
     /// `tcp_sock.srtt_us` (smoothed RTT in us, times 8) when a socket became
     /// ESTABLISHED; for a passive child it holds the SYN-ACK round trip. 0 if unread.
     pub srtt_us: u32,
@@ -551,6 +606,10 @@ pub struct Event {
     /// (`net.ipv4.tcp_max_tw_buckets`); [`TW_UNKNOWN`] otherwise.
     pub tw_count: u32,
     pub tw_max: u32,
+    /// As a socket leaves SYN_SENT: when its `connect()` made it SYN_SENT, from
+    /// [`ACTIVE_MAP`] (the task fields are then the connecting task's, and
+    /// `syn_retransmits` its SYN retransmissions); 0 when the kernel held no start.
+    pub start_ns: u64,
 }
 
 impl Event {
@@ -570,7 +629,8 @@ impl Event {
             kind: 0,
             old_state: 0,
             new_state: 0,
-            _pad: [0; 3],
+            syn_retransmits: 0,
+            _pad: [0; 2],
             srtt_us: 0,
             sk_err: SK_ERR_UNKNOWN,
             netns: 0,
@@ -578,6 +638,7 @@ impl Event {
             net: 0,
             tw_count: TW_UNKNOWN,
             tw_max: TW_UNKNOWN,
+            start_ns: 0,
         }
     }
 }
@@ -603,7 +664,7 @@ pub fn ip_addr(family: u16, raw: &[u8; 16]) -> core::net::IpAddr {
     }
 }
 
-const _: () = assert!(core::mem::size_of::<Event>() == 120);
+const _: () = assert!(core::mem::size_of::<Event>() == 128);
 const _: () = assert!(core::mem::align_of::<Event>() == 8);
 
 // SAFETY: `Event` is `repr(C)`, made only of integers and byte arrays, with every
@@ -640,7 +701,8 @@ mod tests {
             }
         }
         assert_eq!(transition_slot(99, 1), transition_slot(0, 1));
-        assert!(pairs(Close as u32, SynSent as u32) && pairs(FinWait2 as u32, Close as u32));
+        assert!(!pairs(Close as u32, SynSent as u32) && pairs(SynSent as u32, Established as u32));
+        assert!(pairs(FinWait2 as u32, Close as u32));
         assert!(pairs(SynRecv as u32, Established as u32) && !pairs(Listen as u32, SynRecv as u32));
         assert!(pairs(Close as u32, Listen as u32) && pairs(Listen as u32, Close as u32));
         assert_eq!((reset_slot(false, 0), reset_slot(true, 1), reset_slot(true, 99)), (0, 17, 16));
@@ -661,9 +723,10 @@ mod tests {
     #[test]
     fn event_has_no_hidden_padding() {
         let e = Event::zeroed();
-        let fields = 8 + 8 + 8 + 4 + 4 + 16 + 16 + 2 + 2 + 2 + 1 + 1 + 1 + 3 + 4 + 4 + 4 + 16 + 8 + 4 + 4;
+        let fields = 8 + 8 + 8 + 4 + 4 + 16 + 16 + 2 + 2 + 2 + 1 + 1 + 1 + 1 + 2 + 4 + 4 + 4 + 16 + 8 + 4 + 4 + 8;
         let config = 8 + 15 * 2 + 5 * 10 * 2 + 1 + 1 + 8 + 12 + 4 + 8 + 4;
         assert_eq!(core::mem::size_of::<Config>(), config);
         assert_eq!(core::mem::size_of_val(&e), fields);
+        assert_eq!(core::mem::size_of::<ActiveStart>(), 8 + 8 + 8 + 4 + 4 + 16 + 4 + 4);
     }
 }

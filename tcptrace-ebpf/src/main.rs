@@ -11,8 +11,10 @@
 //! than helper calls. Nothing about the kernel is
 //! compiled in: every offset arrives in [`CONFIG`] at load time.
 //!
-//! Deliberately small: every decision (pairing, expiry, metrics) is made in
-//! userspace, where it can be tested without a kernel.
+//! Deliberately small: the one pairing done here is an active open's start and end
+//! (kept in a table, so only the end is streamed); every other decision (expiry,
+//! metrics, what a failure means) is made in userspace, where it can be tested
+//! without a kernel.
 #![no_std]
 #![no_main]
 
@@ -26,10 +28,11 @@ use aya_ebpf::{
     EbpfContext as _,
 };
 use tcptrace_common::{
-    extra_pairs, family_slot, pairs, reset_slot, transition_slot, Config, Event, EventKind, ResetCounts, TcpState,
-    TransitionCounts, ABSENT, AF_INET, AF_INET6, DEFAULT_RING_BYTES, FAMILY_SLOTS, IPPROTO_TCP, LISTENER_DROPS,
-    LISTENER_LIMIT, LISTENER_NET_MIB, LISTENER_PORT, LISTENER_QUEUE, MAX_CPUS, NET_GONE, NET_READ_PORT_HIGH,
-    NET_READ_PORT_LOW, NET_READ_TIME_WAIT, SK_ERR_UNKNOWN, SPAN_MAX, STREAM_RESETS, TW_UNKNOWN,
+    active_hash, extra_pairs, family_slot, pairs, reset_slot, transition_slot, ActiveStart, Config, Event, EventKind,
+    ResetCounts, TcpState, TransitionCounts, ABSENT, ACTIVE_SLOTS_DEFAULT, AF_INET, AF_INET6, DEFAULT_RING_BYTES, FAMILY_SLOTS,
+    IPPROTO_TCP, LISTENER_DROPS, LISTENER_LIMIT, LISTENER_NET_MIB, LISTENER_PORT, LISTENER_QUEUE, MAX_CPUS, NET_GONE,
+    NET_READ_PORT_HIGH, NET_READ_PORT_LOW, NET_READ_TIME_WAIT, PAIRING_EVICTED, PAIRING_SLOTS, PAIRING_STARTED,
+    PAIRING_TAKEN, SK_ERR_UNKNOWN, SPAN_MAX, STREAM_RESETS, TW_UNKNOWN,
 };
 
 /// Set by the loader (see [`Config`]); read field by field with [`cfg!`].
@@ -76,6 +79,23 @@ static CPU_PROBE: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 /// [`cpu_offset`]; 0 for a CPU it never ran on.
 #[map]
 static CPU_OFFSETS: Array<u64> = Array::with_max_entries(MAX_CPUS as u32, 0);
+
+/// Each active open's start, from CLOSE->SYN_SENT until it leaves SYN_SENT, in the
+/// slot of its socket ([`active_slot`]): one event per active handshake instead of two.
+/// An array rather than a hash map (whose insert and delete cost more than the event
+/// saved) or socket-local storage (which 5.10's tracing programs cannot use). Two
+/// CPUs writing one slot at the same instant could mix two starts: both would have
+/// to begin within nanoseconds and hash alike.
+#[map]
+static ACTIVE: Array<ActiveStart> = Array::with_max_entries(ACTIVE_SLOTS_DEFAULT, 0);
+
+/// [`ACTIVE`]'s slots less one, set by the loader with the map's size.
+#[unsafe(no_mangle)]
+static ACTIVE_MASK: u32 = ACTIVE_SLOTS_DEFAULT - 1;
+
+/// Starts kept, taken and evicted (`PAIRING_*`), per CPU.
+#[map]
+static PAIRING: PerCpuArray<u64> = PerCpuArray::with_max_entries(PAIRING_SLOTS, 0);
 
 /// Userspace resizes this at load time (`--ring-buffer-size`).
 #[map]
@@ -242,10 +262,15 @@ fn state_change(sk: u64, family: u16, old: u32, new: u32, tuple: impl FnOnce(&mu
         // SAFETY: a read of a local; then this CPU's slot, masked into the array.
         unsafe { (*counts)[core::ptr::read_volatile(&slot) & 0xff] += 1 };
     }
+    if old == TcpState::Close as u32 && new == TcpState::SynSent as u32 {
+        remember_active(sk);
+    }
     let stream_all = cfg!(stream_all) != 0;
     if !stream_all && !pairs(old, new) && !extra_pairs(cfg!(stream_extra), old, new) {
         return;
     }
+    // Taken before the reserve: an end lost with a full ring buffer frees its slot.
+    let start = if old == TcpState::SynSent as u32 { take_active(sk) } else { None };
     let Some(mut entry) = EVENTS.reserve::<Event>(0) else {
         count_lost();
         return;
@@ -258,10 +283,16 @@ fn state_change(sk: u64, family: u16, old: u32, new: u32, tuple: impl FnOnce(&mu
     ev.old_state = old as u8;
     ev.new_state = new as u8;
     tuple(ev);
-    // The calling task is only meaningful in process context: connect() makes
-    // CLOSE->SYN_SENT there. `watch` shows it for everything.
-    if stream_all || new == TcpState::SynSent as u32 {
+    // The calling task is only meaningful in process context (`watch` shows it for
+    // everything); an active open's end carries its start's, the connecting task.
+    if stream_all {
         task(ev);
+    }
+    if let Some(start) = start {
+        ev.start_ns = start.ts_ns;
+        ev.cgroup_id = start.cgroup_id;
+        (ev.pid, ev.tgid, ev.comm) = (start.pid, start.tgid, start.comm);
+        ev.syn_retransmits = start.retransmits.min(255) as u8;
     }
     // The SYN-ACK round trip as a passive child becomes ESTABLISHED; the error (why
     // a handshake failed, whether a reset ended it) as a socket closes.
@@ -278,6 +309,74 @@ fn state_change(sk: u64, family: u16, old: u32, new: u32, tuple: impl FnOnce(&mu
         }
     }
     entry.submit(wakeup_flags());
+}
+
+/// A socket's slot in [`ACTIVE`].
+#[inline(always)]
+fn active_slot(sk: u64) -> u32 {
+    // SAFETY: a read of a frozen global (a constant to the verifier).
+    active_hash(sk) & unsafe { core::ptr::read_volatile(&raw const ACTIVE_MASK) }
+}
+
+/// Keeps an active open's start in its slot: connect() is running, so the current
+/// task is the connecting one.
+#[inline(always)]
+fn remember_active(sk: u64) {
+    let Some(slot) = ACTIVE.get_ptr_mut(active_slot(sk)) else { return };
+    // SAFETY: an array value, written in place (see [`ACTIVE`] on races); helpers
+    // without arguments, and `comm` is 16 writable bytes (zeroed on failure).
+    unsafe {
+        if (*slot).sk != 0 {
+            count_pairing(PAIRING_EVICTED);
+        }
+        let pid_tgid = bpf_get_current_pid_tgid();
+        (*slot).ts_ns = bpf_ktime_get_ns();
+        (*slot).cgroup_id = bpf_get_current_cgroup_id();
+        ((*slot).pid, (*slot).tgid) = (pid_tgid as u32, (pid_tgid >> 32) as u32);
+        generated::bpf_get_current_comm((*slot).comm.as_mut_ptr().cast(), 16);
+        (*slot).retransmits = 0;
+        (*slot).sk = sk;
+    }
+    count_pairing(PAIRING_STARTED);
+}
+
+/// An active open's start, when its slot still holds it; the slot is freed.
+#[inline(always)]
+fn take_active(sk: u64) -> Option<ActiveStart> {
+    let slot = ACTIVE.get_ptr_mut(active_slot(sk))?;
+    // SAFETY: an array value, copied out, then marked free.
+    let start = unsafe {
+        if (*slot).sk != sk {
+            return None;
+        }
+        let start = *slot;
+        (*slot).sk = 0;
+        start
+    };
+    count_pairing(PAIRING_TAKEN);
+    Some(start)
+}
+
+/// Counts a SYN retransmission of an active open on its start.
+#[inline(always)]
+fn count_syn_retransmit(sk: u64) {
+    if let Some(slot) = ACTIVE.get_ptr_mut(active_slot(sk)) {
+        // SAFETY: an array value; a lost increment under a race only undercounts.
+        unsafe {
+            if (*slot).sk == sk {
+                (*slot).retransmits = (*slot).retransmits.saturating_add(1);
+            }
+        }
+    }
+}
+
+/// Counts in [`PAIRING`].
+#[inline(always)]
+fn count_pairing(slot: u32) {
+    if let Some(n) = PAIRING.get_ptr_mut(slot) {
+        // SAFETY: per-CPU slot, only this CPU writes it while the program runs.
+        unsafe { *n += 1 };
+    }
 }
 
 /// A namespace's own time-wait count (what its /proc/net/sockstat shows as `tw`) and
@@ -479,6 +578,7 @@ pub fn retransmit_skb_raw(ctx: BtfTracePointContext) -> i32 {
     let sk: *const u8 = ctx.arg(0);
     // Only handshake retransmissions feed a metric; data retransmits stay in the kernel.
     if field::<u8>(sk, cfg!(sock.state)) == Some(TcpState::SynSent as u8) {
+        count_syn_retransmit(sk as u64);
         rare(EventKind::SynRetransmit, sk as u64, TcpState::SynSent as u8, |ev| {
             sock_tuple(ev, SLOT_RETRANSMIT_SKB, sk, true);
         });
@@ -493,6 +593,7 @@ pub fn retransmit_skb_tp(ctx: TracePointContext) -> u32 {
     };
     if rec.get::<i32>(cfg!(retransmit_skb.old_state)) == Some(TcpState::SynSent as i32) {
         let sk = rec.get::<u64>(cfg!(retransmit_skb.skaddr)).unwrap_or(0);
+        count_syn_retransmit(sk);
         rare(EventKind::SynRetransmit, sk, TcpState::SynSent as u8, from_record!(&rec, sk, retransmit_skb));
     }
     0

@@ -150,6 +150,7 @@ pub fn run(args: &CheckArgs) -> Vec<Finding> {
         stream_extra: 0,
         wakeup_bytes: 0,
         attach: args.attach,
+        max_active: tcptrace_common::ACTIVE_SLOTS_DEFAULT,
     };
     match Probe::load(options) {
         Ok(probe) => {

@@ -196,9 +196,12 @@ pub struct DaemonArgs {
     #[arg(long, env = "TCPTRACE_ATTACH", value_enum, default_value_t = AttachMode::Auto, value_name = "MODE")]
     pub attach: AttachMode,
 
-    /// Most sockets with a handshake in progress to hold state for; beyond it the
-    /// oldest is dropped and counted in tcptrace_tracked_sockets_evicted_total.
-    #[arg(long, env = "TCPTRACE_MAX_TRACKED_SOCKETS", default_value_t = 65_536, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    /// Active opens in flight whose start is held: in the kernel, which pairs them,
+    /// a table of N slots rounded up to a power of two (56 bytes each) made at start,
+    /// where each socket has one slot. A start that finds its slot taken by another
+    /// handshake in flight evicts it (that end counts, untimed, and is counted in
+    /// tcptrace_tracked_sockets_evicted_total). Also caps the SYN-ACK records.
+    #[arg(long, env = "TCPTRACE_MAX_TRACKED_SOCKETS", default_value_t = 65_536, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=4_194_304))]
     pub max_tracked_sockets: u32,
 
     /// Most TIME_WAIT sockets to model for tcptrace_time_wait_sockets (about 75 bytes

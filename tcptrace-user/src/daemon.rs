@@ -173,6 +173,7 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
             | if args.port_labels != metrics::PortLabels::Off { STREAM_RESETS } else { 0 },
         wakeup_bytes: u64::from(ring_bytes / 8),
         attach: args.attach,
+        max_active: args.max_tracked_sockets,
     })?;
     let ring = probe.take_events()?;
     let ring_fd = ring.as_raw_fd();

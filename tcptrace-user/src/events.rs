@@ -102,6 +102,9 @@ pub struct KernelTotals {
     /// SyncookiesSent and TCPReqQFullDrop of each namespace with a listener, read
     /// through one of its listeners (31 bits).
     pub namespace_counters: Vec<(crate::listeners::ListenerKey, Option<[u32; 2]>)>,
+    /// The kernel's table of active opens: starts kept, taken and evicted
+    /// (`tcptrace_common::PAIRING_*`), summed over CPUs.
+    pub pairing: Option<[u64; tcptrace_common::PAIRING_SLOTS as usize]>,
 }
 
 #[cfg(test)]

@@ -405,7 +405,7 @@ impl Metrics {
         };
         let tracked_sockets = IntGauge::new(
             "tcptrace_tracked_sockets",
-            "Active opens in SYN_SENT that tcptrace holds a start time for (capped by \
+            "Active opens in SYN_SENT whose start time is held (in the kernel, as last swept every 10 s, capped by \
              --max-tracked-sockets); the TIME_WAIT model is tcptrace_time_wait_sockets.",
         )?;
         reg(Box::new(tracked_sockets.clone()))?;
@@ -695,8 +695,9 @@ impl Metrics {
         self.states.seed(found, at_seed);
     }
 
-    /// Copies the tracker's gauges.
-    pub fn refresh(&mut self, tracker: &Tracker) {
+    /// Copies the tracker's gauges; `kernel_held` handshakes in progress are held by
+    /// the kernel (active opens it pairs itself).
+    pub fn refresh(&mut self, tracker: &Tracker, kernel_held: usize) {
         let time_wait = tracker.time_wait_by_family();
         for f in Family::ALL {
             self.time_wait_sockets[f as usize].set(time_wait[f as usize] as i64);
@@ -704,7 +705,7 @@ impl Metrics {
         if let Some(g) = &mut self.netns_time_wait {
             g.refresh(tracker.netns_time_wait_sockets());
         }
-        self.tracked_sockets.set(tracker.tracked_sockets() as i64);
+        self.tracked_sockets.set((tracker.tracked_sockets() + kernel_held) as i64);
         let Some(svc) = tracker.services() else { return };
         if let Some(g) = &mut self.close_wait {
             g.refresh(svc.close_wait_by_port().map(|(port, n)| (vec![port.to_string()], vec![n])).collect());

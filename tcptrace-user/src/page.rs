@@ -583,7 +583,7 @@ mod tests {
         };
         t.handle(&ev(TcpState::SynSent, TcpState::Established, 5432), &mut m);
         t.handle(&ev(TcpState::Established, TcpState::CloseWait, 5432), &mut m);
-        m.refresh(&t);
+        m.refresh(&t, 0);
         m.set_port_ranges(&[(7, Some((32768, 60999)))]);
         m.set_listeners(&[crate::listeners::PortFigures { netns: 7, port: 8080, queue: 3, limit: 2, new_drops: 9 }]);
         let about =

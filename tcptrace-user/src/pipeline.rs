@@ -30,6 +30,17 @@ pub struct Pipeline {
     /// increment per event, and added to the counter before every scrape.
     unreported: u64,
     warned_malformed: bool,
+    /// What the kernel's table of active opens had counted at the last refresh.
+    pairing: KernelPairing,
+}
+
+/// The kernel's table of active opens (it pairs their start and end), as last read.
+#[derive(Default)]
+struct KernelPairing {
+    /// Its evictions already counted.
+    evicted: u64,
+    /// Starts it holds: kept, less taken and evicted.
+    held: usize,
 }
 
 impl Pipeline {
@@ -42,6 +53,7 @@ impl Pipeline {
             recent: None,
             unreported: 0,
             warned_malformed: false,
+            pairing: KernelPairing::default(),
         }
     }
 
@@ -106,7 +118,16 @@ impl Pipeline {
                 self.tracker.namespace_gone(netns);
             }
         }
-        self.metrics.refresh(&self.tracker);
+        if let Some(totals) = kernel.pairing {
+            let [started, taken, evicted] = totals.map(|n| n as usize);
+            // A slot too small for the handshakes in flight at once: the table's cap.
+            if evicted as u64 > self.pairing.evicted {
+                self.metrics.evicted(Eviction::HandshakeCap, evicted as u64 - self.pairing.evicted);
+                self.pairing.evicted = evicted as u64;
+            }
+            self.pairing.held = started.saturating_sub(taken + evicted);
+        }
+        self.metrics.refresh(&self.tracker, self.pairing.held);
         self.metrics.set_port_ranges(&kernel.port_ranges);
         if let Some(total) = kernel.lost {
             self.metrics.set_events_lost(total);
@@ -267,5 +288,19 @@ mod tests {
         assert!(text.contains("\ntcptrace_events_total 1\n"));
         assert!(text.contains("\ntcptrace_events_lost_total 4\n"));
         assert!(text.contains("\ntcptrace_events_malformed_total 1\n"));
+    }
+
+    #[test]
+    fn what_the_kernels_table_of_active_opens_could_not_keep_is_counted_once() {
+        let mut p = Pipeline::new(Tracker::new(Limits::default()), Metrics::new(Default::default()).unwrap());
+        let at = |pairing| KernelTotals { pairing: Some(pairing), ..KernelTotals::default() };
+        p.refresh(1, &at([10, 2, 3]));
+        p.refresh(2, &at([12, 3, 4]));
+        let text = render(p.metrics().registry());
+        assert!(
+            text.contains("\ntcptrace_tracked_sockets_evicted_total{reason=\"cap\",table=\"handshakes\"} 4\n"),
+            "{text}"
+        );
+        assert!(text.contains("\ntcptrace_tracked_sockets 5\n"), "held: 12 kept, 3 taken, 4 evicted");
     }
 }

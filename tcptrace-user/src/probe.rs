@@ -14,10 +14,10 @@ use aya::{
 use log::{debug, info, warn};
 use tcptrace_common::{
     Config, ListenerOffsets, NetOffsets, RecordLayout, ResetCounts, SockOffsets, TransitionCounts, ABSENT,
-    CONFIG_GLOBAL, CPU_OFFSET_PROGRAM, EVENTS_MAP, FAMILY_SLOTS, LISTENERS_ITER_PROGRAM, LISTENER_DROPS,
+    ACTIVE_MAP, ACTIVE_MASK_GLOBAL, CONFIG_GLOBAL, CPU_OFFSET_PROGRAM, EVENTS_MAP, FAMILY_SLOTS, LISTENERS_ITER_PROGRAM, LISTENER_DROPS,
     LISTENER_LIMIT, LISTENER_NET_MIB, LISTENER_PORT, LISTENER_QUEUE, LISTENER_READ_PROGRAM, LOST_MAP, MAX_CPUS,
-    NET_GONE, NET_READ_PORT_HIGH, NET_READ_PORT_LOW, NET_READ_PROGRAM, NET_READ_TIME_WAIT, RESETS_MAP, SPAN_MAX,
-    TRANSITIONS_MAP,
+    NET_GONE, NET_READ_PORT_HIGH, NET_READ_PORT_LOW, NET_READ_PROGRAM, NET_READ_TIME_WAIT, PAIRING_MAP, PAIRING_SLOTS,
+    RESETS_MAP, SPAN_MAX, TRANSITIONS_MAP,
 };
 
 use crate::{
@@ -330,6 +330,9 @@ pub struct LoadOptions {
     /// reader must then also drain on a timer.
     pub wakeup_bytes: u64,
     pub attach: AttachMode,
+    /// Slots of the kernel's table of active opens, which pairs them
+    /// (`--max-tracked-sockets`, rounded up to a power of two).
+    pub max_active: u32,
 }
 
 /// Counters the kernel keeps for tcptrace: events the programs had to drop, every
@@ -348,6 +351,7 @@ pub struct KernelCounters {
     /// How to read namespaces' TcpExt counters through it, when the kernel shows where.
     mib: Option<MibReader>,
     resets: PerCpuArray<MapData, ResetCounts>,
+    pairing: PerCpuArray<MapData, u64>,
     warned: std::sync::atomic::AtomicBool,
     /// Said once, apart from `warned`: one failing reader must not hide another.
     warned_listeners: std::sync::atomic::AtomicBool,
@@ -406,7 +410,18 @@ impl KernelCounters {
                 None
             }
         };
-        KernelTotals { lost, transitions, missed, resets, ..KernelTotals::default() }
+        let mut pairing = Some([0u64; PAIRING_SLOTS as usize]);
+        for slot in 0..PAIRING_SLOTS {
+            match (self.pairing.get(&slot, 0), &mut pairing) {
+                (Ok(per_cpu), Some(sums)) => sums[slot as usize] = per_cpu.iter().sum(),
+                (Err(err), _) => {
+                    warn!("reading the pairing map failed: {err}");
+                    pairing = None;
+                }
+                _ => {}
+            }
+        }
+        KernelTotals { lost, transitions, missed, resets, pairing, ..KernelTotals::default() }
     }
 
     /// Whether namespaces' TcpExt counters can be read (SYN cookies, SYN-queue drops).
@@ -658,7 +673,7 @@ impl Probe {
     /// classic tracepoints tracefs and its record layouts), loads the object with a
     /// ring buffer of `ring_bytes` and attaches one program per tracepoint.
     pub fn load(options: LoadOptions) -> Result<Self> {
-        let LoadOptions { ring_bytes, stream_all, stream_extra, wakeup_bytes, attach } = options;
+        let LoadOptions { ring_bytes, stream_all, stream_extra, wakeup_bytes, attach, max_active } = options;
         if OBJECT.is_empty() {
             return Err(Error::EmptyObject);
         }
@@ -700,8 +715,12 @@ impl Probe {
             }
         }
 
+        let active_slots = max_active.max(1).next_power_of_two();
+        let active_mask = active_slots - 1;
         let mut ebpf = EbpfLoader::new()
             .map_max_entries(EVENTS_MAP, ring_bytes)
+            .map_max_entries(ACTIVE_MAP, active_slots)
+            .override_global(ACTIVE_MASK_GLOBAL, &active_mask, true)
             .override_global(CONFIG_GLOBAL, &config, true)
             .load(OBJECT)
             .map_err(|err| match &err {
@@ -813,6 +832,7 @@ impl Probe {
     pub fn take_counters(&mut self) -> Result<KernelCounters> {
         let mut take = |name: &str| self.ebpf.take_map(name).ok_or_else(|| Error::Object(format!("map {name}")));
         let (lost, transitions, resets) = (take(LOST_MAP)?, take(TRANSITIONS_MAP)?, take(RESETS_MAP)?);
+        let pairing = take(PAIRING_MAP)?;
         let mut programs = Vec::new();
         for (a, status) in ATTACHMENTS.iter().zip(&self.programs) {
             let name = if self.mode == AttachMode::Raw { a.raw } else { a.classic };
@@ -838,6 +858,8 @@ impl Probe {
             mib: self.mib,
             resets: PerCpuArray::try_from(resets)
                 .map_err(|e| Error::Object(format!("per-CPU array {RESETS_MAP}: {e}")))?,
+            pairing: PerCpuArray::try_from(pairing)
+                .map_err(|e| Error::Object(format!("per-CPU array {PAIRING_MAP}: {e}")))?,
             warned: Default::default(),
             warned_listeners: Default::default(),
             lost: PerCpuArray::try_from(lost).map_err(|e| Error::Object(format!("per-CPU array {LOST_MAP}: {e}")))?,

@@ -623,7 +623,16 @@ impl Tracker {
                 }
             }
             (TcpState::SynSent, _) => {
-                let started = match self.pending.remove(&ev.skaddr) {
+                let pending = if self.pending.is_empty() { None } else { self.pending.remove(&ev.skaddr) };
+                let started = match pending {
+                    // Paired in the kernel: the end carries its start (a start also
+                    // streamed, as `watch` has it, is the same one).
+                    _ if ev.start_ns != 0 => Some(Pending {
+                        since_ns: ev.start_ns,
+                        retransmits: u32::from(ev.syn_retransmits),
+                        origin: Origin::of(ev),
+                        start: tuple,
+                    }),
                     Some(p) if p.start.same_peer(&tuple) => Some(p),
                     // Another socket's start at this address, whose end was missed:
                     // pairing them would time the wrong connection.

@@ -238,6 +238,7 @@ pub async fn run(args: WatchArgs) -> Result<()> {
         stream_extra: 0,
         wakeup_bytes: 0, // A live view: every event at once.
         attach: args.attach,
+        max_active: tcptrace_common::ACTIVE_SLOTS_DEFAULT,
     })?;
     let ring = probe.take_events()?;
     let fd = ring.as_raw_fd();

@@ -541,11 +541,11 @@ proptest! {
                     let now = step.apply(&mut clock);
                     tracker.advance(now, &mut sink);
                 }
-                Op::Refresh => metrics.refresh(&tracker),
+                Op::Refresh => metrics.refresh(&tracker, 0),
             }
             check_tracker(&tracker, &limits, &counts, seeded)?;
         }
-        metrics.refresh(&tracker);
+        metrics.refresh(&tracker, 0);
         check_exposition(&render(metrics.registry()), Some(&counts), &tracker)?;
         // At the end of time every table is empty: deadlines saturate, never wrap.
         let mut sink = Counting { metrics: &mut metrics, counts: &mut counts };
@@ -554,7 +554,7 @@ proptest! {
         prop_assert_eq!(tracker.time_wait_sockets(Family::Ipv4) + tracker.time_wait_sockets(Family::Ipv6), 0);
         prop_assert_eq!(tracker.tracked_sockets(), 0);
         prop_assert_eq!(tracker.netns_time_wait_sockets().count(), 0);
-        metrics.refresh(&tracker);
+        metrics.refresh(&tracker, 0);
         check_exposition(&render(metrics.registry()), Some(&counts), &tracker)?;
     }
 
@@ -593,6 +593,8 @@ proptest! {
             time_wait: readings.clone(),
             port_ranges: readings.iter().map(|&(ns, r)| (ns, r.map(|r| (r as u16, (r >> 16) as u16)))).collect(),
             resets: Some(Box::new([3; 32])),
+            // Nothing held in the kernel: the gauge is then the tracker's own.
+            pairing: Some([lost.unwrap_or(0) + 1, lost.unwrap_or(0), 1]),
             namespace_counters: readings
                 .iter()
                 .map(|&(netns, r)| (tcptrace_user::listeners::ListenerKey { netns, sk: 1 }, r.map(|r| [r, r >> 1])))

@@ -45,7 +45,7 @@ fn comm_labels_count_connects_per_command() {
     for _ in 0..5 {
         m.handshake(&h);
     }
-    m.refresh(&tracker);
+    m.refresh(&tracker, 0);
     m.handshake(&h);
     // The fifth connect qualified curl: the four before stay under `other`.
     let mut f = failure(Direction::Active, Family::Ipv4, FailureReason::Timeout, 443);
@@ -145,7 +145,7 @@ fn top_n_ports_stay_within_their_cap() {
             m.handshake(&handshake(Direction::Active, Family::Ipv4, 10_000, 0, port));
         }
         if round % 3 == 0 {
-            m.refresh(&tracker);
+            m.refresh(&tracker, 0);
         }
     }
     let text = render(m.registry());
@@ -171,7 +171,7 @@ fn retransmission_counts_fall_in_distinct_buckets() {
 fn gauges_follow_the_tracker() {
     let mut m = metrics(PortLabels::Off);
     let t = Tracker::new(Limits::default());
-    m.refresh(&t);
+    m.refresh(&t, 0);
     let text = render(m.registry());
     assert_eq!(sample(&text, r#"tcptrace_time_wait_sockets{family="ipv4"}"#), Some(0.0));
     assert_eq!(sample(&text, "tcptrace_tracked_sockets"), Some(0.0));
@@ -190,10 +190,10 @@ fn netns_breakdown_follows_the_tracker_and_is_off_by_default() {
         (e.old_state, e.new_state) = (TcpState::FinWait2 as u8, TcpState::Close as u8);
         t.handle(&e, &mut m);
     }
-    m.refresh(&t);
+    m.refresh(&t, 0);
     assert_eq!(m.netns_to_name(false), vec![9]);
     m.set_netns_cgroups([(9, "/system.slice/app.service".to_string())].into());
-    m.refresh(&t);
+    m.refresh(&t, 0);
     let text = render(m.registry());
     let series = |labels: &str| sample(&text, &format!("tcptrace_netns_time_wait_sockets{{{labels}}}"));
     assert_eq!(series(r#"cgroup="/system.slice/app.service",netns="9""#), Some(2.0), "{text}");

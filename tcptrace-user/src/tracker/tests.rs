@@ -842,3 +842,44 @@ fn a_seeded_namespace_is_read_from_the_kernel_once_its_listener_names_its_struct
     t.learn_net(5, 0xffff_0000_0000_0005);
     assert_eq!(t.time_wait_namespaces(), vec![(5, 0xffff_0000_0000_0005)]);
 }
+
+/// An active open paired in the kernel: only its end, carrying the start.
+fn paired_end(sock: Sock, start: u64, end: u64, new: TcpState, retransmits: u8) -> Event {
+    let mut e = ev(sock, end, SynSent, new);
+    e.start_ns = start;
+    e.syn_retransmits = retransmits;
+    (e.pid, e.tgid) = (7, 7);
+    e.comm[..4].copy_from_slice(b"curl");
+    e
+}
+
+#[test]
+fn an_active_open_paired_in_the_kernel_is_timed_from_the_start_it_carries() {
+    let (mut t, mut seen) = tracker();
+    t.handle(&paired_end(client(1, 40000), 5 * S, 5 * S + 42_000, Established, 2), &mut seen);
+    assert_eq!(seen.handshakes, vec![(Direction::Active, Family::Ipv4, 42_000)]);
+    let h = seen.full[0];
+    assert_eq!((h.retransmits, h.origin.map(|o| o.comm())), (2, Some("curl".to_string())));
+    let mut refused = paired_end(client(2, 40001), 6 * S, 6 * S + 1_000, Close, 0);
+    refused.sk_err = ECONNREFUSED;
+    t.handle(&refused, &mut seen);
+    assert_eq!(seen.reasons, vec![FailureReason::Refused]);
+    assert_eq!(seen.failed[0].elapsed_ns, Some(1_000));
+    // No start in the kernel (its table was full, or the socket is older): untimed.
+    t.handle(&ev(client(3, 40002), 7 * S, SynSent, Established), &mut seen);
+    assert_eq!(seen.untimed, vec![(Direction::Active, Family::Ipv4)]);
+    assert_eq!((seen.evicted, t.tracked_sockets()), (0, 0));
+}
+
+#[test]
+fn a_start_streamed_too_is_the_one_the_kernel_paired() {
+    // `watch` streams every transition: the start arrives on its own as well.
+    let (mut t, mut seen) = tracker();
+    let mut unbound = client(1, 40000);
+    unbound.local.1 = 0;
+    t.handle(&ev(unbound, 5 * S, Close, SynSent), &mut seen);
+    assert_eq!(t.tracked_sockets(), 1);
+    t.handle(&paired_end(client(1, 40000), 5 * S, 5 * S + 42_000, Established, 0), &mut seen);
+    assert_eq!(seen.handshakes, vec![(Direction::Active, Family::Ipv4, 42_000)]);
+    assert_eq!((seen.evicted, t.tracked_sockets()), (0, 0));
+}

@@ -29,10 +29,10 @@ use aya_ebpf::{
 };
 use tcptrace_common::{
     active_hash, extra_pairs, family_slot, pairs, reset_slot, transition_slot, ActiveStart, Config, Event, EventKind,
-    ResetCounts, TcpState, TransitionCounts, ABSENT, ACTIVE_SLOTS_DEFAULT, AF_INET, AF_INET6, DEFAULT_RING_BYTES, FAMILY_SLOTS,
-    IPPROTO_TCP, LISTENER_DROPS, LISTENER_LIMIT, LISTENER_NET_MIB, LISTENER_PORT, LISTENER_QUEUE, MAX_CPUS, NET_GONE,
-    NET_READ_PORT_HIGH, NET_READ_PORT_LOW, NET_READ_TIME_WAIT, PAIRING_EVICTED, PAIRING_SLOTS, PAIRING_STARTED,
-    PAIRING_TAKEN, SK_ERR_UNKNOWN, SPAN_MAX, STREAM_RESETS, TW_UNKNOWN,
+    ResetCounts, TcpState, TransitionCounts, ABSENT, ACTIVE_SLOTS_DEFAULT, AF_INET, AF_INET6, DEFAULT_RING_BYTES,
+    FAMILY_SLOTS, IPPROTO_TCP, LISTENER_DROPS, LISTENER_LIMIT, LISTENER_NET_MIB, LISTENER_PORT, LISTENER_QUEUE,
+    MAX_CPUS, NET_GONE, NET_READ_PORT_HIGH, NET_READ_PORT_LOW, NET_READ_TIME_WAIT, PAIRING_EVICTED, PAIRING_SLOTS,
+    PAIRING_STARTED, PAIRING_TAKEN, SK_ERR_UNKNOWN, SPAN_MAX, STREAM_RESETS, TW_UNKNOWN,
 };
 
 /// Set by the loader (see [`Config`]); read field by field with [`cfg!`].
@@ -92,6 +92,11 @@ static ACTIVE: Array<ActiveStart> = Array::with_max_entries(ACTIVE_SLOTS_DEFAULT
 /// [`ACTIVE`]'s slots less one, set by the loader with the map's size.
 #[unsafe(no_mangle)]
 static ACTIVE_MASK: u32 = ACTIVE_SLOTS_DEFAULT - 1;
+
+/// Where a socket's address becomes a plain number: a raw program's `sk` is a typed
+/// pointer the verifier allows no arithmetic on, a value loaded from a map is not.
+#[map]
+static SK_NUMBER: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
 /// Starts kept, taken and evicted (`PAIRING_*`), per CPU.
 #[map]
@@ -314,8 +319,14 @@ fn state_change(sk: u64, family: u16, old: u32, new: u32, tuple: impl FnOnce(&mu
 /// A socket's slot in [`ACTIVE`].
 #[inline(always)]
 fn active_slot(sk: u64) -> u32 {
-    // SAFETY: a read of a frozen global (a constant to the verifier).
-    active_hash(sk) & unsafe { core::ptr::read_volatile(&raw const ACTIVE_MASK) }
+    let Some(number) = SK_NUMBER.get_ptr_mut(0) else { return 0 };
+    // SAFETY: this CPU's slot, stored and loaded back (volatile: the compiler must
+    // not hand the pointer through); a read of a frozen global (a constant to the
+    // verifier).
+    unsafe {
+        core::ptr::write_volatile(number, sk);
+        active_hash(core::ptr::read_volatile(number)) & core::ptr::read_volatile(&raw const ACTIVE_MASK)
+    }
 }
 
 /// Keeps an active open's start in its slot: connect() is running, so the current

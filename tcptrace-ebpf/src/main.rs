@@ -274,10 +274,12 @@ fn state_change(sk: u64, family: u16, old: u32, new: u32, tuple: impl FnOnce(&mu
     if !stream_all && !pairs(old, new) && !extra_pairs(cfg!(stream_extra), old, new) {
         return;
     }
-    // Taken before the reserve: an end lost with a full ring buffer frees its slot.
-    let start = if old == TcpState::SynSent as u32 { take_active(sk) } else { None };
     let Some(mut entry) = EVENTS.reserve::<Event>(0) else {
         count_lost();
+        if old == TcpState::SynSent as u32 {
+            // Lost with its end: the start must not hold its slot.
+            take_active(sk, None);
+        }
         return;
     };
     let ev = cleared(&mut entry);
@@ -293,11 +295,8 @@ fn state_change(sk: u64, family: u16, old: u32, new: u32, tuple: impl FnOnce(&mu
     if stream_all {
         task(ev);
     }
-    if let Some(start) = start {
-        ev.start_ns = start.ts_ns;
-        ev.cgroup_id = start.cgroup_id;
-        (ev.pid, ev.tgid, ev.comm) = (start.pid, start.tgid, start.comm);
-        ev.syn_retransmits = start.retransmits.min(255) as u8;
+    if old == TcpState::SynSent as u32 {
+        take_active(sk, Some(ev));
     }
     // The SYN-ACK round trip as a passive child becomes ESTABLISHED; the error (why
     // a handshake failed, whether a reset ended it) as a socket closes.
@@ -351,21 +350,27 @@ fn remember_active(sk: u64) {
     count_pairing(PAIRING_STARTED);
 }
 
-/// An active open's start, when its slot still holds it; the slot is freed.
+/// Moves an active open's start, when its slot still holds it, into its end's event
+/// (none when the end was lost) and frees the slot. Copied straight from the map
+/// value: a stack copy, written on one path only, is one 5.10's verifier refuses
+/// to read ("invalid read from stack").
 #[inline(always)]
-fn take_active(sk: u64) -> Option<ActiveStart> {
-    let slot = ACTIVE.get_ptr_mut(active_slot(sk))?;
-    // SAFETY: an array value, copied out, then marked free.
-    let start = unsafe {
+fn take_active(sk: u64, ev: Option<&mut Event>) {
+    let Some(slot) = ACTIVE.get_ptr_mut(active_slot(sk)) else { return };
+    // SAFETY: an array value, read, then marked free.
+    unsafe {
         if (*slot).sk != sk {
-            return None;
+            return;
         }
-        let start = *slot;
+        if let Some(ev) = ev {
+            ev.start_ns = (*slot).ts_ns;
+            ev.cgroup_id = (*slot).cgroup_id;
+            (ev.pid, ev.tgid, ev.comm) = ((*slot).pid, (*slot).tgid, (*slot).comm);
+            ev.syn_retransmits = (*slot).retransmits.min(255) as u8;
+        }
         (*slot).sk = 0;
-        start
-    };
+    }
     count_pairing(PAIRING_TAKEN);
-    Some(start)
 }
 
 /// Counts a SYN retransmission of an active open on its start.

@@ -405,8 +405,9 @@ impl Metrics {
         };
         let tracked_sockets = IntGauge::new(
             "tcptrace_tracked_sockets",
-            "Active opens in SYN_SENT whose start time is held (in the kernel, as last swept every 10 s, capped by \
-             --max-tracked-sockets); the TIME_WAIT model is tcptrace_time_wait_sockets.",
+            "Active opens in SYN_SENT whose start time is held (in the kernel's table of --max-tracked-sockets \
+             slots: starts kept less those taken by their end or evicted); the TIME_WAIT model is \
+             tcptrace_time_wait_sockets.",
         )?;
         reg(Box::new(tracked_sockets.clone()))?;
 

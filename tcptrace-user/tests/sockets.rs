@@ -291,9 +291,13 @@ fn ports_in_use_per_destination_equal_ss() {
         kept
     });
     let netns = ns.inode().to_string();
-    let mut last = Vec::new();
+    let (mut last, mut skipped) = (Vec::new(), 0.0);
+    let before = missed(&daemon.scrape());
     let agree = wait_for(deadline(AGREE), || {
         let s = daemon.scrape();
+        // A close the kernel skipped leaves its port open here and out of time_wait
+        // (a 6.1 VM: open 9 against 8, time_wait 5 against 6): that much may differ.
+        skipped = missed(&s) - before;
         let ours = |dest: &str, state: &str| {
             s.find("tcptrace_destination_sockets", &[("netns", &netns), ("destination", dest), ("state", state)])
                 .unwrap_or(-1.0)
@@ -328,16 +332,17 @@ fn ports_in_use_per_destination_equal_ss() {
         last.iter().all(|&(name, ours, kernel)| {
             let kernel = kernel as f64;
             match name.ends_with("time_wait") {
-                true => ours >= kernel && ours <= kernel + INVISIBLE_KILLS,
-                false => ours == kernel,
+                true => ours >= kernel - skipped && ours <= kernel + INVISIBLE_KILLS,
+                false => (ours - kernel).abs() <= skipped,
             }
         })
     });
     for (name, ours, kernel) in &last {
         eprintln!("{name}: tcptrace {ours}, kernel {kernel}");
     }
+    eprintln!("runs the kernel skipped meanwhile: {skipped}");
     drop(held);
-    assert!(agree, "ports in use per destination differ from ss: {last:?}");
+    assert!(agree, "ports in use per destination differ from ss beyond {skipped} skipped runs: {last:?}");
 }
 
 /// The per-namespace time-wait gauges of a scrape, as exposition lines.

@@ -35,10 +35,7 @@ pub struct Seeding {
     held: Held,
     /// Time-wait seeds not applied yet, latest expiry first (applied from the end).
     sockets: Vec<(crate::tracker::Tuple, u64)>,
-    /// The read, once it arrived and until its summary is applied.
-    arrived: Option<Read>,
-    /// Whether the read arrived (its sockets may still be applying).
-    read: bool,
+    stage: Stage,
     done: Option<oneshot::Sender<()>>,
 }
 
@@ -47,7 +44,7 @@ impl Seeding {
     /// once everything is applied.
     pub fn new() -> (Self, oneshot::Receiver<()>) {
         let (tx, rx) = oneshot::channel();
-        let seeding = Self { held: Held::default(), sockets: Vec::new(), arrived: None, read: false, done: Some(tx) };
+        let seeding = Self { held: Held::default(), sockets: Vec::new(), stage: Stage::Reading, done: Some(tx) };
         (seeding, rx)
     }
 
@@ -63,24 +60,27 @@ impl Seeding {
 
     /// Hands over the read; the work is done by [`Seeding::apply_some`].
     pub fn arrived(&mut self, read: Read) {
-        self.arrived = Some(read);
-        self.read = true;
+        self.stage = Stage::Arrived(Box::new(read));
     }
 
     /// Whether work waits that the reader should do without waiting for the kernel.
     pub fn busy(&self) -> bool {
-        self.read
+        !matches!(self.stage, Stage::Reading)
     }
 
     /// Applies the read's summary, then up to [`SLICE`] seeds, then held records in
     /// arrival order; true once nothing is left (and the waiter is told).
     pub fn apply_some(&mut self, pipeline: &mut Pipeline) -> bool {
-        if !self.read {
-            return false;
-        }
-        if let Some(read) = self.arrived.take() {
-            self.summary(read, pipeline);
-            return false;
+        match std::mem::replace(&mut self.stage, Stage::Applying) {
+            Stage::Reading => {
+                self.stage = Stage::Reading;
+                return false;
+            }
+            Stage::Arrived(read) => {
+                self.summary(*read, pipeline);
+                return false;
+            }
+            Stage::Applying => {}
         }
         if !self.sockets.is_empty() {
             let slice = self.sockets.split_off(self.sockets.len().saturating_sub(SLICE));
@@ -137,6 +137,14 @@ impl Seeding {
         sockets.sort_unstable_by_key(|&(_, expires)| std::cmp::Reverse(expires));
         self.sockets = sockets;
     }
+}
+
+/// Where start-up is: reading the seeds (records are only held), the read handed
+/// over, or its seeds and the held records being applied.
+enum Stage {
+    Reading,
+    Arrived(Box<Read>),
+    Applying,
 }
 
 /// Records in arrival order: events must apply after the seeds (a time-wait socket

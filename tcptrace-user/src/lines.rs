@@ -206,22 +206,46 @@ mod tests {
 
     /// An output that blocks every write until released, like a pipe nobody reads.
     #[derive(Clone, Default)]
-    struct Stuck(Arc<(Mutex<bool>, Condvar, Mutex<Vec<u8>>)>);
+    struct Stuck(Arc<StuckState>);
+
+    #[derive(Default)]
+    struct StuckState {
+        /// (released, writes waiting)
+        gate: Mutex<(bool, u32)>,
+        changed: Condvar,
+        written: Mutex<Vec<u8>>,
+    }
 
     impl Stuck {
         fn release(&self) {
-            *self.0 .0.lock().unwrap() = true;
-            self.0 .1.notify_all();
+            self.0.gate.lock().unwrap().0 = true;
+            self.0.changed.notify_all();
+        }
+
+        /// Waits until a write is blocked here, so that the writer thread holds
+        /// no more lines than the one it is writing.
+        fn wait_blocked(&self) {
+            let gate = self.0.gate.lock().unwrap();
+            let (_gate, timeout) =
+                self.0.changed.wait_timeout_while(gate, Duration::from_secs(5), |g| g.1 == 0).unwrap();
+            assert!(!timeout.timed_out(), "the writer never wrote");
+        }
+
+        fn written(&self) -> String {
+            String::from_utf8(self.0.written.lock().unwrap().clone()).unwrap()
         }
     }
 
     impl Write for Stuck {
         fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-            let mut open = self.0 .0.lock().unwrap();
-            while !*open {
-                open = self.0 .1.wait(open).unwrap();
+            let mut gate = self.0.gate.lock().unwrap();
+            gate.1 += 1;
+            self.0.changed.notify_all();
+            while !gate.0 {
+                gate = self.0.changed.wait(gate).unwrap();
             }
-            self.0 .2.lock().unwrap().extend_from_slice(buf);
+            gate.1 -= 1;
+            self.0.written.lock().unwrap().extend_from_slice(buf);
             Ok(buf.len())
         }
         fn flush(&mut self) -> io::Result<()> {
@@ -237,18 +261,20 @@ mod tests {
         let mut q = LineQueue::spawn("test", 4, out.clone()).unwrap().on_drop(move |n| {
             c.fetch_add(n, Ordering::Relaxed);
         });
+        q.line("line 0".into());
+        out.wait_blocked();
         let start = Instant::now();
-        for i in 0..1000 {
+        for i in 1..1000 {
             q.line(format!("line {i}"));
         }
         assert!(start.elapsed() < Duration::from_secs(5), "never blocks");
-        // The writer holds one line, the queue 4: the rest dropped.
+        // The writer is stuck on line 0 and the queue holds 4: the rest are dropped.
         let dropped = q.dropped();
-        assert!((995..=996).contains(&dropped), "{dropped}");
+        assert_eq!(dropped, 995);
         assert_eq!(counted.load(Ordering::Relaxed), dropped);
         out.release();
         q.finish(Duration::from_secs(5));
-        let written = String::from_utf8(out.0 .2.lock().unwrap().clone()).unwrap();
+        let written = out.written();
         assert_eq!(written.lines().count() as u64 + dropped, 1000);
         assert!(written.starts_with("line 0\n"));
     }
@@ -262,7 +288,7 @@ mod tests {
         w.write_all(b"first li").unwrap();
         w.write_all(b"ne\nsecond line\nthird, unfinished").unwrap();
         q.flush(Duration::from_secs(5));
-        let written = String::from_utf8(out.0 .2.lock().unwrap().clone()).unwrap();
+        let written = out.written();
         assert_eq!(written, "first line\nsecond line\n");
     }
 

@@ -100,17 +100,27 @@ enum Tracer {
     /// of being attached at all.
     FloorRaw,
     FloorClassic,
+    /// tcptrace and the raw floor again with `kernel.bpf_stats_enabled` off for the
+    /// run: bpf_stats adds two clock reads to every program run, so these say what
+    /// both cost unmeasured (from schedstat: no kernel time per program then).
+    TcptraceUntimed,
+    FloorRawUntimed,
     Tcpstates,
     Bpftrace,
 }
 
 impl Tracer {
     fn is_tcptrace(self) -> bool {
-        matches!(self, Self::Tcptrace | Self::TcptraceClassic | Self::Baseline)
+        matches!(self, Self::Tcptrace | Self::TcptraceClassic | Self::Baseline | Self::TcptraceUntimed)
     }
 
     fn is_floor(self) -> bool {
-        matches!(self, Self::FloorRaw | Self::FloorClassic)
+        matches!(self, Self::FloorRaw | Self::FloorClassic | Self::FloorRawUntimed)
+    }
+
+    /// Runs with bpf_stats off.
+    fn is_untimed(self) -> bool {
+        matches!(self, Self::TcptraceUntimed | Self::FloorRawUntimed)
     }
 
     fn name(self) -> &'static str {
@@ -121,6 +131,8 @@ impl Tracer {
             Self::Baseline => "tcptrace daemon, --baseline binary",
             Self::FloorRaw => "floor: no-op raw tracepoint (tp_btf)",
             Self::FloorClassic => "floor: no-op classic tracepoint",
+            Self::TcptraceUntimed => "tcptrace daemon (raw), bpf_stats off",
+            Self::FloorRawUntimed => "floor: no-op raw, bpf_stats off",
             Self::Tcpstates => "tcpstates > /dev/null",
             Self::Bpftrace => "bpftrace (in-kernel histogram)",
         }
@@ -339,17 +351,25 @@ impl ProgStats {
     }
 }
 
-/// Switches `kernel.bpf_stats_enabled` on for the benchmark and back to what it
-/// was when dropped, also on error.
+/// Switches `kernel.bpf_stats_enabled` for the benchmark (or one run) and back to
+/// what it was when dropped, also on error.
 struct BpfStats(Option<String>);
 
 impl BpfStats {
     const PATH: &'static str = "/proc/sys/kernel/bpf_stats_enabled";
 
     fn enable() -> Self {
+        Self::set("1", "no kernel time per program run")
+    }
+
+    fn disable() -> Self {
+        Self::set("0", "the bpf_stats-off runs are timed too")
+    }
+
+    fn set(value: &str, otherwise: &str) -> Self {
         let before = fs::read_to_string(Self::PATH).ok().map(|s| s.trim().to_string());
-        if fs::write(Self::PATH, "1").is_err() {
-            eprintln!("xtask bench: cannot enable kernel.bpf_stats_enabled: no kernel time per program run");
+        if fs::write(Self::PATH, value).is_err() {
+            eprintln!("xtask bench: cannot set kernel.bpf_stats_enabled to {value}: {otherwise}");
         }
         Self(before)
     }
@@ -394,7 +414,7 @@ enum Ready {
 fn start(tracer: Tracer, bin: &Path, work: &Path) -> Result<Option<Running>> {
     let mut cmd = match tracer {
         Tracer::None => return Ok(None),
-        Tracer::Tcptrace | Tracer::TcptraceClassic | Tracer::Baseline => {
+        Tracer::Tcptrace | Tracer::TcptraceClassic | Tracer::Baseline | Tracer::TcptraceUntimed => {
             let mut c = Command::new(bin);
             c.args(["daemon", "--listen", "127.0.0.1:0"]);
             if tracer == Tracer::TcptraceClassic {
@@ -402,9 +422,9 @@ fn start(tracer: Tracer, bin: &Path, work: &Path) -> Result<Option<Running>> {
             }
             c
         }
-        Tracer::FloorRaw | Tracer::FloorClassic => {
+        Tracer::FloorRaw | Tracer::FloorClassic | Tracer::FloorRawUntimed => {
             let mut c = Command::new(bin);
-            c.arg(if tracer == Tracer::FloorRaw { "raw" } else { "classic" });
+            c.arg(if tracer == Tracer::FloorClassic { "classic" } else { "raw" });
             c
         }
         Tracer::Tcpstates => Command::new("tcpstates"),
@@ -616,6 +636,7 @@ impl Run {
 }
 
 fn one_run(tracer: Tracer, churn: &Churn, bin: &Path, work: &Path, round: usize) -> Result<Run> {
+    let _untimed = tracer.is_untimed().then(BpfStats::disable);
     let running = start(tracer, bin, work)?;
     let pid = running.as_ref().map(|r| r.child.id());
     // One keep-alive connection for every scrape of this run, opened before the
@@ -967,8 +988,15 @@ pub fn run(args: &BenchArgs, root: &Path, bin: &Path, xtask: &Path) -> Result<St
     }
     let floor = build_floor(root)?;
     let _stats = BpfStats::enable();
-    let mut tracers =
-        vec![Tracer::None, Tracer::Tcptrace, Tracer::TcptraceClassic, Tracer::FloorRaw, Tracer::FloorClassic];
+    let mut tracers = vec![
+        Tracer::None,
+        Tracer::Tcptrace,
+        Tracer::TcptraceClassic,
+        Tracer::FloorRaw,
+        Tracer::FloorClassic,
+        Tracer::TcptraceUntimed,
+        Tracer::FloorRawUntimed,
+    ];
     if let Some(baseline) = &args.baseline {
         ensure!(baseline.is_file(), "--baseline {}: no such file", baseline.display());
         tracers.push(Tracer::Baseline);
@@ -1031,6 +1059,10 @@ pub fn run(args: &BenchArgs, root: &Path, bin: &Path, xtask: &Path) -> Result<St
     }
     out(String::new());
     for line in cost_table(&tracers, &runs) {
+        out(line);
+    }
+    out(String::new());
+    for line in untimed_table(&runs) {
         out(line);
     }
     Ok(report)
@@ -1110,7 +1142,7 @@ fn cost_table(tracers: &[Tracer], runs: &[Run]) -> Vec<String> {
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |".into(),
     ];
     let mut details = Vec::new();
-    for &t in tracers.iter().filter(|&&t| t != Tracer::None) {
+    for &t in tracers.iter().filter(|&&t| t != Tracer::None && !t.is_untimed()) {
         let mine: Vec<&Run> = runs.iter().filter(|r| r.tracer == t).collect();
         let per_run: Vec<f64> = mine.iter().filter_map(|r| r.state_change_ns()).collect();
         let skipped = mine.iter().fold(Counts::default(), |sum, r| sum.add(r.prog.total()));
@@ -1182,6 +1214,41 @@ fn cost_table(tracers: &[Tracer], runs: &[Run]) -> Vec<String> {
             .into(),
     );
     lines.extend(details);
+    lines
+}
+
+/// What bpf_stats itself costs: tcptrace and the raw floor with it on and off, from
+/// schedstat alone (the workload process, the kernel in its context and the
+/// tracer), as CPU per connection added to the workload alone's.
+fn untimed_table(runs: &[Run]) -> Vec<String> {
+    let median_of = |t: Tracer, f: fn(&Run) -> f64| median(runs.iter().filter(|r| r.tracer == t).map(f).collect());
+    let total = |r: &Run| r.total_cpu_s * 1e6 / r.connections.max(1) as f64;
+    let alone = median_of(Tracer::None, total);
+    let mut lines = vec![
+        "| configuration | bpf_stats | CPU us/conn added to the workload alone's (schedstat) | tracer process CPU us/conn |"
+            .into(),
+        "| --- | --- | --- | --- |".into(),
+    ];
+    for (t, stats) in [
+        (Tracer::Tcptrace, "on"),
+        (Tracer::TcptraceUntimed, "off"),
+        (Tracer::FloorRaw, "on"),
+        (Tracer::FloorRawUntimed, "off"),
+    ] {
+        lines.push(format!(
+            "| {} | {stats} | {:.3} | {:.3} |",
+            t.name(),
+            median_of(t, total) - alone,
+            median_of(t, Run::tracer_us_per_conn)
+        ));
+    }
+    lines.push(String::new());
+    lines.push(
+        "Medians over rounds of (workload + kernel in its context + tracer) CPU per connection, less the \
+         workload alone's: noisier than bpf_stats (it carries the churn's own spread), but the only figure \
+         with bpf_stats off, and it includes the tracepoint's dispatch."
+            .into(),
+    );
     lines
 }
 

@@ -217,49 +217,10 @@ pub fn set_state_raw(ctx: BtfTracePointContext) -> i32 {
         return 0;
     }
     let family = field::<u16>(sk, cfg!(sock.family)).unwrap_or(0);
-    state_change(sk as u64, family, ctx.arg::<u64>(1) as u32, ctx.arg::<u64>(2) as u32, || Typed {
-        sk,
-        tcp: tcp_sock(sk),
+    state_change(sk as u64, family, ctx.arg::<u64>(1) as u32, ctx.arg::<u64>(2) as u32, |ev| {
+        sock_tuple(ev, SLOT_SET_STATE, sk, true);
     });
     0
-}
-
-/// A `tp_btf` program's socket, and the same socket as a `struct tcp_sock` (null if
-/// it is not a full TCP socket), for [`state_change`]: every field is a plain load.
-struct Typed {
-    sk: *const u8,
-    tcp: *const u8,
-}
-
-impl Fields for Typed {
-    #[inline(always)]
-    fn tuple(&self, ev: &mut Event) {
-        sock_tuple(ev, SLOT_SET_STATE, self.sk, self.tcp);
-    }
-    #[inline(always)]
-    fn word(&self, offset: u16) -> Option<u32> {
-        tcp_field::<u32>(self.tcp, offset)
-    }
-}
-
-/// `sk` as the `struct tcp_sock` it is, or null for a request or time-wait socket:
-/// fields past `struct sock` (the local port, the RTT) are then plain loads that the
-/// verifier checks against `tcp_sock`'s BTF, instead of helper reads (5.9+, as
-/// `tp_btf` on these kernels).
-#[inline(always)]
-fn tcp_sock(sk: *const u8) -> *const u8 {
-    // SAFETY: the helper checks what it is given (any socket) and returns null for
-    // anything but a full TCP socket.
-    unsafe { generated::bpf_skc_to_tcp_sock(sk as *mut _) as *const u8 }
-}
-
-/// A field of a `struct tcp_sock` from [`tcp_sock`], if it is one.
-#[inline(always)]
-fn tcp_field<T: Copy>(tcp: *const u8, offset: u16) -> Option<T> {
-    if tcp.is_null() {
-        return None;
-    }
-    field::<T>(tcp, offset)
 }
 
 /// A field of the `struct sock` (or request, or a struct either points to) at `ptr`,
@@ -290,41 +251,15 @@ pub fn set_state_tp(ctx: TracePointContext) -> u32 {
         return 0;
     };
     let family = rec.get::<u16>(cfg!(set_state.family)).unwrap_or(0);
-    state_change(sk, family, old as u32, new as u32, || Probed { sk, tuple: from_record!(&rec, sk, set_state) });
+    state_change(sk, family, old as u32, new as u32, from_record!(&rec, sk, set_state));
     0
 }
 
-/// A classic program's socket for [`state_change`]: the 4-tuple from the record,
-/// other fields by helper reads (its `skaddr` is an untyped number).
-struct Probed<F> {
-    sk: u64,
-    tuple: F,
-}
-
-impl<F: Fn(&mut Event)> Fields for Probed<F> {
-    #[inline(always)]
-    fn tuple(&self, ev: &mut Event) {
-        (self.tuple)(ev);
-    }
-    #[inline(always)]
-    fn word(&self, offset: u16) -> Option<u32> {
-        read::<u32>(self.sk, offset)
-    }
-}
-
-/// What [`state_change`] reads of a socket whose transition it streams.
-trait Fields {
-    /// Fills the event's 4-tuple and namespace.
-    fn tuple(&self, ev: &mut Event);
-    /// The 4-byte field at `offset` (`srtt_us`, `sk_err`).
-    fn word(&self, offset: u16) -> Option<u32>;
-}
-
 /// Counts the transition (by the socket's `family`) and streams it when the daemon
-/// pairs it (or `watch` wants everything), filled in place in the ring buffer from
-/// what `fields` makes (only then: reading nothing for the transitions only counted).
+/// pairs it (or `watch` wants everything), filled in place in the ring buffer; `tuple`
+/// fills the 4-tuple and the namespace.
 #[inline(always)]
-fn state_change<S: Fields>(sk: u64, family: u16, old: u32, new: u32, fields: impl FnOnce() -> S) {
+fn state_change(sk: u64, family: u16, old: u32, new: u32, tuple: impl FnOnce(&mut Event)) {
     if let Some(counts) = TRANSITIONS.get_ptr_mut(family_slot(family)) {
         // The compiler knows the slot is below 256 and would drop the mask, but the
         // verifier cannot follow its reasoning: a volatile read keeps the mask.
@@ -354,8 +289,7 @@ fn state_change<S: Fields>(sk: u64, family: u16, old: u32, new: u32, fields: imp
     ev.skaddr = sk;
     ev.old_state = old as u8;
     ev.new_state = new as u8;
-    let fields = fields();
-    fields.tuple(ev);
+    tuple(ev);
     // The calling task is only meaningful in process context (`watch` shows it for
     // everything); an active open's end carries its start's, the connecting task.
     if stream_all {
@@ -367,9 +301,9 @@ fn state_change<S: Fields>(sk: u64, family: u16, old: u32, new: u32, fields: imp
     // The SYN-ACK round trip as a passive child becomes ESTABLISHED; the error (why
     // a handshake failed, whether a reset ended it) as a socket closes.
     if old == TcpState::SynRecv as u32 && new == TcpState::Established as u32 {
-        ev.srtt_us = fields.word(cfg!(sock.srtt_us)).unwrap_or(0);
+        ev.srtt_us = read::<u32>(sk, cfg!(sock.srtt_us)).unwrap_or(0);
     } else if new == TcpState::Close as u32 {
-        ev.sk_err = fields.word(cfg!(sock.sk_err)).map_or(SK_ERR_UNKNOWN, |e| e as i32);
+        ev.sk_err = read::<i32>(sk, cfg!(sock.sk_err)).unwrap_or(SK_ERR_UNKNOWN);
         // Whether the kernel made a time-wait socket is not on the socket: its
         // namespace's count and cap, read now, tell the daemon.
         if old == TcpState::FinWait2 as u32 || old == TcpState::Closing as u32 {
@@ -662,7 +596,7 @@ pub fn retransmit_skb_raw(ctx: BtfTracePointContext) -> i32 {
     if field::<u8>(sk, cfg!(sock.state)) == Some(TcpState::SynSent as u8) {
         count_syn_retransmit(sk as u64);
         rare(EventKind::SynRetransmit, sk as u64, TcpState::SynSent as u8, |ev| {
-            sock_tuple(ev, SLOT_RETRANSMIT_SKB, sk, tcp_sock(sk));
+            sock_tuple(ev, SLOT_RETRANSMIT_SKB, sk, true);
         });
     }
     0
@@ -689,7 +623,7 @@ pub fn retransmit_synack_raw(ctx: BtfTracePointContext) -> i32 {
     // and family are the request's (a request_sock starts with a sock_common), so a
     // dual-stack listener's IPv4 request is IPv4 here.
     let (sk, req): (u64, *const u8) = (ctx.arg(0), ctx.arg(1));
-    rare(EventKind::SynAckRetransmit, sk, 0, |ev| sock_tuple(ev, SLOT_RETRANSMIT_SYNACK, req, core::ptr::null()));
+    rare(EventKind::SynAckRetransmit, sk, 0, |ev| sock_tuple(ev, SLOT_RETRANSMIT_SYNACK, req, false));
     0
 }
 
@@ -711,7 +645,7 @@ pub fn receive_reset_raw(ctx: BtfTracePointContext) -> i32 {
     let sk: *const u8 = ctx.arg(0);
     let state = field::<u8>(sk, cfg!(sock.state)).unwrap_or(0);
     count_reset(false, state);
-    rare(EventKind::ResetReceived, sk as u64, state, |ev| sock_tuple(ev, SLOT_RECEIVE_RESET, sk, tcp_sock(sk)));
+    rare(EventKind::ResetReceived, sk as u64, state, |ev| sock_tuple(ev, SLOT_RECEIVE_RESET, sk, true));
     0
 }
 
@@ -741,8 +675,7 @@ pub fn send_reset_raw(ctx: BtfTracePointContext) -> i32 {
     if !sk.is_null() && cfg!(stream_extra) & STREAM_RESETS != 0 {
         // A time-wait or request socket is only a sock_common: its local port is skc_num.
         let full = state != TcpState::TimeWait as u8 && state != TcpState::NewSynRecv as u8;
-        let tcp = if full { tcp_sock(sk) } else { core::ptr::null() };
-        rare(EventKind::ResetSent, sk as u64, state, |ev| sock_tuple(ev, SLOT_SEND_RESET, sk, tcp));
+        rare(EventKind::ResetSent, sk as u64, state, |ev| sock_tuple(ev, SLOT_SEND_RESET, sk, full));
     }
     0
 }
@@ -787,16 +720,16 @@ fn rare(kind: EventKind, sk: u64, state: u8, tuple: impl FnOnce(&mut Event)) {
 /// Family, ports, addresses and network namespace of a socket or a request (both
 /// start with a `struct sock_common`), for the `tp_btf` programs: plain loads at BTF
 /// offsets, namespace through `skc_net`. A full socket's local port is
-/// `inet_sock.inet_sport` (`skc_num` is already cleared when it goes to CLOSE), read
-/// through `tcp` (the socket from [`tcp_sock`]; null for a request or time-wait
-/// socket, whose port is `skc_num`). IPv6 addresses, 16-byte arrays, come through one
-/// helper copy of the socket's first bytes.
+/// `inet_sock.inet_sport` (`skc_num` is already cleared when it goes to CLOSE): past
+/// `struct sock`, where the verifier allows no plain load, so a helper reads it; so
+/// are IPv6 addresses, 16-byte arrays, through one copy of the socket's first bytes.
 #[inline(always)]
-fn sock_tuple(ev: &mut Event, slot: u32, sk: *const u8, tcp: *const u8) {
+fn sock_tuple(ev: &mut Event, slot: u32, sk: *const u8, full: bool) {
     ev.family = field::<u16>(sk, cfg!(sock.family)).unwrap_or(0);
-    ev.sport = match tcp_field::<u16>(tcp, cfg!(sock.sport)) {
-        Some(port) => u16::from_be(port),
-        None => field::<u16>(sk, cfg!(sock.num)).unwrap_or(0),
+    ev.sport = if full {
+        u16::from_be(read::<u16>(sk as u64, cfg!(sock.sport)).unwrap_or(0))
+    } else {
+        field::<u16>(sk, cfg!(sock.num)).unwrap_or(0)
     };
     ev.dport = u16::from_be(field::<u16>(sk, cfg!(sock.dport)).unwrap_or(0));
     if ev.family == AF_INET {

@@ -1090,8 +1090,8 @@ fn churn_table(tracers: &[Tracer], runs: &[Run]) -> Vec<String> {
         runs.iter().filter(|r| r.tracer == Tracer::None).map(|r| r.total_cpu_s / r.connections as f64).collect(),
     );
     let mut lines = vec![
-        "| configuration | conn/s (median) | ratio to none: median [min, max] | CPU per connection, none / this | events/s | lost events | tracer peak RSS |".into(),
-        "| --- | --- | --- | --- | --- | --- | --- |".into(),
+        "| configuration | conn/s (median) | ratio to none: median [min, max] | CPU per connection, none / this | events/s | events/conn | lost events | tracer peak RSS |".into(),
+        "| --- | --- | --- | --- | --- | --- | --- | --- |".into(),
     ];
     for &t in tracers {
         let mine: Vec<&Run> = runs.iter().filter(|r| r.tracer == t).collect();
@@ -1106,17 +1106,18 @@ fn churn_table(tracers: &[Tracer], runs: &[Run]) -> Vec<String> {
             spread(&ratios, 3),
         );
         if t == Tracer::None {
-            row.push_str(" - | - | - |");
+            row.push_str(" - | - | - | - |");
         } else {
             let (events, estimated) = events(&mine);
             let ev_rate: Vec<f64> = mine.iter().zip(&events).map(|(r, e)| e / r.seconds).collect();
+            let per_conn: Vec<f64> = mine.iter().zip(&events).map(|(r, e)| e / r.connections.max(1) as f64).collect();
             let lost = mine.iter().filter_map(|r| r.lost).sum::<f64>();
             let rss = mine.iter().map(|r| r.peak_rss_kib).max().unwrap_or(0);
             let shown = match (t.is_floor(), estimated) {
                 // A floor streams nothing.
-                (true, _) => "-".into(),
-                (false, true) => format!("~{:.0}", median(ev_rate)),
-                (false, false) => format!("{:.0}", median(ev_rate)),
+                (true, _) => "- | -".into(),
+                (false, true) => format!("~{:.0} | ~{:.1}", median(ev_rate), median(per_conn)),
+                (false, false) => format!("{:.0} | {:.2}", median(ev_rate), median(per_conn)),
             };
             let lost = if t.is_tcptrace() { format!("{lost:.0}") } else { "n/a".into() };
             let _ = write!(row, " {shown} | {lost} | {:.1} MiB |", rss as f64 / 1024.0);
@@ -1217,17 +1218,16 @@ fn cost_table(tracers: &[Tracer], runs: &[Run]) -> Vec<String> {
     lines
 }
 
-/// What bpf_stats itself costs: tcptrace and the raw floor with it on and off, from
-/// schedstat alone (the workload process, the kernel in its context and the
-/// tracer), as CPU per connection added to the workload alone's.
+/// What bpf_stats itself costs: tcptrace and the raw floor with it on and off. Only
+/// schedstat figures, as there is no kernel time per program run with it off.
 fn untimed_table(runs: &[Run]) -> Vec<String> {
-    let median_of = |t: Tracer, f: fn(&Run) -> f64| median(runs.iter().filter(|r| r.tracer == t).map(f).collect());
-    let total = |r: &Run| r.total_cpu_s * 1e6 / r.connections.max(1) as f64;
-    let alone = median_of(Tracer::None, total);
+    let median_of = |t: Tracer, f: &dyn Fn(&Run) -> f64| median(runs.iter().filter(|r| r.tracer == t).map(f).collect());
+    let per_conn = |r: &Run| r.total_cpu_s / r.connections.max(1) as f64;
+    let alone = (median_of(Tracer::None, &|r| r.rate), median_of(Tracer::None, &per_conn));
     let mut lines = vec![
-        "| configuration | bpf_stats | CPU us/conn added to the workload alone's (schedstat) | tracer process CPU us/conn |"
+        "| configuration | bpf_stats | churn ratio to none (median) | CPU per connection, none / this | tracer process CPU us/conn |"
             .into(),
-        "| --- | --- | --- | --- |".into(),
+        "| --- | --- | --- | --- | --- |".into(),
     ];
     for (t, stats) in [
         (Tracer::Tcptrace, "on"),
@@ -1236,19 +1236,13 @@ fn untimed_table(runs: &[Run]) -> Vec<String> {
         (Tracer::FloorRawUntimed, "off"),
     ] {
         lines.push(format!(
-            "| {} | {stats} | {:.3} | {:.3} |",
+            "| {} | {stats} | {:.3} | {:.3} | {:.3} |",
             t.name(),
-            median_of(t, total) - alone,
-            median_of(t, Run::tracer_us_per_conn)
+            median_of(t, &|r| r.rate) / alone.0,
+            alone.1 / median_of(t, &per_conn),
+            median_of(t, &Run::tracer_us_per_conn)
         ));
     }
-    lines.push(String::new());
-    lines.push(
-        "Medians over rounds of (workload + kernel in its context + tracer) CPU per connection, less the \
-         workload alone's: noisier than bpf_stats (it carries the churn's own spread), but the only figure \
-         with bpf_stats off, and it includes the tracepoint's dispatch."
-            .into(),
-    );
     lines
 }
 

@@ -363,7 +363,7 @@ impl BpfStats {
     }
 
     fn disable() -> Self {
-        Self::set("0", "the bpf_stats-off runs are timed too")
+        Self::set("0", "the bpf_stats-off rows ran with it on")
     }
 
     fn set(value: &str, otherwise: &str) -> Self {

@@ -110,17 +110,25 @@ enum Tracer {
 }
 
 impl Tracer {
+    /// What runs: an untimed configuration is its timed twin with bpf_stats off.
+    fn timed(self) -> Self {
+        match self {
+            Self::TcptraceUntimed => Self::Tcptrace,
+            Self::FloorRawUntimed => Self::FloorRaw,
+            t => t,
+        }
+    }
+
+    fn is_untimed(self) -> bool {
+        self.timed() != self
+    }
+
     fn is_tcptrace(self) -> bool {
-        matches!(self, Self::Tcptrace | Self::TcptraceClassic | Self::Baseline | Self::TcptraceUntimed)
+        matches!(self.timed(), Self::Tcptrace | Self::TcptraceClassic | Self::Baseline)
     }
 
     fn is_floor(self) -> bool {
-        matches!(self, Self::FloorRaw | Self::FloorClassic | Self::FloorRawUntimed)
-    }
-
-    /// Runs with bpf_stats off.
-    fn is_untimed(self) -> bool {
-        matches!(self, Self::TcptraceUntimed | Self::FloorRawUntimed)
+        matches!(self.timed(), Self::FloorRaw | Self::FloorClassic)
     }
 
     fn name(self) -> &'static str {
@@ -1229,15 +1237,11 @@ fn untimed_table(runs: &[Run]) -> Vec<String> {
             .into(),
         "| --- | --- | --- | --- | --- |".into(),
     ];
-    for (t, stats) in [
-        (Tracer::Tcptrace, "on"),
-        (Tracer::TcptraceUntimed, "off"),
-        (Tracer::FloorRaw, "on"),
-        (Tracer::FloorRawUntimed, "off"),
-    ] {
+    for t in [Tracer::Tcptrace, Tracer::TcptraceUntimed, Tracer::FloorRaw, Tracer::FloorRawUntimed] {
         lines.push(format!(
-            "| {} | {stats} | {:.3} | {:.3} | {:.3} |",
+            "| {} | {} | {:.3} | {:.3} | {:.3} |",
             t.name(),
+            if t.is_untimed() { "off" } else { "on" },
             median_of(t, &|r| r.rate) / alone.0,
             alone.1 / median_of(t, &per_conn),
             median_of(t, &Run::tracer_us_per_conn)

@@ -209,8 +209,10 @@ pub struct DaemonArgs {
     #[arg(long, env = "TCPTRACE_MAX_TIME_WAIT_SOCKETS", default_value_t = 262_144, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     pub max_time_wait_sockets: u32,
 
-    /// Forget a SYN_SENT socket whose outcome was not seen after this long (e.g. 130s, 5m).
-    /// Default: the kernel's whole SYN retry sequence for net.ipv4.tcp_syn_retries, plus 1s.
+    /// Forget a listener's SYN-ACK retransmissions whose handshake's outcome was not
+    /// seen after this long (e.g. 130s, 5m). Default: the kernel's whole SYN retry
+    /// sequence for net.ipv4.tcp_syn_retries, plus 1s. (Active opens are held in the
+    /// kernel's table until their slot is needed: see --max-tracked-sockets.)
     #[arg(long, env = "TCPTRACE_HANDSHAKE_TIMEOUT", value_name = "DURATION", value_parser = parse_duration)]
     pub handshake_timeout: Option<Duration>,
 

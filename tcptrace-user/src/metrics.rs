@@ -359,8 +359,8 @@ impl Metrics {
             Opts::new(
                 "tcptrace_tracked_sockets_evicted_total",
                 "Entries tcptrace dropped before their natural end, by table and reason. handshakes: an \
-                 active open's start (cap: --max-tracked-sockets; timeout: no outcome within the SYN \
-                 retry time; replaced: its end was missed), its end then counts untimed. time_wait: a \
+                 active open's start, taken out of its slot in the kernel's table (--max-tracked-sockets) \
+                 by another's, its end then counts untimed. time_wait: a \
                  modelled time-wait socket (cap: --max-time-wait-sockets), the model undercounts until it \
                  would have expired. synack, resets: records that attribute retransmissions and reasons. \
                  services: a listener, CLOSE_WAIT socket or connection the breakdowns' full tables refused.",
@@ -696,8 +696,8 @@ impl Metrics {
         self.states.seed(found, at_seed);
     }
 
-    /// Copies the tracker's gauges; `kernel_held` handshakes in progress are held by
-    /// the kernel (active opens it pairs itself).
+    /// Copies the tracker's gauges; `kernel_held` active opens in progress have their
+    /// start held by the kernel, which pairs them.
     pub fn refresh(&mut self, tracker: &Tracker, kernel_held: usize) {
         let time_wait = tracker.time_wait_by_family();
         for f in Family::ALL {
@@ -706,7 +706,7 @@ impl Metrics {
         if let Some(g) = &mut self.netns_time_wait {
             g.refresh(tracker.netns_time_wait_sockets());
         }
-        self.tracked_sockets.set((tracker.tracked_sockets() + kernel_held) as i64);
+        self.tracked_sockets.set(kernel_held as i64);
         let Some(svc) = tracker.services() else { return };
         if let Some(g) = &mut self.close_wait {
             g.refresh(svc.close_wait_by_port().map(|(port, n)| (vec![port.to_string()], vec![n])).collect());

@@ -3,8 +3,8 @@
 //! A pure state machine: no I/O and no clock of its own. Time comes from the events
 //! (`bpf_ktime_get_ns`, CLOCK_MONOTONIC) and from [`Tracker::advance`], which the
 //! daemon calls with the same clock before every scrape. What it concludes goes to a
-//! [`Sink`]; its gauges are read with [`Tracker::time_wait_sockets`] and
-//! [`Tracker::tracked_sockets`].
+//! [`Sink`]; its gauges are read with [`Tracker::time_wait_sockets`]. Active opens
+//! are paired in the kernel: their end carries their start.
 
 pub(crate) mod expiring;
 pub mod services;
@@ -122,7 +122,7 @@ impl FailureReason {
     }
 }
 
-/// The task that called connect(), as seen in CLOSE->SYN_SENT.
+/// The task that called connect(), kept by the kernel from CLOSE->SYN_SENT.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Origin {
     pub pid: u32,
@@ -198,48 +198,33 @@ pub trait Sink {
 /// Which table dropped an entry before its natural end, and why.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Eviction {
-    /// An active open's start, to make room (`--max-tracked-sockets`): its end will
-    /// count, untimed.
+    /// An active open's start, taken out of its slot in the kernel's table
+    /// (`--max-tracked-sockets`) by another socket's: its end will count, untimed.
     HandshakeCap = 0,
-    /// An active open's start whose end never came within the SYN_SENT lifetime.
-    HandshakeTimeout = 1,
-    /// An active open's start whose end was missed: the kernel reused the socket's
-    /// address for another connect(), or the end named another peer.
-    HandshakeReplaced = 2,
     /// A modelled time-wait socket, to make room (`--max-time-wait-sockets`): the
     /// TIME_WAIT gauge undercounts by as many until they would have expired.
-    TimeWaitCap = 3,
+    TimeWaitCap = 1,
     /// A listener's SYN-ACK retransmission record, to make room.
-    SynAckCap = 4,
+    SynAckCap = 2,
     /// A received reset waiting for its socket's CLOSE, to make room: that failure's
     /// reason may read `aborted` or `unknown` instead of `refused`/`reset`.
-    ResetCap = 5,
+    ResetCap = 3,
     /// A listener, CLOSE_WAIT socket or open connection the breakdowns' full tables
     /// (`--close-wait-ports`, `--destination-labels`) could not take: it is missing
     /// from them until it ends.
-    ServicesCap = 6,
+    ServicesCap = 4,
     /// A listener the full listener table could not take: its queue is not read.
-    ListenerCap = 7,
+    ListenerCap = 5,
 }
 
 impl Eviction {
-    pub const ALL: [Self; 8] = [
-        Self::HandshakeCap,
-        Self::HandshakeTimeout,
-        Self::HandshakeReplaced,
-        Self::TimeWaitCap,
-        Self::SynAckCap,
-        Self::ResetCap,
-        Self::ServicesCap,
-        Self::ListenerCap,
-    ];
+    pub const ALL: [Self; 6] =
+        [Self::HandshakeCap, Self::TimeWaitCap, Self::SynAckCap, Self::ResetCap, Self::ServicesCap, Self::ListenerCap];
 
     /// The `table` and `reason` labels.
     pub const fn labels(self) -> [&'static str; 2] {
         match self {
             Self::HandshakeCap => ["handshakes", "cap"],
-            Self::HandshakeTimeout => ["handshakes", "timeout"],
-            Self::HandshakeReplaced => ["handshakes", "replaced"],
             Self::TimeWaitCap => ["time_wait", "cap"],
             Self::SynAckCap => ["synack", "cap"],
             Self::ResetCap => ["resets", "cap"],
@@ -252,12 +237,13 @@ impl Eviction {
 /// Limits that keep the tracker's memory bounded whatever the traffic.
 #[derive(Clone, Debug)]
 pub struct Limits {
-    /// Most sockets with a handshake in progress (and, separately, most listeners'
-    /// pending SYN-ACK retransmission records).
+    /// Most listeners' pending SYN-ACK retransmission records (and, separately, most
+    /// received resets awaiting their socket's CLOSE).
     pub max_pending: usize,
     /// Most time-wait sockets modelled.
     pub max_time_wait: usize,
-    /// After this long in SYN_SENT, a socket whose outcome was never seen is dropped.
+    /// After this long, a SYN-ACK retransmission record whose handshake's outcome was
+    /// never seen is dropped.
     pub handshake_timeout_ns: u64,
 }
 
@@ -309,13 +295,6 @@ impl Tuple {
         self.sport != 0 && self.dport != 0
     }
 
-    /// Whether `self`, seen at a connect()'s start, can be the same socket as `end`:
-    /// what is fixed by then (namespace, family, peer) agrees. The local port is
-    /// still 0 at the start and the source address may be unset.
-    fn same_peer(&self, end: &Self) -> bool {
-        self.netns == end.netns && self.family == end.family && self.dport == end.dport && self.daddr == end.daddr
-    }
-
     pub fn local(&self) -> std::net::SocketAddr {
         std::net::SocketAddr::new(ip_addr(self.family, &self.saddr), self.sport)
     }
@@ -323,15 +302,6 @@ impl Tuple {
     pub fn remote(&self) -> std::net::SocketAddr {
         std::net::SocketAddr::new(ip_addr(self.family, &self.daddr), self.dport)
     }
-}
-
-#[derive(Clone, Copy, Debug)]
-struct Pending {
-    since_ns: u64,
-    retransmits: u32,
-    origin: Origin,
-    /// The tuple at CLOSE->SYN_SENT, to check the end belongs to the same socket.
-    start: Tuple,
 }
 
 /// A modelled time-wait socket.
@@ -352,8 +322,6 @@ pub struct Tracker {
     /// From [`Limits`]; the caps live in the maps themselves.
     handshake_timeout_ns: u64,
     max_services: usize,
-    /// Active opens in SYN_SENT, by socket address.
-    pending: ExpiringMap<u64, Pending>,
     /// SYN-ACK retransmissions by the 4-tuple of the connection they belong to: the
     /// request socket is not the child that later becomes ESTABLISHED.
     synack: ExpiringMap<Tuple, SynAck>,
@@ -382,7 +350,6 @@ pub struct Tracker {
 impl Tracker {
     pub fn new(limits: Limits) -> Self {
         Self {
-            pending: ExpiringMap::new(limits.max_pending),
             synack: ExpiringMap::new(limits.max_pending),
             time_wait: ExpiringMap::new(limits.max_time_wait),
             fingerprint: foldhash::quality::RandomState::default(),
@@ -478,11 +445,6 @@ impl Tracker {
         }
     }
 
-    /// Sockets with a handshake in progress.
-    pub fn tracked_sockets(&self) -> usize {
-        self.pending.len()
-    }
-
     /// Time-wait sockets of one family: in each namespace whose count the kernel
     /// gave, that count (split by family as the model splits it), elsewhere the model.
     pub fn time_wait_sockets(&self, family: Family) -> usize {
@@ -551,11 +513,8 @@ impl Tracker {
                 }
             }
             Some(EventKind::ResetSent) => sink.reset(true, &Tuple::of(ev)),
+            // Counted here; the kernel counts it on its handshake's start as well.
             Some(EventKind::SynRetransmit) => {
-                let tuple = Tuple::of(ev);
-                if let Some(p) = self.pending.get_mut(&ev.skaddr).filter(|p| p.start.same_peer(&tuple)) {
-                    p.retransmits += 1;
-                }
                 if let Some(family) = Family::from_raw(ev.family) {
                     sink.syn_retransmit(family);
                 }
@@ -610,41 +569,14 @@ impl Tracker {
             (TcpState::Listen, TcpState::Close) => {
                 sink.listener_closed(ListenerKey { netns: tuple.netns, sk: ev.skaddr })
             }
-            (TcpState::Close, TcpState::SynSent) => {
-                let p = Pending { since_ns: ev.ts_ns, retransmits: 0, origin: Origin::of(ev), start: tuple };
-                // The same address again means the earlier socket's end was never seen.
-                let (replaced, evicted) =
-                    self.pending.insert(ev.skaddr, p, ev.ts_ns.saturating_add(self.handshake_timeout_ns));
-                if replaced.is_some() {
-                    sink.evicted(Eviction::HandshakeReplaced, 1);
-                }
-                if evicted.is_some() {
-                    sink.evicted(Eviction::HandshakeCap, 1);
-                }
-            }
+            // Paired in the kernel: the end carries its start, the connecting task and
+            // the SYN retransmissions; `start_ns` is 0 when the kernel kept no start
+            // (its table evicted it, or the connect() began before tcptrace).
             (TcpState::SynSent, _) => {
-                let pending = if self.pending.is_empty() { None } else { self.pending.remove(&ev.skaddr) };
-                let started = match pending {
-                    // Paired in the kernel: the end carries its start (a start also
-                    // streamed, as `watch` has it, is the same one).
-                    _ if ev.start_ns != 0 => Some(Pending {
-                        since_ns: ev.start_ns,
-                        retransmits: u32::from(ev.syn_retransmits),
-                        origin: Origin::of(ev),
-                        start: tuple,
-                    }),
-                    Some(p) if p.start.same_peer(&tuple) => Some(p),
-                    // Another socket's start at this address, whose end was missed:
-                    // pairing them would time the wrong connection.
-                    Some(_) => {
-                        sink.evicted(Eviction::HandshakeReplaced, 1);
-                        None
-                    }
-                    None => None,
-                };
-                let origin = started.map(|p| p.origin);
-                let retransmits = started.map_or(0, |p| p.retransmits);
-                let elapsed_ns = started.map(|p| ev.ts_ns.saturating_sub(p.since_ns));
+                let started = ev.start_ns != 0;
+                let origin = started.then(|| Origin::of(ev));
+                let retransmits = if started { u32::from(ev.syn_retransmits) } else { 0 };
+                let elapsed_ns = started.then(|| ev.ts_ns.saturating_sub(ev.start_ns));
                 match new {
                     TcpState::Established => sink.handshake(&Handshake {
                         direction: Direction::Active,
@@ -724,17 +656,12 @@ impl Tracker {
     }
 
     /// Expires what is due at `now_ns` (CLOSE_MONOTONIC ns): time-wait sockets whose
-    /// timer fired, handshakes and SYN-ACK records whose outcome can no longer come.
+    /// timer fired, SYN-ACK records whose outcome can no longer come.
     pub fn advance(&mut self, now_ns: u64, sink: &mut impl Sink) {
         let (counts, per_netns, svc) = (&mut self.time_wait_count, &mut self.netns_time_wait, &mut self.services);
         self.time_wait.expire(now_ns, |key, gone| forget_time_wait(counts, per_netns, svc, key, gone));
-        let mut expired = 0;
-        self.pending.expire(now_ns, |_, _| expired += 1);
         self.synack.expire(now_ns, |_, _| {});
         self.reset.expire(now_ns, |_, _| {});
-        if expired > 0 {
-            sink.evicted(Eviction::HandshakeTimeout, expired);
-        }
         if self.awaiting_net {
             self.awaiting_net = self.netns_time_wait.values().any(|ns| ns.net == 0);
         }

@@ -427,13 +427,12 @@ mod tests {
     #[test]
     fn handshake_view_prints_completions_and_failures() {
         let mut view = View::new(true, Filter::default(), LogFormat::Json, Vec::new());
-        let mut start = ev(1, 1_000_000, TcpState::Close, TcpState::SynSent, 80);
-        start.sport = 0;
-        view.event(&start);
-        view.event(&ev(1, 1_050_000, TcpState::SynSent, TcpState::Established, 80));
-        view.event(&ev(2, 2_000_000, TcpState::Close, TcpState::SynSent, 81));
+        // The kernel pairs active opens: each end carries its start.
+        let mut done = ev(1, 1_050_000, TcpState::SynSent, TcpState::Established, 80);
+        done.start_ns = 1_000_000;
+        view.event(&done);
         let mut refused = ev(2, 2_000_100, TcpState::SynSent, TcpState::Close, 81);
-        refused.sk_err = 111;
+        (refused.start_ns, refused.sk_err) = (2_000_000, 111);
         view.event(&refused);
         let got = lines(view);
         assert_eq!(got.len(), 2);

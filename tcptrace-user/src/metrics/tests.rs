@@ -77,7 +77,7 @@ fn sink_calls_land_in_the_exposition() {
     m.synack_retransmit(Family::Ipv6);
     m.time_wait_entered(Family::Ipv6);
     m.evicted(Eviction::TimeWaitCap, 3);
-    m.evicted(Eviction::HandshakeTimeout, 1);
+    m.evicted(Eviction::HandshakeCap, 1);
     m.set_events_lost(5);
     m.set_events_lost(5);
     m.set_events_lost(7);
@@ -106,8 +106,8 @@ fn sink_calls_land_in_the_exposition() {
     let evicted = |table: &str, reason: &str| {
         t(&format!(r#"tcptrace_tracked_sockets_evicted_total{{reason="{reason}",table="{table}"}}"#))
     };
-    assert_eq!((evicted("time_wait", "cap"), evicted("handshakes", "timeout")), (Some(3.0), Some(1.0)));
-    assert_eq!((evicted("handshakes", "cap"), evicted("resets", "cap")), (Some(0.0), Some(0.0)));
+    assert_eq!((evicted("time_wait", "cap"), evicted("handshakes", "cap")), (Some(3.0), Some(1.0)));
+    assert_eq!((evicted("synack", "cap"), evicted("resets", "cap")), (Some(0.0), Some(0.0)));
     assert_eq!(t(r#"tcptrace_handshakes_total{direction="active",family="ipv4"}"#), Some(2.0));
     assert_eq!(t("tcptrace_events_lost_total"), Some(7.0));
     assert_eq!(t("tcptrace_events_total"), Some(9.0));

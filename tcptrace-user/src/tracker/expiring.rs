@@ -23,6 +23,7 @@ impl<K: Hash + Eq + Copy, V> ExpiringMap<K, V> {
         Self { map: HashMap::default(), order: VecDeque::new(), cap: cap.max(1) }
     }
 
+    #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
         self.map.len()
     }

@@ -109,6 +109,20 @@ pub const PAIRING_EVICTED: u32 = 2;
 /// Slots of [`PAIRING_MAP`].
 pub const PAIRING_SLOTS: u32 = 3;
 
+/// Name of the per-CPU array counting closes into TIME_WAIT that were counted in the
+/// kernel instead of streamed, by [`family_slot`] of the connection (a v4-mapped
+/// IPv6 socket's is IPv4's, as the daemon's decoder has it). One close per namespace
+/// and CPU in each [`TIME_WAIT_EPOCH_SHIFT`] period is still streamed, so the daemon
+/// knows every namespace to read the count of, as are those the daemon must judge
+/// (a reset, near the namespace's cap, a count the kernel cannot give).
+pub const TIME_WAIT_COUNTED_MAP: &str = "TIME_WAIT_COUNTED";
+/// Slots of the per-CPU array remembering, per CPU, which namespace's close was
+/// streamed in the current period: a direct-mapped cache by namespace inode.
+pub const TIME_WAIT_NET_SLOTS: u32 = 64;
+/// The period of [`TIME_WAIT_COUNTED_MAP`]'s streamed closes: 2^30 ns (1.07 s) of
+/// `bpf_ktime_get_ns`.
+pub const TIME_WAIT_EPOCH_SHIFT: u32 = 30;
+
 /// The [`ACTIVE_MAP`] slot of a socket before masking: a multiplicative hash of its
 /// address (sockets are slab objects, so the low bits say little).
 pub const fn active_hash(sk: u64) -> u32 {

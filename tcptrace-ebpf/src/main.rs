@@ -32,7 +32,8 @@ use tcptrace_common::{
     ResetCounts, TcpState, TransitionCounts, ABSENT, ACTIVE_SLOTS_DEFAULT, AF_INET, AF_INET6, DEFAULT_RING_BYTES,
     FAMILY_SLOTS, IPPROTO_TCP, LISTENER_DROPS, LISTENER_LIMIT, LISTENER_NET_MIB, LISTENER_PORT, LISTENER_QUEUE,
     MAX_CPUS, NET_GONE, NET_READ_PORT_HIGH, NET_READ_PORT_LOW, NET_READ_TIME_WAIT, PAIRING_EVICTED, PAIRING_SLOTS,
-    PAIRING_STARTED, PAIRING_TAKEN, SK_ERR_UNKNOWN, SPAN_MAX, STREAM_RESETS, TW_UNKNOWN,
+    PAIRING_STARTED, PAIRING_TAKEN, SK_ERR_UNKNOWN, SPAN_MAX, STREAM_RESETS, TIME_WAIT_EPOCH_SHIFT,
+    TIME_WAIT_NET_SLOTS, TW_UNKNOWN,
 };
 
 /// Set by the loader (see [`Config`]); read field by field with [`cfg!`].
@@ -101,6 +102,16 @@ static SK_NUMBER: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 /// Starts kept, taken and evicted (`PAIRING_*`), per CPU.
 #[map]
 static PAIRING: PerCpuArray<u64> = PerCpuArray::with_max_entries(PAIRING_SLOTS, 0);
+
+/// Closes into TIME_WAIT counted here instead of streamed, by family
+/// ([`count_time_wait`]).
+#[map]
+static TIME_WAIT_COUNTED: PerCpuArray<u64> = PerCpuArray::with_max_entries(FAMILY_SLOTS, 0);
+
+/// Per CPU, by namespace inode (direct-mapped): the namespace and period of the last
+/// close into TIME_WAIT streamed, `period << 32 | inode`.
+#[map]
+static TIME_WAIT_NETS: PerCpuArray<u64> = PerCpuArray::with_max_entries(TIME_WAIT_NET_SLOTS, 0);
 
 /// Userspace resizes this at load time (`--ring-buffer-size`).
 #[map]
@@ -271,7 +282,13 @@ fn state_change(sk: u64, family: u16, old: u32, new: u32, tuple: impl FnOnce(&mu
         remember_active(sk);
     }
     let stream_all = cfg!(stream_all) != 0;
-    if !stream_all && !pairs(old, new) && !extra_pairs(cfg!(stream_extra), old, new) {
+    let extra = extra_pairs(cfg!(stream_extra), old, new);
+    if !stream_all && !pairs(old, new) && !extra {
+        return;
+    }
+    let time_wait =
+        new == TcpState::Close as u32 && (old == TcpState::FinWait2 as u32 || old == TcpState::Closing as u32);
+    if time_wait && !stream_all && !extra && count_time_wait(sk, family) {
         return;
     }
     let Some(mut entry) = EVENTS.reserve::<Event>(0) else {
@@ -306,13 +323,56 @@ fn state_change(sk: u64, family: u16, old: u32, new: u32, tuple: impl FnOnce(&mu
         ev.sk_err = read::<i32>(sk, cfg!(sock.sk_err)).unwrap_or(SK_ERR_UNKNOWN);
         // Whether the kernel made a time-wait socket is not on the socket: its
         // namespace's count and cap, read now, tell the daemon.
-        if old == TcpState::FinWait2 as u32 || old == TcpState::Closing as u32 {
+        if time_wait {
             if let Some((count, max)) = time_wait_count(ev.net) {
                 (ev.tw_count, ev.tw_max) = (count, max);
             }
         }
     }
     entry.submit(wakeup_flags());
+}
+
+/// Counts a close into TIME_WAIT in [`TIME_WAIT_COUNTED`] instead of streaming it,
+/// when the daemon needs nothing more from it: no error (a reset leaves no time-wait
+/// socket), its namespace's count (the new one included) below the cap less one (at
+/// the cap only the daemon, with the reading of the close before, can tell an
+/// overflow), and a close of that namespace already streamed from this CPU in this
+/// period (which names the namespace whose count the daemon reads). Helper reads:
+/// both program types call it with the socket as a plain number.
+#[inline(always)]
+fn count_time_wait(sk: u64, family: u16) -> bool {
+    if family != AF_INET && family != AF_INET6 {
+        return false;
+    }
+    if read::<i32>(sk, cfg!(sock.sk_err)) != Some(0) {
+        return false;
+    }
+    let Some(net) = read::<u64>(sk, cfg!(sock.net)) else { return false };
+    match time_wait_count(net) {
+        Some((count, max)) if count.saturating_add(1) < max => {}
+        _ => return false,
+    }
+    let Some(inum) = read::<u32>(net, cfg!(sock.net_inum)) else { return false };
+    let Some(seen) = TIME_WAIT_NETS.get_ptr_mut(inum & (TIME_WAIT_NET_SLOTS - 1)) else { return false };
+    // SAFETY: a helper without arguments.
+    let key = ((unsafe { bpf_ktime_get_ns() } >> TIME_WAIT_EPOCH_SHIFT) << 32) | u64::from(inum);
+    // SAFETY: this CPU's slot, only this CPU writes it while the program runs.
+    unsafe {
+        if *seen != key {
+            *seen = key;
+            return false;
+        }
+    }
+    // A v4-mapped IPv6 socket's connection is IPv4, as the decoder has it.
+    let mapped = family == AF_INET6
+        && read::<[u32; 4]>(sk, cfg!(sock.v6_daddr))
+            .is_some_and(|w| w[0] == 0 && w[1] == 0 && w[2] == u32::from_ne_bytes([0, 0, 0xff, 0xff]));
+    let slot = family_slot(if mapped { AF_INET } else { family });
+    if let Some(n) = TIME_WAIT_COUNTED.get_ptr_mut(slot) {
+        // SAFETY: per-CPU slot, only this CPU writes it while the program runs.
+        unsafe { *n += 1 };
+    }
+    true
 }
 
 /// A socket's slot in [`ACTIVE`].

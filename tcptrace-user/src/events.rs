@@ -105,6 +105,9 @@ pub struct KernelTotals {
     /// The kernel's table of active opens: starts kept, taken and evicted
     /// (`tcptrace_common::PAIRING_*`), summed over CPUs.
     pub pairing: Option<[u64; tcptrace_common::PAIRING_SLOTS as usize]>,
+    /// Closes into TIME_WAIT the kernel counted without streaming them, by
+    /// [`Family`], summed over CPUs.
+    pub time_wait_counted: Option<[u64; 2]>,
 }
 
 #[cfg(test)]

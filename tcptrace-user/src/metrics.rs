@@ -696,6 +696,13 @@ impl Metrics {
         self.states.seed(found, at_seed);
     }
 
+    /// Closes into TIME_WAIT the kernel counted without streaming them, by family.
+    pub fn time_wait_counted(&mut self, new: [u64; 2]) {
+        for (counter, n) in self.time_wait_entries.iter().zip(new) {
+            counter.inc_by(n);
+        }
+    }
+
     /// Copies the tracker's gauges; `kernel_held` active opens in progress have their
     /// start held by the kernel, which pairs them.
     pub fn refresh(&mut self, tracker: &Tracker, kernel_held: usize) {

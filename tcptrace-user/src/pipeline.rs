@@ -32,6 +32,9 @@ pub struct Pipeline {
     warned_malformed: bool,
     /// What the kernel's table of active opens had counted at the last refresh.
     pairing: KernelPairing,
+    /// The kernel's totals of closes into TIME_WAIT it counted without streaming, by
+    /// family, at the last refresh.
+    time_wait_counted: [u64; 2],
 }
 
 /// The kernel's table of active opens (it pairs their start and end), as last read.
@@ -54,6 +57,7 @@ impl Pipeline {
             unreported: 0,
             warned_malformed: false,
             pairing: KernelPairing::default(),
+            time_wait_counted: [0; 2],
         }
     }
 
@@ -126,6 +130,13 @@ impl Pipeline {
                 self.pairing.evicted = evicted as u64;
             }
             self.pairing.held = started.saturating_sub(taken + evicted);
+        }
+        if let Some(totals) = kernel.time_wait_counted {
+            // Totals that went backwards (a reloaded program) start over.
+            let new = [0, 1].map(|f| totals[f].checked_sub(self.time_wait_counted[f]).unwrap_or(totals[f]));
+            self.time_wait_counted = totals;
+            self.metrics.time_wait_counted(new);
+            self.tracker.kernel_counted_time_wait(now_ns, new);
         }
         self.metrics.refresh(&self.tracker, self.pairing.held);
         self.metrics.set_port_ranges(&kernel.port_ranges);
@@ -303,5 +314,18 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("\ntcptrace_tracked_sockets 5\n"), "held: 12 kept, 3 taken, 4 evicted");
+    }
+
+    #[test]
+    fn closes_into_time_wait_the_kernel_counted_are_entries_once() {
+        let mut p = Pipeline::new(Tracker::new(Limits::default()), Metrics::new(Default::default()).unwrap());
+        let at = |counted| KernelTotals { time_wait_counted: Some(counted), ..KernelTotals::default() };
+        p.refresh(1, &at([5, 2]));
+        p.refresh(2, &at([7, 2]));
+        // A reloaded program's totals start over from 0: its 1 is new.
+        p.refresh(3, &at([1, 2]));
+        let text = render(p.metrics().registry());
+        assert!(text.contains("\ntcptrace_time_wait_entries_total{family=\"ipv4\"} 8\n"), "{text}");
+        assert!(text.contains("\ntcptrace_time_wait_entries_total{family=\"ipv6\"} 2\n"), "{text}");
     }
 }

@@ -17,7 +17,7 @@ use tcptrace_common::{
     ACTIVE_MASK_GLOBAL, CONFIG_GLOBAL, CPU_OFFSET_PROGRAM, EVENTS_MAP, FAMILY_SLOTS, LISTENERS_ITER_PROGRAM,
     LISTENER_DROPS, LISTENER_LIMIT, LISTENER_NET_MIB, LISTENER_PORT, LISTENER_QUEUE, LISTENER_READ_PROGRAM, LOST_MAP,
     MAX_CPUS, NET_GONE, NET_READ_PORT_HIGH, NET_READ_PORT_LOW, NET_READ_PROGRAM, NET_READ_TIME_WAIT, PAIRING_MAP,
-    PAIRING_SLOTS, RESETS_MAP, SPAN_MAX, TRANSITIONS_MAP,
+    PAIRING_SLOTS, RESETS_MAP, SPAN_MAX, TIME_WAIT_COUNTED_MAP, TRANSITIONS_MAP,
 };
 
 use crate::{
@@ -352,9 +352,26 @@ pub struct KernelCounters {
     mib: Option<MibReader>,
     resets: PerCpuArray<MapData, ResetCounts>,
     pairing: PerCpuArray<MapData, u64>,
+    time_wait_counted: PerCpuArray<MapData, u64>,
     warned: std::sync::atomic::AtomicBool,
     /// Said once, apart from `warned`: one failing reader must not hide another.
     warned_listeners: std::sync::atomic::AtomicBool,
+}
+
+/// Each slot of a per-CPU array of counters, summed over CPUs; `None` (logged) when
+/// one cannot be read.
+fn slot_sums<const N: usize>(map: &PerCpuArray<MapData, u64>, what: &str) -> Option<[u64; N]> {
+    let mut sums = [0u64; N];
+    for (slot, sum) in (0u32..).zip(&mut sums) {
+        match map.get(&slot, 0) {
+            Ok(per_cpu) => *sum = per_cpu.iter().sum(),
+            Err(err) => {
+                warn!("reading {what} failed: {err}");
+                return None;
+            }
+        }
+    }
+    Some(sums)
 }
 
 impl KernelCounters {
@@ -410,18 +427,10 @@ impl KernelCounters {
                 None
             }
         };
-        let mut pairing = Some([0u64; PAIRING_SLOTS as usize]);
-        for slot in 0..PAIRING_SLOTS {
-            match (self.pairing.get(&slot, 0), &mut pairing) {
-                (Ok(per_cpu), Some(sums)) => sums[slot as usize] = per_cpu.iter().sum(),
-                (Err(err), _) => {
-                    warn!("reading the pairing map failed: {err}");
-                    pairing = None;
-                }
-                _ => {}
-            }
-        }
-        KernelTotals { lost, transitions, missed, resets, pairing, ..KernelTotals::default() }
+        let pairing = slot_sums::<{ PAIRING_SLOTS as usize }>(&self.pairing, "the pairing map");
+        let time_wait_counted =
+            slot_sums::<{ FAMILY_SLOTS as usize }>(&self.time_wait_counted, "the counted time-wait entries");
+        KernelTotals { lost, transitions, missed, resets, pairing, time_wait_counted, ..KernelTotals::default() }
     }
 
     /// Whether namespaces' TcpExt counters can be read (SYN cookies, SYN-queue drops).
@@ -832,7 +841,7 @@ impl Probe {
     pub fn take_counters(&mut self) -> Result<KernelCounters> {
         let mut take = |name: &str| self.ebpf.take_map(name).ok_or_else(|| Error::Object(format!("map {name}")));
         let (lost, transitions, resets) = (take(LOST_MAP)?, take(TRANSITIONS_MAP)?, take(RESETS_MAP)?);
-        let pairing = take(PAIRING_MAP)?;
+        let (pairing, time_wait_counted) = (take(PAIRING_MAP)?, take(TIME_WAIT_COUNTED_MAP)?);
         let mut programs = Vec::new();
         for (a, status) in ATTACHMENTS.iter().zip(&self.programs) {
             let name = if self.mode == AttachMode::Raw { a.raw } else { a.classic };
@@ -860,6 +869,8 @@ impl Probe {
                 .map_err(|e| Error::Object(format!("per-CPU array {RESETS_MAP}: {e}")))?,
             pairing: PerCpuArray::try_from(pairing)
                 .map_err(|e| Error::Object(format!("per-CPU array {PAIRING_MAP}: {e}")))?,
+            time_wait_counted: PerCpuArray::try_from(time_wait_counted)
+                .map_err(|e| Error::Object(format!("per-CPU array {TIME_WAIT_COUNTED_MAP}: {e}")))?,
             warned: Default::default(),
             warned_listeners: Default::default(),
             lost: PerCpuArray::try_from(lost).map_err(|e| Error::Object(format!("per-CPU array {LOST_MAP}: {e}")))?,

@@ -9,7 +9,10 @@
 pub(crate) mod expiring;
 pub mod services;
 
-use std::{collections::HashMap, hash::BuildHasher as _};
+use std::{
+    collections::{HashMap, VecDeque},
+    hash::BuildHasher as _,
+};
 
 use tcptrace_common::{ip_addr, Event, EventKind, TcpState, TW_UNKNOWN};
 
@@ -341,6 +344,10 @@ pub struct Tracker {
     reset: ExpiringMap<(u64, Tuple), ()>,
     /// The opt-in breakdowns by service port and destination.
     services: Option<Services>,
+    /// Closes into TIME_WAIT the kernel counted without streaming, by family, as
+    /// (when they leave, how many): those within [`TIME_WAIT_NS`] are `counted_live`.
+    counted: VecDeque<(u64, [u64; 2])>,
+    counted_live: [u64; 2],
     /// Some namespace has modelled time-wait sockets (seeded at start) but no known
     /// `struct net`, so its count cannot be read: the next event from it names it.
     /// Checked before any lookup, so the event path pays only while it is true.
@@ -358,6 +365,8 @@ impl Tracker {
             reset: ExpiringMap::new(limits.max_pending),
             handshake_timeout_ns: limits.handshake_timeout_ns,
             services: None,
+            counted: VecDeque::new(),
+            counted_live: [0; 2],
             awaiting_net: false,
             max_services: limits.max_time_wait,
         }
@@ -453,10 +462,32 @@ impl Tracker {
 
     /// [`Tracker::time_wait_sockets`] of both families, in one pass over the namespaces.
     pub fn time_wait_by_family(&self) -> [usize; 2] {
-        self.netns_time_wait.values().fold([0, 0], |[v4, v6], ns| {
+        let [v4, v6] = self.netns_time_wait.values().fold([0, 0], |[v4, v6], ns| {
             let [a, b] = ns.split();
             [v4 + a, v6 + b]
-        })
+        });
+        // The kernel's counts hold the closes it counted without streaming, which the
+        // split has as IPv4: those of IPv6 within a time-wait lifetime move back.
+        let moved = (self.counted_live[Family::Ipv6 as usize] as usize).min(v4);
+        [v4 - moved, v6 + moved]
+    }
+
+    /// Closes into TIME_WAIT the kernel counted itself (`new`, by family) since the
+    /// last call, at `now_ns`: already in their namespaces' counts, they tell the
+    /// family split for a time-wait lifetime. Kept per second at most, so a scrape
+    /// storm cannot grow the queue.
+    pub fn kernel_counted_time_wait(&mut self, now_ns: u64, new: [u64; 2]) {
+        if new == [0, 0] {
+            return;
+        }
+        let until = now_ns.saturating_add(TIME_WAIT_NS);
+        match self.counted.back_mut() {
+            Some((last, n)) if until.saturating_sub(*last) < NS_PER_SEC => {
+                n.iter_mut().zip(new).for_each(|(n, more)| *n += more);
+            }
+            _ => self.counted.push_back((until, new)),
+        }
+        self.counted_live.iter_mut().zip(new).for_each(|(n, more)| *n += more);
     }
 
     /// A namespace is gone (deleted): its modelled time-wait sockets and breakdown
@@ -662,6 +693,10 @@ impl Tracker {
         self.time_wait.expire(now_ns, |key, gone| forget_time_wait(counts, per_netns, svc, key, gone));
         self.synack.expire(now_ns, |_, _| {});
         self.reset.expire(now_ns, |_, _| {});
+        while let Some(&(_, n)) = self.counted.front().filter(|&&(until, _)| until <= now_ns) {
+            self.counted.pop_front();
+            self.counted_live.iter_mut().zip(n).for_each(|(live, gone)| *live -= gone);
+        }
         if self.awaiting_net {
             self.awaiting_net = self.netns_time_wait.values().any(|ns| ns.net == 0);
         }

@@ -89,10 +89,10 @@ fn handshakes_failures_and_time_wait_entries_are_counted_exactly() {
     let last = daemon.scrape();
     assert_eq!(last.get("tcptrace_events_lost_total", &[]), 0.0);
     assert_eq!(last.get("tcptrace_events_malformed_total", &[]), 0.0);
-    // Streamed per connection: the 3 transitions userspace needs (the active open's end,
-    // carrying its start, the passive one's, the entry into TIME_WAIT); the other 7 are
-    // counted in the kernel. A refused connect streams its end and its reset.
-    assert!(last.get("tcptrace_events_total", &[]) >= (2 * (N * 3 + M * 2)) as f64);
+    // Streamed per connection: the 2 transitions userspace needs (the active open's end,
+    // carrying its start, and the passive one's); the entry into TIME_WAIT and the other
+    // 7 are counted in the kernel. A refused connect streams its end and its reset.
+    assert!(last.get("tcptrace_events_total", &[]) >= (2 * (N * 2 + M * 2)) as f64);
     assert_eq!(last.get("tcptrace_build_info", &[("version", env!("CARGO_PKG_VERSION"))]), 1.0);
 }
 

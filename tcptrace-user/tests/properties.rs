@@ -585,6 +585,7 @@ proptest! {
         lost in prop::option::of(any::<u64>()),
         transitions in prop::collection::vec(any::<u64>(), 256),
         readings in prop::collection::vec((0u32..3, prop::option::of(any::<u32>())), 0..4),
+        counted in prop::option::of([0u64..1_000_000, 0u64..1_000_000]),
     ) {
         let max_time_wait = limits.max_time_wait;
         let tracker = Tracker::new(limits).with_services(config.close_wait_ports > 0, config.destinations > 0);
@@ -598,8 +599,9 @@ proptest! {
             time_wait: readings.clone(),
             port_ranges: readings.iter().map(|&(ns, r)| (ns, r.map(|r| (r as u16, (r >> 16) as u16)))).collect(),
             resets: Some(Box::new([3; 32])),
-            // Nothing held in the kernel: the gauge is then the tracker's own.
+            // Nothing held in the kernel.
             pairing: Some([lost.unwrap_or(0) + 1, lost.unwrap_or(0), 1]),
+            time_wait_counted: counted,
             namespace_counters: readings
                 .iter()
                 .map(|&(netns, r)| (tcptrace_user::listeners::ListenerKey { netns, sk: 1 }, r.map(|r| [r, r >> 1])))

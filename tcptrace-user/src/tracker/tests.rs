@@ -774,3 +774,37 @@ fn a_start_streamed_too_changes_nothing() {
     assert_eq!(seen.handshakes, vec![(Direction::Active, Family::Ipv4, 42_000)]);
     assert_eq!(seen.evicted, 0);
 }
+
+#[test]
+fn closes_the_kernel_counted_itself_give_the_family_split_for_a_time_wait_lifetime() {
+    let (mut t, mut seen) = tracker();
+    // One IPv6 close streamed (the namespace's first this period), then 9 IPv6 and
+    // 4 IPv4 closes counted in the kernel: its count of the namespace reads 14.
+    let mut sock = in_netns(client(1, 40000), 5);
+    sock.family = AF_INET6;
+    counted_close(&mut t, &mut seen, sock, S, (1, 100));
+    t.kernel_counted_time_wait(2 * S, [4, 9]);
+    t.kernel_time_wait(5, Some(14));
+    assert_eq!(t.time_wait_by_family(), [4, 10], "the model alone has 1 IPv6 and would call 13 IPv4");
+    assert_eq!(t.modelled_time_wait_sockets(Family::Ipv6), 1);
+    // Some died early (reused): the kernel's count bounds the IPv6 share.
+    t.kernel_time_wait(5, Some(6));
+    assert_eq!(t.time_wait_by_family(), [0, 6]);
+    // A time-wait lifetime later they no longer count.
+    t.advance(2 * S + TIME_WAIT_NS, &mut seen);
+    t.kernel_time_wait(5, Some(3));
+    assert_eq!(t.time_wait_by_family(), [3, 0]);
+}
+
+#[test]
+fn counted_closes_are_kept_per_second_whatever_the_scrape_rate() {
+    let (mut t, _) = tracker();
+    for i in 0..10_000u64 {
+        t.kernel_counted_time_wait(S + i * MS / 10, [1, 1]);
+    }
+    assert!(t.counted.len() <= 2, "{} entries for 1 s of refreshes", t.counted.len());
+    assert_eq!(t.counted_live, [10_000, 10_000]);
+    let queued = t.counted.len();
+    t.kernel_counted_time_wait(3 * S, [0, 0]);
+    assert_eq!(t.counted.len(), queued, "nothing new, nothing queued");
+}

@@ -834,6 +834,43 @@ impl Namespaces {
     }
 }
 
+/// The churn namespace's `net.ipv4.tcp_max_tw_buckets`: each run churns on a new
+/// server port, so a minute of runs leaves up to a few hundred thousand time-wait
+/// sockets. At the host's cap (131,072 here) most closes would overflow, a regime
+/// that makes no time-wait socket at all and that the runs entered one by one,
+/// ordering their costs (a whole invocation of the old bench overflowed 45% of its
+/// closes).
+const CHURN_TIME_WAIT_CAP: u32 = 1 << 20;
+
+impl Namespaces {
+    /// One namespace for the churn, loopback up, time-wait cap [`CHURN_TIME_WAIT_CAP`].
+    fn for_churn() -> Result<Self> {
+        let name = format!("tcbench-churn-{}", std::process::id());
+        run_quiet(Command::new("ip").args(["netns", "add", &name]))?;
+        let made = Self { names: vec![name.clone()], helpers: Vec::new() };
+        run_quiet(Command::new("ip").args(["-n", &name, "link", "set", "lo", "up"]))?;
+        let cap = format!("net.ipv4.tcp_max_tw_buckets={CHURN_TIME_WAIT_CAP}");
+        run_quiet(Command::new("ip").args(["netns", "exec", &name, "sysctl", "-qw", &cap]))?;
+        Ok(made)
+    }
+
+    /// The namespace file of namespace `i`.
+    fn path(&self, i: usize) -> PathBuf {
+        Path::new("/run/netns").join(&self.names[i])
+    }
+
+    /// A TcpExt counter of namespace `i` (nstat's absolute value).
+    fn tcp_ext(&self, i: usize, counter: &str) -> Result<u64> {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.names[i], "nstat", "-az", &format!("TcpExt{counter}")])
+            .output()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("TcpExt{counter}"))?.split_whitespace().next()?.parse().ok())
+            .with_context(|| format!("nstat in {} has no TcpExt{counter}: {text}", self.names[i]))
+    }
+}
+
 impl Drop for Namespaces {
     fn drop(&mut self) {
         for mut h in self.helpers.drain(..) {
@@ -938,6 +975,7 @@ fn scrape_latency(bin: &Path, work: &Path) -> Result<(f64, f64)> {
         max_connections: 2_000,
         max_duration: Duration::from_secs(2),
         closer: Closer::Server,
+        netns: None,
     }
     .run()?;
     timed_scrapes(addr)
@@ -1019,12 +1057,14 @@ pub fn run(args: &BenchArgs, root: &Path, bin: &Path, xtask: &Path) -> Result<St
         }
     }
     let ip: IpAddr = if args.ipv6 { Ipv6Addr::LOCALHOST.into() } else { Ipv4Addr::LOCALHOST.into() };
+    let churn_ns = Namespaces::for_churn()?;
     let churn = Churn {
         ip,
         threads: args.threads,
         max_connections: args.connections,
         max_duration: Duration::from_secs_f64(args.seconds),
         closer: args.closer,
+        netns: Some(churn_ns.path(0)),
     };
     let mut runs: Vec<Run> = Vec::new();
     for round in 0..args.rounds {
@@ -1051,7 +1091,8 @@ pub fn run(args: &BenchArgs, root: &Path, bin: &Path, xtask: &Path) -> Result<St
     }
 
     out(format!(
-        "\n## Connection churn ({} client threads, {} closes first, {}, {} rounds of up to {} connections or {} s)\n",
+        "\n## Connection churn ({} client threads, {} closes first, {}, {} rounds of up to {} connections or {} s, \
+         in a namespace of its own with room for {CHURN_TIME_WAIT_CAP} time-wait sockets: {} closes overflowed)\n",
         args.threads,
         match args.closer {
             Closer::Server => "server",
@@ -1060,7 +1101,8 @@ pub fn run(args: &BenchArgs, root: &Path, bin: &Path, xtask: &Path) -> Result<St
         if args.ipv6 { "IPv6" } else { "IPv4" },
         args.rounds,
         args.connections,
-        args.seconds
+        args.seconds,
+        churn_ns.tcp_ext(0, "TCPTimeWaitOverflow")?,
     ));
     for line in churn_table(&tracers, &runs) {
         out(line);

@@ -2,8 +2,11 @@
 //! fast as they can against a local listener, bounded in count and in time.
 
 use std::{
-    io::Read,
+    fs::File,
+    io::{self, Read},
     net::{IpAddr, SocketAddr, TcpListener, TcpStream},
+    os::fd::AsRawFd as _,
+    path::{Path, PathBuf},
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
         Arc,
@@ -26,6 +29,8 @@ pub struct Churn {
     pub max_connections: u64,
     pub max_duration: Duration,
     pub closer: Closer,
+    /// A network namespace to run in (`/run/netns/NAME`), or this thread's.
+    pub netns: Option<PathBuf>,
 }
 
 pub struct Outcome {
@@ -41,8 +46,16 @@ impl Outcome {
 }
 
 impl Churn {
-    pub fn run(&self) -> std::io::Result<Outcome> {
-        self.run_until(Arc::default(), Arc::default())
+    pub fn run(&self) -> io::Result<Outcome> {
+        let Some(path) = self.netns.clone() else { return self.run_until(Arc::default(), Arc::default()) };
+        // The namespace is a thread's: the threads the run spawns inherit it from this one.
+        let churn = self.clone();
+        thread::spawn(move || {
+            enter_netns(&path)?;
+            churn.run_until(Arc::default(), Arc::default())
+        })
+        .join()
+        .map_err(|_| io::Error::other("the churn's thread panicked"))?
     }
 
     /// Like [`Churn::run`], and also ends as soon as `cancel` is set; `done` (which
@@ -86,6 +99,16 @@ impl Churn {
         let connections = done.load(Ordering::Relaxed).min(self.max_connections);
         Ok(Outcome { connections, errors: errors.load(Ordering::Relaxed), elapsed })
     }
+}
+
+/// Moves this thread into the network namespace at `path`.
+fn enter_netns(path: &Path) -> io::Result<()> {
+    let file = File::open(path)?;
+    // SAFETY: a descriptor of an open namespace file; setns(2) changes only this thread.
+    if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        return Err(io::Error::other(format!("setns {}: {}", path.display(), io::Error::last_os_error())));
+    }
+    Ok(())
 }
 
 fn serve(listener: &TcpListener, stop: &AtomicBool, closer: Closer) {

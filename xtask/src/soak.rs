@@ -162,6 +162,7 @@ pub fn run(minutes: u64, args: &BenchArgs, root: &Path, bin: &Path) -> Result<()
         max_connections: MAX_RATE * duration.as_secs(),
         max_duration: duration,
         closer: args.closer,
+        netns: None,
     });
     let soak_begin = Instant::now();
 

@@ -549,6 +549,7 @@ mod tests {
             slow_threshold: Duration::from_millis(100),
         };
         let now = crate::clock::monotonic_ns();
+        m.flush();
         let page = render(&m.registry().gather(), &recent.entries(), recent.last_minute(), now, &about);
         assert!(page.contains(r#"id="latency-active-ipv4""#) && page.contains(r#"data-count="1""#), "{page}");
         assert!(page.contains(r#"<span class="completed">2</span> completed, 2 timed; p50 "#), "{page}");

@@ -51,6 +51,7 @@ fn comm_labels_count_connects_per_command() {
     let mut f = failure(Direction::Active, Family::Ipv4, FailureReason::Timeout, 443);
     f.origin = Some(origin);
     m.handshake_failed(&f);
+    m.flush();
     let text = render(m.registry());
     assert_eq!(sample(&text, r#"tcptrace_process_handshakes_total{comm="other"}"#), Some(4.0));
     assert_eq!(sample(&text, r#"tcptrace_process_handshakes_total{comm="curl"}"#), Some(2.0));
@@ -82,6 +83,7 @@ fn sink_calls_land_in_the_exposition() {
     m.set_events_lost(5);
     m.set_events_lost(7);
     m.events_read(9);
+    m.flush();
     let text = render(m.registry());
     let t = |s: &str| sample(&text, s);
     assert_eq!(t(r#"tcptrace_state_transitions_total{new_state="established",old_state="syn_sent"}"#), Some(2.0));
@@ -122,6 +124,7 @@ fn port_labels_use_the_service_port_and_fold_the_rest() {
     m.handshake(&handshake(Direction::Passive, Family::Ipv4, 10_000, 0, 5432));
     m.handshake(&handshake(Direction::Active, Family::Ipv4, 10_000, 0, 8080));
     m.handshake_failed(&failure(Direction::Active, Family::Ipv4, FailureReason::Refused, 9999));
+    m.flush();
     let text = render(m.registry());
     let t = |s: &str| sample(&text, s);
     let count = |d: &str, p: &str| {
@@ -148,6 +151,7 @@ fn top_n_ports_stay_within_their_cap() {
             m.refresh(&tracker, 0);
         }
     }
+    m.flush();
     let text = render(m.registry());
     let ports: std::collections::BTreeSet<&str> = text
         .lines()
@@ -172,6 +176,7 @@ fn gauges_follow_the_tracker() {
     let mut m = metrics(PortLabels::Off);
     let t = Tracker::new(Limits::default());
     m.refresh(&t, 0);
+    m.flush();
     let text = render(m.registry());
     assert_eq!(sample(&text, r#"tcptrace_time_wait_sockets{family="ipv4"}"#), Some(0.0));
     assert_eq!(sample(&text, "tcptrace_tracked_sockets"), Some(0.0));
@@ -194,6 +199,7 @@ fn netns_breakdown_follows_the_tracker_and_is_off_by_default() {
     assert_eq!(m.netns_to_name(false), vec![9]);
     m.set_netns_cgroups([(9, "/system.slice/app.service".to_string())].into());
     m.refresh(&t, 0);
+    m.flush();
     let text = render(m.registry());
     let series = |labels: &str| sample(&text, &format!("tcptrace_netns_time_wait_sockets{{{labels}}}"));
     assert_eq!(series(r#"cgroup="/system.slice/app.service",netns="9""#), Some(2.0), "{text}");
@@ -206,6 +212,7 @@ fn netns_breakdown_follows_the_tracker_and_is_off_by_default() {
 #[test]
 fn every_series_exists_from_the_start() {
     let m = Metrics::new(MetricsConfig { ports: PortLabels::Top(3), comms: 2, ..MetricsConfig::default() }).unwrap();
+    m.flush();
     let text = render(m.registry());
     let t = |s: &str| sample(&text, s);
     for direction in ["active", "passive"] {
@@ -246,6 +253,7 @@ fn untimed_handshakes_count_but_are_not_observed() {
     h.duration_ns = None;
     m.handshake(&h);
     m.handshake(&handshake(Direction::Passive, Family::Ipv4, 10_000, 0, 80));
+    m.flush();
     let text = render(m.registry());
     let labels = r#"{direction="passive",family="ipv4"}"#;
     assert_eq!(sample(&text, &format!("tcptrace_handshakes_total{labels}")), Some(2.0));

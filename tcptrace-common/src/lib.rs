@@ -191,8 +191,9 @@ pub const fn extra_pairs(extra: u8, old: u32, new: u32) -> bool {
 }
 
 /// Whether the daemon needs this transition streamed (the rest are only counted):
-/// handshake ends, the entries into TIME_WAIT, and listeners opening and closing
-/// (whose queues it reads). An active open's start (CLOSE->SYN_SENT) stays in the
+/// handshake ends, the entries into TIME_WAIT (most of which the programs count
+/// instead: [`TIME_WAIT_COUNTED_MAP`]), and listeners opening and closing (whose
+/// queues it reads). An active open's start (CLOSE->SYN_SENT) stays in the
 /// kernel ([`ACTIVE_MAP`]) and travels with its end; LISTEN->SYN_RECV is not needed
 /// either: the child's SYN_RECV->ESTABLISHED follows at once with the same 4-tuple.
 pub const fn pairs(old: u32, new: u32) -> bool {

@@ -1,6 +1,6 @@
-//! tcptrace's kernel side: count every TCP state change, and copy the records
-//! userspace pairs (handshake starts and ends, TIME_WAIT entries, resets,
-//! retransmissions) into one ring buffer.
+//! tcptrace's kernel side: count every TCP state change and most entries into
+//! TIME_WAIT, and copy the records userspace needs (handshake ends, the entries into
+//! TIME_WAIT it must judge, resets, retransmissions) into one ring buffer.
 //!
 //! Each tracepoint has two programs and the loader attaches one of them: a raw
 //! tracepoint program (the default: no record is built, and the kernel's recursion
@@ -12,9 +12,10 @@
 //! compiled in: every offset arrives in [`CONFIG`] at load time.
 //!
 //! Deliberately small: the one pairing done here is an active open's start and end
-//! (kept in a table, so only the end is streamed); every other decision (expiry,
-//! metrics, what a failure means) is made in userspace, where it can be tested
-//! without a kernel.
+//! (kept in a table, so only the end is streamed), and the one judgement a close into
+//! TIME_WAIT that userspace has nothing to add to (see [`count_time_wait`]); every
+//! other decision (expiry, metrics, what a failure means) is made in userspace, where
+//! it can be tested without a kernel.
 #![no_std]
 #![no_main]
 
@@ -296,6 +297,9 @@ fn state_change(sk: u64, family: u16, old: u32, new: u32, tuple: impl FnOnce(&mu
         if old == TcpState::SynSent as u32 {
             // Lost with its end: the start must not hold its slot.
             take_active(sk, None);
+        } else if time_wait {
+            // Lost with the close that was to name its namespace: the next one must.
+            forget_time_wait_net(sk);
         }
         return;
     };
@@ -373,6 +377,18 @@ fn count_time_wait(sk: u64, family: u16) -> bool {
         unsafe { *n += 1 };
     }
     true
+}
+
+/// Clears a namespace's entry in this CPU's [`TIME_WAIT_NETS`], so that its next
+/// close into TIME_WAIT streams.
+#[inline(always)]
+fn forget_time_wait_net(sk: u64) {
+    let Some(net) = read::<u64>(sk, cfg!(sock.net)) else { return };
+    let Some(inum) = read::<u32>(net, cfg!(sock.net_inum)) else { return };
+    if let Some(seen) = TIME_WAIT_NETS.get_ptr_mut(inum & (TIME_WAIT_NET_SLOTS - 1)) {
+        // SAFETY: this CPU's slot, only this CPU writes it while the program runs.
+        unsafe { *seen = 0 };
+    }
 }
 
 /// A socket's slot in [`ACTIVE`].

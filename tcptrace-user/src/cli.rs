@@ -210,8 +210,8 @@ pub struct DaemonArgs {
     pub max_time_wait_sockets: u32,
 
     /// Forget a listener's SYN-ACK retransmissions whose handshake's outcome was not
-    /// seen after this long (e.g. 130s, 5m). Default: the kernel's whole SYN retry
-    /// sequence for net.ipv4.tcp_syn_retries, plus 1s. (Active opens are held in the
+    /// seen after this long (e.g. 130s, 5m). Default: the kernel's whole SYN-ACK retry
+    /// sequence for net.ipv4.tcp_synack_retries, plus 1s. (Active opens are held in the
     /// kernel's table until their slot is needed: see --max-tracked-sockets.)
     #[arg(long, env = "TCPTRACE_HANDSHAKE_TIMEOUT", value_name = "DURATION", value_parser = parse_duration)]
     pub handshake_timeout: Option<Duration>,

@@ -184,7 +184,7 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
         max_time_wait: args.max_time_wait_sockets as usize,
         handshake_timeout_ns: match args.handshake_timeout {
             Some(d) => d.as_nanos().min(u128::from(u64::MAX)) as u64,
-            None => syn_sent_lifetime_ns(syn_retries()),
+            None => syn_sent_lifetime_ns(synack_retries()),
         },
     };
     let max_time_wait = limits.max_time_wait;
@@ -464,7 +464,8 @@ fn check_open_files(max_connections: usize) {
     }
 }
 
-/// net.ipv4.tcp_syn_retries of the daemon's namespace (the kernel default, 6, if unreadable).
-fn syn_retries() -> u32 {
-    fs::read_to_string("/proc/sys/net/ipv4/tcp_syn_retries").ok().and_then(|s| s.trim().parse().ok()).unwrap_or(6)
+/// net.ipv4.tcp_synack_retries of the daemon's namespace (the kernel default, 5, if
+/// unreadable): what the records the handshake timeout expires wait on.
+fn synack_retries() -> u32 {
+    fs::read_to_string("/proc/sys/net/ipv4/tcp_synack_retries").ok().and_then(|s| s.trim().parse().ok()).unwrap_or(5)
 }

@@ -132,9 +132,10 @@ impl Pipeline {
             self.pairing.held = started.saturating_sub(taken + evicted);
         }
         if let Some(totals) = kernel.time_wait_counted {
-            // Totals that went backwards (a reloaded program) start over.
-            let new = [0, 1].map(|f| totals[f].checked_sub(self.time_wait_counted[f]).unwrap_or(totals[f]));
-            self.time_wait_counted = totals;
+            // What they grew by: totals that go backwards add nothing, as elsewhere.
+            let seen = self.time_wait_counted;
+            let new = [0, 1].map(|f| totals[f].saturating_sub(seen[f]));
+            self.time_wait_counted = [0, 1].map(|f| totals[f].max(seen[f]));
             self.metrics.time_wait_counted(new);
             self.tracker.kernel_counted_time_wait(now_ns, new);
         }
@@ -322,8 +323,9 @@ mod tests {
         let at = |counted| KernelTotals { time_wait_counted: Some(counted), ..KernelTotals::default() };
         p.refresh(1, &at([5, 2]));
         p.refresh(2, &at([7, 2]));
-        // A reloaded program's totals start over from 0: its 1 is new.
+        // Totals that go backwards add nothing.
         p.refresh(3, &at([1, 2]));
+        p.refresh(4, &at([8, 2]));
         let text = render(p.metrics().registry());
         assert!(text.contains("\ntcptrace_time_wait_entries_total{family=\"ipv4\"} 8\n"), "{text}");
         assert!(text.contains("\ntcptrace_time_wait_entries_total{family=\"ipv6\"} 2\n"), "{text}");

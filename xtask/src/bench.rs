@@ -834,12 +834,12 @@ impl Namespaces {
     }
 }
 
-/// The churn namespace's `net.ipv4.tcp_max_tw_buckets`: each run churns on a new
-/// server port, so a minute of runs leaves up to a few hundred thousand time-wait
-/// sockets. At the host's cap (131,072 here) most closes would overflow, a regime
-/// that makes no time-wait socket at all and that the runs entered one by one,
-/// ordering their costs (a whole invocation of the old bench overflowed 45% of its
-/// closes).
+/// The churn namespaces' `net.ipv4.tcp_max_tw_buckets`, above what a run can leave.
+/// On the host (cap 131,072 here), where every run left its time-wait sockets to the
+/// next, most closes overflowed, a regime that makes no time-wait socket at all and
+/// that the runs entered one by one, ordering their costs (a whole invocation of the
+/// old bench overflowed 45% of its closes); and every daemon started by reading the
+/// hundreds of thousands left behind.
 const CHURN_TIME_WAIT_CAP: u32 = 1 << 20;
 
 impl Namespaces {
@@ -862,7 +862,8 @@ impl Namespaces {
     /// A TcpExt counter of namespace `i` (nstat's absolute value).
     fn tcp_ext(&self, i: usize, counter: &str) -> Result<u64> {
         let out = Command::new("ip")
-            .args(["netns", "exec", &self.names[i], "nstat", "-az", &format!("TcpExt{counter}")])
+            // -s: leave nstat's history file (what `nstat` alone diffs against) alone.
+            .args(["netns", "exec", &self.names[i], "nstat", "-asz", &format!("TcpExt{counter}")])
             .output()?;
         let text = String::from_utf8_lossy(&out.stdout);
         text.lines()
@@ -1057,16 +1058,16 @@ pub fn run(args: &BenchArgs, root: &Path, bin: &Path, xtask: &Path) -> Result<St
         }
     }
     let ip: IpAddr = if args.ipv6 { Ipv6Addr::LOCALHOST.into() } else { Ipv4Addr::LOCALHOST.into() };
-    let churn_ns = Namespaces::for_churn()?;
     let churn = Churn {
         ip,
         threads: args.threads,
         max_connections: args.connections,
         max_duration: Duration::from_secs_f64(args.seconds),
         closer: args.closer,
-        netns: Some(churn_ns.path(0)),
+        netns: None,
     };
     let mut runs: Vec<Run> = Vec::new();
+    let mut overflowed = 0;
     for round in 0..args.rounds {
         // Rotate the order every round so drift does not favour one configuration.
         let mut order = tracers.clone();
@@ -1077,7 +1078,14 @@ pub fn run(args: &BenchArgs, root: &Path, bin: &Path, xtask: &Path) -> Result<St
                 _ if t.is_floor() => floor.as_path(),
                 _ => bin,
             };
-            let r = one_run(t, &churn, exe, &work, round)?;
+            // A namespace of its own for each run: it starts with no time-wait
+            // socket, and leaves none behind for the next daemon to read at start.
+            let ns = Namespaces::for_churn()?;
+            let r = one_run(t, &Churn { netns: Some(ns.path(0)), ..churn.clone() }, exe, &work, round)?;
+            match ns.tcp_ext(0, "TCPTimeWaitOverflow") {
+                Ok(n) => overflowed += n,
+                Err(err) => eprintln!("xtask bench: {err:#}: the overflow count undercounts"),
+            }
             eprintln!(
                 "xtask bench: round {} {:<34} {:>8.0} conn/s ({} in {:.1} s)",
                 round + 1,
@@ -1092,7 +1100,7 @@ pub fn run(args: &BenchArgs, root: &Path, bin: &Path, xtask: &Path) -> Result<St
 
     out(format!(
         "\n## Connection churn ({} client threads, {} closes first, {}, {} rounds of up to {} connections or {} s, \
-         in a namespace of its own with room for {CHURN_TIME_WAIT_CAP} time-wait sockets: {} closes overflowed)\n",
+         each in a new namespace with room for {CHURN_TIME_WAIT_CAP} time-wait sockets: {} closes overflowed)\n",
         args.threads,
         match args.closer {
             Closer::Server => "server",
@@ -1102,7 +1110,7 @@ pub fn run(args: &BenchArgs, root: &Path, bin: &Path, xtask: &Path) -> Result<St
         args.rounds,
         args.connections,
         args.seconds,
-        churn_ns.tcp_ext(0, "TCPTimeWaitOverflow")?,
+        overflowed,
     ));
     for line in churn_table(&tracers, &runs) {
         out(line);

@@ -47,20 +47,24 @@ impl Outcome {
 
 impl Churn {
     pub fn run(&self) -> io::Result<Outcome> {
-        let Some(path) = self.netns.clone() else { return self.run_until(Arc::default(), Arc::default()) };
+        self.run_until(Arc::default(), Arc::default())
+    }
+
+    /// Like [`Churn::run`], and also ends as soon as `cancel` is set; `done` (which
+    /// must start at 0) counts connections as they complete, for a live view.
+    pub fn run_until(&self, cancel: Arc<AtomicBool>, done: Arc<AtomicU64>) -> io::Result<Outcome> {
+        let Some(path) = self.netns.clone() else { return self.churn(cancel, done) };
         // The namespace is a thread's: the threads the run spawns inherit it from this one.
         let churn = self.clone();
         thread::spawn(move || {
             enter_netns(&path)?;
-            churn.run_until(Arc::default(), Arc::default())
+            churn.churn(cancel, done)
         })
         .join()
         .map_err(|_| io::Error::other("the churn's thread panicked"))?
     }
 
-    /// Like [`Churn::run`], and also ends as soon as `cancel` is set; `done` (which
-    /// must start at 0) counts connections as they complete, for a live view.
-    pub fn run_until(&self, cancel: Arc<AtomicBool>, done: Arc<AtomicU64>) -> std::io::Result<Outcome> {
+    fn churn(&self, cancel: Arc<AtomicBool>, done: Arc<AtomicU64>) -> io::Result<Outcome> {
         let listener = TcpListener::bind((self.ip, 0))?;
         let addr = listener.local_addr()?;
         let stop = Arc::new(AtomicBool::new(false));

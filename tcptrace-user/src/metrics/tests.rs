@@ -176,7 +176,6 @@ fn gauges_follow_the_tracker() {
     let mut m = metrics(PortLabels::Off);
     let t = Tracker::new(Limits::default());
     m.refresh(&t, 0);
-    m.flush();
     let text = render(m.registry());
     assert_eq!(sample(&text, r#"tcptrace_time_wait_sockets{family="ipv4"}"#), Some(0.0));
     assert_eq!(sample(&text, "tcptrace_tracked_sockets"), Some(0.0));
@@ -199,7 +198,6 @@ fn netns_breakdown_follows_the_tracker_and_is_off_by_default() {
     assert_eq!(m.netns_to_name(false), vec![9]);
     m.set_netns_cgroups([(9, "/system.slice/app.service".to_string())].into());
     m.refresh(&t, 0);
-    m.flush();
     let text = render(m.registry());
     let series = |labels: &str| sample(&text, &format!("tcptrace_netns_time_wait_sockets{{{labels}}}"));
     assert_eq!(series(r#"cgroup="/system.slice/app.service",netns="9""#), Some(2.0), "{text}");

@@ -553,8 +553,8 @@ fn two_namespaces_with_the_same_tuple_never_merge() {
 }
 
 /// `active_close`, with the namespace's count and cap the kernel side reads at the
-/// last transition, and its `struct net` address.
-fn counted_close(t: &mut Tracker, seen: &mut Seen, sock: Sock, at: u64, (count, max): (u32, u32)) {
+/// last transition, and its `struct net` address: a close the kernel streamed.
+fn streamed_close(t: &mut Tracker, seen: &mut Seen, sock: Sock, at: u64, (count, max): (u32, u32)) {
     t.handle(&ev(sock, at, Established, FinWait1), seen);
     t.handle(&ev(sock, at + MS, FinWait1, FinWait2), seen);
     let mut e = ev(sock, at + 2 * MS, FinWait2, Close);
@@ -567,13 +567,13 @@ fn at_the_cap_the_kernel_makes_no_time_wait_socket_and_none_is_modelled() {
     let (mut t, mut seen) = tracker();
     // A namespace capped at 3: the 3rd close fills it, the 4th and 5th overflow.
     for (i, count) in [1, 2, 3, 3, 3].into_iter().enumerate() {
-        counted_close(&mut t, &mut seen, in_netns(client(i as u64, 40000 + i as u16), 9), S, (count, 3));
+        streamed_close(&mut t, &mut seen, in_netns(client(i as u64, 40000 + i as u16), 9), S, (count, 3));
     }
     assert_eq!(seen.time_wait_entered.len(), 3);
     assert_eq!(t.time_wait_sockets(Family::Ipv4), 3);
     assert_eq!(t.modelled_time_wait_sockets(Family::Ipv4), 3, "no socket modelled for an overflow");
     // Above the cap (lowered meanwhile) nothing is made either.
-    counted_close(&mut t, &mut seen, in_netns(client(8, 41000), 9), S, (5, 3));
+    streamed_close(&mut t, &mut seen, in_netns(client(8, 41000), 9), S, (5, 3));
     assert_eq!(seen.time_wait_entered.len(), 3);
     // The kernel's count wins where the model missed some: here it read 5.
     assert_eq!(t.time_wait_sockets(Family::Ipv4), 5);
@@ -582,12 +582,12 @@ fn at_the_cap_the_kernel_makes_no_time_wait_socket_and_none_is_modelled() {
     assert_eq!(t.time_wait_sockets(Family::Ipv4), 4);
     // Two died since (a refresh reads 2): the next close at the cap made one.
     t.kernel_time_wait(9, Some(2));
-    counted_close(&mut t, &mut seen, in_netns(client(20, 42000), 9), 2 * S, (3, 3));
+    streamed_close(&mut t, &mut seen, in_netns(client(20, 42000), 9), 2 * S, (3, 3));
     assert_eq!(seen.time_wait_entered.len(), 4);
     // The model's sockets expired while the kernel's timers have not fired yet: a
     // close at the cap after a reading of 3 made none, whatever the model says.
     t.advance(100 * S, &mut seen);
-    counted_close(&mut t, &mut seen, in_netns(client(21, 42001), 9), 100 * S, (3, 3));
+    streamed_close(&mut t, &mut seen, in_netns(client(21, 42001), 9), 100 * S, (3, 3));
     assert_eq!(seen.time_wait_entered.len(), 4);
 }
 
@@ -595,9 +595,9 @@ fn at_the_cap_the_kernel_makes_no_time_wait_socket_and_none_is_modelled() {
 fn a_deleted_namespace_takes_its_time_wait_sockets_with_it() {
     let (mut t, mut seen) = tracker();
     for i in 0..4u16 {
-        counted_close(&mut t, &mut seen, in_netns(client(u64::from(i), 40000 + i), 7), S, (u32::from(i) + 1, 100));
+        streamed_close(&mut t, &mut seen, in_netns(client(u64::from(i), 40000 + i), 7), S, (u32::from(i) + 1, 100));
     }
-    counted_close(&mut t, &mut seen, in_netns(client(9, 40000), 8), S, (1, 100));
+    streamed_close(&mut t, &mut seen, in_netns(client(9, 40000), 8), S, (1, 100));
     assert_eq!(t.time_wait_sockets(Family::Ipv4), 5);
     t.kernel_time_wait(7, None);
     assert_eq!(t.time_wait_sockets(Family::Ipv4), 1);
@@ -782,7 +782,7 @@ fn closes_the_kernel_counted_itself_give_the_family_split_for_a_time_wait_lifeti
     // 4 IPv4 closes counted in the kernel: its count of the namespace reads 14.
     let mut sock = in_netns(client(1, 40000), 5);
     sock.family = AF_INET6;
-    counted_close(&mut t, &mut seen, sock, S, (1, 100));
+    streamed_close(&mut t, &mut seen, sock, S, (1, 100));
     t.kernel_counted_time_wait(2 * S, [4, 9]);
     t.kernel_time_wait(5, Some(14));
     assert_eq!(t.time_wait_by_family(), [4, 10], "the model alone has 1 IPv6 and would call 13 IPv4");

@@ -28,7 +28,7 @@ fn bad_flags_exit_2_with_the_reason() {
 fn help_documents_the_defaults() {
     let (code, out, _) = tcptrace(&["daemon", "--help"]);
     assert_eq!(code, Some(0));
-    for needle in ["0.0.0.0:9931", "--ring-buffer-size", "1MiB", "--max-tracked-sockets", "tcp_syn_retries"] {
+    for needle in ["0.0.0.0:9931", "--ring-buffer-size", "1MiB", "--max-tracked-sockets", "tcp_synack_retries"] {
         assert!(out.contains(needle), "--help lacks {needle}:\n{out}");
     }
 }

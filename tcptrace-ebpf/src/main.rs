@@ -351,13 +351,12 @@ fn count_time_wait(sk: u64, family: u16) -> bool {
     if read::<i32>(sk, cfg!(sock.sk_err)) != Some(0) {
         return false;
     }
-    let Some(net) = read::<u64>(sk, cfg!(sock.net)) else { return false };
+    let (net, inum) = netns(sk);
     match time_wait_count(net) {
         Some((count, max)) if count.saturating_add(1) < max => {}
         _ => return false,
     }
-    let Some(inum) = read::<u32>(net, cfg!(sock.net_inum)) else { return false };
-    let Some(seen) = TIME_WAIT_NETS.get_ptr_mut(inum & (TIME_WAIT_NET_SLOTS - 1)) else { return false };
+    let Some(seen) = time_wait_net_slot(inum) else { return false };
     // SAFETY: a helper without arguments.
     let key = ((unsafe { bpf_ktime_get_ns() } >> TIME_WAIT_EPOCH_SHIFT) << 32) | u64::from(inum);
     // SAFETY: this CPU's slot, only this CPU writes it while the program runs.
@@ -379,13 +378,20 @@ fn count_time_wait(sk: u64, family: u16) -> bool {
     true
 }
 
+/// A namespace's entry in this CPU's [`TIME_WAIT_NETS`]; none for an unread one.
+#[inline(always)]
+fn time_wait_net_slot(inum: u32) -> Option<*mut u64> {
+    if inum == 0 {
+        return None;
+    }
+    TIME_WAIT_NETS.get_ptr_mut(inum & (TIME_WAIT_NET_SLOTS - 1))
+}
+
 /// Clears a namespace's entry in this CPU's [`TIME_WAIT_NETS`], so that its next
 /// close into TIME_WAIT streams.
 #[inline(always)]
 fn forget_time_wait_net(sk: u64) {
-    let Some(net) = read::<u64>(sk, cfg!(sock.net)) else { return };
-    let Some(inum) = read::<u32>(net, cfg!(sock.net_inum)) else { return };
-    if let Some(seen) = TIME_WAIT_NETS.get_ptr_mut(inum & (TIME_WAIT_NET_SLOTS - 1)) {
+    if let Some(seen) = time_wait_net_slot(netns(sk).1) {
         // SAFETY: this CPU's slot, only this CPU writes it while the program runs.
         unsafe { *seen = 0 };
     }
@@ -840,7 +846,7 @@ fn record_tuple(ev: &mut Event, rec: &Span, (sport, dport): (u16, u16), (saddr_v
 
 /// The socket's `struct net *` and the inode number of that network namespace,
 /// `sk->skc_net.net->ns.inum`, for the classic programs (their `skaddr` is an untyped
-/// number: helper reads).
+/// number: helper reads) and for what both program types share; 0 where unread.
 #[inline(always)]
 fn netns(sk: u64) -> (u64, u32) {
     let net = read::<u64>(sk, cfg!(sock.net)).unwrap_or(0);

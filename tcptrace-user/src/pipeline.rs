@@ -125,17 +125,14 @@ impl Pipeline {
         if let Some(totals) = kernel.pairing {
             let [started, taken, evicted] = totals.map(|n| n as usize);
             // A slot too small for the handshakes in flight at once: the table's cap.
-            if evicted as u64 > self.pairing.evicted {
-                self.metrics.evicted(Eviction::HandshakeCap, evicted as u64 - self.pairing.evicted);
-                self.pairing.evicted = evicted as u64;
+            let new = growth(&mut self.pairing.evicted, evicted as u64);
+            if new > 0 {
+                self.metrics.evicted(Eviction::HandshakeCap, new);
             }
             self.pairing.held = started.saturating_sub(taken + evicted);
         }
         if let Some(totals) = kernel.time_wait_counted {
-            // What they grew by: totals that go backwards add nothing, as elsewhere.
-            let seen = self.time_wait_counted;
-            let new = [0, 1].map(|f| totals[f].saturating_sub(seen[f]));
-            self.time_wait_counted = [0, 1].map(|f| totals[f].max(seen[f]));
+            let new = [0, 1].map(|f| growth(&mut self.time_wait_counted[f], totals[f]));
             self.metrics.time_wait_counted(new);
             self.tracker.kernel_counted_time_wait(now_ns, new);
         }
@@ -273,6 +270,14 @@ impl Sink for Outputs<'_> {
     fn reset(&mut self, sent: bool, tuple: &crate::tracker::Tuple) {
         self.metrics.reset(sent, tuple);
     }
+}
+
+/// What a kernel total grew by since `seen`, which it then becomes: a total that goes
+/// backwards (a reloaded program) adds nothing.
+fn growth(seen: &mut u64, total: u64) -> u64 {
+    let new = total.saturating_sub(*seen);
+    *seen = (*seen).max(total);
+    new
 }
 
 #[cfg(test)]

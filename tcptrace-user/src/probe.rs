@@ -377,13 +377,7 @@ fn slot_sums<const N: usize>(map: &PerCpuArray<MapData, u64>, what: &str) -> Opt
 impl KernelCounters {
     /// Sums over CPUs; a map that cannot be read is logged and left out.
     pub fn read(&self) -> KernelTotals {
-        let lost = match self.lost.get(&0, 0) {
-            Ok(values) => Some(values.iter().sum()),
-            Err(err) => {
-                warn!("reading the lost-events map failed: {err}");
-                None
-            }
-        };
+        let lost = slot_sums::<1>(&self.lost, "the lost-events map").map(|[n]| n);
         let mut transitions = Some(Box::new([[0u64; 256]; FAMILY_SLOTS as usize]));
         for (slot, sum) in (0..FAMILY_SLOTS).zip(0..) {
             match self.transitions.get(&slot, 0) {

@@ -345,9 +345,8 @@ pub struct Tracker {
     /// The opt-in breakdowns by service port and destination.
     services: Option<Services>,
     /// Closes into TIME_WAIT the kernel counted without streaming, by family, as
-    /// (when they leave, how many): those within [`TIME_WAIT_NS`] are `counted_live`.
+    /// (when they leave, how many), for those within [`TIME_WAIT_NS`]: a second each.
     counted: VecDeque<(u64, [u64; 2])>,
-    counted_live: [u64; 2],
     /// Some namespace has modelled time-wait sockets (seeded at start) but no known
     /// `struct net`, so its count cannot be read: the next event from it names it.
     /// Checked before any lookup, so the event path pays only while it is true.
@@ -366,7 +365,6 @@ impl Tracker {
             handshake_timeout_ns: limits.handshake_timeout_ns,
             services: None,
             counted: VecDeque::new(),
-            counted_live: [0; 2],
             awaiting_net: false,
             max_services: limits.max_time_wait,
         }
@@ -468,7 +466,8 @@ impl Tracker {
         });
         // The kernel's counts hold the closes it counted without streaming, which the
         // split has as IPv4: those of IPv6 within a time-wait lifetime move back.
-        let moved = (self.counted_live[Family::Ipv6 as usize] as usize).min(v4);
+        let counted_v6: u64 = self.counted.iter().map(|(_, n)| n[Family::Ipv6 as usize]).sum();
+        let moved = (counted_v6 as usize).min(v4);
         [v4 - moved, v6 + moved]
     }
 
@@ -487,7 +486,6 @@ impl Tracker {
             }
             _ => self.counted.push_back((until, new)),
         }
-        self.counted_live.iter_mut().zip(new).for_each(|(n, more)| *n += more);
     }
 
     /// A namespace is gone (deleted): its modelled time-wait sockets and breakdown
@@ -693,9 +691,8 @@ impl Tracker {
         self.time_wait.expire(now_ns, |key, gone| forget_time_wait(counts, per_netns, svc, key, gone));
         self.synack.expire(now_ns, |_, _| {});
         self.reset.expire(now_ns, |_, _| {});
-        while let Some(&(_, n)) = self.counted.front().filter(|&&(until, _)| until <= now_ns) {
+        while self.counted.front().is_some_and(|&(until, _)| until <= now_ns) {
             self.counted.pop_front();
-            self.counted_live.iter_mut().zip(n).for_each(|(live, gone)| *live -= gone);
         }
         if self.awaiting_net {
             self.awaiting_net = self.netns_time_wait.values().any(|ns| ns.net == 0);

@@ -812,10 +812,7 @@ impl Namespaces {
     fn with_listeners(xtask: &Path, count: usize, per: usize) -> Result<Self> {
         let mut made = Self { names: Vec::new(), helpers: Vec::new() };
         for i in 0..count {
-            let name = format!("tcbench-{}-{i}", std::process::id());
-            run_quiet(Command::new("ip").args(["netns", "add", &name]))?;
-            made.names.push(name.clone());
-            run_quiet(Command::new("ip").args(["-n", &name, "link", "set", "lo", "up"]))?;
+            let name = made.add(format!("tcbench-{}-{i}", std::process::id()))?;
             let mut child = Command::new("ip")
                 .args(["netns", "exec", &name])
                 .arg(xtask)
@@ -845,13 +842,19 @@ const CHURN_TIME_WAIT_CAP: u32 = 1 << 20;
 impl Namespaces {
     /// One namespace for the churn, loopback up, time-wait cap [`CHURN_TIME_WAIT_CAP`].
     fn for_churn() -> Result<Self> {
-        let name = format!("tcbench-churn-{}", std::process::id());
-        run_quiet(Command::new("ip").args(["netns", "add", &name]))?;
-        let made = Self { names: vec![name.clone()], helpers: Vec::new() };
-        run_quiet(Command::new("ip").args(["-n", &name, "link", "set", "lo", "up"]))?;
+        let mut made = Self { names: Vec::new(), helpers: Vec::new() };
+        let name = made.add(format!("tcbench-churn-{}", std::process::id()))?;
         let cap = format!("net.ipv4.tcp_max_tw_buckets={CHURN_TIME_WAIT_CAP}");
         run_quiet(Command::new("ip").args(["netns", "exec", &name, "sysctl", "-qw", &cap]))?;
         Ok(made)
+    }
+
+    /// Adds namespace `name` with its loopback up (deleted with the rest on drop).
+    fn add(&mut self, name: String) -> Result<String> {
+        run_quiet(Command::new("ip").args(["netns", "add", &name]))?;
+        self.names.push(name.clone());
+        run_quiet(Command::new("ip").args(["-n", &name, "link", "set", "lo", "up"]))?;
+        Ok(name)
     }
 
     /// The namespace file of namespace `i`.

@@ -250,7 +250,7 @@ pub struct SockOffsets {
 
     /// `sk_protocol`.
     pub protocol: u16,
-    /// `tcp_sock.srtt_us`: a passive child's SYN-ACK round trip.
+    /// `tcp_sock.srtt_us`: the round trip a handshake measured as it ended.
     pub srtt_us: u16,
     /// `sk_err`: why a handshake failed.
     pub sk_err: u16,

@@ -319,9 +319,10 @@ fn state_change(sk: u64, family: u16, old: u32, new: u32, tuple: impl FnOnce(&mu
     if old == TcpState::SynSent as u32 {
         take_active(sk, Some(ev));
     }
-    // The SYN-ACK round trip as a passive child becomes ESTABLISHED; the error (why
-    // a handshake failed, whether a reset ended it) as a socket closes.
-    if old == TcpState::SynRecv as u32 && new == TcpState::Established as u32 {
+    // The round trip as a handshake ends (a passive child's is its SYN-ACK's), which
+    // tells a slow path from a lost packet; the error (why a handshake failed,
+    // whether a reset ended it) as a socket closes.
+    if new == TcpState::Established as u32 && (old == TcpState::SynRecv as u32 || old == TcpState::SynSent as u32) {
         ev.srtt_us = read::<u32>(sk, cfg!(sock.srtt_us)).unwrap_or(0);
     } else if new == TcpState::Close as u32 {
         ev.sk_err = read::<i32>(sk, cfg!(sock.sk_err)).unwrap_or(SK_ERR_UNKNOWN);

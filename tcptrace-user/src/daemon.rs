@@ -20,7 +20,7 @@ use tokio::{
 };
 
 use crate::{
-    check,
+    cause, check,
     cli::DaemonArgs,
     clock::monotonic_ns,
     error::{Error, Result},
@@ -53,9 +53,6 @@ const NAME_NETNS_EVERY: Duration = Duration::from_secs(2);
 const RENAME_NETNS_EVERY: u32 = 15;
 /// Slow-log records waiting for stdout; beyond it they are dropped and counted.
 const SLOW_LOG_QUEUE: usize = 8192;
-/// The landing page lists handshakes at least this slow when --slow-handshake is
-/// not given.
-const PAGE_SLOW: Duration = Duration::from_millis(200);
 /// `/healthz` fails when the reader has not drained for this long (it drains at
 /// least every [`DRAIN_EVERY`]).
 const HEALTHY_DRAIN_MS: u64 = 5_000;
@@ -206,14 +203,14 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
     );
     let programs: Vec<_> = probe.programs.iter().map(|p| (p.tracepoint, p.attached)).collect();
     pipeline.parts().1.set_probe(&probe.mode.to_string(), probe.btf, &programs);
-    if let Some(threshold) = args.slow_handshake {
+    if args.slow_handshake.is_some() {
         let dropped = pipeline.metrics().slow_log_dropped();
         let out = LineQueue::spawn("slow-handshake log (stdout)", SLOW_LOG_QUEUE, std::io::stdout())?
             .on_drop(move |n| dropped.inc_by(n));
-        pipeline = pipeline.with_slow_log(SlowLog::new(threshold, args.log_format, out));
+        pipeline = pipeline.with_slow_log(SlowLog::new(args.log_format, out));
     }
-    let recent_threshold = args.slow_handshake.unwrap_or(PAGE_SLOW);
-    pipeline = pipeline.with_recent(page::Recent::new(recent_threshold));
+    let recent_threshold = args.slow_handshake.unwrap_or(cause::DEFAULT_SLOW);
+    pipeline = pipeline.with_slow_threshold(recent_threshold).with_recent(page::Recent::default());
     let registry = pipeline.metrics().registry().clone();
     let web = pipeline.metrics().web_counters();
     let (seeding, seeded) = Seeding::new();
@@ -254,12 +251,12 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
     };
     let shown = shared.clone();
     let page: server::Render = Arc::new(move || {
-        let (recent, minute) = {
+        let (recent, (minute, causes)) = {
             let mut state = lock(&shown);
             state.refresh();
             (state.pipeline.recent(), state.pipeline.last_minute())
         };
-        page::render(&page_registry.gather(), &recent, &minute, monotonic_ns(), &about)
+        page::render(&page_registry.gather(), &recent, (&minute, &causes), monotonic_ns(), &about)
     });
     let attached = probe.programs.iter().filter(|p| p.attached).count();
     let health: server::Health = Arc::new(move || {

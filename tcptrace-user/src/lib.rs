@@ -6,6 +6,7 @@
 //! is the I/O-free middle; [`daemon`] wires it all together.
 
 pub mod btf;
+pub mod cause;
 pub mod check;
 pub mod cli;
 pub mod clock;

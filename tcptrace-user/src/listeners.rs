@@ -118,13 +118,13 @@ impl Listeners {
     }
 
     /// Applies readings of namespaces' SYN cookies sent and SYN-queue drops: the
-    /// increase of each since its last reading, summed. A namespace's first reading
+    /// increase of each since its last reading, by namespace (those with any). A namespace's first reading
     /// brings all of it; so does one that went back (a namespace deleted and its inode
     /// reused). The counts wrap at 2^31, which a reading every second cannot miss.
     /// The last readings outlive the namespaces' listeners (a namespace listening again
     /// is not counted twice), up to as many namespaces as listeners are kept.
-    pub fn apply_namespaces(&mut self, readings: &[(ListenerKey, Option<[u32; 2]>)]) -> [u64; 2] {
-        let mut new = [0u64; 2];
+    pub fn apply_namespaces(&mut self, readings: &[(ListenerKey, Option<[u32; 2]>)]) -> Vec<(u32, [u64; 2])> {
+        let mut new = Vec::new();
         // At the cap, namespaces without a listener now make room (one pass each).
         let mut idle: Vec<u32> = Vec::new();
         if self.namespaces.len() >= self.cap {
@@ -139,8 +139,9 @@ impl Listeners {
                 }
             }
             let last = self.namespaces.insert(key.netns, *now);
-            for (i, total) in new.iter_mut().enumerate() {
-                *total += u64::from(last.map_or(now[i], |l| wrapped_increase(l[i], now[i])));
+            let up = [0, 1].map(|i| u64::from(last.map_or(now[i], |l| wrapped_increase(l[i], now[i]))));
+            if up != [0, 0] {
+                new.push((key.netns, up));
             }
         }
         new
@@ -216,6 +217,11 @@ mod tests {
         assert_eq!(third, [PortFigures { netns: 1, port: 81, queue: 0, limit: 5, new_drops: 2 }]);
     }
 
+    /// The namespaces' increases, summed.
+    fn summed(up: Vec<(u32, [u64; 2])>) -> [u64; 2] {
+        up.iter().fold([0, 0], |[a, b], (_, [c, d])| [a + c, b + d])
+    }
+
     #[test]
     fn namespace_counters_advance_by_their_increase_across_the_wrap() {
         let mut l = Listeners::new(10);
@@ -223,16 +229,16 @@ mod tests {
         let mut one = l.namespaces();
         one.sort_unstable_by_key(|k| k.netns);
         assert_eq!(one.len(), 2, "one listener per namespace: {one:?}");
-        assert_eq!(l.apply_namespaces(&[(A, Some([5, 1])), (C, Some([2, 0]))]), [7, 1], "all of it at first");
-        assert_eq!(l.apply_namespaces(&[(A, Some([9, 1])), (C, None)]), [4, 0]);
+        assert_eq!(summed(l.apply_namespaces(&[(A, Some([5, 1])), (C, Some([2, 0]))])), [7, 1], "all of it at first");
+        assert_eq!(summed(l.apply_namespaces(&[(A, Some([9, 1])), (C, None)])), [4, 0]);
         let top = i32::MAX as u32;
-        assert_eq!(l.apply_namespaces(&[(A, Some([top, 1]))]), [u64::from(top) - 9, 0]);
-        assert_eq!(l.apply_namespaces(&[(A, Some([3, 1]))]), [4, 0], "past the wrap");
+        assert_eq!(summed(l.apply_namespaces(&[(A, Some([top, 1]))])), [u64::from(top) - 9, 0]);
+        assert_eq!(summed(l.apply_namespaces(&[(A, Some([3, 1]))])), [4, 0], "past the wrap");
         l.closed(A);
         l.closed(B);
         assert!(l.opened(A));
-        assert_eq!(l.apply_namespaces(&[(A, Some([5, 1]))]), [2, 0], "listening again: not counted twice");
-        assert_eq!(l.apply_namespaces(&[(A, Some([1, 0]))]), [1, 0], "a namespace reborn at the inode");
+        assert_eq!(summed(l.apply_namespaces(&[(A, Some([5, 1]))])), [2, 0], "listening again: not counted twice");
+        assert_eq!(summed(l.apply_namespaces(&[(A, Some([1, 0]))])), [1, 0], "a namespace reborn at the inode");
     }
 
     #[test]
@@ -243,7 +249,7 @@ mod tests {
         l.closed(A);
         let d = ListenerKey { netns: 3, sk: 0xd0 };
         assert!(l.opened(d));
-        assert_eq!(l.apply_namespaces(&[(d, Some([4, 0])), (C, Some([2, 0]))]), [5, 0]);
+        assert_eq!(summed(l.apply_namespaces(&[(d, Some([4, 0])), (C, Some([2, 0]))])), [5, 0]);
         assert_eq!(l.namespaces.len(), 2, "namespace 1 (no listener left) made room: {:?}", l.namespaces);
         assert!(l.namespaces.contains_key(&3) && l.namespaces.contains_key(&2));
     }

@@ -4,6 +4,7 @@
 //! handles are resolved once, on first use, not hashed per event.
 
 mod busiest;
+mod causes;
 pub mod listeners;
 mod netns;
 mod pods;
@@ -162,6 +163,7 @@ pub struct Metrics {
     /// By [`Eviction`].
     evicted: Vec<IntCounter>,
     slow_log_dropped: IntCounter,
+    causes: causes::CauseMetrics,
     web: WebCounters,
     /// Last kernel-side lost count seen, so the counter can be advanced by the delta.
     lost_seen: u64,
@@ -371,6 +373,7 @@ impl Metrics {
         )?;
         reg(Box::new(evicted_vec.clone()))?;
         let evicted = Eviction::ALL.iter().map(|e| evicted_vec.with_label_values(&e.labels())).collect();
+        let cause_metrics = causes::CauseMetrics::new(&registry)?;
         let slow_log_dropped = counter(
             "tcptrace_slow_log_dropped_total",
             "Slow-handshake records (--slow-handshake) dropped because stdout did not keep up; the \
@@ -509,6 +512,7 @@ impl Metrics {
             tracked_sockets,
             evicted,
             slow_log_dropped,
+            causes: cause_metrics,
             web,
             lost_seen: 0,
             missed: Vec::new(),
@@ -583,6 +587,11 @@ impl Metrics {
     }
 
     /// The counter of slow-log records dropped, for the slow log's writer.
+    /// A slow or failed handshake, judged.
+    pub fn judged(&self, j: &crate::cause::Judged) {
+        self.causes.judged(j);
+    }
+
     pub fn slow_log_dropped(&self) -> IntCounter {
         self.slow_log_dropped.clone()
     }

@@ -11,9 +11,10 @@ use std::{
 use prometheus::proto::{MetricFamily, MetricType};
 
 use crate::{
+    cause::{Cause, Judged, Verdict},
     events::Family,
     metrics::HANDSHAKE_BUCKETS,
-    tracker::{Direction, Failure, Handshake, Sink},
+    tracker::{Direction, Handshake, Sink},
 };
 
 /// How many recent slow or failed handshakes the page lists.
@@ -33,87 +34,123 @@ pub struct Entry {
     /// The failure reason; `None` for a slow completed handshake.
     pub failed: Option<&'static str>,
     pub retransmits: u32,
+    pub cause: Cause,
+    /// The figures behind the cause, in words ("rtt 300.1 ms").
+    pub evidence: String,
 }
 
-/// The most recent slow (at or above a threshold) and failed handshakes, kept as the
-/// tracker reported them: turned into [`Entry`]s (addresses, command, wall time)
-/// only when the page is rendered, not for each of a flood of failures.
+/// The most recent slow (at or above [`crate::cause::Causes`]' threshold) and failed
+/// handshakes as judged, turned into [`Entry`]s (addresses, command, wall time) only
+/// when the page is rendered, not for each of a flood of failures; and the last
+/// minute of durations and causes.
+#[derive(Default)]
 pub struct Recent {
-    threshold_ns: u64,
-    noted: VecDeque<Noted>,
+    noted: VecDeque<Judged>,
     minute: LastMinute,
-}
-
-#[derive(Clone, Copy)]
-enum Noted {
-    Slow(Handshake),
-    Failed(Failure),
+    causes: CauseMinute,
 }
 
 impl Recent {
-    pub fn new(threshold: Duration) -> Self {
-        Self {
-            threshold_ns: u64::try_from(threshold.as_nanos()).unwrap_or(u64::MAX),
-            noted: VecDeque::new(),
-            minute: LastMinute::default(),
-        }
-    }
-
     /// The last minute's handshake durations.
     pub fn last_minute(&self) -> &LastMinute {
         &self.minute
     }
 
-    /// Newest first.
-    pub fn entries(&self) -> Vec<Entry> {
-        self.noted.iter().rev().map(Noted::entry).collect()
+    /// The last minute's slow handshakes by cause.
+    pub fn cause_minute(&self) -> &CauseMinute {
+        &self.causes
     }
 
-    fn push(&mut self, n: Noted) {
+    /// Newest first.
+    pub fn entries(&self) -> Vec<Entry> {
+        self.noted.iter().rev().map(entry).collect()
+    }
+
+    /// A slow or failed handshake, judged.
+    pub fn judged(&mut self, j: &Judged) {
+        if let Judged::Slow(h, v) = j {
+            self.causes.record(h, v.cause);
+        }
         if self.noted.len() == RECENT {
             self.noted.pop_front();
         }
-        self.noted.push_back(n);
+        self.noted.push_back(*j);
     }
 }
 
-impl Noted {
-    fn entry(&self) -> Entry {
-        match *self {
-            Self::Slow(h) => Entry {
-                at: crate::report::wall_time(h.ts_ns),
-                direction: h.direction,
-                remote: h.tuple.remote(),
-                port: h.tuple.service_port(h.direction),
-                process: h.origin.map(|o| (o.tgid, o.comm())),
-                duration: h.duration_ns.map(Duration::from_nanos),
-                failed: None,
-                retransmits: h.retransmits,
-            },
-            Self::Failed(f) => Entry {
-                at: crate::report::wall_time(f.ts_ns),
-                direction: f.direction,
-                remote: f.tuple.remote(),
-                port: f.tuple.service_port(f.direction),
-                process: f.origin.map(|o| (o.tgid, o.comm())),
-                duration: f.elapsed_ns.map(Duration::from_nanos),
-                failed: Some(f.reason.label()),
-                retransmits: f.retransmits,
-            },
-        }
+fn entry(j: &Judged) -> Entry {
+    let v = j.verdict();
+    let (direction, tuple, origin, ts_ns, duration_ns, failed) = match j {
+        Judged::Slow(h, _) => (h.direction, h.tuple, h.origin, h.ts_ns, h.duration_ns, None),
+        Judged::Failed(f, _) => (f.direction, f.tuple, f.origin, f.ts_ns, f.elapsed_ns, Some(f.reason.label())),
+    };
+    Entry {
+        at: crate::report::wall_time(ts_ns),
+        direction,
+        remote: tuple.remote(),
+        port: tuple.service_port(direction),
+        process: origin.map(|o| (o.tgid, o.comm())),
+        duration: duration_ns.map(Duration::from_nanos),
+        failed,
+        retransmits: v.retransmits,
+        cause: v.cause,
+        evidence: evidence(v),
     }
+}
+
+/// A verdict's figures in words, for the page.
+fn evidence(v: &Verdict) -> String {
+    let ms = |ns: u64| format!("{:.1} ms", ns as f64 / 1e6);
+    let mut parts = Vec::new();
+    if let Some(l) = v.listener {
+        let what = if v.cause == Cause::Syncookie { "cookies" } else { "drops" };
+        parts.push(format!("listener port {} in netns {}: {} {what}", l.port, l.netns, l.count));
+    }
+    if let Some(d) = v.delay_ns {
+        parts.push(format!("retransmissions cost {}", ms(d)));
+    }
+    if let Some(rtt) = v.rtt_ns {
+        parts.push(format!("rtt {}", ms(rtt)));
+    }
+    parts.join(", ")
 }
 
 impl Sink for Recent {
     fn handshake(&mut self, h: &Handshake) {
         self.minute.record(h);
-        if h.duration_ns.is_some_and(|ns| ns >= self.threshold_ns) {
-            self.push(Noted::Slow(*h));
+    }
+}
+
+/// The slow handshakes of the last minute by direction and cause: one slot per second.
+#[derive(Clone)]
+pub struct CauseMinute {
+    slots: Box<[(u64, [[u32; Cause::ALL.len()]; 2]); MINUTE]>,
+}
+
+impl Default for CauseMinute {
+    fn default() -> Self {
+        Self { slots: Box::new([(u64::MAX, [[0; Cause::ALL.len()]; 2]); MINUTE]) }
+    }
+}
+
+impl CauseMinute {
+    fn record(&mut self, h: &Handshake, cause: Cause) {
+        let second = h.ts_ns / 1_000_000_000;
+        let slot = &mut self.slots[(second % MINUTE as u64) as usize];
+        if slot.0 != second {
+            *slot = (second, [[0; Cause::ALL.len()]; 2]);
         }
+        slot.1[h.direction as usize][cause as usize] += 1;
     }
 
-    fn handshake_failed(&mut self, f: &Failure) {
-        self.push(Noted::Failed(*f));
+    /// Slow handshakes of the minute before `now_ns` with this direction and cause.
+    pub fn count(&self, now_ns: u64, direction: Direction, cause: Cause) -> u64 {
+        let now = now_ns / 1_000_000_000;
+        self.slots
+            .iter()
+            .filter(|(second, _)| *second <= now && now - *second < MINUTE as u64)
+            .map(|(_, counts)| u64::from(counts[direction as usize][cause as usize]))
+            .sum()
     }
 }
 
@@ -394,7 +431,13 @@ fn histogram_svg(id: &str, buckets: &[(f64, u64)]) -> String {
 
 /// The whole page.
 /// `now_ns`: CLOCK_MONOTONIC, for the last minute.
-pub fn render(families: &[MetricFamily], recent: &[Entry], minute: &LastMinute, now_ns: u64, about: &About) -> String {
+pub fn render(
+    families: &[MetricFamily],
+    recent: &[Entry],
+    (minute, causes): (&LastMinute, &CauseMinute),
+    now_ns: u64,
+    about: &About,
+) -> String {
     let mut p = String::with_capacity(32 * 1024);
     let up = about.started.elapsed().unwrap_or_default().as_secs();
     let _ = write!(
@@ -464,13 +507,34 @@ td,th{{border:1px solid #ccc;padding:2px 8px;text-align:right}}th{{background:#e
     sockets(&mut p, families);
     listeners(&mut p, families);
 
+    let threshold = escape(&seconds_label(about.slow_threshold.as_secs_f64()));
     let _ = write!(
         p,
-        r#"<section id="recent"><h2>Recent slow (≥ {}) or failed handshakes</h2><table><tr><th>time</th><th>direction</th><th>peer</th><th>port</th><th>process</th><th>duration</th><th>outcome</th><th>retransmits</th></tr>"#,
-        escape(&seconds_label(about.slow_threshold.as_secs_f64()))
+        r#"<section id="causes"><h2>Why handshakes were slow (≥ {threshold})</h2><table><tr><th rowspan="2">cause</th><th colspan="2">last minute</th><th colspan="2">since start</th></tr><tr><th>active</th><th>passive</th><th>active</th><th>passive</th></tr>"#
+    );
+    for cause in Cause::ALL {
+        let minute = |d| causes.count(now_ns, d, cause);
+        let since = |d: Direction| {
+            total(families, "tcptrace_slow_handshakes_total", &[("direction", d.label()), ("cause", cause.label())])
+        };
+        let _ = write!(
+            p,
+            r#"<tr data-cause="{c}"><th>{c}</th><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>"#,
+            minute(Direction::Active),
+            minute(Direction::Passive),
+            since(Direction::Active),
+            since(Direction::Passive),
+            c = cause.label()
+        );
+    }
+    p.push_str("</table></section>");
+
+    let _ = write!(
+        p,
+        r#"<section id="recent"><h2>Recent slow (≥ {threshold}) or failed handshakes</h2><table><tr><th>time</th><th>direction</th><th>peer</th><th>port</th><th>process</th><th>duration</th><th>outcome</th><th>retransmits</th><th>cause</th><th>evidence</th></tr>"#
     );
     if recent.is_empty() {
-        p.push_str(r#"<tr><td colspan="8">none yet</td></tr>"#);
+        p.push_str(r#"<tr><td colspan="10">none yet</td></tr>"#);
     }
     for e in recent {
         let process = e.process.as_ref().map_or(String::from("-"), |(pid, comm)| format!("{} ({pid})", escape(comm)));
@@ -481,12 +545,14 @@ td,th{{border:1px solid #ccc;padding:2px 8px;text-align:right}}th{{background:#e
         };
         let _ = write!(
             p,
-            r#"<tr class="{class}"><td>{}</td><td>{}</td><td class="peer">{}</td><td>{}</td><td class="process">{process}</td><td>{duration}</td><td>{outcome}</td><td>{}</td></tr>"#,
+            r#"<tr class="{class}"><td>{}</td><td>{}</td><td class="peer">{}</td><td>{}</td><td class="process">{process}</td><td>{duration}</td><td>{outcome}</td><td>{}</td><td class="cause">{}</td><td>{}</td></tr>"#,
             humantime::format_rfc3339_seconds(e.at),
             e.direction.label(),
             escape(&e.remote.to_string()),
             e.port,
-            e.retransmits
+            e.retransmits,
+            e.cause.label(),
+            escape(&e.evidence)
         );
     }
     p.push_str("</table></section></body></html>\n");
@@ -498,7 +564,7 @@ mod tests {
     use super::*;
     use crate::{
         metrics::{Metrics, MetricsConfig},
-        tracker::{FailureReason, Origin, Tuple},
+        tracker::{Failure, FailureReason, Origin, Tuple},
     };
 
     fn tuple(dport: u16) -> Tuple {
@@ -513,7 +579,8 @@ mod tests {
     #[test]
     fn shows_histograms_failures_and_recent_handshakes_escaped() {
         let mut m = Metrics::new(MetricsConfig::default()).unwrap();
-        let mut recent = Recent::new(Duration::from_millis(100));
+        let mut recent = Recent::default();
+        let mut causes = crate::cause::Causes::new(Duration::from_millis(100));
         let mut comm = [0u8; 16];
         comm[..8].copy_from_slice(b"<script>");
         let origin = Origin { pid: 7, tgid: 7, cgroup_id: 0, comm };
@@ -521,12 +588,13 @@ mod tests {
             direction: Direction::Active,
             family: crate::events::Family::Ipv4,
             duration_ns: Some(1_200_000_000),
+            rtt_ns: Some(100_000),
             retransmits: 1,
             tuple: tuple(443),
             origin: Some(origin),
             ts_ns: crate::clock::monotonic_ns(),
         };
-        let fast = Handshake { duration_ns: Some(50_000), retransmits: 0, ..slow };
+        let fast = Handshake { duration_ns: Some(50_000), retransmits: 0, rtt_ns: Some(50_000), ..slow };
         let failed = Failure {
             direction: Direction::Active,
             family: crate::events::Family::Ipv4,
@@ -542,6 +610,11 @@ mod tests {
             sink.handshake(&fast);
             sink.handshake_failed(&failed);
         }
+        assert_eq!((causes.handshake(&slow), causes.handshake(&fast), causes.failure(&failed)), (None, None, None));
+        for j in causes.refresh(crate::clock::monotonic_ns(), &[], &[]) {
+            m.judged(&j);
+            recent.judged(&j);
+        }
         let about = About {
             version: "0.1.0",
             attach: "raw".into(),
@@ -550,17 +623,29 @@ mod tests {
         };
         let now = crate::clock::monotonic_ns();
         m.flush();
-        let page = render(&m.registry().gather(), &recent.entries(), recent.last_minute(), now, &about);
+        let minute = (recent.last_minute(), recent.cause_minute());
+        let page = render(&m.registry().gather(), &recent.entries(), minute, now, &about);
         assert!(page.contains(r#"id="latency-active-ipv4""#) && page.contains(r#"data-count="1""#), "{page}");
         assert!(page.contains(r#"<span class="completed">2</span> completed, 2 timed; p50 "#), "{page}");
         assert!(page.contains(r#"<span class="minute">last minute: 2 timed, p50 "#), "{page}");
-        let later = render(&m.registry().gather(), &[], recent.last_minute(), now + 61_000_000_000, &about);
+        let later = render(&m.registry().gather(), &[], minute, now + 61_000_000_000, &about);
         assert!(later.contains("last minute: 0 timed, p50 -, p99 -"), "a minute later: {later}");
+        let why = r#"<tr data-cause="syn_retransmitted"><th>syn_retransmitted</th>"#;
+        assert!(page.contains(&format!("{why}<td>1</td><td>0</td><td>1</td><td>0</td></tr>")), "{page}");
+        assert!(later.contains(&format!("{why}<td>0</td><td>0</td><td>1</td><td>0</td></tr>")), "{later}");
         assert!(page.contains(r#"<tr data-reason="refused"><th>refused</th><td>1</td>"#));
         let rows: Vec<&str> = page.split("<tr class=").skip(1).collect();
         assert_eq!(rows.len(), 2, "the slow one and the failed one, not the fast one");
         assert!(rows[0].starts_with(r#""failed""#) && rows[0].contains("refused"), "newest first");
         assert!(rows[1].contains("1200.000 ms") && rows[1].contains("10.0.0.2:443"));
+        assert!(
+            rows[1].contains(
+                r#"<td class="cause">syn_retransmitted</td><td>retransmissions cost 1199.9 ms, rtt 0.1 ms</td>"#
+            ),
+            "{}",
+            rows[1]
+        );
+        assert!(rows[0].contains(r#"<td class="cause">unknown</td>"#), "{}", rows[0]);
         assert!(page.contains("&lt;script&gt; (7)") && !page.contains("<script>"), "commands are escaped");
     }
 
@@ -589,7 +674,7 @@ mod tests {
         m.set_listeners(&[crate::listeners::PortFigures { netns: 7, port: 8080, queue: 3, limit: 2, new_drops: 9 }]);
         let about =
             About { version: "0", attach: "raw".into(), started: SystemTime::now(), slow_threshold: Duration::ZERO };
-        let page = render(&m.registry().gather(), &[], &LastMinute::default(), 0, &about);
+        let page = render(&m.registry().gather(), &[], (&LastMinute::default(), &CauseMinute::default()), 0, &about);
         assert!(
             page.contains(r#"<tr class="failed" data-port="8080"><td>all</td><td>8080</td><td>3</td><td>2</td><td>150 %</td><td>9</td><td>0</td></tr>"#),
             "{page}"
@@ -611,8 +696,9 @@ mod tests {
 
     #[test]
     fn keeps_only_the_most_recent() {
-        let mut recent = Recent::new(Duration::ZERO);
+        let mut recent = Recent::default();
         let h = Handshake {
+            rtt_ns: None,
             direction: Direction::Passive,
             family: crate::events::Family::Ipv4,
             duration_ns: Some(1),
@@ -622,7 +708,7 @@ mod tests {
             ts_ns: 0,
         };
         for _ in 0..RECENT * 3 {
-            recent.handshake(&h);
+            recent.judged(&Judged::Slow(h, crate::cause::unaided(&h)));
         }
         assert_eq!(recent.entries().len(), RECENT);
     }

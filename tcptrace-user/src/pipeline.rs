@@ -6,6 +6,7 @@ use log::warn;
 use tcptrace_common::Event;
 
 use crate::{
+    cause::{Causes, Judged},
     events::{self, Family, KernelTotals},
     listeners::{ListenerKey, Listeners},
     metrics::Metrics,
@@ -23,6 +24,9 @@ pub struct Pipeline {
     metrics: Metrics,
     /// Every listener, whose queue the kernel is asked for at each refresh.
     listeners: Listeners,
+    /// Slow and failed handshakes waiting for the listener readings that name
+    /// their cause.
+    causes: Causes,
     slow_log: Option<QueuedSlowLog>,
     /// The landing page's list of recent slow and failed handshakes.
     recent: Option<Recent>,
@@ -52,6 +56,7 @@ impl Pipeline {
             tracker,
             metrics,
             listeners: Listeners::new(MAX_LISTENERS),
+            causes: Causes::new(crate::cause::DEFAULT_SLOW),
             slow_log: None,
             recent: None,
             unreported: 0,
@@ -59,6 +64,12 @@ impl Pipeline {
             pairing: KernelPairing::default(),
             time_wait_counted: [0; 2],
         }
+    }
+
+    /// Judges handshakes at or above `threshold` slow (and every failure).
+    pub fn with_slow_threshold(mut self, threshold: std::time::Duration) -> Self {
+        self.causes = Causes::new(threshold);
+        self
     }
 
     /// Also write slow and failed handshakes as records.
@@ -73,9 +84,10 @@ impl Pipeline {
         self
     }
 
-    /// The landing page's last minute of handshake durations (a copy).
-    pub fn last_minute(&self) -> crate::page::LastMinute {
-        self.recent.as_ref().map_or_else(Default::default, |r| r.last_minute().clone())
+    /// The landing page's last minute of handshake durations and slow handshakes'
+    /// causes (copies).
+    pub fn last_minute(&self) -> (crate::page::LastMinute, crate::page::CauseMinute) {
+        self.recent.as_ref().map_or_else(Default::default, |r| (r.last_minute().clone(), r.cause_minute().clone()))
     }
 
     /// The landing page's recent slow and failed handshakes, newest first.
@@ -103,8 +115,8 @@ impl Pipeline {
         let mut outputs = Outputs {
             metrics: &mut self.metrics,
             listeners: &mut self.listeners,
-            slow_log: self.slow_log.as_mut(),
-            recent: self.recent.as_mut(),
+            causes: &mut self.causes,
+            judged: Judgements { slow_log: self.slow_log.as_mut(), recent: self.recent.as_mut() },
         };
         self.tracker.handle(ev, &mut outputs);
     }
@@ -145,12 +157,17 @@ impl Pipeline {
             self.metrics.set_transitions(transitions, self.tracker.time_wait_by_family());
         }
         self.metrics.set_missed(&kernel.missed);
-        if let Some(readings) = &kernel.listeners {
-            let ports = self.listeners.apply(readings);
+        let ports = kernel.listeners.as_ref().map_or_else(Vec::new, |readings| self.listeners.apply(readings));
+        if kernel.listeners.is_some() {
             self.metrics.set_listeners(&ports);
         }
-        let [cookies, syn_queue_drops] = self.listeners.apply_namespaces(&kernel.namespace_counters);
+        let namespaces = self.listeners.apply_namespaces(&kernel.namespace_counters);
+        let [cookies, syn_queue_drops] = namespaces.iter().fold([0, 0], |[a, b], (_, [c, d])| [a + c, b + d]);
         self.metrics.namespace_counters(cookies, syn_queue_drops);
+        let mut judged = Judgements { slow_log: self.slow_log.as_mut(), recent: self.recent.as_mut() };
+        for j in self.causes.refresh(now_ns, &ports, &namespaces) {
+            judged.deliver(&j, &self.metrics);
+        }
         if let Some(resets) = &kernel.resets {
             self.metrics.set_resets(resets);
         }
@@ -213,32 +230,47 @@ impl Pipeline {
     }
 }
 
-/// Where the daemon's tracker reports: everything to the metrics, and slow and
-/// failed handshakes also to the slow log when there is one.
+/// Where the daemon's tracker reports: everything to the metrics; slow and failed
+/// handshakes also to [`Causes`], to be judged.
 struct Outputs<'a> {
     metrics: &'a mut Metrics,
     listeners: &'a mut Listeners,
+    causes: &'a mut Causes,
+    judged: Judgements<'a>,
+}
+
+/// Where judged slow and failed handshakes go besides the metrics.
+struct Judgements<'a> {
     slow_log: Option<&'a mut QueuedSlowLog>,
     recent: Option<&'a mut Recent>,
+}
+
+impl Judgements<'_> {
+    fn deliver(&mut self, j: &Judged, metrics: &Metrics) {
+        metrics.judged(j);
+        if let Some(log) = &mut self.slow_log {
+            log.judged(j);
+        }
+        if let Some(recent) = &mut self.recent {
+            recent.judged(j);
+        }
+    }
 }
 
 impl Sink for Outputs<'_> {
     fn handshake(&mut self, h: &Handshake) {
         self.metrics.handshake(h);
-        if let Some(log) = &mut self.slow_log {
-            log.handshake(h);
-        }
-        if let Some(recent) = &mut self.recent {
+        if let Some(recent) = &mut self.judged.recent {
             recent.handshake(h);
+        }
+        if let Some(j) = self.causes.handshake(h) {
+            self.judged.deliver(&j, self.metrics);
         }
     }
     fn handshake_failed(&mut self, f: &Failure) {
         self.metrics.handshake_failed(f);
-        if let Some(log) = &mut self.slow_log {
-            log.handshake_failed(f);
-        }
-        if let Some(recent) = &mut self.recent {
-            recent.handshake_failed(f);
+        if let Some(j) = self.causes.failure(f) {
+            self.judged.deliver(&j, self.metrics);
         }
     }
     fn syn_retransmit(&mut self, family: Family) {

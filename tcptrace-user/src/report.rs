@@ -7,10 +7,11 @@ use serde_json::{Map, Value};
 use tcptrace_common::{Event, TcpState};
 
 use crate::{
+    cause::{Cause, Judged, Verdict},
     clock::monotonic_ns,
     events::{self, Family},
     lines::{LineQueue, LineSink},
-    tracker::{Failure, Handshake, Origin, Sink, Tuple},
+    tracker::{Failure, Handshake, Origin, Tuple},
 };
 
 /// How records (slow log, `watch`) are written.
@@ -62,6 +63,23 @@ impl Record {
         }
     }
 
+    /// The cause and the figures behind it.
+    fn verdict(mut self, v: Option<&Verdict>) -> Self {
+        let Some(v) = v else { return self };
+        self = self.field("cause", v.cause.label());
+        if let Some(rtt) = v.rtt_ns {
+            self = self.field("rtt_ms", millis(rtt));
+        }
+        if let Some(delay) = v.delay_ns {
+            self = self.field("retransmit_delay_ms", millis(delay));
+        }
+        if let Some(l) = v.listener {
+            let what = if v.cause == Cause::Syncookie { "listener_cookies" } else { "listener_drops" };
+            self = self.field("listener_netns", l.netns).field("listener_port", l.port).field(what, l.count);
+        }
+        self
+    }
+
     fn render(self, format: LogFormat) -> String {
         let time = humantime::format_rfc3339_micros(wall_time(self.ts_ns)).to_string();
         match format {
@@ -91,16 +109,16 @@ impl Record {
     }
 }
 
-pub fn handshake(h: &Handshake, format: LogFormat) -> String {
+pub fn handshake(h: &Handshake, v: Option<&Verdict>, format: LogFormat) -> String {
     let mut r =
         Record::new(h.ts_ns, "handshake").field("direction", h.direction.label()).tuple(Some(h.family), &h.tuple);
     if let Some(ns) = h.duration_ns {
         r = r.field("duration_ms", millis(ns));
     }
-    r.field("retransmits", h.retransmits).origin(h.origin.as_ref()).render(format)
+    r.field("retransmits", h.retransmits).verdict(v).origin(h.origin.as_ref()).render(format)
 }
 
-pub fn failure(f: &Failure, format: LogFormat) -> String {
+pub fn failure(f: &Failure, v: Option<&Verdict>, format: LogFormat) -> String {
     let mut r = Record::new(f.ts_ns, "handshake_failed")
         .field("direction", f.direction.label())
         .tuple(Some(f.family), &f.tuple)
@@ -108,7 +126,15 @@ pub fn failure(f: &Failure, format: LogFormat) -> String {
     if let Some(elapsed) = f.elapsed_ns {
         r = r.field("elapsed_ms", millis(elapsed));
     }
-    r.field("retransmits", f.retransmits).origin(f.origin.as_ref()).render(format)
+    r.field("retransmits", f.retransmits).verdict(v).origin(f.origin.as_ref()).render(format)
+}
+
+/// A judged slow or failed handshake, with its cause.
+pub fn judged(j: &Judged, format: LogFormat) -> String {
+    match j {
+        Judged::Slow(h, v) => handshake(h, Some(v), format),
+        Judged::Failed(f, v) => failure(f, Some(v), format),
+    }
 }
 
 /// A listening port whose listeners dropped handshakes since the last reading
@@ -138,33 +164,24 @@ pub fn transition(ev: &Event, in_previous_ns: Option<u64>, format: LogFormat) ->
         .render(format)
 }
 
-/// `--slow-handshake`: a record for every slow handshake and every failure.
+/// `--slow-handshake`: a record for every slow handshake and every failure, as they
+/// are judged (the threshold is [`crate::cause::Causes`]'s).
 pub struct SlowLog<O: LineSink> {
-    threshold_ns: u64,
     format: LogFormat,
     out: O,
 }
 
 impl<O: LineSink> SlowLog<O> {
-    pub fn new(threshold: Duration, format: LogFormat, out: O) -> Self {
-        let threshold_ns = u64::try_from(threshold.as_nanos()).unwrap_or(u64::MAX);
-        Self { threshold_ns, format, out }
+    pub fn new(format: LogFormat, out: O) -> Self {
+        Self { format, out }
     }
 
     pub fn output(&mut self) -> &mut O {
         &mut self.out
     }
-}
 
-impl<O: LineSink> Sink for SlowLog<O> {
-    fn handshake(&mut self, h: &Handshake) {
-        if h.duration_ns.is_some_and(|ns| ns >= self.threshold_ns) {
-            self.out.line(handshake(h, self.format));
-        }
-    }
-
-    fn handshake_failed(&mut self, f: &Failure) {
-        self.out.line(failure(f, self.format));
+    pub fn judged(&mut self, j: &Judged) {
+        self.out.line(judged(j, self.format));
     }
 }
 
@@ -195,6 +212,7 @@ pub(crate) mod tests {
 
     fn slow(ms: u64) -> Handshake {
         Handshake {
+            rtt_ns: None,
             direction: Direction::Active,
             family: Family::Ipv6,
             duration_ns: Some(ms * 1_000_000 + 123_456),
@@ -205,9 +223,19 @@ pub(crate) mod tests {
         }
     }
 
+    fn verdict() -> Verdict {
+        Verdict {
+            cause: Cause::ListenOverflow,
+            retransmits: 1,
+            rtt_ns: Some(250_000),
+            delay_ns: Some(1_000_000_000),
+            listener: Some(crate::cause::ListenerSeen { netns: 4026532000, port: 443, count: 3 }),
+        }
+    }
+
     #[test]
     fn json_records_carry_every_field() {
-        let line = handshake(&slow(1000), LogFormat::Json);
+        let line = handshake(&slow(1000), Some(&verdict()), LogFormat::Json);
         let v: Value = serde_json::from_str(&line).unwrap();
         assert_eq!(v["event"], "handshake");
         assert_eq!(v["direction"], "active");
@@ -217,26 +245,28 @@ pub(crate) mod tests {
         assert_eq!(v["duration_ms"], 1000.123);
         assert_eq!((v["retransmits"].as_u64(), v["pid"].as_u64()), (Some(1), Some(10)));
         assert_eq!(v["comm"], "my proc\"");
+        assert_eq!((v["cause"].as_str(), v["rtt_ms"].as_f64()), (Some("listen_overflow"), Some(0.25)));
+        assert_eq!(v["retransmit_delay_ms"], 1000.0);
+        assert_eq!((v["listener_netns"].as_u64(), v["listener_port"].as_u64()), (Some(4026532000), Some(443)));
+        assert_eq!(v["listener_drops"], 3);
         let time = humantime::parse_rfc3339(v["time"].as_str().unwrap()).unwrap();
         assert!(time.elapsed().unwrap_or_default() < Duration::from_secs(5));
     }
 
     #[test]
     fn text_records_quote_what_needs_it() {
-        let line = handshake(&slow(5), LogFormat::Text);
+        let line = handshake(&slow(5), None, LogFormat::Text);
         assert!(line.contains(" handshake direction=active family=ipv6 local=[::1]:40000 remote=[::1]:443"));
         assert!(line.contains(" duration_ms=5.123 retransmits=1 pid=10 comm=\"my proc\\\"\" cgroup_id=7"), "{line}");
     }
 
     #[test]
-    fn slow_log_writes_slow_handshakes_and_all_failures() {
-        let mut log = SlowLog::new(Duration::from_millis(200), LogFormat::Text, Vec::new());
-        log.handshake(&slow(199));
-        log.handshake(&slow(200));
-        log.handshake(&Handshake { duration_ns: None, ..slow(300) });
+    fn slow_log_writes_judged_handshakes_and_failures_with_their_cause() {
+        let mut log = SlowLog::new(LogFormat::Text, Vec::new());
+        log.judged(&Judged::Slow(slow(200), Verdict { cause: Cause::PathRtt, listener: None, ..verdict() }));
         let mut t = tuple6();
         t.family = AF_INET;
-        log.handshake_failed(&Failure {
+        let f = Failure {
             direction: Direction::Passive,
             family: Family::Ipv4,
             reason: FailureReason::Reset,
@@ -245,18 +275,22 @@ pub(crate) mod tests {
             origin: None,
             elapsed_ns: None,
             ts_ns: monotonic_ns(),
-        });
+        };
+        log.judged(&Judged::Failed(f, crate::cause::unaided_failure(&f)));
         let lines = log.output();
         assert_eq!(lines.len(), 2, "{lines:?}");
-        assert!(lines[0].contains("duration_ms=200.123"));
+        assert!(lines[0].contains("duration_ms=200.123 retransmits=1 cause=path_rtt rtt_ms=0.25"), "{}", lines[0]);
         assert!(
-            lines[1].contains("handshake_failed direction=passive family=ipv4") && lines[1].contains("reason=reset")
+            lines[1].contains("handshake_failed direction=passive family=ipv4") && lines[1].contains("reason=reset"),
+            "{}",
+            lines[1]
         );
+        assert!(lines[1].contains(" cause=unknown") && !lines[1].contains("rtt_ms"), "{}", lines[1]);
     }
 
     #[test]
     fn untimed_handshakes_have_no_duration_field() {
-        let line = handshake(&Handshake { duration_ns: None, ..slow(1) }, LogFormat::Text);
+        let line = handshake(&Handshake { duration_ns: None, ..slow(1) }, None, LogFormat::Text);
         assert!(!line.contains("duration_ms") && line.contains(" retransmits=1"), "{line}");
     }
 

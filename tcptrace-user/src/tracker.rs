@@ -154,6 +154,9 @@ pub struct Handshake {
     pub duration_ns: Option<u64>,
     /// SYN (active) or SYN-ACK (passive) retransmissions it needed.
     pub retransmits: u32,
+    /// The round trip the kernel measured as it became ESTABLISHED (`srtt_us`):
+    /// what a handshake with nothing lost takes. `None` when unread (no BTF).
+    pub rtt_ns: Option<u64>,
     /// 4-tuple as the local socket sees it.
     pub tuple: Tuple,
     /// The connect() caller (active opens only).
@@ -612,6 +615,7 @@ impl Tracker {
                         family,
                         duration_ns: elapsed_ns,
                         retransmits,
+                        rtt_ns: srtt_ns(ev.srtt_us),
                         tuple,
                         origin,
                         ts_ns: ev.ts_ns,
@@ -645,17 +649,18 @@ impl Tracker {
                     });
                     return;
                 }
+                let rtt_ns = srtt_ns(ev.srtt_us);
                 let duration_ns = match synack {
                     Some(s) => Some(ev.ts_ns.saturating_sub(s.first_ns).saturating_add(SYNACK_INITIAL_RTO_NS)),
-                    // srtt_us is in 1/8 us: the SYN-ACK round trip of this child.
-                    None if ev.srtt_us > 0 => Some(u64::from(ev.srtt_us) * 125),
-                    None => None,
+                    // The SYN-ACK round trip of this child.
+                    None => rtt_ns,
                 };
                 sink.handshake(&Handshake {
                     direction: Direction::Passive,
                     family,
                     duration_ns,
                     retransmits,
+                    rtt_ns,
                     tuple,
                     origin: None,
                     ts_ns: ev.ts_ns,
@@ -773,6 +778,11 @@ impl Tracker {
             forget_time_wait(&mut self.time_wait_count, &mut self.netns_time_wait, &mut self.services, key, gone);
         }
     }
+}
+
+/// A socket's smoothed round trip from `tcp_sock.srtt_us` (1/8 us; 0: unread).
+fn srtt_ns(srtt_us: u32) -> Option<u64> {
+    (srtt_us > 0).then(|| u64::from(srtt_us) * 125)
 }
 
 /// What a transition changes in the breakdowns; a closing connection's destination.

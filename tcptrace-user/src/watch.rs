@@ -13,6 +13,7 @@ use ipnet::IpNet;
 use tcptrace_common::{Event, EventKind, TcpState};
 
 use crate::{
+    cause,
     cli::{FamilyArg, WatchArgs},
     clock::monotonic_ns,
     error::Result,
@@ -87,13 +88,13 @@ impl<O: LineSink> Printer<O> {
 impl<O: LineSink> Sink for Printer<O> {
     fn handshake(&mut self, h: &Handshake) {
         if self.filter.matches(Some(h.family), &h.tuple, h.origin.map(|o| o.tgid)) {
-            self.line(report::handshake(h, self.format));
+            self.line(report::handshake(h, Some(&cause::unaided(h)), self.format));
         }
     }
 
     fn handshake_failed(&mut self, f: &Failure) {
         if self.filter.matches(Some(f.family), &f.tuple, f.origin.map(|o| o.tgid)) {
-            self.line(report::failure(f, self.format));
+            self.line(report::failure(f, Some(&cause::unaided_failure(f)), self.format));
         }
     }
 }

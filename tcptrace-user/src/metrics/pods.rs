@@ -148,6 +148,7 @@ mod tests {
 
     fn handshake(netns: u32, ms: u64) -> Handshake {
         Handshake {
+            rtt_ns: None,
             direction: Direction::Active,
             family: Family::Ipv4,
             duration_ns: Some(ms * 1_000_000),

@@ -21,7 +21,16 @@ fn handshake(direction: Direction, family: Family, duration_ns: u64, retransmits
         Direction::Active => tuple(raw, 40000, port),
         Direction::Passive => tuple(raw, port, 40000),
     };
-    Handshake { direction, family, duration_ns: Some(duration_ns), retransmits, tuple, origin: None, ts_ns: 0 }
+    Handshake {
+        direction,
+        family,
+        duration_ns: Some(duration_ns),
+        retransmits,
+        rtt_ns: None,
+        tuple,
+        origin: None,
+        ts_ns: 0,
+    }
 }
 
 fn failure(direction: Direction, family: Family, reason: FailureReason, port: u16) -> Failure {

@@ -17,7 +17,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use support::{deadline, require_root, sh, unique, wait_for, Daemon, Netns, NftTable, Scrape, DROP_FIRST};
+use support::{deadline, require_root, wait_for, Daemon, Netns, NftTable, Scrape, VethPair, DROP_FIRST};
 
 /// Deadlines before stretching for a software-emulated VM (see `support::deadline`).
 const BASE_DEADLINE: Duration = Duration::from_secs(15);
@@ -168,26 +168,6 @@ fn a_dropped_final_ack_makes_the_server_retransmit_its_syn_ack() {
     let secs = sum(&after) - sum(&before);
     assert!((1.0..1.5).contains(&secs), "passive duration {secs} s");
     eprintln!("passive handshake with a SYN-ACK retransmission: {secs:.4} s (accept() waited {accept_wait:?})");
-}
-
-/// Two namespaces joined by a veth pair, 10.213.0.1 and 10.213.0.2: test hosts that
-/// exist only inside this test (nothing routes to them from outside).
-struct VethPair {
-    a: Netns,
-    b: Netns,
-}
-
-impl VethPair {
-    fn new() -> Self {
-        let (a, b) = (Netns::new(), Netns::new());
-        let (va, vb) = (unique("va"), unique("vb"));
-        sh("ip", &["link", "add", &va, "netns", &a.name, "type", "veth", "peer", "name", &vb, "netns", &b.name]);
-        a.exec("ip", &["addr", "add", "10.213.0.1/24", "dev", &va]);
-        b.exec("ip", &["addr", "add", "10.213.0.2/24", "dev", &vb]);
-        a.exec("ip", &["link", "set", &va, "up"]);
-        b.exec("ip", &["link", "set", &vb, "up"]);
-        Self { a, b }
-    }
 }
 
 #[test]

@@ -350,6 +350,8 @@ fn root_test_binaries() -> Result<Vec<PathBuf>> {
             "sockets",
             "--test",
             "listeners",
+            "--test",
+            "causes",
         ],
     )
 }
@@ -477,6 +479,8 @@ fn setup_bench_peers() {
 fn setup_test_tools() -> Result<()> {
     let wanted = [
         ("nft", "nftables"),
+        // The causes suite's path delay: the NFQUEUE target (no netem here).
+        ("iptables", "iptables"),
         ("ip", "iproute2"),
         ("promtool", "prometheus"),
         ("ss", "iproute2"),

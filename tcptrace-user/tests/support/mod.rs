@@ -1,6 +1,9 @@
 //! Helpers for the root tests: a daemon under test, scraping, waiting on conditions.
 #![allow(dead_code)]
 
+mod delay;
+pub use delay::Delay;
+
 use std::{
     cell::RefCell,
     collections::BTreeMap,
@@ -617,6 +620,29 @@ impl Drop for Netns {
     }
 }
 
+/// Two namespaces joined by a veth pair, [`VethPair::A`] and [`VethPair::B`]: test
+/// hosts that exist only inside this test (nothing routes to them from outside).
+pub struct VethPair {
+    pub a: Netns,
+    pub b: Netns,
+}
+
+impl VethPair {
+    pub const A: std::net::Ipv4Addr = std::net::Ipv4Addr::new(10, 213, 0, 1);
+    pub const B: std::net::Ipv4Addr = std::net::Ipv4Addr::new(10, 213, 0, 2);
+
+    pub fn new() -> Self {
+        let (a, b) = (Netns::new(), Netns::new());
+        let (va, vb) = (unique("va"), unique("vb"));
+        sh("ip", &["link", "add", &va, "netns", &a.name, "type", "veth", "peer", "name", &vb, "netns", &b.name]);
+        a.exec("ip", &["addr", "add", &format!("{}/24", Self::A), "dev", &va]);
+        b.exec("ip", &["addr", "add", &format!("{}/24", Self::B), "dev", &vb]);
+        a.exec("ip", &["link", "set", &va, "up"]);
+        b.exec("ip", &["link", "set", &vb, "up"]);
+        Self { a, b }
+    }
+}
+
 /// Connections made by `make` in a thread inside the namespace, kept open there
 /// until dropped (also when the test fails).
 pub struct Held {
@@ -664,6 +690,21 @@ pub fn ss_listener(ns: &Netns, port: u16) -> (u64, u64, u64) {
         .find_map(|f| f.strip_prefix('d').and_then(|d| d.parse().ok()))
         .unwrap_or_else(|| panic!("no drop count in: {text}"));
     (number(1), number(2), drops)
+}
+
+/// The round trip `ss -ti` shows for the connections in `ns` matching `filter` (an
+/// `ss` filter such as `dport = :7401`), in ms: the kernel's smoothed RTT, one per
+/// connection.
+pub fn ss_rtt_ms(ns: &Netns, filter: &str) -> Vec<f64> {
+    let mut args = vec!["netns", "exec", &ns.name, "ss", "-Htin", "state", "established"];
+    args.extend(filter.split_whitespace());
+    let out = Command::new("ip").args(&args).output().expect("run ss");
+    assert!(out.status.success(), "ss failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .filter_map(|w| w.strip_prefix("rtt:"))
+        .filter_map(|r| r.split('/').next()?.parse().ok())
+        .collect()
 }
 
 /// In `ns`: a listener on `port` with a backlog of 2 that never accepts, 3 clients

@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 mod delay;
+#[allow(unused_imports)]
 pub use delay::Delay;
 
 use std::{

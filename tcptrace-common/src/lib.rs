@@ -149,6 +149,9 @@ pub struct ActiveStart {
 
 const _: () = assert!(core::mem::size_of::<ActiveStart>() == 56);
 
+/// [`Event::drop_reason`] of a reason that does not fit in 16 bits.
+pub const DROP_REASON_OTHER: u16 = u16::MAX;
+
 /// [`Event::tw_count`] and [`Event::tw_max`] when not read.
 pub const TW_UNKNOWN: u32 = u32::MAX;
 /// Counts of state changes, indexed by [`transition_slot`].
@@ -359,6 +362,44 @@ pub struct Config {
     /// `tcp:tcp_send_reset`'s record: only `state` (in `old_state`) is read.
     pub send_reset: RecordLayout,
     pub _pad3: [u8; 4],
+    pub skb: SkbOffsets,
+    pub _pad4: [u8; 4],
+}
+
+/// Where a packet buffer keeps what [`EventKind::SynDropped`] reads of a dropped
+/// packet, from the kernel's BTF: `struct sk_buff`'s `head`, `network_header`,
+/// `transport_header` (offsets from `head`; `transport_header` is `0xffff` while
+/// unset), `protocol` (the ethertype, network order) and `dev`, and
+/// `net_device.nd_net` (the device's namespace). [`ABSENT`] when unknown; the drop
+/// program is then not attached.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SkbOffsets {
+    pub head: u16,
+    pub network_header: u16,
+    pub transport_header: u16,
+    pub protocol: u16,
+    pub dev: u16,
+    pub dev_net: u16,
+}
+
+impl SkbOffsets {
+    pub const UNKNOWN: Self = Self {
+        head: ABSENT,
+        network_header: ABSENT,
+        transport_header: ABSENT,
+        protocol: ABSENT,
+        dev: ABSENT,
+        dev_net: ABSENT,
+    };
+
+    /// Whether a dropped packet's headers can be read (its namespace is optional).
+    pub const fn known(&self) -> bool {
+        self.head != ABSENT
+            && self.network_header != ABSENT
+            && self.transport_header != ABSENT
+            && self.protocol != ABSENT
+    }
 }
 
 /// Where a listening socket keeps its queue, backlog and drop count in `struct
@@ -444,10 +485,12 @@ impl Config {
         listener: ListenerOffsets::UNKNOWN,
         send_reset: RecordLayout::ABSENT,
         _pad3: [0; 4],
+        skb: SkbOffsets::UNKNOWN,
+        _pad4: [0; 4],
     };
 }
 
-const _: () = assert!(core::mem::size_of::<Config>() == 176);
+const _: () = assert!(core::mem::size_of::<Config>() == 192);
 
 /// `AF_INET`, as the kernel reports it in `family`.
 pub const AF_INET: u16 = 2;
@@ -473,6 +516,10 @@ pub enum EventKind {
     /// `tcp:tcp_send_reset` from a socket (full, time-wait or request), with
     /// [`STREAM_RESETS`]: `old_state` is its state, the 4-tuple its own.
     ResetSent = 5,
+    /// `skb:kfree_skb` (5.17+, with a reason): a SYN without ACK that the host dropped.
+    /// The 4-tuple is the packet's (local = its source, the connecting side), the
+    /// namespace its device's, `drop_reason` the kernel's reason; no socket.
+    SynDropped = 6,
 }
 
 impl EventKind {
@@ -484,6 +531,7 @@ impl EventKind {
             3 => Some(Self::SynRetransmit),
             4 => Some(Self::SynAckRetransmit),
             5 => Some(Self::ResetSent),
+            6 => Some(Self::SynDropped),
             _ => None,
         }
     }
@@ -601,7 +649,9 @@ pub struct Event {
     /// SYN retransmissions of an active open paired in the kernel (see
     /// [`Event::start_ns`]), at most 255.
     pub syn_retransmits: u8,
-    pub _pad: [u8; 2],
+    /// [`EventKind::SynDropped`]: the kernel's `enum skb_drop_reason` value, or
+    /// [`DROP_REASON_OTHER`] for one above 16 bits (another subsystem's).
+    pub drop_reason: u16,
     /// `tcp_sock.srtt_us` (smoothed RTT in us, times 8) when a socket became
     /// ESTABLISHED; for a passive child it holds the SYN-ACK round trip. 0 if unread.
     pub srtt_us: u32,
@@ -645,7 +695,7 @@ impl Event {
             old_state: 0,
             new_state: 0,
             syn_retransmits: 0,
-            _pad: [0; 2],
+            drop_reason: 0,
             srtt_us: 0,
             sk_err: SK_ERR_UNKNOWN,
             netns: 0,
@@ -739,7 +789,7 @@ mod tests {
     fn event_has_no_hidden_padding() {
         let e = Event::zeroed();
         let fields = 8 + 8 + 8 + 4 + 4 + 16 + 16 + 2 + 2 + 2 + 1 + 1 + 1 + 1 + 2 + 4 + 4 + 4 + 16 + 8 + 4 + 4 + 8;
-        let config = 8 + 15 * 2 + 5 * 10 * 2 + 1 + 1 + 8 + 12 + 4 + 8 + 4;
+        let config = 8 + 15 * 2 + 5 * 10 * 2 + 1 + 1 + 8 + 12 + 4 + 8 + 4 + 6 * 2 + 4;
         assert_eq!(core::mem::size_of::<Config>(), config);
         assert_eq!(core::mem::size_of_val(&e), fields);
         assert_eq!(core::mem::size_of::<ActiveStart>(), 8 + 8 + 8 + 4 + 4 + 16 + 4 + 4);

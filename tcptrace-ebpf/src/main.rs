@@ -31,9 +31,9 @@ use aya_ebpf::{
 use tcptrace_common::{
     active_hash, extra_pairs, family_slot, pairs, reset_slot, transition_slot, ActiveStart, Config, Event, EventKind,
     ResetCounts, TcpState, TransitionCounts, ABSENT, ACTIVE_SLOTS_DEFAULT, AF_INET, AF_INET6, DEFAULT_RING_BYTES,
-    FAMILY_SLOTS, IPPROTO_TCP, LISTENER_DROPS, LISTENER_LIMIT, LISTENER_NET_MIB, LISTENER_PORT, LISTENER_QUEUE,
-    MAX_CPUS, NET_GONE, NET_READ_PORT_HIGH, NET_READ_PORT_LOW, NET_READ_TIME_WAIT, PAIRING_EVICTED, PAIRING_SLOTS,
-    PAIRING_STARTED, PAIRING_TAKEN, SK_ERR_UNKNOWN, SPAN_MAX, STREAM_RESETS, TIME_WAIT_EPOCH_SHIFT,
+    DROP_REASON_OTHER, FAMILY_SLOTS, IPPROTO_TCP, LISTENER_DROPS, LISTENER_LIMIT, LISTENER_NET_MIB, LISTENER_PORT,
+    LISTENER_QUEUE, MAX_CPUS, NET_GONE, NET_READ_PORT_HIGH, NET_READ_PORT_LOW, NET_READ_TIME_WAIT, PAIRING_EVICTED,
+    PAIRING_SLOTS, PAIRING_STARTED, PAIRING_TAKEN, SK_ERR_UNKNOWN, SPAN_MAX, STREAM_RESETS, TIME_WAIT_EPOCH_SHIFT,
     TIME_WAIT_NET_SLOTS, TW_UNKNOWN,
 };
 
@@ -779,6 +779,89 @@ fn count_reset(sent: bool, state: u8) {
         // volatile read keeps the mask, as in `state_change`).
         unsafe { (*counts)[core::ptr::read_volatile(&slot) & 31] += 1 };
     }
+}
+
+// ---- kfree_skb: SYNs the host dropped ----
+
+#[btf_tracepoint(function = "kfree_skb")]
+pub fn kfree_skb_raw(ctx: BtfTracePointContext) -> i32 {
+    // TP_PROTO(struct sk_buff *skb, void *location, enum skb_drop_reason reason, ...):
+    // the reason since 5.17; the loader attaches this only where the kernel has it.
+    let skb: *const u8 = ctx.arg(0);
+    dropped_syn(skb, ctx.arg::<u64>(2) as u32);
+    0
+}
+
+/// Streams a dropped packet that is a SYN without ACK (a connect's first packet, or
+/// its retransmission), with the kernel's reason: every other drop returns after
+/// reading its headers. The headers are read where the buffer's offsets point (the
+/// TCP header right after a basic IP header when the transport one is unset).
+#[inline(always)]
+fn dropped_syn(skb: *const u8, reason: u32) {
+    const TCP: u8 = 6;
+    const SYN: u8 = 0x02;
+    const ACK: u8 = 0x10;
+    let (Some(head), Some(nh), Some(th), Some(proto)) = (
+        field::<u64>(skb, cfg!(skb.head)),
+        field::<u16>(skb, cfg!(skb.network_header)),
+        field::<u16>(skb, cfg!(skb.transport_header)),
+        field::<u16>(skb, cfg!(skb.protocol)),
+    ) else {
+        return;
+    };
+    let ip = head + u64::from(nh);
+    let transport = |basic: u64| if th != u16::MAX && th > nh { head + u64::from(th) } else { ip + basic };
+    let (family, tcp) = match u16::from_be(proto) {
+        0x0800 => {
+            let Some(h) = read::<[u8; 20]>(ip, 0) else { return };
+            if h[0] >> 4 != 4 || h[9] != TCP {
+                return;
+            }
+            (AF_INET, transport(u64::from(h[0] & 0x0f) * 4))
+        }
+        0x86dd => {
+            let Some(h) = read::<[u8; 8]>(ip, 0) else { return };
+            // A next header other than TCP (extension headers) is not followed.
+            if h[0] >> 4 != 6 || h[6] != TCP {
+                return;
+            }
+            (AF_INET6, transport(40))
+        }
+        _ => return,
+    };
+    let Some(t) = read::<[u8; 14]>(tcp, 0) else { return };
+    if t[13] & (SYN | ACK) != SYN {
+        return;
+    }
+    let Some(mut entry) = EVENTS.reserve::<Event>(0) else {
+        count_lost();
+        return;
+    };
+    let ev = cleared(&mut entry);
+    ev.kind = EventKind::SynDropped as u8;
+    // SAFETY: a helper without arguments.
+    ev.ts_ns = unsafe { bpf_ktime_get_ns() };
+    ev.family = family;
+    ev.sport = u16::from_be_bytes([t[0], t[1]]);
+    ev.dport = u16::from_be_bytes([t[2], t[3]]);
+    ev.drop_reason = if reason > u32::from(DROP_REASON_OTHER) { DROP_REASON_OTHER } else { reason as u16 };
+    if family == AF_INET {
+        if let Some(a) = read::<[u8; 8]>(ip, 12) {
+            ev.saddr[..4].copy_from_slice(&a[..4]);
+            ev.daddr[..4].copy_from_slice(&a[4..]);
+        }
+    } else if let Some(a) = read::<[u8; 32]>(ip, 8) {
+        ev.saddr.copy_from_slice(&a[..16]);
+        ev.daddr.copy_from_slice(&a[16..]);
+    }
+    // The namespace of the device it arrived on or was leaving by.
+    if let Some(dev) = field::<*const u8>(skb, cfg!(skb.dev)) {
+        if let Some(net) = field::<*const u8>(dev, cfg!(skb.dev_net)) {
+            ev.net = net as u64;
+            ev.netns = field::<u32>(net, cfg!(sock.net_inum)).unwrap_or(0);
+        }
+    }
+    entry.submit(wakeup_flags());
 }
 
 /// Streams one event of the rare tracepoints, filled in place, or counts it as lost.

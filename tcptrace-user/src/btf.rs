@@ -190,6 +190,21 @@ impl Btf {
         })
     }
 
+    /// Every enumerator (name, value) of the enum `name`; empty when there is none.
+    pub fn enumerators(&self, name: &str) -> Vec<(String, u32)> {
+        let Some(t) = self.types.iter().find(|t| t.kind() == KIND_ENUM && self.name(t.name_off) == name.as_bytes())
+        else {
+            return Vec::new();
+        };
+        (0..t.vlen())
+            .filter_map(|i| {
+                let e = self.types_raw.get(t.extra + 8 * i..t.extra + 8 * i + 8)?;
+                let word = |k: usize| u32::from_le_bytes([e[k], e[k + 1], e[k + 2], e[k + 3]]);
+                Some((String::from_utf8_lossy(self.name(word(0))).into_owned(), word(4)))
+            })
+            .collect()
+    }
+
     /// Byte offset and type id of `member`.
     fn member(&self, name: &str, member: &str) -> Result<(u32, u32), BtfError> {
         let st = self
@@ -304,5 +319,10 @@ mod tests {
         let err = btf.member_offset("sock", "sk_err").unwrap();
         assert!(srtt > 512 && srtt < 8192, "tcp_sock.srtt_us at {srtt}");
         assert!(err > 0 && err < 2048, "sock.sk_err at {err}");
+        let reasons = btf.enumerators("skb_drop_reason");
+        let named = |n: &str| reasons.iter().find(|(name, _)| name == n).map(|&(_, v)| v);
+        assert!(named("SKB_DROP_REASON_NOT_SPECIFIED").is_some(), "{reasons:?}");
+        assert!(named("SKB_DROP_REASON_NETFILTER_DROP").is_some(), "{reasons:?}");
+        assert!(btf.enumerators("no_such_enum").is_empty());
     }
 }

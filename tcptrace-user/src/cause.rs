@@ -10,9 +10,11 @@
 
 use std::collections::VecDeque;
 
+use tcptrace_common::DROP_REASON_OTHER;
+
 use crate::{
     listeners::PortFigures,
-    tracker::{Direction, Failure, Handshake, Tuple},
+    tracker::{Direction, DroppedSyn, Failure, Handshake, Tuple},
 };
 
 /// The slow threshold without `--slow-handshake`: what the landing page lists.
@@ -85,6 +87,17 @@ pub struct ListenerSeen {
     pub count: u64,
 }
 
+/// SYNs of a handshake this host dropped, as the kernel named the last one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DropSeen {
+    /// The kernel's reason, lower case (`netfilter_drop`, `qdisc_drop`, `ip_noroute`).
+    pub reason: &'static str,
+    /// The namespace of the device it was dropped on.
+    pub netns: u32,
+    /// How many of its SYNs this host dropped.
+    pub count: u32,
+}
+
 /// A handshake's cause and the figures behind it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Verdict {
@@ -96,6 +109,8 @@ pub struct Verdict {
     /// What the retransmissions cost: the duration less the round trip.
     pub delay_ns: Option<u64>,
     pub listener: Option<ListenerSeen>,
+    /// With [`Cause::SynRetransmitted`]: where this host dropped its SYNs (Linux 5.17+).
+    pub dropped: Option<DropSeen>,
 }
 
 /// A slow or failed handshake, judged.
@@ -164,11 +179,15 @@ impl Waiting {
 }
 
 /// Slow handshakes (at or above a threshold) and failures waiting for the listener
-/// readings of their flight, and those readings.
+/// readings of their flight, those readings, and the SYNs this host dropped.
 pub struct Causes {
     threshold_ns: u64,
     waiting: VecDeque<Waiting>,
     readings: VecDeque<Reading>,
+    /// Oldest first, kept as long as readings.
+    dropped: VecDeque<DroppedSyn>,
+    /// The kernel's drop reasons by value, for the records.
+    reasons: &'static [(u32, String)],
     /// The previous refresh (CLOCK_MONOTONIC ns): readings cover the time since.
     last_refresh_ns: u64,
 }
@@ -179,8 +198,25 @@ impl Causes {
             threshold_ns: u64::try_from(threshold.as_nanos()).unwrap_or(u64::MAX),
             waiting: VecDeque::new(),
             readings: VecDeque::new(),
+            dropped: VecDeque::new(),
+            reasons: &[],
             last_refresh_ns: 0,
         }
+    }
+
+    /// Names drop reasons as this kernel does (`enum skb_drop_reason`, from its BTF).
+    /// Kept for the daemon's life: the table is made once, and records refer to it.
+    pub fn with_drop_reasons(mut self, reasons: Vec<(u32, String)>) -> Self {
+        self.reasons = Box::leak(reasons.into_boxed_slice());
+        self
+    }
+
+    /// A SYN this host dropped: evidence for the handshake it belongs to.
+    pub fn syn_dropped(&mut self, d: &DroppedSyn) {
+        if self.dropped.len() >= MAX_READINGS {
+            self.dropped.pop_front();
+        }
+        self.dropped.push_back(*d);
     }
 
     /// A completed handshake; kept for judgement when it is slow. Returns what the
@@ -228,13 +264,47 @@ impl Causes {
         while self.readings.front().is_some_and(|r| r.to_ns.saturating_add(READING_LIFETIME_NS) < now_ns) {
             self.readings.pop_front();
         }
+        while self.dropped.front().is_some_and(|d| d.ts_ns.saturating_add(READING_LIFETIME_NS) < now_ns) {
+            self.dropped.pop_front();
+        }
         let due = self.waiting.iter().take_while(|w| w.ts_ns() <= now_ns).count();
         let due: Vec<Waiting> = self.waiting.drain(..due).collect();
         due.iter().map(|w| self.judge(w)).collect()
     }
 
     fn judge(&mut self, w: &Waiting) -> Judged {
-        judge(w, self.readings.make_contiguous())
+        let mut judged = judge(w, self.readings.make_contiguous());
+        let v = match &mut judged {
+            Judged::Slow(_, v) | Judged::Failed(_, v) => v,
+        };
+        if v.cause == Cause::SynRetransmitted {
+            v.dropped = self.dropped_syns(w);
+        }
+        judged
+    }
+
+    /// The SYNs of an active handshake this host dropped during its flight.
+    fn dropped_syns(&self, w: &Waiting) -> Option<DropSeen> {
+        let (t, end_ns, elapsed) = match w {
+            Waiting::Slow(h) => (h.tuple, h.ts_ns, h.duration_ns),
+            Waiting::Failed(f) => (f.tuple, f.ts_ns, f.elapsed_ns),
+        };
+        let start_ns = end_ns.saturating_sub(elapsed.unwrap_or(READING_LIFETIME_NS));
+        let ours = |d: &&DroppedSyn| {
+            let p = &d.tuple;
+            (p.family, p.saddr, p.sport, p.daddr, p.dport) == (t.family, t.saddr, t.sport, t.daddr, t.dport)
+                && (start_ns..=end_ns).contains(&d.ts_ns)
+        };
+        let (count, last) = self.dropped.iter().filter(ours).fold((0, None), |(n, _), d| (n + 1, Some(d)));
+        last.map(|d| DropSeen { reason: self.reason_name(d.reason), netns: d.tuple.netns, count })
+    }
+
+    fn reason_name(&self, reason: u16) -> &'static str {
+        if reason == DROP_REASON_OTHER {
+            return "other_subsystem";
+        }
+        let reasons: &'static [(u32, String)] = self.reasons;
+        reasons.iter().find(|(v, _)| *v == u32::from(reason)).map_or("unknown", |(_, name)| name.as_str())
     }
 }
 
@@ -287,7 +357,7 @@ fn judge(w: &Waiting, readings: &[Reading]) -> Judged {
         (1.., Some(d), Some(rtt)) => Some(d.saturating_sub(rtt)),
         _ => None,
     };
-    let verdict = Verdict { cause, retransmits, rtt_ns, delay_ns, listener };
+    let verdict = Verdict { cause, retransmits, rtt_ns, delay_ns, listener, dropped: None };
     match w {
         Waiting::Slow(h) => Judged::Slow(*h, verdict),
         Waiting::Failed(f) => Judged::Failed(*f, verdict),

@@ -106,6 +106,9 @@ fn evidence(v: &Verdict) -> String {
         let what = if v.cause == Cause::Syncookie { "cookies" } else { "drops" };
         parts.push(format!("listener port {} in netns {}: {} {what}", l.port, l.netns, l.count));
     }
+    if let Some(d) = v.dropped {
+        parts.push(format!("{} SYN(s) dropped here in netns {}: {}", d.count, d.netns, d.reason));
+    }
     if let Some(d) = v.delay_ns {
         parts.push(format!("retransmissions cost {}", ms(d)));
     }

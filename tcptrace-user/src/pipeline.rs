@@ -66,9 +66,10 @@ impl Pipeline {
         }
     }
 
-    /// Judges handshakes at or above `threshold` slow (and every failure).
-    pub fn with_slow_threshold(mut self, threshold: std::time::Duration) -> Self {
-        self.causes = Causes::new(threshold);
+    /// Judges slow and failed handshakes with these causes (their threshold, the
+    /// kernel's drop reason names).
+    pub fn with_causes(mut self, causes: Causes) -> Self {
+        self.causes = causes;
         self
     }
 
@@ -301,6 +302,9 @@ impl Sink for Outputs<'_> {
     }
     fn reset(&mut self, sent: bool, tuple: &crate::tracker::Tuple) {
         self.metrics.reset(sent, tuple);
+    }
+    fn syn_dropped(&mut self, d: &crate::tracker::DroppedSyn) {
+        self.causes.syn_dropped(d);
     }
 }
 

@@ -13,11 +13,11 @@ use aya::{
 };
 use log::{debug, info, warn};
 use tcptrace_common::{
-    Config, ListenerOffsets, NetOffsets, RecordLayout, ResetCounts, SockOffsets, TransitionCounts, ABSENT, ACTIVE_MAP,
-    ACTIVE_MASK_GLOBAL, CONFIG_GLOBAL, CPU_OFFSET_PROGRAM, EVENTS_MAP, FAMILY_SLOTS, LISTENERS_ITER_PROGRAM,
-    LISTENER_DROPS, LISTENER_LIMIT, LISTENER_NET_MIB, LISTENER_PORT, LISTENER_QUEUE, LISTENER_READ_PROGRAM, LOST_MAP,
-    MAX_CPUS, NET_GONE, NET_READ_PORT_HIGH, NET_READ_PORT_LOW, NET_READ_PROGRAM, NET_READ_TIME_WAIT, PAIRING_MAP,
-    PAIRING_SLOTS, RESETS_MAP, SPAN_MAX, TIME_WAIT_COUNTED_MAP, TRANSITIONS_MAP,
+    Config, ListenerOffsets, NetOffsets, RecordLayout, ResetCounts, SkbOffsets, SockOffsets, TransitionCounts, ABSENT,
+    ACTIVE_MAP, ACTIVE_MASK_GLOBAL, CONFIG_GLOBAL, CPU_OFFSET_PROGRAM, EVENTS_MAP, FAMILY_SLOTS,
+    LISTENERS_ITER_PROGRAM, LISTENER_DROPS, LISTENER_LIMIT, LISTENER_NET_MIB, LISTENER_PORT, LISTENER_QUEUE,
+    LISTENER_READ_PROGRAM, LOST_MAP, MAX_CPUS, NET_GONE, NET_READ_PORT_HIGH, NET_READ_PORT_LOW, NET_READ_PROGRAM,
+    NET_READ_TIME_WAIT, PAIRING_MAP, PAIRING_SLOTS, RESETS_MAP, SPAN_MAX, TIME_WAIT_COUNTED_MAP, TRANSITIONS_MAP,
 };
 
 use crate::{
@@ -42,22 +42,21 @@ pub fn object() -> &'static [u8] {
 pub struct Attachment {
     pub category: &'static str,
     pub name: &'static str,
-    /// The eBPF programs for it: raw tracepoint, classic tracepoint.
+    /// The eBPF programs for it: raw tracepoint, and the classic tracepoint with the
+    /// record it reads (none: raw tracepoints only).
     raw: &'static str,
-    classic: &'static str,
-    record: Record,
+    classic: Option<(&'static str, Record)>,
     required: bool,
     /// What the daemon cannot do without it.
     lost_without: &'static str,
 }
 
-pub const ATTACHMENTS: [Attachment; 5] = [
+pub const ATTACHMENTS: [Attachment; 6] = [
     Attachment {
         category: "sock",
         name: "inet_sock_set_state",
         raw: "set_state_raw",
-        classic: "set_state_tp",
-        record: Record::SetState,
+        classic: Some(("set_state_tp", Record::SetState)),
         required: true,
         lost_without: "everything",
     },
@@ -65,8 +64,7 @@ pub const ATTACHMENTS: [Attachment; 5] = [
         category: "tcp",
         name: "tcp_receive_reset",
         raw: "receive_reset_raw",
-        classic: "receive_reset_tp",
-        record: Record::ReceiveReset,
+        classic: Some(("receive_reset_tp", Record::ReceiveReset)),
         required: false,
         lost_without: "refused connects and reset TIME_WAIT entries are told apart only by sk_err",
     },
@@ -74,8 +72,7 @@ pub const ATTACHMENTS: [Attachment; 5] = [
         category: "tcp",
         name: "tcp_retransmit_skb",
         raw: "retransmit_skb_raw",
-        classic: "retransmit_skb_tp",
-        record: Record::RetransmitSkb,
+        classic: Some(("retransmit_skb_tp", Record::RetransmitSkb)),
         required: false,
         lost_without: "no SYN retransmissions (tcptrace_syn_retransmits_total stays 0)",
     },
@@ -83,8 +80,7 @@ pub const ATTACHMENTS: [Attachment; 5] = [
         category: "tcp",
         name: "tcp_retransmit_synack",
         raw: "retransmit_synack_raw",
-        classic: "retransmit_synack_tp",
-        record: Record::RetransmitSynack,
+        classic: Some(("retransmit_synack_tp", Record::RetransmitSynack)),
         required: false,
         lost_without: "no SYN-ACK retransmissions, passive durations without their retransmission delay",
     },
@@ -92,12 +88,29 @@ pub const ATTACHMENTS: [Attachment; 5] = [
         category: "tcp",
         name: "tcp_send_reset",
         raw: "send_reset_raw",
-        classic: "send_reset_tp",
-        record: Record::SendReset,
+        classic: Some(("send_reset_tp", Record::SendReset)),
         required: false,
         lost_without: "resets sent are not counted (tcptrace_resets_total{direction=\"sent\"} stays 0)",
     },
+    Attachment {
+        category: "skb",
+        name: "kfree_skb",
+        raw: "kfree_skb_raw",
+        classic: None,
+        required: false,
+        lost_without: "SYNs this host dropped are not named: a syn_retransmitted cause carries no drop reason",
+    },
 ];
+
+impl Attachment {
+    /// Its program of `mode` (raw or classic), if it has one.
+    fn program(&self, mode: AttachMode) -> Option<&'static str> {
+        match mode {
+            AttachMode::Raw => Some(self.raw),
+            _ => self.classic.map(|(name, _)| name),
+        }
+    }
+}
 
 pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
 
@@ -131,6 +144,9 @@ pub struct KernelOffsets {
     pub listener: ListenerOffsets,
     /// How to read namespaces' TcpExt counters, when everything it takes is there.
     mib: Option<MibReader>,
+    /// Where a dropped packet's headers are, on kernels whose `kfree_skb` gives a
+    /// reason (5.17+); [`SkbOffsets::UNKNOWN`] elsewhere.
+    pub skb: SkbOffsets,
 }
 
 /// Reads the socket, namespace and listener offsets the programs need from the
@@ -148,7 +164,45 @@ pub fn kernel_offsets() -> Option<KernelOffsets> {
     let net = if sock.net != ABSENT && sock.net_inum != ABSENT { net_offsets_from(&btf) } else { NetOffsets::UNKNOWN };
     let listener = listener_offsets_from(&btf);
     let mib = if listener.net_statistics != ABSENT { MibReader::find(&btf) } else { None };
-    Some(KernelOffsets { sock, net, listener, mib })
+    let skb = skb_offsets_from(&btf);
+    Some(KernelOffsets { sock, net, listener, mib, skb })
+}
+
+/// The names of the kernel's drop reasons (`enum skb_drop_reason`, 5.17+) by value,
+/// lower case without their prefix (`netfilter_drop`); empty without BTF or before 5.17.
+pub fn drop_reasons() -> Vec<(u32, String)> {
+    let Ok(btf) = Btf::from_file(Path::new(VMLINUX_BTF)) else { return Vec::new() };
+    btf.enumerators("skb_drop_reason")
+        .into_iter()
+        .map(|(name, value)| (value, name.trim_start_matches("SKB_DROP_REASON_").to_ascii_lowercase()))
+        .collect()
+}
+
+/// Where a packet buffer keeps the headers of a dropped packet; unknown (so the drop
+/// program is not attached) before 5.17, whose `kfree_skb` has no reason argument.
+fn skb_offsets_from(btf: &Btf) -> SkbOffsets {
+    if btf.enumerators("skb_drop_reason").is_empty() {
+        return SkbOffsets::UNKNOWN;
+    }
+    let small = |st: &str, member: &str| {
+        btf.member_offset(st, member)
+            .ok()
+            .and_then(|o| u16::try_from(o).ok())
+            .filter(|&o| o != ABSENT)
+            .unwrap_or(ABSENT)
+    };
+    let skb = SkbOffsets {
+        head: small("sk_buff", "head"),
+        network_header: small("sk_buff", "network_header"),
+        transport_header: small("sk_buff", "transport_header"),
+        protocol: small("sk_buff", "protocol"),
+        dev: small("sk_buff", "dev"),
+        dev_net: small("net_device", "nd_net"),
+    };
+    if !skb.known() {
+        warn!("the kernel's BTF does not show where a packet buffer keeps its headers (struct sk_buff); dropped SYNs are not named");
+    }
+    skb
 }
 
 /// Where a listening socket keeps its accept queue length, backlog and drop count;
@@ -689,7 +743,7 @@ impl Probe {
         config.stream_all = u8::from(stream_all);
         config.stream_extra = stream_extra;
         if let Some(o) = offsets {
-            (config.sock, config.net, config.listener) = (o.sock, o.net, o.listener);
+            (config.sock, config.net, config.listener, config.skb) = (o.sock, o.net, o.listener, o.skb);
         }
         let mode = match attach {
             AttachMode::Auto if config.sock.has_tuple() => AttachMode::Raw,
@@ -699,13 +753,20 @@ impl Probe {
         };
         // Classic programs read records: their layouts come from this kernel's tracefs.
         let mut unusable: Vec<(&'static str, String)> = Vec::new();
+        if mode == AttachMode::Raw && !config.skb.known() {
+            unusable.push(("kfree_skb", "this kernel's kfree_skb gives no drop reason (Linux 5.17+)".into()));
+        }
         if mode == AttachMode::Classic {
             let tracefs = tracefs::ensure_mounted()?;
             for a in &ATTACHMENTS {
+                let Some((_, record)) = a.classic else {
+                    unusable.push((a.name, "it has no classic tracepoint program: it needs kernel BTF".into()));
+                    continue;
+                };
                 let layout = tracefs::read_format(&tracefs, a.category, a.name)
-                    .and_then(|f| a.record.layout(&f).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e)));
+                    .and_then(|f| record.layout(&f).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e)));
                 match layout {
-                    Ok(layout) => *slot(&mut config, a.record) = layout,
+                    Ok(layout) => *slot(&mut config, record) = layout,
                     Err(err) if a.required && err.kind() == io::ErrorKind::NotFound => {
                         return Err(Error::MissingTracepoint(
                             a.name,
@@ -838,7 +899,7 @@ impl Probe {
         let (pairing, time_wait_counted) = (take(PAIRING_MAP)?, take(TIME_WAIT_COUNTED_MAP)?);
         let mut programs = Vec::new();
         for (a, status) in ATTACHMENTS.iter().zip(&self.programs) {
-            let name = if self.mode == AttachMode::Raw { a.raw } else { a.classic };
+            let Some(name) = a.program(self.mode) else { continue };
             if let (true, Some(program)) = (status.attached, self.ebpf.program(name)) {
                 match program.fd().map_err(|e| e.to_string()).and_then(|fd| fd.try_clone().map_err(|e| e.to_string())) {
                     Ok(fd) => programs.push((a.name, fd)),
@@ -929,7 +990,8 @@ fn slot(config: &mut Config, record: Record) -> &mut RecordLayout {
 
 /// Loads and attaches the program of `mode` for one tracepoint.
 fn load_one(ebpf: &mut Ebpf, a: &Attachment, kernel_btf: Option<&aya::Btf>) -> Result<()> {
-    let name = if kernel_btf.is_some() { a.raw } else { a.classic };
+    let mode = if kernel_btf.is_some() { AttachMode::Raw } else { AttachMode::Classic };
+    let name = a.program(mode).ok_or_else(|| Error::Object("no classic tracepoint program".into()))?;
     let program = ebpf.program_mut(name).ok_or_else(|| Error::Object(format!("program {name}")))?;
     let load_err = |e: ProgramError| attach_error(a, name, e);
     match program {
@@ -944,7 +1006,7 @@ fn load_one(ebpf: &mut Ebpf, a: &Attachment, kernel_btf: Option<&aya::Btf>) -> R
 
 /// Attaches a program [`load_one`] loaded.
 fn attach_one(ebpf: &mut Ebpf, a: &Attachment, mode: AttachMode) -> Result<()> {
-    let name = if mode == AttachMode::Raw { a.raw } else { a.classic };
+    let name = a.program(mode).ok_or_else(|| Error::Object("no classic tracepoint program".into()))?;
     let program = ebpf.program_mut(name).ok_or_else(|| Error::Object(format!("program {name}")))?;
     let attach_err = |e: ProgramError| attach_error(a, name, e);
     match program {

@@ -77,6 +77,9 @@ impl Record {
             let what = if v.cause == Cause::Syncookie { "listener_cookies" } else { "listener_drops" };
             self = self.field("listener_netns", l.netns).field("listener_port", l.port).field(what, l.count);
         }
+        if let Some(d) = v.dropped {
+            self = self.field("drop_reason", d.reason).field("drop_netns", d.netns).field("drops", d.count);
+        }
         self
     }
 
@@ -230,6 +233,7 @@ pub(crate) mod tests {
             rtt_ns: Some(250_000),
             delay_ns: Some(1_000_000_000),
             listener: Some(crate::cause::ListenerSeen { netns: 4026532000, port: 443, count: 3 }),
+            dropped: None,
         }
     }
 

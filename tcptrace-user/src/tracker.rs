@@ -199,6 +199,19 @@ pub trait Sink {
     fn listener_synack_retransmit(&mut self, _netns: u32, _port: u16) {}
     /// A reset sent (`sent`) or received by the socket with this 4-tuple.
     fn reset(&mut self, _sent: bool, _tuple: &Tuple) {}
+    /// A SYN this host dropped (`skb:kfree_skb`).
+    fn syn_dropped(&mut self, _d: &DroppedSyn) {}
+}
+
+/// A SYN this host dropped, with the kernel's reason.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DroppedSyn {
+    /// The packet's 4-tuple (local = its source, the connecting side); the namespace
+    /// is that of the device it was dropped on.
+    pub tuple: Tuple,
+    /// `enum skb_drop_reason` (or [`tcptrace_common::DROP_REASON_OTHER`]).
+    pub reason: u16,
+    pub ts_ns: u64,
 }
 
 /// Which table dropped an entry before its natural end, and why.
@@ -545,6 +558,9 @@ impl Tracker {
                 }
             }
             Some(EventKind::ResetSent) => sink.reset(true, &Tuple::of(ev)),
+            Some(EventKind::SynDropped) => {
+                sink.syn_dropped(&DroppedSyn { tuple: Tuple::of(ev), reason: ev.drop_reason, ts_ns: ev.ts_ns })
+            }
             // Counted here; the kernel counts it on its handshake's start as well.
             Some(EventKind::SynRetransmit) => {
                 if let Some(family) = Family::from_raw(ev.family) {

@@ -67,6 +67,13 @@ fn both_records(daemon: &Daemon, client: u16) -> (Value, Value) {
     (of("active"), of("passive"))
 }
 
+/// Whether the running kernel's `kfree_skb` tracepoint carries a drop reason (5.17+).
+fn gives_drop_reasons() -> bool {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    let mut parts = release.trim().split(['.', '-']).map(|p| p.parse::<u32>().unwrap_or(0));
+    (parts.next().unwrap_or(0), parts.next().unwrap_or(0)) >= (5, 17)
+}
+
 fn ms(r: &Value, key: &str) -> f64 {
     r[key].as_f64().unwrap_or_else(|| panic!("no {key} in {r}"))
 }
@@ -139,6 +146,18 @@ fn a_dropped_syn_is_syn_retransmitted_with_what_it_cost() {
     assert!((900.0..1500.0).contains(&cost), "the retransmission cost {cost} ms, not the 1 s timeout: {r}");
     assert!(ms(r, "duration_ms") - cost < 50.0, "the rest is the round trip: {r}");
     assert_eq!(slow(&after, "active", "syn_retransmitted") - slow(&before, "active", "syn_retransmitted"), 1.0);
+    // Where the kernel names its drops (5.17+), the record names this one: netfilter,
+    // in the server's namespace.
+    let attached = after.get("tcptrace_probe_attached", &[("program", "kfree_skb"), ("attach", "raw")]) == 1.0;
+    assert_eq!(attached, gives_drop_reasons(), "skb:kfree_skb attached on this kernel: {}", daemon.log());
+    if attached {
+        assert_eq!(r["drop_reason"], "netfilter_drop", "{r}");
+        assert_eq!(r["drop_netns"].as_u64(), Some(u64::from(pair.b.inode())), "{r}");
+        assert_eq!(r["drops"].as_u64(), Some(table.packets()), "{r}");
+    } else {
+        assert!(r.get("drop_reason").is_none(), "{r}");
+        eprintln!("this kernel's kfree_skb gives no drop reason (Linux 5.17+): the drop is not named");
+    }
     drop(client);
 }
 

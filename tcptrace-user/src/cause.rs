@@ -106,7 +106,8 @@ pub struct Verdict {
     pub retransmits: u32,
     /// The round trip the kernel measured (`srtt_us` at ESTABLISHED), when read.
     pub rtt_ns: Option<u64>,
-    /// What the retransmissions cost: the duration less the round trip.
+    /// What the retransmissions cost: the duration less the round trip, when that is
+    /// under half of it.
     pub delay_ns: Option<u64>,
     pub listener: Option<ListenerSeen>,
     /// With [`Cause::SynRetransmitted`]: where this host dropped its SYNs (Linux 5.17+).
@@ -284,7 +285,7 @@ impl Causes {
     }
 
     /// The SYNs of an active handshake this host dropped during its flight.
-    fn dropped_syns(&self, w: &Waiting) -> Option<DropSeen> {
+    fn dropped_syns<'a>(&'a self, w: &Waiting) -> Option<DropSeen> {
         let (t, end_ns, elapsed) = match w {
             Waiting::Slow(h) => (h.tuple, h.ts_ns, h.duration_ns),
             Waiting::Failed(f) => (f.tuple, f.ts_ns, f.elapsed_ns),
@@ -293,9 +294,20 @@ impl Causes {
         let ours = |d: &&DroppedSyn| {
             let p = &d.tuple;
             (p.family, p.saddr, p.sport, p.daddr, p.dport) == (t.family, t.saddr, t.sport, t.daddr, t.dport)
-                && (start_ns..=end_ns).contains(&d.ts_ns)
         };
-        let (count, last) = self.dropped.iter().filter(ours).fold((0, None), |(n, _), d| (n + 1, Some(d)));
+        // In the order the ring buffer gave them, which is time order but for events
+        // of two CPUs microseconds apart: only those near the flight are looked at.
+        const SLACK_NS: u64 = 10_000_000;
+        let (a, b) = self.dropped.as_slices();
+        let within = |part: &'a [DroppedSyn]| {
+            let first = part.partition_point(|d| d.ts_ns < start_ns.saturating_sub(SLACK_NS));
+            part[first..].iter().take_while(move |d| d.ts_ns <= end_ns.saturating_add(SLACK_NS))
+        };
+        let (count, last) = within(a)
+            .chain(within(b))
+            .filter(|d| (start_ns..=end_ns).contains(&d.ts_ns))
+            .filter(ours)
+            .fold((0, None), |(n, _), d| (n + 1, Some(d)));
         last.map(|d| DropSeen { reason: self.reason_name(d.reason), netns: d.tuple.netns, count })
     }
 
@@ -353,8 +365,10 @@ fn judge(w: &Waiting, readings: &[Reading]) -> Judged {
         Cause::Syncookie => seen(Counted::Cookies),
         _ => None,
     };
+    // A round trip timed across a retransmission can hold the wait itself (a passive
+    // child's, from an echoed timestamp of the first SYN-ACK): then it says nothing.
     let delay_ns = match (retransmits, duration_ns, rtt_ns) {
-        (1.., Some(d), Some(rtt)) => Some(d.saturating_sub(rtt)),
+        (1.., Some(d), Some(rtt)) if rtt.saturating_mul(2) < d => Some(d - rtt),
         _ => None,
     };
     let verdict = Verdict { cause, retransmits, rtt_ns, delay_ns, listener, dropped: None };
@@ -376,7 +390,11 @@ fn best(
     end_ns: u64,
 ) -> Option<ListenerSeen> {
     let mut found: Vec<ListenerSeen> = Vec::new();
-    for r in readings.iter().filter(|r| r.what == what && r.from_ns < end_ns && r.to_ns >= start_ns) {
+    // Readings are in refresh order: skip those that ended before the flight, stop at
+    // the first that began after it.
+    let first = readings.partition_point(|r| r.to_ns < start_ns);
+    let overlapping = readings[first..].iter().take_while(|r| r.from_ns < end_ns);
+    for r in overlapping.filter(|r| r.what == what) {
         let theirs = match direction {
             Direction::Passive => r.netns == t.netns && r.port == t.sport,
             Direction::Active => r.port == t.dport,

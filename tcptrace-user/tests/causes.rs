@@ -247,23 +247,31 @@ fn a_full_accept_queue_in_another_namespace_is_the_clients_listen_overflow() {
         waiting.into_iter().map(|t| t.join().unwrap().expect("connect after the drop")).collect();
     let mut found = Vec::new();
     let judged = wait_for(deadline(AGREE), || {
-        found = streams.iter().flat_map(|s| records(&daemon, s.local_addr().unwrap().port())).collect();
+        // The clients' ends (a server's end is slow too when its final ACK found the
+        // queue full again).
+        found = streams
+            .iter()
+            .flat_map(|s| records(&daemon, s.local_addr().unwrap().port()))
+            .filter(|r| r["direction"] == "active")
+            .collect();
         found.len() >= clients as usize
     });
     let after = daemon.scrape();
     let (_, _, drops) = ss_listener(&pair.b, port);
     eprintln!("{clients} clients, ss -ltm d {drops}: tcptrace {found:?}");
     assert!(judged, "{found:?}");
-    assert_eq!(drops, clients, "one SYN of each client dropped (ss -ltm)");
+    assert!(drops >= clients, "every client's SYN was dropped at least once (ss -ltm: {drops})");
+    // Every client waited through all of the listener's drops (the SYNs of the others
+    // too): each record names them all, as the kernel counted them.
     let inode = u64::from(pair.b.inode());
     for r in &found {
         assert_eq!((r["direction"].as_str(), r["cause"].as_str()), (Some("active"), Some("listen_overflow")), "{r}");
         assert_eq!((r["listener_netns"].as_u64(), r["listener_port"].as_u64()), (Some(inode), Some(u64::from(port))));
-        assert!(r["listener_drops"].as_u64().is_some_and(|d| (1..=drops).contains(&d)), "{r}");
+        assert_eq!(r["listener_drops"].as_u64(), Some(drops), "the listener's drops, as ss -ltm counts them: {r}");
         assert!(r["retransmits"].as_u64() >= Some(1), "{r}");
     }
     let named = slow(&after, "active", "listen_overflow") - slow(&before, "active", "listen_overflow");
-    assert_eq!(named, drops as f64, "a listen_overflow per drop the kernel counted: {}", after.text);
+    assert_eq!(named, clients as f64, "a listen_overflow per client: {}", after.text);
     drop((queued, accepted, streams));
 }
 

@@ -86,6 +86,10 @@ fn a_retransmitted_syn_names_its_delay() {
     assert_eq!((v.cause, v.retransmits, v.delay_ns), (Cause::SynRetransmitted, 1, Some(1_000 * MS)));
     let v = judged(handshake(Direction::Passive, 10 * S, 1_300 * MS, 1, 300 * MS), &[(10 * S, vec![], vec![])]);
     assert_eq!(v.cause, Cause::SynackRetransmitted);
+    // A passive child's round trip timed from the first SYN-ACK's echoed timestamp
+    // holds the wait itself: no cost is derived from it.
+    let v = judged(handshake(Direction::Passive, 10 * S, 1_000 * MS, 1, 1_013 * MS), &[(10 * S, vec![], vec![])]);
+    assert_eq!((v.cause, v.delay_ns, v.rtt_ns), (Cause::SynackRetransmitted, None, Some(1_013 * MS)));
 }
 
 #[test]
@@ -165,4 +169,30 @@ fn readings_are_kept_only_while_a_flight_could_overlap_them() {
     assert_eq!(c.readings.len(), MAX_READINGS);
     c.refresh(200 * S, &[], &[]);
     assert!(c.readings.is_empty());
+}
+
+#[test]
+fn a_syn_this_host_dropped_is_named_on_the_retransmitted_handshake() {
+    let mut c = causes().with_drop_reasons(vec![(2, "not_specified".into()), (7, "netfilter_drop".into())]);
+    let h = handshake(Direction::Active, 10 * S, 1_000 * MS, 1, 50_000);
+    let drop = |at_ns: u64, reason: u16, sport: u16| {
+        let mut tuple = h.tuple;
+        (tuple.netns, tuple.sport) = (SERVER_NETNS, sport);
+        DroppedSyn { tuple, reason, ts_ns: at_ns }
+    };
+    c.syn_dropped(&drop(8 * S, 7, 40000)); // before its flight: another connect's
+    c.syn_dropped(&drop(9 * S + 1, 7, 40000));
+    c.syn_dropped(&drop(9 * S + 2, 7, 40001)); // another client port
+    c.syn_dropped(&drop(9 * S + 3, DROP_REASON_OTHER, 40000));
+    assert_eq!(c.handshake(&h), None);
+    let out = c.refresh(10 * S, &[], &[]);
+    let v = out[0].verdict();
+    assert_eq!(v.cause, Cause::SynRetransmitted);
+    assert_eq!(v.dropped, Some(DropSeen { reason: "other_subsystem", netns: SERVER_NETNS, count: 2 }));
+    assert_eq!(c.reason_name(7), "netfilter_drop");
+    assert_eq!(c.reason_name(99), "unknown");
+    // A handshake without a retransmission names no drop, whatever matches.
+    c.syn_dropped(&drop(20 * S, 7, 40000));
+    assert_eq!(c.handshake(&handshake(Direction::Active, 20 * S + 500 * MS, 900 * MS, 0, 800 * MS)), None);
+    assert_eq!(c.refresh(21 * S, &[], &[])[0].verdict().dropped, None);
 }

@@ -279,9 +279,13 @@ pub struct DaemonArgs {
     #[arg(long, env = "TCPTRACE_DESTINATION_LABELS", default_value_t = 0, value_name = "N", value_parser = clap::value_parser!(u16).range(0..=100))]
     pub destination_labels: u16,
 
-    /// Write one record to stdout for every handshake slower than this (e.g. 200ms,
+    /// Write one record to stdout for every handshake at least this slow (e.g. 200ms,
     /// 1s) and for every failed handshake: time, direction, 4-tuple, pid and comm of
-    /// the connect() caller, duration, retransmissions, failure reason.
+    /// the connect() caller, duration, retransmissions, failure reason, and its cause
+    /// with the figures behind it (the listener here that dropped it, the drop the
+    /// kernel named, the round trip). Also the threshold of
+    /// tcptrace_slow_handshakes_total{direction,cause} and of the landing page's
+    /// slow list, 200ms when not given.
     #[arg(long, env = "TCPTRACE_SLOW_HANDSHAKE", value_name = "DURATION", value_parser = parse_duration)]
     pub slow_handshake: Option<Duration>,
 

@@ -30,7 +30,7 @@ use crate::{
     page,
     pipeline::Pipeline,
     privileges,
-    probe::{self, KernelCounters, LoadOptions, Probe},
+    probe::{KernelCounters, LoadOptions, Probe},
     procnet,
     reader::{Consumer, Pace, Reader},
     report::SlowLog,
@@ -210,10 +210,8 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
         pipeline = pipeline.with_slow_log(SlowLog::new(args.log_format, out));
     }
     let recent_threshold = args.slow_handshake.unwrap_or(cause::DEFAULT_SLOW);
-    let drops_named = probe.programs.iter().any(|p| p.tracepoint == "kfree_skb" && p.attached);
-    let reasons = if drops_named { probe::drop_reasons() } else { Vec::new() };
     pipeline = pipeline
-        .with_causes(cause::Causes::new(recent_threshold).with_drop_reasons(reasons))
+        .with_causes(cause::Causes::new(recent_threshold).with_drop_reasons(std::mem::take(&mut probe.drop_reasons)))
         .with_recent(page::Recent::default());
     let registry = pipeline.metrics().registry().clone();
     let web = pipeline.metrics().web_counters();

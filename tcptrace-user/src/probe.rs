@@ -150,9 +150,9 @@ pub struct KernelOffsets {
 }
 
 /// Reads the socket, namespace and listener offsets the programs need from the
-/// running kernel's BTF, parsed once. `None` (logged) without BTF; members that are
-/// missing are logged and left [`ABSENT`].
-pub fn kernel_offsets() -> Option<KernelOffsets> {
+/// running kernel's BTF, parsed once, and the names of its drop reasons. `None`
+/// (logged) without BTF; members that are missing are logged and left [`ABSENT`].
+fn kernel_offsets() -> Option<(KernelOffsets, Vec<(u32, String)>)> {
     let btf = match Btf::from_file(Path::new(VMLINUX_BTF)) {
         Ok(btf) => btf,
         Err(err) => {
@@ -165,17 +165,12 @@ pub fn kernel_offsets() -> Option<KernelOffsets> {
     let listener = listener_offsets_from(&btf);
     let mib = if listener.net_statistics != ABSENT { MibReader::find(&btf) } else { None };
     let skb = skb_offsets_from(&btf);
-    Some(KernelOffsets { sock, net, listener, mib, skb })
-}
-
-/// The names of the kernel's drop reasons (`enum skb_drop_reason`, 5.17+) by value,
-/// lower case without their prefix (`netfilter_drop`); empty without BTF or before 5.17.
-pub fn drop_reasons() -> Vec<(u32, String)> {
-    let Ok(btf) = Btf::from_file(Path::new(VMLINUX_BTF)) else { return Vec::new() };
-    btf.enumerators("skb_drop_reason")
+    let reasons = btf
+        .enumerators("skb_drop_reason")
         .into_iter()
         .map(|(name, value)| (value, name.trim_start_matches("SKB_DROP_REASON_").to_ascii_lowercase()))
-        .collect()
+        .collect();
+    Some((KernelOffsets { sock, net, listener, mib, skb }, reasons))
 }
 
 /// Where a packet buffer keeps the headers of a dropped packet; unknown (so the drop
@@ -369,6 +364,9 @@ pub struct Probe {
     /// Whether listeners can be read (`listener_read`) and listed (`listeners`).
     pub listeners: bool,
     mib: Option<MibReader>,
+    /// The kernel's drop reasons by value (`netfilter_drop`), read from BTF with the
+    /// offsets: empty unless `kfree_skb` is attached.
+    pub drop_reasons: Vec<(u32, String)>,
 }
 
 /// How to load the programs.
@@ -737,7 +735,7 @@ impl Probe {
         check_capabilities()?;
         raise_memlock_rlimit();
 
-        let offsets = kernel_offsets();
+        let (offsets, reasons) = kernel_offsets().unzip();
         let mut config = Config::UNSET;
         config.wakeup_bytes = wakeup_bytes;
         config.stream_all = u8::from(stream_all);
@@ -845,7 +843,10 @@ impl Probe {
         }
         let attached: Vec<_> = programs.iter().filter(|p| p.attached).map(|p| p.tracepoint).collect();
         info!("attached {mode} tracepoint programs to {}", attached.join(", "));
-        Ok(Self { ebpf, mode, btf: offsets.is_some(), netns, programs, net, listeners, mib })
+        // Named only when dropped SYNs can stream at all.
+        let dropping = programs.iter().any(|p| p.tracepoint == "kfree_skb" && p.attached);
+        let drop_reasons = reasons.filter(|_| dropping).unwrap_or_default();
+        Ok(Self { ebpf, mode, btf: offsets.is_some(), netns, programs, net, listeners, mib, drop_reasons })
     }
 
     /// The `struct sock *` and `struct net *` of every listener of each namespace (by

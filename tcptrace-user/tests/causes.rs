@@ -115,82 +115,85 @@ fn a_long_path_is_path_rtt_with_the_round_trip_the_kernel_measured() {
     drop(client);
 }
 
+/// One connection whose first packet matching `flags` (an nftables match on the
+/// server's input) was dropped, once its slow-log record came: what the kernel and
+/// tcptrace said of it. The retransmission is counted in the namespace that sent it
+/// again (`server`: the server's, for a SYN-ACK).
+struct OneDrop {
+    records: Vec<Value>,
+    /// Packets the rule dropped; SYNs (or SYN-ACKs) the retransmitting namespace sent again.
+    dropped: u64,
+    retransmitted: u64,
+    before: Scrape,
+    after: Scrape,
+    daemon: Daemon,
+    /// Kept to the end: the client's stream, then its namespaces.
+    _client: TcpStream,
+    pair: VethPair,
+}
+
+fn one_drop(port: u16, flags: &str, server: bool) -> OneDrop {
+    let daemon = Daemon::start(&["--slow-handshake", "200ms", "--log-format", "json"]);
+    let pair = VethPair::new();
+    let listening = listener(&pair, port);
+    let table = NftTable::new(Some(&pair.b), &[format!("tcp dport {port} tcp flags & {flags} {DROP_FIRST}")]);
+    let retransmits = |p: &VethPair| (if server { &p.b } else { &p.a }).mib("netstat", "TcpExt", "TCPSynRetrans");
+    let retrans_before = retransmits(&pair);
+    let before = daemon.scrape();
+    let client = connect(&pair, port);
+    let client_port = client.local_addr().unwrap().port();
+    let mut records = Vec::new();
+    assert!(wait_for(deadline(AGREE), || {
+        records = self::records(&daemon, client_port);
+        !records.is_empty()
+    }));
+    let retransmitted = retransmits(&pair) - retrans_before;
+    let after = daemon.scrape();
+    let dropped = table.packets();
+    drop((table, listening));
+    eprintln!("{flags} dropped: tcptrace {records:?}; TCPSynRetrans {retransmitted}");
+    assert_eq!((dropped, retransmitted), (1, 1), "the kernel dropped one packet and sent it again once");
+    assert_eq!(records.len(), 1, "only one end is slow: {records:?}");
+    OneDrop { records, dropped, retransmitted, before, after, daemon, _client: client, pair }
+}
+
 #[test]
 #[ignore = "needs root and the real kernel: run `cargo xtask test`"]
 fn a_dropped_syn_is_syn_retransmitted_with_what_it_cost() {
     require_root();
-    let daemon = Daemon::start(&["--slow-handshake", "200ms", "--log-format", "json"]);
-    let pair = VethPair::new();
-    let port = 7402;
-    let _listener = listener(&pair, port);
-    let rule = format!("tcp dport {port} tcp flags & (syn | ack) == syn {DROP_FIRST}");
-    let table = NftTable::new(Some(&pair.b), &[rule]);
-    let retrans_before = pair.a.mib("netstat", "TcpExt", "TCPSynRetrans");
-    let before = daemon.scrape();
-    let client = connect(&pair, port);
-    let client_port = client.local_addr().unwrap().port();
-    let mut found = Vec::new();
-    assert!(wait_for(deadline(AGREE), || {
-        found = records(&daemon, client_port);
-        !found.is_empty()
-    }));
-    let retransmitted = pair.a.mib("netstat", "TcpExt", "TCPSynRetrans") - retrans_before;
-    let after = daemon.scrape();
-    eprintln!("first SYN dropped: tcptrace {found:?}; the client namespace's TCPSynRetrans {retransmitted}");
-    assert_eq!((table.packets(), retransmitted), (1, 1), "the kernel dropped one SYN and sent it once more");
-    assert_eq!(found.len(), 1, "only the client's end is slow: {found:?}");
-    let r = &found[0];
+    let d = one_drop(7402, "(syn | ack) == syn", false);
+    let r = &d.records[0];
     assert_eq!((r["direction"].as_str(), r["cause"].as_str()), (Some("active"), Some("syn_retransmitted")), "{r}");
-    assert_eq!(r["retransmits"].as_u64(), Some(retransmitted), "{r}");
+    assert_eq!(r["retransmits"].as_u64(), Some(d.retransmitted), "{r}");
     let cost = ms(r, "retransmit_delay_ms");
     assert!((900.0..1500.0).contains(&cost), "the retransmission cost {cost} ms, not the 1 s timeout: {r}");
     assert!(ms(r, "duration_ms") - cost < 50.0, "the rest is the round trip: {r}");
-    assert_eq!(slow(&after, "active", "syn_retransmitted") - slow(&before, "active", "syn_retransmitted"), 1.0);
+    assert_eq!(slow(&d.after, "active", "syn_retransmitted") - slow(&d.before, "active", "syn_retransmitted"), 1.0);
     // Where the kernel names its drops (5.17+), the record names this one: netfilter,
     // in the server's namespace.
-    let attached = after.get("tcptrace_probe_attached", &[("program", "kfree_skb"), ("attach", "raw")]) == 1.0;
-    assert_eq!(attached, gives_drop_reasons(), "skb:kfree_skb attached on this kernel: {}", daemon.log());
+    let attached = d.after.get("tcptrace_probe_attached", &[("program", "kfree_skb"), ("attach", "raw")]) == 1.0;
+    assert_eq!(attached, gives_drop_reasons(), "skb:kfree_skb attached on this kernel: {}", d.daemon.log());
     if attached {
         assert_eq!(r["drop_reason"], "netfilter_drop", "{r}");
-        assert_eq!(r["drop_netns"].as_u64(), Some(u64::from(pair.b.inode())), "{r}");
-        assert_eq!(r["drops"].as_u64(), Some(table.packets()), "{r}");
+        assert_eq!(r["drop_netns"].as_u64(), Some(u64::from(d.pair.b.inode())), "{r}");
+        assert_eq!(r["drops"].as_u64(), Some(d.dropped), "as many as nftables dropped: {r}");
     } else {
         assert!(r.get("drop_reason").is_none(), "{r}");
         eprintln!("this kernel's kfree_skb gives no drop reason (Linux 5.17+): the drop is not named");
     }
-    drop(client);
 }
 
 #[test]
 #[ignore = "needs root and the real kernel: run `cargo xtask test`"]
 fn a_dropped_final_ack_is_synack_retransmitted() {
     require_root();
-    let daemon = Daemon::start(&["--slow-handshake", "200ms", "--log-format", "json"]);
-    let pair = VethPair::new();
-    let port = 7403;
-    let _listener = listener(&pair, port);
-    let rule = format!("tcp dport {port} tcp flags & (syn | ack | fin | rst) == ack {DROP_FIRST}");
-    let table = NftTable::new(Some(&pair.b), &[rule]);
-    let retrans_before = pair.b.mib("netstat", "TcpExt", "TCPSynRetrans");
-    let before = daemon.scrape();
-    let client = connect(&pair, port);
-    let client_port = client.local_addr().unwrap().port();
-    let mut found = Vec::new();
-    assert!(wait_for(deadline(AGREE), || {
-        found = records(&daemon, client_port);
-        !found.is_empty()
-    }));
-    let retransmitted = pair.b.mib("netstat", "TcpExt", "TCPSynRetrans") - retrans_before;
-    let after = daemon.scrape();
-    eprintln!("final ACK dropped: tcptrace {found:?}; the server namespace's TCPSynRetrans {retransmitted}");
-    assert_eq!((table.packets(), retransmitted), (1, 1), "the kernel dropped one ACK and sent its SYN-ACK once more");
-    assert_eq!(found.len(), 1, "only the server's end is slow: {found:?}");
-    let r = &found[0];
+    let d = one_drop(7403, "(syn | ack | fin | rst) == ack", true);
+    let r = &d.records[0];
     assert_eq!((r["direction"].as_str(), r["cause"].as_str()), (Some("passive"), Some("synack_retransmitted")), "{r}");
-    assert_eq!(r["retransmits"].as_u64(), Some(retransmitted), "{r}");
+    assert_eq!(r["retransmits"].as_u64(), Some(d.retransmitted), "{r}");
     assert!((1000.0..1500.0).contains(&ms(r, "duration_ms")), "{r}");
-    assert_eq!(slow(&after, "passive", "synack_retransmitted") - slow(&before, "passive", "synack_retransmitted"), 1.0);
-    drop(client);
+    let named = slow(&d.after, "passive", "synack_retransmitted") - slow(&d.before, "passive", "synack_retransmitted");
+    assert_eq!(named, 1.0);
 }
 
 #[test]

@@ -273,6 +273,12 @@ impl Causes {
         due.iter().map(|w| self.judge(w)).collect()
     }
 
+    /// Judges everything still waiting with the readings so far.
+    pub fn judge_all(&mut self) -> Vec<Judged> {
+        let all: Vec<Waiting> = self.waiting.drain(..).collect();
+        all.iter().map(|w| self.judge(w)).collect()
+    }
+
     fn judge(&mut self, w: &Waiting) -> Judged {
         let mut judged = judge(w, self.readings.make_contiguous());
         let v = match &mut judged {

@@ -180,8 +180,14 @@ impl Pipeline {
         }
     }
 
-    /// Waits up to `deadline` for queued slow-log records to reach stdout.
+    /// Judges the slow and failed handshakes still waiting for a refresh (the daemon
+    /// is stopping: none will come), then waits up to `deadline` for queued slow-log
+    /// records to reach stdout.
     pub fn flush_slow_log(&mut self, deadline: std::time::Duration) {
+        let mut judged = Judgements { slow_log: self.slow_log.as_mut(), recent: self.recent.as_mut() };
+        for j in self.causes.judge_all() {
+            judged.deliver(&j, &self.metrics);
+        }
         if let Some(log) = &mut self.slow_log {
             log.output().flush(deadline);
         }

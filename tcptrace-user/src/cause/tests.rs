@@ -158,6 +158,10 @@ fn failures_are_judged_too_and_the_queue_is_bounded() {
     }
     assert!(c.failure(&refused).is_some(), "beyond the cap the oldest is judged at once");
     assert_eq!(c.refresh(131 * S, &[], &[]).len(), MAX_WAITING);
+    let later = Failure { ts_ns: 200 * S, ..refused };
+    assert_eq!(c.failure(&later), None);
+    assert_eq!(c.judge_all().len(), 1, "at the end, what waits is judged without its refresh");
+    assert!(c.judge_all().is_empty());
 }
 
 #[test]

@@ -127,21 +127,6 @@ impl Judged {
             Self::Slow(_, v) | Self::Failed(_, v) => v,
         }
     }
-
-    pub fn direction(&self) -> Direction {
-        match self {
-            Self::Slow(h, _) => h.direction,
-            Self::Failed(f, _) => f.direction,
-        }
-    }
-
-    /// When it ended (CLOCK_MONOTONIC ns).
-    pub fn ts_ns(&self) -> u64 {
-        match self {
-            Self::Slow(h, _) => h.ts_ns,
-            Self::Failed(f, _) => f.ts_ns,
-        }
-    }
 }
 
 /// What a refresh counted for one listening port.

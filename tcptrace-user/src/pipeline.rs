@@ -165,10 +165,8 @@ impl Pipeline {
         let namespaces = self.listeners.apply_namespaces(&kernel.namespace_counters);
         let [cookies, syn_queue_drops] = namespaces.iter().fold([0, 0], |[a, b], (_, [c, d])| [a + c, b + d]);
         self.metrics.namespace_counters(cookies, syn_queue_drops);
-        let mut judged = Judgements { slow_log: self.slow_log.as_mut(), recent: self.recent.as_mut() };
-        for j in self.causes.refresh(now_ns, &ports, &namespaces) {
-            judged.deliver(&j, &self.metrics);
-        }
+        let judged = self.causes.refresh(now_ns, &ports, &namespaces);
+        self.deliver(&judged);
         if let Some(resets) = &kernel.resets {
             self.metrics.set_resets(resets);
         }
@@ -184,12 +182,18 @@ impl Pipeline {
     /// is stopping: none will come), then waits up to `deadline` for queued slow-log
     /// records to reach stdout.
     pub fn flush_slow_log(&mut self, deadline: std::time::Duration) {
-        let mut judged = Judgements { slow_log: self.slow_log.as_mut(), recent: self.recent.as_mut() };
-        for j in self.causes.judge_all() {
-            judged.deliver(&j, &self.metrics);
-        }
+        let judged = self.causes.judge_all();
+        self.deliver(&judged);
         if let Some(log) = &mut self.slow_log {
             log.output().flush(deadline);
+        }
+    }
+
+    /// Hands judged handshakes to the metrics, the slow log and the page.
+    fn deliver(&mut self, judged: &[Judged]) {
+        let mut to = Judgements { slow_log: self.slow_log.as_mut(), recent: self.recent.as_mut() };
+        for j in judged {
+            to.deliver(j, &self.metrics);
         }
     }
 

@@ -373,22 +373,36 @@ fn failure_ratios_stay_honest_when_starts_are_evicted() {
     }
     let delta = |s: &Scrape, name: &str, labels: &[(&str, &str)]| s.get(name, labels) - before.get(name, labels);
     let active = [("direction", "active"), ("family", "ipv4")];
+    let refusals =
+        |s: &Scrape| s.failures_for("active", "ipv4", "refused") - before.failures_for("active", "ipv4", "refused");
+    // A run the kernel skipped (counted: a transition in softirq while the program ran
+    // on that CPU) is a start or an end tcptrace never saw; each may cost one.
+    let skipped = |s: &Scrape| s.missed() - before.missed();
     let mut after = daemon.scrape();
     wait_for(deadline(BASE_DEADLINE), || {
         after = daemon.scrape();
-        delta(&after, "tcptrace_handshakes_total", &active) >= 10.0
-            && after.failures_for("active", "ipv4", "refused") - before.failures_for("active", "ipv4", "refused") >= 5.0
+        let slack = skipped(&after);
+        delta(&after, "tcptrace_handshakes_total", &active) + slack >= 10.0 && refusals(&after) + slack >= 5.0
     });
     let completed = delta(&after, "tcptrace_handshakes_total", &active);
     let timed = delta(&after, "tcptrace_handshake_duration_seconds_count", &active);
-    let failed = after.failures_for("active", "ipv4", "refused") - before.failures_for("active", "ipv4", "refused");
+    let failed = refusals(&after);
     let evicted =
         delta(&after, "tcptrace_tracked_sockets_evicted_total", &[("table", "handshakes"), ("reason", "cap")]);
-    eprintln!("cap 1: {completed} completed, {timed} timed, {evicted} starts evicted, {failed} refused");
-    assert_eq!((completed, failed), (10.0, 5.0), "every outcome counted, timed or not");
-    assert_eq!(failed / (failed + completed), 5.0 / 15.0, "the failure ratio is the true one");
-    assert_eq!(evicted, 9.0, "nine of ten starts made room for the next");
-    assert_eq!(timed, 1.0, "only the start still held is timed");
+    let slack = skipped(&after);
+    eprintln!(
+        "cap 1: {completed} completed, {timed} timed, {evicted} starts evicted, {failed} refused; {slack} runs skipped"
+    );
+    let within = |got: f64, want: f64| got <= want && got + slack >= want;
+    assert!(
+        within(completed, 10.0) && within(failed, 5.0),
+        "every outcome counted, timed or not: {completed}, {failed}"
+    );
+    if slack == 0.0 {
+        assert_eq!(failed / (failed + completed), 5.0 / 15.0, "the failure ratio is the true one");
+    }
+    assert!(within(evicted, 9.0), "nine of ten starts made room for the next: {evicted}");
+    assert!(timed <= 1.0 && timed + slack >= 1.0, "only the start still held is timed: {timed}");
 }
 
 /// `n` time-wait sockets in `ns`, made as fast as loopback allows: two workers,

@@ -123,6 +123,76 @@ pub const TIME_WAIT_NET_SLOTS: u32 = 64;
 /// `bpf_ktime_get_ns`.
 pub const TIME_WAIT_EPOCH_SHIFT: u32 = 30;
 
+/// Name of the per-CPU array (one [`HandshakeHistograms`] slot) where the programs
+/// count the handshakes that stream nothing: those that ended below
+/// [`Config::aggregate_below_ns`] with nothing else to tell (see [`Config`]).
+pub const HANDSHAKES_MAP: &str = "HANDSHAKES";
+/// Upper bounds (inclusive, ns) of the handshake duration buckets, the kernel's and
+/// the exported histograms' alike. The low end resolves loopback handshakes (tens of
+/// microseconds); above 1 s the pairs (1, 2], (3, 4], (7, 8]... separate SYN
+/// retransmissions at exponential timeouts.
+pub const HANDSHAKE_BUCKETS_NS: [u64; HANDSHAKE_BOUNDS] = [
+    10_000,
+    25_000,
+    50_000,
+    100_000,
+    250_000,
+    500_000,
+    1_000_000,
+    2_500_000,
+    5_000_000,
+    10_000_000,
+    25_000_000,
+    50_000_000,
+    100_000_000,
+    250_000_000,
+    500_000_000,
+    1_000_000_000,
+    2_000_000_000,
+    3_000_000_000,
+    4_000_000_000,
+    7_000_000_000,
+    8_000_000_000,
+    15_000_000_000,
+    16_000_000_000,
+    31_000_000_000,
+    32_000_000_000,
+    64_000_000_000,
+    128_000_000_000,
+];
+/// How many [`HANDSHAKE_BUCKETS_NS`] there are.
+pub const HANDSHAKE_BOUNDS: usize = 27;
+/// Words of one histogram in [`HandshakeHistograms`]: a count per bucket, one above
+/// the last bound (`+Inf`), then the sum of the durations in ns.
+pub const HANDSHAKE_WORDS: usize = HANDSHAKE_BOUNDS + 2;
+/// Index of the sum in a histogram of [`HandshakeHistograms`].
+pub const HANDSHAKE_SUM: usize = HANDSHAKE_BOUNDS + 1;
+/// Histograms of [`HandshakeHistograms`], by [`handshake_slot`].
+pub const HANDSHAKE_SLOTS: usize = 8;
+/// Handshakes counted in the kernel, by [`handshake_slot`].
+pub type HandshakeHistograms = [[u64; HANDSHAKE_WORDS]; HANDSHAKE_SLOTS];
+
+/// The histogram of [`HandshakeHistograms`] for a handshake's direction, its
+/// connection's family (a v4-mapped IPv6 socket's is IPv4, as the decoder has it)
+/// and whether it needed a retransmission.
+pub const fn handshake_slot(passive: bool, ipv6: bool, retransmitted: bool) -> usize {
+    (passive as usize) << 2 | (ipv6 as usize) << 1 | retransmitted as usize
+}
+
+/// The bucket of [`HANDSHAKE_BUCKETS_NS`] a duration falls in (`HANDSHAKE_BOUNDS`:
+/// above them all).
+#[inline(always)]
+pub fn handshake_bucket(ns: u64) -> usize {
+    let mut i = 0;
+    while i < HANDSHAKE_BOUNDS {
+        if ns <= HANDSHAKE_BUCKETS_NS[i] {
+            return i;
+        }
+        i += 1;
+    }
+    HANDSHAKE_BOUNDS
+}
+
 /// The [`ACTIVE_MAP`] slot of a socket before masking: a multiplicative hash of its
 /// address (sockets are slab objects, so the low bits say little).
 pub const fn active_hash(sk: u64) -> u32 {
@@ -257,6 +327,9 @@ pub struct SockOffsets {
     pub srtt_us: u16,
     /// `sk_err`: why a handshake failed.
     pub sk_err: u16,
+    /// `tcp_sock.total_retrans`: a passive child starts with its request's SYN-ACK
+    /// retransmissions, which decide whether its end must stream.
+    pub total_retrans: u16,
     /// How many bytes from the socket's start hold every `skc_*` field above (at most
     /// [`SPAN_MAX`]): the programs copy them in one read.
     pub span: u16,
@@ -279,6 +352,7 @@ impl SockOffsets {
         protocol: ABSENT,
         srtt_us: ABSENT,
         sk_err: ABSENT,
+        total_retrans: ABSENT,
         span: 0,
     };
 
@@ -355,7 +429,7 @@ pub struct Config {
     pub stream_all: u8,
     /// [`STREAM_CLOSE_WAIT`] and [`STREAM_CLOSES`]: what else to stream.
     pub stream_extra: u8,
-    pub _pad: [u8; 8],
+    pub _pad: [u8; 6],
     pub net: NetOffsets,
     pub _pad2: [u8; 4],
     pub listener: ListenerOffsets,
@@ -364,6 +438,10 @@ pub struct Config {
     pub _pad3: [u8; 4],
     pub skb: SkbOffsets,
     pub _pad4: [u8; 4],
+    /// A handshake that ends faster than this (ns), was timed, and whose end the
+    /// daemon needs for nothing else (no SYN-ACK retransmission to pair, no labelled
+    /// breakdown on) is only counted in [`HANDSHAKES_MAP`]; 0 streams every end.
+    pub aggregate_below_ns: u64,
 }
 
 /// Where a packet buffer keeps what [`EventKind::SynDropped`] reads of a dropped
@@ -479,7 +557,7 @@ impl Config {
         receive_reset: RecordLayout::ABSENT,
         stream_all: 1,
         stream_extra: 0,
-        _pad: [0; 8],
+        _pad: [0; 6],
         net: NetOffsets::UNKNOWN,
         _pad2: [0; 4],
         listener: ListenerOffsets::UNKNOWN,
@@ -487,10 +565,11 @@ impl Config {
         _pad3: [0; 4],
         skb: SkbOffsets::UNKNOWN,
         _pad4: [0; 4],
+        aggregate_below_ns: 0,
     };
 }
 
-const _: () = assert!(core::mem::size_of::<Config>() == 192);
+const _: () = assert!(core::mem::size_of::<Config>() == 200);
 
 /// `AF_INET`, as the kernel reports it in `family`.
 pub const AF_INET: u16 = 2;
@@ -786,10 +865,18 @@ mod tests {
     }
 
     #[test]
+    fn handshake_buckets_are_inclusive_and_ordered() {
+        assert!(HANDSHAKE_BUCKETS_NS.windows(2).all(|w| w[0] < w[1]));
+        assert_eq!((handshake_bucket(0), handshake_bucket(10_000), handshake_bucket(10_001)), (0, 0, 1));
+        assert_eq!(handshake_bucket(128_000_000_001), HANDSHAKE_BOUNDS);
+        assert_eq!((handshake_slot(false, false, false), handshake_slot(true, true, true)), (0, HANDSHAKE_SLOTS - 1));
+    }
+
+    #[test]
     fn event_has_no_hidden_padding() {
         let e = Event::zeroed();
         let fields = 8 + 8 + 8 + 4 + 4 + 16 + 16 + 2 + 2 + 2 + 1 + 1 + 1 + 1 + 2 + 4 + 4 + 4 + 16 + 8 + 4 + 4 + 8;
-        let config = 8 + 15 * 2 + 5 * 10 * 2 + 1 + 1 + 8 + 12 + 4 + 8 + 4 + 6 * 2 + 4;
+        let config = 8 + 16 * 2 + 5 * 10 * 2 + 1 + 1 + 6 + 12 + 4 + 8 + 4 + 6 * 2 + 4 + 8;
         assert_eq!(core::mem::size_of::<Config>(), config);
         assert_eq!(core::mem::size_of_val(&e), fields);
         assert_eq!(core::mem::size_of::<ActiveStart>(), 8 + 8 + 8 + 4 + 4 + 16 + 4 + 4);

@@ -29,9 +29,10 @@ use aya_ebpf::{
     EbpfContext as _,
 };
 use tcptrace_common::{
-    active_hash, extra_pairs, family_slot, pairs, reset_slot, transition_slot, ActiveStart, Config, Event, EventKind,
-    ResetCounts, TcpState, TransitionCounts, ABSENT, ACTIVE_SLOTS_DEFAULT, AF_INET, AF_INET6, DEFAULT_RING_BYTES,
-    DROP_REASON_OTHER, FAMILY_SLOTS, IPPROTO_TCP, LISTENER_DROPS, LISTENER_LIMIT, LISTENER_NET_MIB, LISTENER_PORT,
+    active_hash, extra_pairs, family_slot, handshake_bucket, handshake_slot, pairs, reset_slot, transition_slot,
+    ActiveStart, Config, Event, EventKind, HandshakeHistograms, ResetCounts, TcpState, TransitionCounts, ABSENT,
+    ACTIVE_SLOTS_DEFAULT, AF_INET, AF_INET6, DEFAULT_RING_BYTES, DROP_REASON_OTHER, FAMILY_SLOTS, HANDSHAKE_BOUNDS,
+    HANDSHAKE_SLOTS, HANDSHAKE_SUM, IPPROTO_TCP, LISTENER_DROPS, LISTENER_LIMIT, LISTENER_NET_MIB, LISTENER_PORT,
     LISTENER_QUEUE, MAX_CPUS, NET_GONE, NET_READ_PORT_HIGH, NET_READ_PORT_LOW, NET_READ_TIME_WAIT, PAIRING_EVICTED,
     PAIRING_SLOTS, PAIRING_STARTED, PAIRING_TAKEN, SK_ERR_UNKNOWN, SPAN_MAX, STREAM_RESETS, TIME_WAIT_EPOCH_SHIFT,
     TIME_WAIT_NET_SLOTS, TW_UNKNOWN,
@@ -66,6 +67,11 @@ macro_rules! from_record {
 /// slot per socket family (`family_slot`).
 #[map]
 static TRANSITIONS: PerCpuArray<TransitionCounts> = PerCpuArray::with_max_entries(FAMILY_SLOTS, 0);
+
+/// The handshakes that stream nothing ([`aggregated`]): one histogram per
+/// direction, family and whether it needed a retransmission, in the exported buckets.
+#[map]
+static HANDSHAKES: PerCpuArray<HandshakeHistograms> = PerCpuArray::with_max_entries(1, 0);
 
 /// Resets sent and received, by the socket's state (`reset_slot`): counted here, as
 /// a storm of them must cost no ring buffer space.
@@ -287,6 +293,9 @@ fn state_change(sk: u64, family: u16, old: u32, new: u32, tuple: impl FnOnce(&mu
     if !stream_all && !pairs(old, new) && !extra {
         return;
     }
+    if new == TcpState::Established as u32 && !stream_all && aggregated(sk, family, old) {
+        return;
+    }
     let time_wait =
         new == TcpState::Close as u32 && (old == TcpState::FinWait2 as u32 || old == TcpState::Closing as u32);
     if time_wait && !stream_all && !extra && count_time_wait(sk, family) {
@@ -337,6 +346,74 @@ fn state_change(sk: u64, family: u16, old: u32, new: u32, tuple: impl FnOnce(&mu
     entry.submit(wakeup_flags());
 }
 
+/// Counts a handshake's end in [`HANDSHAKES`] instead of streaming it, when it was
+/// timed, is faster than `CONFIG.aggregate_below_ns` (0: never) and leaves the daemon
+/// nothing to pair: an active open whose start its slot still holds, or a passive
+/// child whose round trip was read and whose request retransmitted no SYN-ACK (the
+/// child starts with the request's count in `total_retrans`). Its duration is the
+/// one the daemon would compute from the streamed end.
+#[inline(always)]
+fn aggregated(sk: u64, family: u16, old: u32) -> bool {
+    let below = cfg!(aggregate_below_ns);
+    if below == 0 {
+        return false;
+    }
+    if old == TcpState::SynRecv as u32 {
+        let Some(srtt) = read::<u32>(sk, cfg!(sock.srtt_us)).filter(|&s| s > 0) else { return false };
+        let duration = u64::from(srtt) * 125;
+        if duration >= below || read::<u32>(sk, cfg!(sock.total_retrans)) != Some(0) {
+            return false;
+        }
+        count_handshake(handshake_slot(true, connection_is_ipv6(sk, family), false), duration);
+        return true;
+    }
+    if old != TcpState::SynSent as u32 {
+        return false;
+    }
+    let Some(slot) = ACTIVE.get_ptr_mut(active_slot(sk)) else { return false };
+    // SAFETY: an array value, read, then marked free (see [`ACTIVE`] on races); a
+    // helper without arguments.
+    unsafe {
+        if (*slot).sk != sk {
+            return false;
+        }
+        let duration = bpf_ktime_get_ns().saturating_sub((*slot).ts_ns);
+        if duration >= below {
+            return false;
+        }
+        count_handshake(handshake_slot(false, connection_is_ipv6(sk, family), (*slot).retransmits > 0), duration);
+        (*slot).sk = 0;
+    }
+    count_pairing(PAIRING_TAKEN);
+    true
+}
+
+/// Counts one handshake of `duration` ns in this CPU's [`HANDSHAKES`] histogram `index`.
+#[inline(always)]
+fn count_handshake(index: usize, duration: u64) {
+    let Some(all) = HANDSHAKES.get_ptr_mut(0) else { return };
+    let bucket = handshake_bucket(duration);
+    // SAFETY: this CPU's value, only this CPU writes it while the program runs; the
+    // volatile reads keep the bounds checks the verifier needs (as in `state_change`).
+    unsafe {
+        let h = &mut (*all)[core::ptr::read_volatile(&index) & (HANDSHAKE_SLOTS - 1)];
+        let b = core::ptr::read_volatile(&bucket);
+        if b <= HANDSHAKE_BOUNDS {
+            h[b] += 1;
+        }
+        h[HANDSHAKE_SUM] += duration;
+    }
+}
+
+/// Whether a socket's connection is IPv6: a v4-mapped IPv6 socket's is IPv4, as the
+/// decoder has it.
+#[inline(always)]
+fn connection_is_ipv6(sk: u64, family: u16) -> bool {
+    family == AF_INET6
+        && !read::<[u32; 4]>(sk, cfg!(sock.v6_daddr))
+            .is_some_and(|w| w[0] == 0 && w[1] == 0 && w[2] == u32::from_ne_bytes([0, 0, 0xff, 0xff]))
+}
+
 /// Counts a close into TIME_WAIT in [`TIME_WAIT_COUNTED`] instead of streaming it,
 /// when the daemon needs nothing more from it: no error (a reset leaves no time-wait
 /// socket), its namespace's count (the new one included) below the cap less one (at
@@ -367,11 +444,7 @@ fn count_time_wait(sk: u64, family: u16) -> bool {
             return false;
         }
     }
-    // A v4-mapped IPv6 socket's connection is IPv4, as the decoder has it.
-    let mapped = family == AF_INET6
-        && read::<[u32; 4]>(sk, cfg!(sock.v6_daddr))
-            .is_some_and(|w| w[0] == 0 && w[1] == 0 && w[2] == u32::from_ne_bytes([0, 0, 0xff, 0xff]));
-    let slot = family_slot(if mapped { AF_INET } else { family });
+    let slot = family_slot(if connection_is_ipv6(sk, family) { AF_INET6 } else { AF_INET });
     if let Some(n) = TIME_WAIT_COUNTED.get_ptr_mut(slot) {
         // SAFETY: per-CPU slot, only this CPU writes it while the program runs.
         unsafe { *n += 1 };

@@ -151,6 +151,8 @@ pub fn run(args: &CheckArgs) -> Vec<Finding> {
         wakeup_bytes: 0,
         attach: args.attach,
         max_active: tcptrace_common::ACTIVE_SLOTS_DEFAULT,
+        // As the daemon loads them by default: the verifier skips what CONFIG turns off.
+        aggregate_below_ns: crate::cause::DEFAULT_SLOW.as_nanos() as u64,
     };
     match Probe::load(options) {
         Ok(probe) => {

@@ -302,6 +302,29 @@ pub struct DaemonArgs {
     pub log_format: LogFormat,
 }
 
+impl DaemonArgs {
+    /// Slow handshakes' threshold: records, causes, the landing page's list.
+    pub fn slow_threshold(&self) -> Duration {
+        self.slow_handshake.unwrap_or(crate::cause::DEFAULT_SLOW)
+    }
+
+    /// Handshakes faster than this (ns) are only counted, in the kernel: the slow
+    /// threshold, or 0 (every end streams) while a breakdown needs each handshake's
+    /// port, command, namespace or destination.
+    pub fn aggregate_below_ns(&self) -> u64 {
+        let breakdown = self.port_labels != crate::metrics::PortLabels::Off
+            || self.comm_labels > 0
+            || self.netns_labels > 0
+            || self.close_wait_ports > 0
+            || self.destination_labels > 0;
+        if breakdown {
+            0
+        } else {
+            self.slow_threshold().as_nanos().min(u128::from(u64::MAX)) as u64
+        }
+    }
+}
+
 /// A size in bytes that prints the way it was meant (`1MiB`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ByteSize(pub u32);

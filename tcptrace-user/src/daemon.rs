@@ -171,6 +171,7 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
         wakeup_bytes: u64::from(ring_bytes / 8),
         attach: args.attach,
         max_active: args.max_tracked_sockets,
+        aggregate_below_ns: args.aggregate_below_ns(),
     })?;
     let ring = probe.take_events()?;
     let ring_fd = ring.as_raw_fd();
@@ -209,9 +210,10 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
             .on_drop(move |n| dropped.inc_by(n));
         pipeline = pipeline.with_slow_log(SlowLog::new(args.log_format, out));
     }
-    let recent_threshold = args.slow_handshake.unwrap_or(cause::DEFAULT_SLOW);
     pipeline = pipeline
-        .with_causes(cause::Causes::new(recent_threshold).with_drop_reasons(std::mem::take(&mut probe.drop_reasons)))
+        .with_causes(
+            cause::Causes::new(args.slow_threshold()).with_drop_reasons(std::mem::take(&mut probe.drop_reasons)),
+        )
         .with_recent(page::Recent::default());
     let registry = pipeline.metrics().registry().clone();
     let web = pipeline.metrics().web_counters();
@@ -249,7 +251,7 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
         version: env!("CARGO_PKG_VERSION"),
         attach: probe.mode.to_string(),
         started: SystemTime::now(),
-        slow_threshold: recent_threshold,
+        slow_threshold: args.slow_threshold(),
     };
     let shown = shared.clone();
     let page: server::Render = Arc::new(move || {

@@ -108,6 +108,8 @@ pub struct KernelTotals {
     /// Closes into TIME_WAIT the kernel counted without streaming them, by
     /// [`Family`], summed over CPUs.
     pub time_wait_counted: Option<[u64; 2]>,
+    /// Handshakes the kernel counted without streaming them, summed over CPUs.
+    pub handshakes: Option<Box<tcptrace_common::HandshakeHistograms>>,
 }
 
 #[cfg(test)]

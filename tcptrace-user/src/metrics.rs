@@ -5,6 +5,7 @@
 
 mod busiest;
 mod causes;
+mod kernel_part;
 pub mod listeners;
 mod netns;
 mod pods;
@@ -18,10 +19,14 @@ use prometheus::{
     local::LocalHistogram,
     HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
-use tcptrace_common::{TcpState, TransitionCounts};
+use tcptrace_common::{
+    HandshakeHistograms, TcpState, TransitionCounts, HANDSHAKE_BOUNDS, HANDSHAKE_BUCKETS_NS, HANDSHAKE_SLOTS,
+    HANDSHAKE_SUM,
+};
 
 use self::{
     busiest::CommLabeler,
+    kernel_part::{KernelCounts, MergedHistogramVec},
     netns::NetnsGauge,
     ports::{PortLabeler, OTHER},
 };
@@ -35,14 +40,19 @@ use crate::{
     tracker::{Direction, Eviction, Failure, FailureReason, Handshake, Sink, Tracker},
 };
 
-/// Handshake duration buckets in seconds. The low end resolves loopback handshakes
-/// (tens of microseconds). SYN retransmission timeouts are 1, 2, 4, 8... s, so a
-/// handshake with k retransmissions takes 2^k - 1 s plus the round trip; the pairs
-/// (1, 2], (3, 4], (7, 8], (15, 16], (31, 32] separate 1 to 5 retransmissions.
-pub const HANDSHAKE_BUCKETS: [f64; 27] = [
-    0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
-    0.5, 1.0, 2.0, 3.0, 4.0, 7.0, 8.0, 15.0, 16.0, 31.0, 32.0, 64.0, 128.0,
-];
+/// Handshake duration buckets in seconds: `tcptrace_common::HANDSHAKE_BUCKETS_NS`,
+/// which the kernel counts in too. SYN retransmission timeouts are 1, 2, 4, 8... s,
+/// so a handshake with k retransmissions takes 2^k - 1 s plus the round trip; the
+/// pairs (1, 2], (3, 4], (7, 8], (15, 16], (31, 32] separate 1 to 5 retransmissions.
+pub const HANDSHAKE_BUCKETS: [f64; HANDSHAKE_BOUNDS] = {
+    let mut secs = [0.0; HANDSHAKE_BOUNDS];
+    let mut i = 0;
+    while i < HANDSHAKE_BOUNDS {
+        secs[i] = HANDSHAKE_BUCKETS_NS[i] as f64 / 1e9;
+        i += 1;
+    }
+    secs
+};
 
 /// What the operator chose to export.
 #[derive(Clone, Debug, Default)]
@@ -124,8 +134,8 @@ pub struct Metrics {
     registry: Registry,
     ports: PortLabeler,
     handshakes_vec: IntCounterVec,
-    handshake_vec: HistogramVec,
-    retransmitted_vec: HistogramVec,
+    handshake_vec: MergedHistogramVec,
+    retransmitted_vec: MergedHistogramVec,
     failures_vec: IntCounterVec,
     transitions_vec: IntCounterVec,
     /// `[direction][family][port slot]`.
@@ -199,11 +209,11 @@ impl Metrics {
             &labels(&["direction", "family"]),
         )?;
         reg(Box::new(handshakes_vec.clone()))?;
-        let histogram = |name: &str, help: &str| -> prometheus::Result<HistogramVec> {
-            let h = HistogramVec::new(
+        let histogram = |name: &str, help: &str| -> prometheus::Result<MergedHistogramVec> {
+            let h = MergedHistogramVec::new(HistogramVec::new(
                 HistogramOpts::new(name, help).buckets(HANDSHAKE_BUCKETS.to_vec()),
                 &labels(&["direction", "family"]),
-            )?;
+            )?);
             registry.register(Box::new(h.clone()))?;
             Ok(h)
         };
@@ -564,8 +574,8 @@ impl Metrics {
         let (ports, base) = (&self.ports, [direction.label(), family.label()]);
         (
             self.handshakes.get(index, || with_port(&self.handshakes_vec, &base, ports, slot)),
-            self.handshake.get(index, || with_port(&self.handshake_vec, &base, ports, slot).local()),
-            self.retransmitted.get(index, || with_port(&self.retransmitted_vec, &base, ports, slot).local()),
+            self.handshake.get(index, || with_port(self.handshake_vec.observed(), &base, ports, slot).local()),
+            self.retransmitted.get(index, || with_port(self.retransmitted_vec.observed(), &base, ports, slot).local()),
         )
     }
 
@@ -714,6 +724,25 @@ impl Metrics {
         }
     }
 
+    /// Handshakes the kernel counted without streaming them (`new`: since the last
+    /// call, by `tcptrace_common::handshake_slot`): completed, and in both histograms.
+    pub fn kernel_handshakes(&mut self, new: &HandshakeHistograms) {
+        for (slot, h) in new.iter().enumerate().take(HANDSHAKE_SLOTS) {
+            let (direction, family, retransmitted) = kernel_slot(slot);
+            let mut counts = KernelCounts { sum_ns: h[HANDSHAKE_SUM], ..KernelCounts::default() };
+            counts.buckets.copy_from_slice(&h[..=HANDSHAKE_BOUNDS]);
+            let n = counts.count();
+            if n == 0 {
+                continue;
+            }
+            self.handshake_series(direction, family, 0).0.inc_by(n);
+            self.handshake_vec.add_kernel(direction, family, &counts);
+            if retransmitted {
+                self.retransmitted_vec.add_kernel(direction, family, &counts);
+            }
+        }
+    }
+
     /// Closes into TIME_WAIT the kernel counted without streaming them, by family.
     pub fn time_wait_counted(&mut self, new: [u64; 2]) {
         for (counter, n) in self.time_wait_entries.iter().zip(new) {
@@ -799,6 +828,13 @@ impl Metrics {
     fn port_slot(&mut self, direction: Direction, tuple: &crate::tracker::Tuple) -> usize {
         self.ports.slot(tuple.service_port(direction))
     }
+}
+
+/// What a `tcptrace_common::handshake_slot` holds: direction, family, retransmitted.
+pub(crate) fn kernel_slot(slot: usize) -> (Direction, Family, bool) {
+    let direction = if slot & 4 != 0 { Direction::Passive } else { Direction::Active };
+    let family = if slot & 2 != 0 { Family::Ipv6 } else { Family::Ipv4 };
+    (direction, family, slot & 1 != 0)
 }
 
 /// The series of `vec` with `base` labels, plus `port` when port labels are on.

@@ -76,6 +76,17 @@ impl Recent {
         }
         self.noted.push_back(*j);
     }
+
+    /// Handshakes the kernel counted without streaming them (`new`: since the last
+    /// refresh, by `tcptrace_common::handshake_slot`), as of `now_ns`.
+    pub fn kernel_handshakes(&mut self, now_ns: u64, new: &tcptrace_common::HandshakeHistograms) {
+        for (slot, h) in new.iter().enumerate() {
+            let (direction, family, _) = crate::metrics::kernel_slot(slot);
+            for (bucket, &n) in h.iter().take(BUCKETS).enumerate() {
+                self.minute.add(now_ns, direction, family, bucket, n);
+            }
+        }
+    }
 }
 
 fn entry(j: &Judged) -> Entry {
@@ -180,15 +191,23 @@ impl Default for LastMinute {
 
 impl LastMinute {
     fn record(&mut self, h: &Handshake) {
-        let Some(ns) = h.duration_ns else { return };
-        let second = h.ts_ns / 1_000_000_000;
+        if let Some(ns) = h.duration_ns {
+            self.add(h.ts_ns, h.direction, h.family, tcptrace_common::handshake_bucket(ns), 1);
+        }
+    }
+
+    /// `n` handshakes in `bucket` that ended at `ts_ns`.
+    fn add(&mut self, ts_ns: u64, direction: Direction, family: Family, bucket: usize, n: u64) {
+        if n == 0 {
+            return;
+        }
+        let second = ts_ns / 1_000_000_000;
         let slot = &mut self.slots[(second % MINUTE as u64) as usize];
         if slot.0 != second {
             *slot = (second, [[0; BUCKETS]; 4]);
         }
-        let secs = ns as f64 * 1e-9;
-        let bucket = HANDSHAKE_BUCKETS.iter().position(|&le| secs <= le).unwrap_or(BUCKETS - 1);
-        slot.1[h.direction as usize * 2 + h.family as usize][bucket] += 1;
+        let count = &mut slot.1[direction as usize * 2 + family as usize][bucket.min(BUCKETS - 1)];
+        *count = count.saturating_add(n.min(u64::from(u32::MAX)) as u32);
     }
 
     /// The counts per bucket of the minute before `now_ns`, as (upper bound, count).

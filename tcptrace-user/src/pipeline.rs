@@ -3,7 +3,7 @@
 //! with synthetic records.
 
 use log::warn;
-use tcptrace_common::Event;
+use tcptrace_common::{Event, HandshakeHistograms, HANDSHAKE_SLOTS, HANDSHAKE_WORDS};
 
 use crate::{
     cause::{Causes, Judged},
@@ -39,6 +39,9 @@ pub struct Pipeline {
     /// The kernel's totals of closes into TIME_WAIT it counted without streaming, by
     /// family, at the last refresh.
     time_wait_counted: [u64; 2],
+    /// The kernel's totals of handshakes it counted without streaming, at the last
+    /// refresh.
+    handshakes_counted: Box<HandshakeHistograms>,
 }
 
 /// The kernel's table of active opens (it pairs their start and end), as last read.
@@ -63,6 +66,7 @@ impl Pipeline {
             warned_malformed: false,
             pairing: KernelPairing::default(),
             time_wait_counted: [0; 2],
+            handshakes_counted: Box::new([[0; HANDSHAKE_WORDS]; HANDSHAKE_SLOTS]),
         }
     }
 
@@ -143,6 +147,18 @@ impl Pipeline {
                 self.metrics.evicted(Eviction::HandshakeCap, new);
             }
             self.pairing.held = started.saturating_sub(taken + evicted);
+        }
+        if let Some(totals) = &kernel.handshakes {
+            let mut new: Box<HandshakeHistograms> = Box::new([[0; HANDSHAKE_WORDS]; HANDSHAKE_SLOTS]);
+            for ((seen, total), new) in self.handshakes_counted.iter_mut().zip(totals.iter()).zip(new.iter_mut()) {
+                for ((seen, &total), new) in seen.iter_mut().zip(total).zip(new) {
+                    *new = growth(seen, total);
+                }
+            }
+            self.metrics.kernel_handshakes(&new);
+            if let Some(recent) = &mut self.recent {
+                recent.kernel_handshakes(now_ns, &new);
+            }
         }
         if let Some(totals) = kernel.time_wait_counted {
             let new = [0, 1].map(|f| growth(&mut self.time_wait_counted[f], totals[f]));

@@ -13,11 +13,12 @@ use aya::{
 };
 use log::{debug, info, warn};
 use tcptrace_common::{
-    Config, ListenerOffsets, NetOffsets, RecordLayout, ResetCounts, SkbOffsets, SockOffsets, TransitionCounts, ABSENT,
-    ACTIVE_MAP, ACTIVE_MASK_GLOBAL, CONFIG_GLOBAL, CPU_OFFSET_PROGRAM, EVENTS_MAP, FAMILY_SLOTS,
-    LISTENERS_ITER_PROGRAM, LISTENER_DROPS, LISTENER_LIMIT, LISTENER_NET_MIB, LISTENER_PORT, LISTENER_QUEUE,
-    LISTENER_READ_PROGRAM, LOST_MAP, MAX_CPUS, NET_GONE, NET_READ_PORT_HIGH, NET_READ_PORT_LOW, NET_READ_PROGRAM,
-    NET_READ_TIME_WAIT, PAIRING_MAP, PAIRING_SLOTS, RESETS_MAP, SPAN_MAX, TIME_WAIT_COUNTED_MAP, TRANSITIONS_MAP,
+    Config, HandshakeHistograms, ListenerOffsets, NetOffsets, RecordLayout, ResetCounts, SkbOffsets, SockOffsets,
+    TransitionCounts, ABSENT, ACTIVE_MAP, ACTIVE_MASK_GLOBAL, CONFIG_GLOBAL, CPU_OFFSET_PROGRAM, EVENTS_MAP,
+    FAMILY_SLOTS, HANDSHAKES_MAP, HANDSHAKE_SLOTS, HANDSHAKE_WORDS, LISTENERS_ITER_PROGRAM, LISTENER_DROPS,
+    LISTENER_LIMIT, LISTENER_NET_MIB, LISTENER_PORT, LISTENER_QUEUE, LISTENER_READ_PROGRAM, LOST_MAP, MAX_CPUS,
+    NET_GONE, NET_READ_PORT_HIGH, NET_READ_PORT_LOW, NET_READ_PROGRAM, NET_READ_TIME_WAIT, PAIRING_MAP, PAIRING_SLOTS,
+    RESETS_MAP, SPAN_MAX, TIME_WAIT_COUNTED_MAP, TRANSITIONS_MAP,
 };
 
 use crate::{
@@ -265,6 +266,7 @@ fn offsets_from(btf: &Btf) -> SockOffsets {
         protocol: or_absent(lookup("sock", "sk_protocol")),
         srtt_us: or_absent(lookup("tcp_sock", "srtt_us")),
         sk_err: or_absent(lookup("sock", "sk_err")),
+        total_retrans: or_absent(lookup("tcp_sock", "total_retrans")),
         span: 0,
     };
     // The skc_* fields are copied from the socket in one read of `span` bytes.
@@ -385,6 +387,11 @@ pub struct LoadOptions {
     /// Slots of the kernel's table of active opens, which pairs them
     /// (`--max-tracked-sockets`, rounded up to a power of two).
     pub max_active: u32,
+    /// Handshakes faster than this (ns) that the daemon needs for nothing but the
+    /// histograms are counted in the kernel, not streamed (0: every end streams).
+    /// Ignored with `stream_all`, and where the kernel's time-wait counts cannot be
+    /// read (the daemon's model of them then needs every end).
+    pub aggregate_below_ns: u64,
 }
 
 /// Counters the kernel keeps for tcptrace: events the programs had to drop, every
@@ -405,6 +412,7 @@ pub struct KernelCounters {
     resets: PerCpuArray<MapData, ResetCounts>,
     pairing: PerCpuArray<MapData, u64>,
     time_wait_counted: PerCpuArray<MapData, u64>,
+    handshakes: PerCpuArray<MapData, HandshakeHistograms>,
     warned: std::sync::atomic::AtomicBool,
     /// Said once, apart from `warned`: one failing reader must not hide another.
     warned_listeners: std::sync::atomic::AtomicBool,
@@ -476,7 +484,31 @@ impl KernelCounters {
         let pairing = slot_sums::<{ PAIRING_SLOTS as usize }>(&self.pairing, "the pairing map");
         let time_wait_counted =
             slot_sums::<{ FAMILY_SLOTS as usize }>(&self.time_wait_counted, "the counted time-wait entries");
-        KernelTotals { lost, transitions, missed, resets, pairing, time_wait_counted, ..KernelTotals::default() }
+        let handshakes = match self.handshakes.get(&0, 0) {
+            Ok(per_cpu) => {
+                let mut sum: Box<HandshakeHistograms> = Box::new([[0; HANDSHAKE_WORDS]; HANDSHAKE_SLOTS]);
+                for cpu in per_cpu.iter() {
+                    for (total, h) in sum.iter_mut().zip(cpu) {
+                        total.iter_mut().zip(h).for_each(|(t, n)| *t += n);
+                    }
+                }
+                Some(sum)
+            }
+            Err(err) => {
+                warn!("reading the handshakes map failed: {err}");
+                None
+            }
+        };
+        KernelTotals {
+            lost,
+            transitions,
+            missed,
+            resets,
+            pairing,
+            time_wait_counted,
+            handshakes,
+            ..KernelTotals::default()
+        }
     }
 
     /// Whether namespaces' TcpExt counters can be read (SYN cookies, SYN-queue drops).
@@ -728,7 +760,8 @@ impl Probe {
     /// classic tracepoints tracefs and its record layouts), loads the object with a
     /// ring buffer of `ring_bytes` and attaches one program per tracepoint.
     pub fn load(options: LoadOptions) -> Result<Self> {
-        let LoadOptions { ring_bytes, stream_all, stream_extra, wakeup_bytes, attach, max_active } = options;
+        let LoadOptions { ring_bytes, stream_all, stream_extra, wakeup_bytes, attach, max_active, aggregate_below_ns } =
+            options;
         if OBJECT.is_empty() {
             return Err(Error::EmptyObject);
         }
@@ -742,6 +775,9 @@ impl Probe {
         config.stream_extra = stream_extra;
         if let Some(o) = offsets {
             (config.sock, config.net, config.listener, config.skb) = (o.sock, o.net, o.listener, o.skb);
+        }
+        if !stream_all && config.net.time_wait() {
+            config.aggregate_below_ns = aggregate_below_ns;
         }
         let mode = match attach {
             AttachMode::Auto if config.sock.has_tuple() => AttachMode::Raw,
@@ -898,6 +934,7 @@ impl Probe {
         let mut take = |name: &str| self.ebpf.take_map(name).ok_or_else(|| Error::Object(format!("map {name}")));
         let (lost, transitions, resets) = (take(LOST_MAP)?, take(TRANSITIONS_MAP)?, take(RESETS_MAP)?);
         let (pairing, time_wait_counted) = (take(PAIRING_MAP)?, take(TIME_WAIT_COUNTED_MAP)?);
+        let handshakes = take(HANDSHAKES_MAP)?;
         let mut programs = Vec::new();
         for (a, status) in ATTACHMENTS.iter().zip(&self.programs) {
             let Some(name) = a.program(self.mode) else { continue };
@@ -927,6 +964,8 @@ impl Probe {
                 .map_err(|e| Error::Object(format!("per-CPU array {PAIRING_MAP}: {e}")))?,
             time_wait_counted: PerCpuArray::try_from(time_wait_counted)
                 .map_err(|e| Error::Object(format!("per-CPU array {TIME_WAIT_COUNTED_MAP}: {e}")))?,
+            handshakes: PerCpuArray::try_from(handshakes)
+                .map_err(|e| Error::Object(format!("per-CPU array {HANDSHAKES_MAP}: {e}")))?,
             warned: Default::default(),
             warned_listeners: Default::default(),
             lost: PerCpuArray::try_from(lost).map_err(|e| Error::Object(format!("per-CPU array {LOST_MAP}: {e}")))?,

@@ -240,6 +240,8 @@ pub async fn run(args: WatchArgs) -> Result<()> {
         wakeup_bytes: 0, // A live view: every event at once.
         attach: args.attach,
         max_active: tcptrace_common::ACTIVE_SLOTS_DEFAULT,
+        // Every handshake is a line.
+        aggregate_below_ns: 0,
     })?;
     let ring = probe.take_events()?;
     let fd = ring.as_raw_fd();

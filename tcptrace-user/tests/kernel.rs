@@ -89,10 +89,16 @@ fn handshakes_failures_and_time_wait_entries_are_counted_exactly() {
     let last = daemon.scrape();
     assert_eq!(last.get("tcptrace_events_lost_total", &[]), 0.0);
     assert_eq!(last.get("tcptrace_events_malformed_total", &[]), 0.0);
-    // Streamed per connection: the 2 transitions userspace needs (the active open's end,
-    // carrying its start, and the passive one's); the entry into TIME_WAIT and the other
-    // 7 are counted in the kernel. A refused connect streams its end and its reset.
-    assert!(last.get("tcptrace_events_total", &[]) >= (2 * (N * 2 + M * 2)) as f64);
+    // A fast handshake streams nothing: both ends are counted in the kernel's
+    // histograms, its entry into TIME_WAIT and the other 7 transitions in its
+    // counters. A refused connect streams its end and its reset. Beyond those, only
+    // listeners opening and closing and one close into TIME_WAIT per namespace, CPU
+    // and second (and the test's own scrapes) stream: far fewer than one event per
+    // connection.
+    let events = last.get("tcptrace_events_total", &[]);
+    let refusals = (2 * M * 2) as f64;
+    eprintln!("events streamed: {events} for {} connections and {} refusals", 2 * N, 2 * M);
+    assert!(events >= refusals && events < refusals + N as f64, "{events} events streamed");
     assert_eq!(last.get("tcptrace_build_info", &[("version", env!("CARGO_PKG_VERSION"))]), 1.0);
 }
 

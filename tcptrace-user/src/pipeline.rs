@@ -397,4 +397,49 @@ mod tests {
         assert!(text.contains("\ntcptrace_time_wait_entries_total{family=\"ipv4\"} 8\n"), "{text}");
         assert!(text.contains("\ntcptrace_time_wait_entries_total{family=\"ipv6\"} 2\n"), "{text}");
     }
+
+    #[test]
+    fn handshakes_the_kernel_counted_join_the_streamed_ones_once() {
+        use tcptrace_common::{handshake_bucket, handshake_slot, HANDSHAKE_SUM};
+        let mut p = Pipeline::new(Tracker::new(Limits::default()), Metrics::new(Default::default()).unwrap())
+            .with_recent(Recent::default());
+        // One streamed (slow) active end of 300 ms.
+        let mut ev = Event::zeroed();
+        ev.kind = EventKind::StateChange as u8;
+        ev.family = AF_INET;
+        ev.skaddr = 1;
+        ev.old_state = TcpState::SynSent as u8;
+        ev.new_state = TcpState::Established as u8;
+        (ev.start_ns, ev.ts_ns) = (1_000, 300_001_000);
+        p.event(&ev);
+        let mut totals: Box<HandshakeHistograms> = Box::new([[0; HANDSHAKE_WORDS]; HANDSHAKE_SLOTS]);
+        let at = |t: &HandshakeHistograms| KernelTotals { handshakes: Some(Box::new(*t)), ..KernelTotals::default() };
+        // Two clean active ends of 40 us, one retransmitted passive one of 20 us.
+        let active = &mut totals[handshake_slot(false, false, false)];
+        (active[handshake_bucket(40_000)], active[HANDSHAKE_SUM]) = (2, 80_000);
+        let passive = &mut totals[handshake_slot(true, false, true)];
+        (passive[handshake_bucket(20_000)], passive[HANDSHAKE_SUM]) = (1, 20_000);
+        p.refresh(1_000_000_000, &at(&totals));
+        // Read again with nothing new: nothing added.
+        p.refresh(2_000_000_000, &at(&totals));
+        let text = render(p.metrics().registry());
+        for line in [
+            "tcptrace_handshakes_total{direction=\"active\",family=\"ipv4\"} 3",
+            "tcptrace_handshake_duration_seconds_count{direction=\"active\",family=\"ipv4\"} 3",
+            "tcptrace_handshake_duration_seconds_bucket{direction=\"active\",family=\"ipv4\",le=\"0.00005\"} 2",
+            "tcptrace_handshake_duration_seconds_bucket{direction=\"active\",family=\"ipv4\",le=\"0.5\"} 3",
+            "tcptrace_handshakes_total{direction=\"passive\",family=\"ipv4\"} 1",
+            "tcptrace_handshake_retransmitted_duration_seconds_count{direction=\"passive\",family=\"ipv4\"} 1",
+            "tcptrace_handshake_retransmitted_duration_seconds_count{direction=\"active\",family=\"ipv4\"} 0",
+        ] {
+            assert!(text.contains(&format!("\n{line}\n")), "{line}:\n{text}");
+        }
+        let sum = text.lines().find_map(|l| {
+            l.strip_prefix("tcptrace_handshake_duration_seconds_sum{direction=\"active\",family=\"ipv4\"} ")
+        });
+        assert!((sum.unwrap().parse::<f64>().unwrap() - 0.30008).abs() < 1e-12, "{sum:?}");
+        let (minute, _) = p.last_minute();
+        let last = minute.buckets(2_500_000_000, crate::tracker::Direction::Active, Family::Ipv4);
+        assert_eq!(last.iter().map(|(_, n)| n).sum::<u64>(), 3, "the page's last minute has them all: {last:?}");
+    }
 }

@@ -285,7 +285,8 @@ pub struct DaemonArgs {
     /// with the figures behind it (the listener here that dropped it, the drop the
     /// kernel named, the round trip). Also the threshold of
     /// tcptrace_slow_handshakes_total{direction,cause} and of the landing page's
-    /// slow list, 200ms when not given.
+    /// slow list, 200ms when not given; faster handshakes are counted in the kernel
+    /// and stream nothing (unless a --*-labels breakdown needs each one).
     #[arg(long, env = "TCPTRACE_SLOW_HANDSHAKE", value_name = "DURATION", value_parser = parse_duration)]
     pub slow_handshake: Option<Duration>,
 

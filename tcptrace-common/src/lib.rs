@@ -442,6 +442,26 @@ pub struct Config {
     /// daemon needs for nothing else (no SYN-ACK retransmission to pair, no labelled
     /// breakdown on) is only counted in [`HANDSHAKES_MAP`]; 0 streams every end.
     pub aggregate_below_ns: u64,
+    /// Bit `r` set: a `kfree_skb` with drop reason `r` (below 128) is never a packet
+    /// dropped on its way, only a socket's own queue discarded (`queue_purge` as a
+    /// socket is destroyed: a loopback churn frees one per connection), and the
+    /// program leaves before reading the packet.
+    pub skip_drop_reasons: [u64; 2],
+}
+
+impl Config {
+    /// Whether `kfree_skb`'s `reason` is one of [`Config::skip_drop_reasons`].
+    #[inline(always)]
+    pub const fn skips_drop_reason(skip: [u64; 2], reason: u32) -> bool {
+        // No indexing: a bounds check the compiler keeps would leave a panic path,
+        // which the verifier refuses.
+        let word = match reason {
+            0..=63 => skip[0],
+            64..=127 => skip[1],
+            _ => return false,
+        };
+        (word >> (reason & 63)) & 1 != 0
+    }
 }
 
 /// Where a packet buffer keeps what [`EventKind::SynDropped`] reads of a dropped
@@ -566,10 +586,11 @@ impl Config {
         skb: SkbOffsets::UNKNOWN,
         _pad4: [0; 4],
         aggregate_below_ns: 0,
+        skip_drop_reasons: [0; 2],
     };
 }
 
-const _: () = assert!(core::mem::size_of::<Config>() == 200);
+const _: () = assert!(core::mem::size_of::<Config>() == 216);
 
 /// `AF_INET`, as the kernel reports it in `family`.
 pub const AF_INET: u16 = 2;
@@ -873,10 +894,17 @@ mod tests {
     }
 
     #[test]
+    fn skipped_drop_reasons_are_bits() {
+        let skip = [1 << 4, 1 << (105 - 64)];
+        assert!(Config::skips_drop_reason(skip, 4) && Config::skips_drop_reason(skip, 105));
+        assert!(!Config::skips_drop_reason(skip, 12) && !Config::skips_drop_reason(skip, 200));
+    }
+
+    #[test]
     fn event_has_no_hidden_padding() {
         let e = Event::zeroed();
         let fields = 8 + 8 + 8 + 4 + 4 + 16 + 16 + 2 + 2 + 2 + 1 + 1 + 1 + 1 + 2 + 4 + 4 + 4 + 16 + 8 + 4 + 4 + 8;
-        let config = 8 + 16 * 2 + 5 * 10 * 2 + 1 + 1 + 6 + 12 + 4 + 8 + 4 + 6 * 2 + 4 + 8;
+        let config = 8 + 16 * 2 + 5 * 10 * 2 + 1 + 1 + 6 + 12 + 4 + 8 + 4 + 6 * 2 + 4 + 8 + 16;
         assert_eq!(core::mem::size_of::<Config>(), config);
         assert_eq!(core::mem::size_of_val(&e), fields);
         assert_eq!(core::mem::size_of::<ActiveStart>(), 8 + 8 + 8 + 4 + 4 + 16 + 4 + 4);

@@ -174,6 +174,19 @@ fn kernel_offsets() -> Option<(KernelOffsets, Vec<(u32, String)>)> {
     Some((KernelOffsets { sock, net, listener, mib, skb }, reasons))
 }
 
+/// Drop reasons that only discard a socket's own queue (a closing or destroyed
+/// socket's), never a packet on its way: the drop program skips them unread.
+const OWN_QUEUE_REASONS: [&str; 2] = ["queue_purge", "socket_close"];
+
+/// [`Config::skip_drop_reasons`] for this kernel's reason values.
+fn skipped_drop_reasons(reasons: &[(u32, String)]) -> [u64; 2] {
+    let mut bits = [0u64; 2];
+    for (value, _) in reasons.iter().filter(|(v, name)| *v < 128 && OWN_QUEUE_REASONS.contains(&name.as_str())) {
+        bits[(value >> 6) as usize] |= 1 << (value & 63);
+    }
+    bits
+}
+
 /// Where a packet buffer keeps the headers of a dropped packet; unknown (so the drop
 /// program is not attached) before 5.17, whose `kfree_skb` has no reason argument.
 fn skb_offsets_from(btf: &Btf) -> SkbOffsets {
@@ -779,6 +792,7 @@ impl Probe {
         if !stream_all && config.net.time_wait() {
             config.aggregate_below_ns = aggregate_below_ns;
         }
+        config.skip_drop_reasons = skipped_drop_reasons(reasons.as_deref().unwrap_or_default());
         let mode = match attach {
             AttachMode::Auto if config.sock.has_tuple() => AttachMode::Raw,
             AttachMode::Auto => AttachMode::Classic,

@@ -95,7 +95,7 @@ static CPU_OFFSETS: Array<u64> = Array::with_max_entries(MAX_CPUS as u32, 0);
 /// CPUs writing one slot at the same instant could mix two starts: both would have
 /// to begin within nanoseconds and hash alike.
 #[map]
-static ACTIVE: Array<ActiveStart> = Array::with_max_entries(ACTIVE_SLOTS_DEFAULT, 0);
+static ACTIVE: Array<ActiveStart> = Array::with_max_entries(ACTIVE_SLOTS_DEFAULT, BPF_F_MMAPABLE);
 
 /// [`ACTIVE`]'s slots less one, set by the loader with the map's size.
 #[unsafe(no_mangle)]
@@ -142,6 +142,8 @@ const SLOT_RETRANSMIT_SYNACK: u32 = 2;
 const SLOT_RECEIVE_RESET: u32 = 3;
 const SLOT_SEND_RESET: u32 = 4;
 
+/// Page-aligned values (the array is never mapped): see [`ACTIVE`].
+const BPF_F_MMAPABLE: u32 = 1 << 10;
 const BPF_RB_NO_WAKEUP: u64 = 1;
 const BPF_RB_FORCE_WAKEUP: u64 = 2;
 const BPF_RB_AVAIL_DATA: u64 = 0;

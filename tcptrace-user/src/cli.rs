@@ -197,7 +197,7 @@ pub struct DaemonArgs {
     pub attach: AttachMode,
 
     /// Active opens in flight whose start is held: in the kernel, which pairs them,
-    /// a table of N slots rounded up to a power of two (56 bytes each) made at start,
+    /// a table of N slots rounded up to a power of two (64 bytes each) made at start,
     /// where each socket has one slot. A start that finds its slot taken by another
     /// handshake in flight evicts it (that end counts, untimed, and is counted in
     /// tcptrace_tracked_sockets_evicted_total). Also caps the SYN-ACK records.

@@ -1,6 +1,7 @@
-//! tcptrace's kernel side: count every TCP state change and most entries into
-//! TIME_WAIT, and copy the records userspace needs (handshake ends, the entries into
-//! TIME_WAIT it must judge, resets, retransmissions) into one ring buffer.
+//! tcptrace's kernel side: count every TCP state change, most entries into TIME_WAIT
+//! and the durations of fast handshakes, and copy the records userspace needs (slow
+//! and failed handshakes, the entries into TIME_WAIT it must judge, resets,
+//! retransmissions, dropped SYNs) into one ring buffer.
 //!
 //! Each tracepoint has two programs and the loader attaches one of them: a raw
 //! tracepoint program (the default: no record is built, and the kernel's recursion
@@ -12,10 +13,11 @@
 //! compiled in: every offset arrives in [`CONFIG`] at load time.
 //!
 //! Deliberately small: the one pairing done here is an active open's start and end
-//! (kept in a table, so only the end is streamed), and the one judgement a close into
-//! TIME_WAIT that userspace has nothing to add to (see [`count_time_wait`]); every
-//! other decision (expiry, metrics, what a failure means) is made in userspace, where
-//! it can be tested without a kernel.
+//! (kept in a table, so only the end is streamed), and the two judgements are a
+//! handshake end or a close into TIME_WAIT that userspace has nothing to add to (see
+//! [`aggregated`], [`count_time_wait`]); every other decision (expiry, metrics, what
+//! a failure means, why a handshake was slow) is made in userspace, where it can be
+//! tested without a kernel.
 #![no_std]
 #![no_main]
 
@@ -457,7 +459,7 @@ impl SockRead for Untyped {
 impl SockRead for Typed {
     #[inline(always)]
     fn closing(self) -> Closing {
-        let net = field::<*const u8>(self.0, cfg!(sock.net)).unwrap_or(core::ptr::null());
+        let net = field::<*const u8>(self.0, cfg!(sock.net)).unwrap_or_default();
         let (inum, time_wait) = if net.is_null() {
             (0, None)
         } else {

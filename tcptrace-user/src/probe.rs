@@ -166,12 +166,16 @@ fn kernel_offsets() -> Option<(KernelOffsets, Vec<(u32, String)>)> {
     let listener = listener_offsets_from(&btf);
     let mib = if listener.net_statistics != ABSENT { MibReader::find(&btf) } else { None };
     let skb = skb_offsets_from(&btf);
-    let reasons = btf
-        .enumerators("skb_drop_reason")
+    Some((KernelOffsets { sock, net, listener, mib, skb }, drop_reasons(&btf)))
+}
+
+/// The kernel's drop reasons by value, named as the slow log names them
+/// (`netfilter_drop`).
+fn drop_reasons(btf: &Btf) -> Vec<(u32, String)> {
+    btf.enumerators("skb_drop_reason")
         .into_iter()
         .map(|(name, value)| (value, name.trim_start_matches("SKB_DROP_REASON_").to_ascii_lowercase()))
-        .collect();
-    Some((KernelOffsets { sock, net, listener, mib, skb }, reasons))
+        .collect()
 }
 
 /// Drop reasons that only discard a socket's own queue (a closing or destroyed
@@ -1168,5 +1172,23 @@ mod tests {
         let mut far = ABSENT - 7;
         assert_eq!(span_of([(&mut far, 16)], "t"), 0);
         assert_eq!(far, ABSENT);
+    }
+
+    #[test]
+    fn only_own_queue_drop_reasons_are_skipped() {
+        let reasons = [(4, "socket_close"), (12, "netfilter_drop"), (105, "queue_purge"), (140, "queue_purge")]
+            .map(|(v, n)| (v, n.to_string()));
+        let skip = skipped_drop_reasons(&reasons);
+        assert_eq!(skip, [1 << 4, 1 << (105 - 64)], "a value past 127 cannot be skipped and is read");
+        assert!(!Config::skips_drop_reason(skip, 12));
+    }
+
+    #[test]
+    fn the_running_kernels_queue_purge_is_skipped() {
+        let Ok(btf) = Btf::from_file(Path::new(VMLINUX_BTF)) else { return };
+        let reasons = drop_reasons(&btf);
+        if let Some(&(purge, _)) = reasons.iter().find(|(_, n)| n == "queue_purge") {
+            assert!(Config::skips_drop_reason(skipped_drop_reasons(&reasons), purge));
+        }
     }
 }

@@ -602,6 +602,10 @@ proptest! {
             // Nothing held in the kernel.
             pairing: Some([lost.unwrap_or(0) + 1, lost.unwrap_or(0), 1]),
             time_wait_counted: counted,
+            // Kernel-counted handshakes in every slot, bucket and sum.
+            handshakes: counted.map(|[a, b]| {
+                Box::new(std::array::from_fn(|slot| std::array::from_fn(|i| (a + b * i as u64) >> (slot % 3))))
+            }),
             namespace_counters: readings
                 .iter()
                 .map(|&(netns, r)| (tcptrace_user::listeners::ListenerKey { netns, sk: 1 }, r.map(|r| [r, r >> 1])))

@@ -25,11 +25,11 @@ pub struct KernelCounts {
 
 impl KernelCounts {
     pub fn count(&self) -> u64 {
-        self.buckets.iter().sum()
+        self.buckets.iter().fold(0, |n, &b| n.saturating_add(b))
     }
 
     pub fn add(&mut self, other: &KernelCounts) {
-        self.buckets.iter_mut().zip(&other.buckets).for_each(|(a, b)| *a += b);
+        self.buckets.iter_mut().zip(&other.buckets).for_each(|(a, b)| *a = a.saturating_add(*b));
         self.sum_ns = self.sum_ns.wrapping_add(other.sum_ns);
     }
 }
@@ -93,13 +93,13 @@ impl Collector for MergedHistogramVec {
                 }
                 let mut h = metric.get_histogram().clone();
                 let mut buckets = h.get_bucket().to_vec();
-                let mut below = 0;
+                let mut below = 0u64;
                 for (b, n) in buckets.iter_mut().zip(&k.buckets) {
-                    below += n;
-                    b.set_cumulative_count(b.cumulative_count() + below);
+                    below = n.saturating_add(below);
+                    b.set_cumulative_count(b.cumulative_count().saturating_add(below));
                 }
                 h.set_bucket(buckets);
-                h.set_sample_count(h.get_sample_count() + k.count());
+                h.set_sample_count(h.get_sample_count().saturating_add(k.count()));
                 h.set_sample_sum(h.get_sample_sum() + k.sum_ns as f64 * 1e-9);
                 metric.set_histogram(h);
             }

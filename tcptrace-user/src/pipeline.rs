@@ -149,7 +149,7 @@ impl Pipeline {
             self.pairing.held = started.saturating_sub(taken + evicted);
         }
         if let Some(totals) = &kernel.handshakes {
-            let mut new: Box<HandshakeHistograms> = Box::new([[0; HANDSHAKE_WORDS]; HANDSHAKE_SLOTS]);
+            let mut new: HandshakeHistograms = [[0; HANDSHAKE_WORDS]; HANDSHAKE_SLOTS];
             for ((seen, total), new) in self.handshakes_counted.iter_mut().zip(totals.iter()).zip(new.iter_mut()) {
                 for ((seen, &total), new) in seen.iter_mut().zip(total).zip(new) {
                     *new = growth(seen, total);
@@ -349,17 +349,22 @@ mod tests {
     use super::*;
     use crate::{metrics::render, tracker::Limits};
 
-    #[test]
-    fn records_flow_to_the_exposition() {
-        let mut p = Pipeline::new(Tracker::new(Limits::default()), Metrics::new(Default::default()).unwrap());
+    /// An IPv4 active open's end, paired in the kernel with its start.
+    fn active_end(start_ns: u64, ts_ns: u64) -> Event {
         let mut ev = Event::zeroed();
         ev.kind = EventKind::StateChange as u8;
         ev.family = AF_INET;
         ev.skaddr = 1;
         ev.old_state = TcpState::SynSent as u8;
         ev.new_state = TcpState::Established as u8;
-        (ev.start_ns, ev.ts_ns) = (1_000, 51_000);
-        p.event(&ev);
+        (ev.start_ns, ev.ts_ns) = (start_ns, ts_ns);
+        ev
+    }
+
+    #[test]
+    fn records_flow_to_the_exposition() {
+        let mut p = Pipeline::new(Tracker::new(Limits::default()), Metrics::new(Default::default()).unwrap());
+        p.event(&active_end(1_000, 51_000));
         p.refresh(60_000, &KernelTotals { lost: Some(4), ..KernelTotals::default() });
         p.record(&[1, 2, 3]);
         let text = render(p.metrics().registry());
@@ -404,14 +409,7 @@ mod tests {
         let mut p = Pipeline::new(Tracker::new(Limits::default()), Metrics::new(Default::default()).unwrap())
             .with_recent(Recent::default());
         // One streamed (slow) active end of 300 ms.
-        let mut ev = Event::zeroed();
-        ev.kind = EventKind::StateChange as u8;
-        ev.family = AF_INET;
-        ev.skaddr = 1;
-        ev.old_state = TcpState::SynSent as u8;
-        ev.new_state = TcpState::Established as u8;
-        (ev.start_ns, ev.ts_ns) = (1_000, 300_001_000);
-        p.event(&ev);
+        p.event(&active_end(1_000, 300_001_000));
         let mut totals: Box<HandshakeHistograms> = Box::new([[0; HANDSHAKE_WORDS]; HANDSHAKE_SLOTS]);
         let at = |t: &HandshakeHistograms| KernelTotals { handshakes: Some(Box::new(*t)), ..KernelTotals::default() };
         // Two clean active ends of 40 us, one retransmitted passive one of 20 us.
